@@ -1,0 +1,147 @@
+"""The message kinds of the whole system, as plain dataclasses.
+
+``charles.proto.codec`` turns each into a ZeroMQ multipart message ``[topic, header, *blobs]`` and back,
+validating on the way in. Units: metres, seconds, metres per second, radians. Controls are in [-1, 1]
+(steering: negative is left; throttle_brake: positive is throttle, negative is brake).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from charles.proto.frames import Frame
+
+HISTORY_FIELDS = ("steering", "throttle_brake", "speed", "purpose_angle", "purpose_distance")
+"""Columns of a sample's history array, oldest row first."""
+
+
+@dataclass(slots=True)
+class Sample:
+    """One frame of driving and what the driver did on it (collector -> balancer -> trainer)."""
+
+    collector: str
+    """Sender id of the collector replica."""
+    seq: int
+    """Per-collector sequence number, from 0; gaps mean drops."""
+    game_time: float
+    """Seconds of game time since the collector started (30 Hz steps)."""
+    frame: Frame
+    """Hood camera, RGB."""
+    steering: float
+    """Label: steering in [-1, 1], negative left."""
+    throttle_brake: float
+    """Label: combined throttle (positive) and brake (negative) in [-1, 1]."""
+    speed: float
+    """Speed in m/s, >= 0."""
+    purpose: tuple[float, float]
+    """Direction to the target relative to the heading (radians, [-pi, pi], positive left) and distance (m)."""
+    history: np.ndarray | None = None
+    """float32 [T, 5] of HISTORY_FIELDS for the T frames *before* this one, oldest first; never this label."""
+    stack: list[Frame] = field(default_factory=list)
+    """Past hood frames, oldest first, when the model line stacks frames."""
+    previous: tuple[float, float] | None = None
+    """(steering, throttle_brake) of the frame before; discrete-delta outputs bin the change from it."""
+    source: str = "npc"
+    """Who drove: npc, human, dagger (player frames labelled by the expert)."""
+
+
+@dataclass(slots=True)
+class SampleSet:
+    """A balanced set (balancer -> trainer): the samples, and which outputs they balance."""
+
+    outputs: list[str]
+    """Names of the outputs this set balances (one for v2/v3/v4 sets, all of them for v1)."""
+    version: int
+    """Balancing version that made it (1..4)."""
+    samples: list[Sample]
+    labels_kept: list[str] = field(default_factory=list)
+    """Outputs whose labels travel with the samples (v2 keeps only the balanced one)."""
+
+
+@dataclass(slots=True)
+class Weights:
+    """Model weights for players (trainer -> broker last value -> player)."""
+
+    model: str
+    """Model line, e.g. model_0004_inceptionresnetv2."""
+    run: str
+    """Version of the line, e.g. model_0004_inceptionresnetv2_v3."""
+    batch: int
+    """Batch counter of the run when these weights were taken."""
+    config: dict
+    """The model's configuration; a player refuses weights whose config differs from what it runs."""
+    payload: bytes | memoryview
+    """safetensors bytes (never pickle)."""
+    created: float = 0.0
+    """Unix time the weights were taken."""
+    sha256: str = ""
+    """Hex digest of payload; checked on receipt."""
+
+
+@dataclass(slots=True)
+class ConfigRequest:
+    """Ask the broker for the run configuration (collector/player at start)."""
+
+    role: str
+
+
+@dataclass(slots=True)
+class ConfigReply:
+    config: dict
+    """The resolved run configuration (see charles.config)."""
+    error: str = ""
+
+
+@dataclass(slots=True)
+class GameFrame:
+    """A frame and telemetry from a running game or sim, for the player (capture agent -> player)."""
+
+    source: str
+    seq: int
+    game_time: float
+    frame: Frame
+    speed: float
+    position: tuple[float, float, float] | None = None
+    heading: float | None = None
+    """Radians, counter-clockwise from +x."""
+    purpose: tuple[float, float] | None = None
+
+
+@dataclass(slots=True)
+class Action:
+    """Gamepad values (player -> gamepad agent). Values are already dead-zone compensated."""
+
+    seq: int
+    steering: float
+    """Left stick x in [-1, 1]."""
+    throttle: float
+    """Right trigger in [0, 1]."""
+    brake: float
+    """Left trigger in [0, 1]."""
+    target: str = ""
+    """Which gamepad agent should apply it (empty: any)."""
+
+
+@dataclass(slots=True)
+class Console:
+    """A console or telemetry snapshot for the viewer and the consoles (any service -> viewer)."""
+
+    service: str
+    state: dict
+    """Free-form JSON-able state; the viewer shows known keys."""
+    images: dict[str, Frame] = field(default_factory=dict)
+    """Named images (hood, cinematic, convcam, loss) as frames."""
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    service: str
+    """Service name (broker, collector, ...)."""
+    instance: str
+    """Sender id, unique per process."""
+    state: str = "ok"
+    """ok, starting, waiting, degraded, stopping."""
+    uptime: float = 0.0
+    info: dict = field(default_factory=dict)
