@@ -1,2 +1,59 @@
-def main():
-    print("charles")
+"""``charles``: one command for every service and tool.
+
+Subcommands import their module only when chosen, so ``charles broker`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help). The order is the order of `charles --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("charles.launcher", "run the whole pipeline locally, every service a process on loopback"),
+    "broker": ("charles.broker.__main__", "the central server (XSUB/XPUB, last values, config, CURVE)"),
+    "collector": ("charles.collector.__main__", "drive a game instance with an NPC and stream samples"),
+    "balancer": ("charles.balancer.__main__", "keep a balanced mix of samples for the trainer"),
+    "trainer": ("charles.trainer.__main__", "buffers, training, checkpoints, weights for players"),
+    "player": ("charles.player.__main__", "drive with the newest weights; Convcam and console"),
+    "viewer": ("charles.viewer.__main__", "the stream layout as a web page"),
+    "config": ("charles.tools", "show the resolved configuration (charles config show)"),
+    "keys": ("charles.tools", "make CURVE key pairs for the broker and agents"),
+    "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),
+    "balance-plot": ("charles.balancer.plot", "histograms of the raw and balanced streams as PNG"),
+    "models": ("charles.trainer.models_list", "list model lines, versions, batches and periods"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: charles <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "charles <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"charles: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            print(f"charles {name}: not built yet ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    if module_name == "charles.tools":
+        return int(module.main([name, *rest]) or 0)
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

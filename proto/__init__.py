@@ -1,1 +1,39 @@
+"""The wire contract: topics, message kinds, framing and validation (see proto/README.md)."""
 
+from charles.proto.codec import REASONS, SCHEMA_VERSION, Envelope, ProtocolError, decode, encode
+from charles.proto.frames import Frame, FrameError
+from charles.proto.messages import (
+    HISTORY_FIELDS,
+    Action,
+    ConfigReply,
+    ConfigRequest,
+    Console,
+    GameFrame,
+    Heartbeat,
+    Sample,
+    SampleSet,
+    Weights,
+)
+from charles.proto.registry import registry
+
+__all__ = [
+    "HISTORY_FIELDS",
+    "REASONS",
+    "SCHEMA_VERSION",
+    "Action",
+    "ConfigReply",
+    "ConfigRequest",
+    "Console",
+    "Envelope",
+    "Frame",
+    "FrameError",
+    "GameFrame",
+    "Heartbeat",
+    "ProtocolError",
+    "Sample",
+    "SampleSet",
+    "Weights",
+    "decode",
+    "encode",
+    "registry",
+]

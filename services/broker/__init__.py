@@ -1,1 +1,1 @@
-
+"""The central server (see broker.py)."""

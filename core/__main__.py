@@ -1,0 +1,5 @@
+import sys
+
+from charles.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""``python -m charles.broker``: the central server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from charles import config as config_mod
+from charles.broker.broker import Broker
+from charles.runtime import Service, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="charles broker", description=__doc__)
+    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting")
+    args = ap.parse_args(argv)
+    cfg = config_mod.load(args.config, overrides=args.set)
+
+    def body(svc: Service) -> None:
+        broker = Broker(svc, cfg.to_dict())
+        broker.start()
+        try:
+            broker.serve()
+        finally:
+            broker.close()
+
+    return run_service("broker", cfg, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

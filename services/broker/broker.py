@@ -1,0 +1,305 @@
+"""The central server: XSUB/XPUB forwarding, a last-value cache, the config service, CURVE for agents.
+
+Hot path: ``zmq.proxy_steerable`` in libzmq moves every message between publishers and subscribers; no
+Python touches a message on its way through. Python sees only:
+
+* the *last-value* families (weights, config, console) through an internal SUB, to keep the newest
+  message per topic for late joiners (served on the control port as a snapshot);
+* a copy of each message's first frame through the proxy's capture socket, to count messages and bytes
+  per topic family (a PUB capture socket: if Python falls behind, captures are dropped, never the data);
+* the control port (ROUTER): ``[b"config", header]`` -> the run configuration, ``[b"snapshot", prefix]``
+  -> the cached newest messages, each reply sequence ended by ``[b"!end"]``.
+
+With ``broker.secure`` a second set of endpoints speaks CURVE, with an allow-list of client public keys
+(``keys/allowed/*.key``); they are bridged into the same bus by two more libzmq proxies.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import prometheus_client as prom
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
+
+from charles.proto import ConfigReply, ProtocolError, decode, encode, registry
+from charles.runtime import Service
+
+_INPROC_OUT = "inproc://bus-out"  # XPUB side, for the last-value SUB and the secure bridge
+_INPROC_SECURE_IN = "inproc://secure-in"  # XPUB of the secure-publish bridge; the main XSUB connects to it
+_INPROC_CAPTURE = "inproc://capture"
+_AUTH_EVENTS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+}
+
+
+class LastValues:
+    """Newest validated message per topic, bounded (least recently updated topic evicted, counted)."""
+
+    def __init__(self, max_topics: int):
+        self.max_topics = max_topics
+        self.items: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
+        self.evicted = 0
+
+    def put(self, topic: str, frames: list[bytes]) -> None:
+        self.items.pop(topic, None)
+        self.items[topic] = frames
+        while len(self.items) > self.max_topics:
+            self.items.popitem(last=False)
+            self.evicted += 1
+
+    def matching(self, prefix: str) -> list[list[bytes]]:
+        return [f for t, f in self.items.items() if t.startswith(prefix)]
+
+
+class Broker:
+    def __init__(self, svc: Service, served_config: dict):
+        self.svc = svc
+        self.cfg = svc.cfg.broker
+        self.reg = registry()
+        self.served_config = served_config
+        self.lvc = LastValues(self.cfg.snapshot_hwm)
+        r = svc.metrics.registry
+        self.m_lvc = prom.Gauge("charles_broker_last_value_topics", "Topics held in the last-value cache", registry=r)
+        self.m_auth = prom.Counter(
+            "charles_broker_auth_failures_total", "Refused CURVE handshakes by event", ["event"], registry=r
+        )
+        self.m_requests = prom.Counter("charles_broker_requests_total", "Control-port requests by verb", ["verb"], registry=r)
+        self.m_snapshot = prom.Counter("charles_broker_snapshot_messages_total", "Last values served to late joiners", registry=r)
+        self._threads: list[threading.Thread] = []
+        self._proxy_controls: list[zmq.Socket] = []
+        self._auth: ThreadAuthenticator | None = None
+        self.bound = threading.Event()
+        self.ports: dict[str, int] = {}
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+
+    def _bind(self, sock: zmq.Socket, host: str, port: int) -> int:
+        if port == 0:
+            return sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+
+    def start(self, ports: dict[str, int] | None = None) -> None:
+        """Bind every endpoint and start the proxies. ``ports`` overrides the registry (tests use 0)."""
+        ports = {**self.reg.ports, **self.svc.cfg.bus.ports, **(ports or {})}
+        ctx = self.svc.ctx
+        s = self.svc.socket
+        bind = self.cfg.bind
+
+        # main bus
+        xsub = s(zmq.XSUB)
+        xpub = s(zmq.XPUB)
+        for sock in (xsub, xpub):
+            sock.setsockopt(zmq.SNDHWM, 0)  # the proxy itself never drops; sockets at the edges carry the HWMs
+            sock.setsockopt(zmq.RCVHWM, 0)
+        self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
+        self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
+        xpub.bind(_INPROC_OUT)
+        capture = None
+        if self.cfg.count_topics:
+            capture = s(zmq.PUB, hwm=10000)
+            capture.bind(_INPROC_CAPTURE)
+
+        self.control = s(zmq.ROUTER)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.ports["control"] = self._bind(self.control, bind, ports["control"])
+
+        self.secure_control = None
+        if self.cfg.secure:
+            self._start_secure(ports, xsub)
+
+        self._start_proxy("bus", xsub, xpub, capture)
+
+        # last-value SUB (subscribes after the proxy runs so its subscription reaches publishers)
+        self.lv_sub = s(zmq.SUB, hwm=1000)
+        for fam, t in self.reg.topics.items():
+            if t.last_value:
+                self.lv_sub.setsockopt(zmq.SUBSCRIBE, fam.encode())
+        self.lv_sub.connect(_INPROC_OUT)
+        self.cap_sub = None
+        if capture is not None:
+            self.cap_sub = s(zmq.SUB, hwm=10000)
+            self.cap_sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.cap_sub.connect(_INPROC_CAPTURE)
+
+        cfg_frames = encode("config", ConfigReply(self.served_config), self.svc.instance)
+        self.lvc.put("config", [bytes(f) for f in cfg_frames])
+        self.m_lvc.set(len(self.lvc.items))
+        del ctx
+        self.bound.set()
+        self.svc.log.info(
+            "broker up: "
+            + ", ".join(f"{k}={v}" for k, v in self.ports.items())
+            + (" (CURVE on)" if self.cfg.secure else " (plain only)")
+        )
+
+    def _start_secure(self, ports: dict[str, int], main_xsub: zmq.Socket) -> None:
+        keys = Path(self.svc.cfg.bus.keys_dir)
+        allowed = keys / "allowed"
+        if not (keys / "broker.key_secret").is_file():
+            raise FileNotFoundError(f"{keys / 'broker.key_secret'} is missing: run `make keys` first")
+        if not allowed.is_dir():
+            raise FileNotFoundError(f"{allowed} is missing: run `make keys` (it holds the allowed clients' public keys)")
+        public, secret = zmq.auth.load_certificate(keys / "broker.key_secret")
+        self._auth = ThreadAuthenticator(self.svc.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(allowed))
+        host = self.cfg.secure_bind
+        s = self.svc.socket
+
+        def server(kind: int) -> zmq.Socket:
+            sock = s(kind)
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            return sock
+
+        # agents -> bus: secure XSUB <-> inproc XPUB, which the main XSUB connects to
+        sec_xsub = server(zmq.XSUB)
+        self.ports["secure_publish"] = self._bind(sec_xsub, host, ports["secure_publish"])
+        bridge_in = s(zmq.XPUB)
+        bridge_in.bind(_INPROC_SECURE_IN)
+        main_xsub.connect(_INPROC_SECURE_IN)
+        # bus -> agents: XSUB on the main XPUB's inproc side <-> secure XPUB
+        bridge_out = s(zmq.XSUB)
+        bridge_out.connect(_INPROC_OUT)
+        sec_xpub = server(zmq.XPUB)
+        self.ports["secure_subscribe"] = self._bind(sec_xpub, host, ports["secure_subscribe"])
+        self.secure_control = server(zmq.ROUTER)
+        self.ports["secure_control"] = self._bind(self.secure_control, host, ports["secure_control"])
+        self._monitors = [sock.get_monitor_socket() for sock in (sec_xsub, sec_xpub, self.secure_control)]
+        for mon in self._monitors:
+            mon.setsockopt(zmq.LINGER, 0)
+            self.svc.adopt(mon)  # closed with the others, or the context never terminates
+        self._start_proxy("secure-in", sec_xsub, bridge_in, None)
+        self._start_proxy("secure-out", bridge_out, sec_xpub, None)
+
+    def _start_proxy(self, name: str, front: zmq.Socket, back: zmq.Socket, capture: zmq.Socket | None) -> None:
+        ctl_addr = f"inproc://proxy-control-{name}"
+        ctl = self.svc.socket(zmq.PAIR)
+        ctl.bind(ctl_addr)
+        peer = self.svc.socket(zmq.PAIR)
+        peer.connect(ctl_addr)
+        self._proxy_controls.append(ctl)
+
+        def run() -> None:
+            try:
+                zmq.proxy_steerable(front, back, capture, peer)
+            except zmq.ContextTerminated:
+                pass
+            except zmq.ZMQError as e:
+                if e.errno != zmq.ETERM:
+                    self.svc.log.error(f"proxy {name} stopped: {e}")
+
+        t = threading.Thread(target=run, name=f"proxy-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- the Python side: last values, counting, control ----------------------------------------------------
+
+    def _on_last_value(self, frames: list) -> None:
+        try:
+            env = decode(frames)
+        except ProtocolError as e:
+            # not cached: a late joiner must never be handed a message that fails validation
+            self.svc.reject(e.reason, f"not caching a bad last value: {e}")
+            return
+        self.lvc.put(env.topic, [bytes(f.buffer) for f in frames])
+        self.m_lvc.set(len(self.lvc.items))
+
+    def _on_capture(self, frames: list) -> None:
+        first = frames[0].bytes
+        if first[:1] in (b"\x00", b"\x01") and len(frames) == 1:
+            return  # a (un)subscription travelling upstream
+        fam = self.reg.family(first)
+        m = self.svc.metrics
+        m.messages.labels("through", fam).inc()
+        m.bytes.labels("through", fam).inc(sum(len(f.buffer) for f in frames))
+
+    def _on_control(self, sock: zmq.Socket, frames: list) -> None:
+        ident, rest = frames[0].bytes, frames[1:]
+        verb = rest[0].bytes if rest else b""
+        replies: list[list] = []
+        if verb == b"config":
+            self.m_requests.labels("config").inc()
+            try:
+                env = decode([b"config", *rest[1:]], control=True)
+                if env.kind != "config_request":
+                    raise ProtocolError("kind_mismatch", f"expected config_request, got {env.kind}")
+                replies.append(self.lvc.items["config"])
+                self.svc.log.info(f"served the configuration to {env.sender} ({env.msg.role})")
+            except ProtocolError as e:
+                self.svc.reject(e.reason, f"bad configuration request: {e}")
+                replies.append(encode("config", ConfigReply({}, error=str(e)), self.svc.instance))
+        elif verb == b"snapshot":
+            self.m_requests.labels("snapshot").inc()
+            prefix = rest[1].bytes.decode("ascii", "replace") if len(rest) > 1 else ""
+            hits = self.lvc.matching(prefix)
+            self.m_snapshot.inc(len(hits))
+            replies.extend(hits)
+        else:
+            self.m_requests.labels("unknown").inc()
+            self.svc.reject("unknown_kind", f"control verb {verb[:32]!r}")
+        for r in replies:
+            sock.send_multipart([ident, *r], copy=False)
+        sock.send_multipart([ident, b"!end"])
+
+    def _on_monitor(self, mon: zmq.Socket) -> None:
+        evt = recv_monitor_message(mon)
+        name = _AUTH_EVENTS.get(evt["event"])
+        if name:
+            self.m_auth.labels(name).inc()
+            self.svc.reject("unauthenticated", f"CURVE handshake refused ({name}) from {evt.get('endpoint', b'')!r}")
+
+    def serve(self) -> None:
+        """The broker's Python loop (control requests, last values, counting) until the service stops."""
+        poller = zmq.Poller()
+        handlers: dict[zmq.Socket, Any] = {
+            self.control: lambda f: self._on_control(self.control, f),
+            self.lv_sub: self._on_last_value,
+        }
+        if self.cap_sub is not None:
+            handlers[self.cap_sub] = self._on_capture
+        if self.secure_control is not None:
+            handlers[self.secure_control] = lambda f: self._on_control(self.secure_control, f)
+        for sock in handlers:
+            poller.register(sock, zmq.POLLIN)
+        for mon in getattr(self, "_monitors", []):
+            poller.register(mon, zmq.POLLIN)
+        self.svc.ready()
+        loop = self.svc.metrics.loop.labels("broker")
+        while self.svc.running:
+            events = dict(poller.poll(200))
+            t0 = time.perf_counter()
+            for sock in events:
+                if sock in handlers:
+                    # drain what is there, bounded, so one busy socket cannot starve the others
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        handlers[sock](frames)
+                else:
+                    self._on_monitor(sock)
+            if events:
+                loop.observe(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        for ctl in self._proxy_controls:
+            try:
+                ctl.send(b"TERMINATE", flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._auth is not None:
+            self._auth.stop()

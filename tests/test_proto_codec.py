@@ -1,0 +1,272 @@
+"""Codec round trips for every message kind, one test per reject reason, and fuzzing of the decoder."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charles.proto import (
+    REASONS,
+    SCHEMA_VERSION,
+    Action,
+    ConfigReply,
+    Console,
+    Frame,
+    GameFrame,
+    Heartbeat,
+    ProtocolError,
+    Sample,
+    SampleSet,
+    Weights,
+    decode,
+    encode,
+)
+
+RNG = np.random.default_rng(0)
+# smooth, with a pure red block, so JPEG stays close and a swapped channel order would show
+IMG = np.zeros((27, 48, 3), dtype=np.uint8)
+IMG[..., 1] = np.linspace(0, 200, 48, dtype=np.uint8)[None, :]
+IMG[:, :16] = (230, 0, 0)
+
+
+def sample(codec: str = "jpeg", history: bool = True, stack: int = 2) -> Sample:
+    return Sample(
+        collector="collector-1",
+        seq=7,
+        game_time=1.25,
+        frame=Frame.encode(IMG, codec),
+        steering=-0.25,
+        throttle_brake=0.5,
+        speed=12.5,
+        purpose=(0.3, 120.0),
+        history=RNG.normal(size=(60, 5)).astype(np.float32) if history else None,
+        stack=[Frame.encode(IMG, codec) for _ in range(stack)],
+        previous=(-0.2, 0.4),
+        source="npc",
+    )
+
+
+def roundtrip(topic: str, msg, kind: str | None = None):
+    frames = encode(topic, msg, "tester", kind)
+    # as they arrive off a socket: plain bytes
+    return decode([bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in frames])
+
+
+@pytest.mark.parametrize("codec", ["raw", "jpeg", "png"])
+def test_sample_round_trip(codec):
+    s = sample(codec)
+    env = roundtrip("sample.collector-1", s)
+    got = env.msg
+    assert env.kind == "sample" and env.sender == "tester" and env.topic == "sample.collector-1"
+    assert (got.collector, got.seq, got.game_time) == (s.collector, s.seq, s.game_time)
+    assert (got.steering, got.throttle_brake, got.speed, got.purpose, got.previous) == (
+        s.steering,
+        s.throttle_brake,
+        s.speed,
+        s.purpose,
+        s.previous,
+    )
+    np.testing.assert_array_equal(got.history, s.history)
+    assert len(got.stack) == 2
+    pixels = got.frame.decode()
+    assert pixels.shape == IMG.shape and pixels.dtype == np.uint8
+    if codec != "jpeg":
+        np.testing.assert_array_equal(pixels, IMG)
+    else:
+        assert np.abs(pixels.astype(int) - IMG).mean() < 12
+    assert pixels[13, 4, 0] > 180 and pixels[13, 4, 2] < 60  # red stays red: RGB order kept
+
+
+def test_sample_without_optional_parts_uses_fast_path_and_matches():
+    s = sample(history=False, stack=0)
+    got = roundtrip("sample.c", s).msg
+    assert got.history is None and got.stack == [] and got.previous == (-0.2, 0.4) and got.seq == 7
+
+
+def test_frames_are_not_copied_on_decode():
+    frames = encode("sample.c", sample("raw", history=False, stack=0), "t")
+    blob = bytearray(memoryview(frames[2]).cast("B"))
+    env = decode([frames[0], frames[1], blob])
+    blob[0] ^= 0xFF  # change the receive buffer: the decoded frame sees it, so it is a view
+    assert env.msg.frame.data[0] == blob[0]
+
+
+def test_every_other_kind_round_trips():
+    ss = SampleSet(outputs=["steering"], version=3, samples=[sample(), sample("png")], labels_kept=["steering", "throttle_brake"])
+    got = roundtrip("set.steering", ss).msg
+    assert got.outputs == ["steering"] and got.version == 3 and len(got.samples) == 2
+    assert got.samples[1].frame.codec == "png" and got.labels_kept == ["steering", "throttle_brake"]
+
+    w = Weights("model_x", "model_x_v1", 42, {"backbone": "tiny"}, b"\x00" * 1000, created=1.5)
+    got = roundtrip("weights.model_x", w).msg
+    assert (got.model, got.run, got.batch, got.config, bytes(got.payload)) == ("model_x", "model_x_v1", 42, {"backbone": "tiny"}, w.payload)
+
+    got = roundtrip("config", ConfigReply({"run": "r", "trainer": {"lr": 0.1}})).msg
+    assert got.config == {"run": "r", "trainer": {"lr": 0.1}} and got.error == ""
+
+    g = GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "jpeg"), 5.0, (1.0, 2.0, 3.0), 0.5, (0.1, 10.0))
+    got = roundtrip("game.pc1", g).msg
+    assert (got.position, got.heading, got.purpose, got.speed) == ((1.0, 2.0, 3.0), 0.5, (0.1, 10.0), 5.0)
+
+    got = roundtrip("action.pad1", Action(9, -1.0, 0.25, 0.0, "pad1")).msg
+    assert (got.seq, got.steering, got.throttle, got.brake, got.target) == (9, -1.0, 0.25, 0.0, "pad1")
+
+    c = Console("player", {"fps": 30.0, "model": "m"}, {"hood": Frame.encode(IMG, "jpeg")})
+    got = roundtrip("console.player", c).msg
+    assert got.state == {"fps": 30.0, "model": "m"} and got.images["hood"].decode().shape == IMG.shape
+
+    got = roundtrip("heartbeat.b1", Heartbeat("broker", "b1", "ok", 3.0, {"n": 1})).msg
+    assert (got.service, got.instance, got.state, got.uptime, got.info) == ("broker", "b1", "ok", 3.0, {"n": 1})
+
+
+# ---------------------------------------------------------------------------------------------- rejects
+
+
+def frames_of(body_patch=None, header_patch=None, topic=b"sample.c", blobs=None, drop=()):
+    frames = encode("sample.c", sample("raw", history=True, stack=0), "t")
+    header = msgpack.unpackb(frames[1])
+    for k in drop:
+        del header["body"][k]
+    header["body"].update(body_patch or {})
+    header.update(header_patch or {})
+    blob_list = [bytes(memoryview(f).cast("B")) for f in frames[2:]] if blobs is None else blobs
+    return [topic, msgpack.packb(header), *blob_list]
+
+
+def reason(frames) -> str:
+    with pytest.raises(ProtocolError) as e:
+        decode(frames)
+    return e.value.reason
+
+
+@pytest.mark.parametrize(
+    "frames,expected",
+    [
+        ([b"sample.c"], "truncated"),
+        ([b"sample.c", b"x" * 9_000_000], "oversize"),
+        (lambda: frames_of(topic=b"nosuch.topic"), "unknown_topic"),
+        (lambda: frames_of(topic=b"\xff\xfe"), "unknown_topic"),
+        ([b"sample.c", b"\xc1\xc1not msgpack"], "bad_header"),
+        ([b"sample.c", msgpack.packb([1, 2, 3])], "bad_header"),
+        (lambda: frames_of(header_patch={"v": SCHEMA_VERSION + 1}), "bad_version"),
+        (lambda: frames_of(header_patch={"kind": "teleporter"}), "unknown_kind"),
+        (lambda: frames_of(header_patch={"kind": "action"}), "kind_mismatch"),
+        (lambda: frames_of(drop=["steering"]), "missing_field"),
+        (lambda: frames_of({"steering": "left"}), "bad_field"),
+        (lambda: frames_of({"steering": math.nan}), "nan"),
+        (lambda: frames_of({"speed": math.inf}), "nan"),
+        (lambda: frames_of({"throttle_brake": 1.5}), "out_of_range"),
+        (lambda: frames_of({"seq": -1}), "out_of_range"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [27, 48, 3], "blob": 9}}), "bad_blob"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [27, 48], "blob": 0}}), "bad_shape"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [0, 48, 3], "blob": 0}}), "bad_shape"),
+        (lambda: frames_of({"frame": {"codec": "webp", "shape": [27, 48, 3], "blob": 0}}), "bad_codec"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [28, 48, 3], "blob": 0}}), "size_mismatch"),
+        (lambda: frames_of({"history": {"shape": [60, 4], "dtype": "float32", "blob": 1}}), "bad_shape"),
+        (lambda: frames_of({"history": {"shape": [61, 5], "dtype": "float32", "blob": 1}}), "size_mismatch"),
+    ],
+)
+def test_each_bad_input_has_its_named_reason(frames, expected):
+    frames = frames() if callable(frames) else frames
+    assert reason(frames) == expected
+    assert expected in REASONS
+
+
+def test_nan_in_history_is_rejected():
+    frames = encode("sample.c", sample("raw"), "t")
+    hist = np.frombuffer(bytes(memoryview(frames[3]).cast("B")), dtype=np.float32).copy()
+    hist[17] = np.nan
+    assert reason([frames[0], frames[1], bytes(memoryview(frames[2]).cast("B")), hist.tobytes()]) == "nan"
+
+
+def test_weights_checksum_is_verified():
+    frames = encode("weights.m", Weights("m", "m_v1", 1, {}, b"abc"), "t")
+    assert reason([frames[0], frames[1], b"abd"]) == "bad_checksum"
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+
+_GOOD = [
+    encode("sample.c", sample("raw", history=True, stack=1), "t"),
+    encode("sample.c", sample("jpeg", history=False, stack=0), "t"),
+    encode("set.steering", SampleSet(["steering"], 3, [sample("png", False, 0)]), "t"),
+    encode("weights.m", Weights("m", "m_v1", 1, {"x": [1, 2]}, b"w" * 64), "t"),
+    encode("action.p", Action(1, 0.5, 0.5, 0.0), "t"),
+    encode("console.p", Console("p", {"a": 1}, {"hood": Frame.encode(IMG, "raw")}), "t"),
+]
+_GOOD = [[bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in m] for m in _GOOD]
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+def _mutate(obj, path_choices, value):
+    """Replace one nested field (chosen by the path indices) with an arbitrary value."""
+    cur = obj
+    for choice in path_choices:
+        if isinstance(cur, dict) and cur:
+            key = sorted(cur, key=str)[choice % len(cur)]
+            if not isinstance(cur[key], dict | list) or not cur[key]:
+                cur[key] = value
+                return obj
+            cur = cur[key]
+        elif isinstance(cur, list) and cur:
+            i = choice % len(cur)
+            if not isinstance(cur[i], dict | list) or not cur[i]:
+                cur[i] = value
+                return obj
+            cur = cur[i]
+        else:
+            break
+    return obj
+
+
+def _decode_is_contained(frames) -> None:
+    try:
+        env = decode(frames)
+    except ProtocolError as e:
+        assert e.reason in REASONS
+        return
+    assert env.kind in {"sample", "sample_set", "weights", "action", "console", "config", "game_frame", "heartbeat"}
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_fuzz_random_frames_never_escape(frames):
+    _decode_is_contained(frames)
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, len(_GOOD) - 1),
+    path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    value=_values,
+    cut=st.integers(0, 3),
+)
+def test_fuzz_mutated_headers_never_escape(which, path, value, cut):
+    frames = list(_GOOD[which])
+    header = msgpack.unpackb(frames[1])
+    frames[1] = msgpack.packb(_mutate(header, path, value))
+    if cut == 1 and len(frames) > 2:
+        frames = frames[:-1]  # a missing blob
+    elif cut == 2 and len(frames) > 2:
+        frames[-1] = frames[-1][: len(frames[-1]) // 2]  # a truncated blob
+    _decode_is_contained(frames)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(which=st.integers(0, len(_GOOD) - 1), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_fuzz_flipped_header_bytes_never_escape(which, pos, byte):
+    frames = list(_GOOD[which])
+    h = bytearray(frames[1])
+    h[pos % len(h)] = byte
+    frames[1] = bytes(h)
+    _decode_is_contained(frames)
