@@ -1,1 +1,10 @@
+"""The balancer: bins the sample stream per output and emits balanced sample sets (Balancing v1..v4).
 
+The logic is socket-free (:class:`Balancer`); the service main wires it to ``sample.*`` in and ``set.*``
+out. Pictures (matplotlib) live in :mod:`charles.balancer.plot` and are imported only when drawn.
+"""
+
+from charles.balancer.balancer import Balancer, BalancerStats, GroupStats
+from charles.balancer.config import BalancerConfig
+
+__all__ = ["Balancer", "BalancerConfig", "BalancerStats", "GroupStats"]

@@ -1,0 +1,149 @@
+"""Broker throughput: our broker against a bare ``zmq.proxy`` forwarding the same sample messages.
+
+Both middles run as their own process on loopback; one publisher and one subscriber (threads of this
+process) push N pre-encoded sample messages of ~40 KB and ~400 KB through each, alternating, best of
+``rounds``. Our broker runs with everything on (last-value cache, per-topic counting via the capture
+socket, control port). Figures: messages/s through each, and ``ratio_40k`` / ``ratio_400k`` = ours / bare
+(goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+from _common import args, report
+
+from charles.proto import Frame, Sample, encode
+
+BARE = """
+import sys, zmq
+ctx = zmq.Context()
+xsub, xpub = ctx.socket(zmq.XSUB), ctx.socket(zmq.XPUB)
+for s in (xsub, xpub):
+    s.setsockopt(zmq.SNDHWM, 0); s.setsockopt(zmq.RCVHWM, 0)
+xsub.bind(f"tcp://127.0.0.1:{sys.argv[1]}"); xpub.bind(f"tcp://127.0.0.1:{sys.argv[2]}")
+print("ready", flush=True)
+zmq.proxy(xsub, xpub)
+"""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_middle(kind: str) -> tuple[subprocess.Popen, int, int]:
+    pub_port, sub_port, ctl_port, http_port = free_ports(4)
+    if kind == "bare":
+        proc = subprocess.Popen([sys.executable, "-c", BARE, str(pub_port), str(sub_port)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+    else:
+        env = {
+            **os.environ,
+            "CHARLES__BUS__PORTS": json.dumps({"publish": pub_port, "subscribe": sub_port, "control": ctl_port}),
+            "CHARLES__SERVICE__HTTP_PORT": str(http_port),
+            "CHARLES__BROKER__HWM": "0",  # as the bare proxy: the bench sends bursts larger than any HWM
+            "CHARLES__SERVICE__LOG_LEVEL": "WARNING",
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "charles.broker"], env=env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", http_port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+    return proc, pub_port, sub_port
+
+
+def run_once(kind: str, frames: list, n: int) -> float:
+    proc, pub_port, sub_port = start_middle(kind)
+    ctx = zmq.Context()
+    try:
+        pub = ctx.socket(zmq.PUB)
+        sub = ctx.socket(zmq.SUB)
+        for s in (pub, sub):
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.RCVHWM, 0)
+            s.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"sample")
+        pub.connect(f"tcp://127.0.0.1:{pub_port}")
+        sub.connect(f"tcp://127.0.0.1:{sub_port}")
+        # slow joiner: send probes until one arrives, then drain
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pub.send_multipart(frames, copy=False)
+            if sub.poll(50):
+                break
+        while sub.poll(200):
+            sub.recv_multipart(copy=False)
+        got = [0]
+        done = threading.Event()
+
+        def receive() -> None:
+            while got[0] < n and sub.poll(5000):
+                sub.recv_multipart(copy=False)
+                got[0] += 1
+            done.set()
+
+        t = threading.Thread(target=receive)
+        t.start()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pub.send_multipart(frames, copy=False)
+        done.wait()
+        elapsed = time.perf_counter() - t0
+        t.join()
+        if got[0] < n:
+            raise RuntimeError(f"{kind}: only {got[0]} of {n} messages arrived")
+        pub.close()
+        sub.close()
+        return n / elapsed
+    finally:
+        ctx.term()
+        proc.terminate()
+        proc.wait(10)
+
+
+def message(size: int) -> list:
+    rng = np.random.default_rng(1)
+    # raw frames of exactly the wanted size (a 40 KB JPEG hood frame, a 400 KB raw one, in effect)
+    h = max(1, size // (3 * 160))
+    img = rng.integers(0, 255, (h, 160, 3), dtype=np.uint8)
+    s = Sample("collector-1", 1, 0.0, Frame.encode(img, "raw"), 0.1, 0.5, 10.0, (0.0, 100.0))
+    return encode("sample.collector-1", s, "bench")
+
+
+def main() -> None:
+    a = args(__doc__)
+    rounds = 2 if a.quick else 3
+    figures: dict = {}
+    for label, size, n in (("40k", 40_000, 3000 if a.quick else 20000), ("400k", 400_000, 400 if a.quick else 3000)):
+        frames = message(size)
+        best = {"bare": 0.0, "ours": 0.0}
+        for _ in range(rounds):
+            for kind in ("bare", "ours"):
+                best[kind] = max(best[kind], run_once(kind, frames, n))
+        ratio = best["ours"] / best["bare"]
+        print(f"{label}: bare {best['bare']:.0f} msg/s, ours {best['ours']:.0f} msg/s, ratio {ratio:.3f}")
+        figures[f"bare_{label}_msgs"] = round(best["bare"])
+        figures[f"ours_{label}_msgs"] = round(best["ours"])
+        figures[f"ratio_{label}"] = round(ratio, 3)
+    report(figures)
+
+
+if __name__ == "__main__":
+    main()

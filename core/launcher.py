@@ -1,0 +1,209 @@
+"""``charles up`` / ``make run``: every service as a process on loopback, one live console, clean Ctrl-C.
+
+The same topology as docker-compose.yml and k8s/ (all read proto/registry.yaml): a broker, N sim
+collectors, the balancer, the trainer, the player and the viewer. The process table below is a flat,
+declarative list; a service whose package is not built yet is skipped with a note. A child that dies is
+restarted with a back-off (like compose's ``restart: unless-stopped``), and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from charles.proto import registry
+
+
+@dataclass
+class Proc:
+    name: str
+    """Display name, unique (collector-1, collector-2, ...)."""
+    service: str
+    """Service in the registry."""
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    log: Path | None = None
+
+
+def _built(service: str) -> bool:
+    module = registry().services[service].module
+    try:
+        return importlib.util.find_spec(f"{module}.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def plan(args: argparse.Namespace) -> list[Proc]:
+    """The process table: which services run, with which ids and seeds."""
+    procs = [Proc("broker", "broker")]
+    for i in range(1, args.collectors + 1):
+        procs.append(Proc(f"collector-{i}", "collector", ["--id", f"collector-{i}", "--seed", str(args.seed + i)]))
+    procs.append(Proc("balancer", "balancer"))
+    procs.append(Proc("trainer", "trainer", ["--preset", args.preset]))
+    if not args.no_player:
+        procs.append(Proc("player", "player", ["--preset", args.preset, "--seed", str(args.seed + 1000)]))
+    if not args.no_viewer:
+        procs.append(Proc("viewer", "viewer"))
+    return [p for p in procs if _built(p.service)]
+
+
+class Launcher:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.procs = plan(args)
+        self.stopping = False
+        self.logs_dir = Path(args.logs)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        reg = registry()
+        if args.random_ports:
+            names = list(reg.ports)
+            self.bus_ports = dict(zip(names, _free_ports(len(names)), strict=True))
+            http = _free_ports(len(self.procs))
+            self.http_ports = {p.name: port for p, port in zip(self.procs, http, strict=True)}
+        else:
+            self.bus_ports = dict(reg.ports)
+            busy = [p for p in ("publish", "subscribe", "control") if _port_busy(self.bus_ports[p])]
+            if busy:
+                raise SystemExit(
+                    f"charles up: port(s) {[self.bus_ports[b] for b in busy]} are taken — is another Charles running? "
+                    "Stop it, or use --random-ports."
+                )
+            # collectors share one registry port; replicas after the first take the next ones up
+            self.http_ports = {}
+            for p in self.procs:
+                base = reg.services[p.service].http_port
+                n = sum(1 for q in self.procs if q.service == p.service and q.name < p.name) if p.service == "collector" else 0
+                self.http_ports[p.name] = base + (100 + n if p.service == "collector" and n else 0)
+
+    def _env(self, p: Proc) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "CHARLES__BUS__HOST": "127.0.0.1",
+            "CHARLES__BUS__PORTS": json.dumps(self.bus_ports),
+            "CHARLES__SERVICE__HTTP_PORT": str(self.http_ports[p.name]),
+            "CHARLES_RUN_DIR": str(Path(self.args.run_dir).resolve()),
+            **p.env,
+        }
+        if self.args.config:
+            env["CHARLES_CONFIG"] = str(Path(self.args.config).resolve())
+        return env
+
+    def start(self, p: Proc) -> None:
+        module = registry().services[p.service].module
+        p.log = self.logs_dir / f"{p.name}.log"
+        out = open(p.log, "ab")  # noqa: SIM115 - handed to the child; closed when we are
+        p.popen = subprocess.Popen([sys.executable, "-m", module, *p.args], env=self._env(p), stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        skipped = [s for s in registry().services if not _built(s)]
+        print(f"charles up: {len(self.procs)} processes, logs in {self.logs_dir}/", flush=True)
+        if skipped:
+            print(f"  not built yet, skipped: {', '.join(skipped)}", flush=True)
+        for p in self.procs:
+            self.start(p)
+            if p.service == "broker":
+                time.sleep(0.5)  # everyone else connects to it
+        from charles.launcher_console import Console
+
+        console = Console(self, self.bus_ports)
+        deadline = time.monotonic() + self.args.minutes * 60 if self.args.minutes > 0 else None
+        try:
+            while not self.stopping:
+                if deadline and time.monotonic() >= deadline:
+                    print("charles up: time is up, stopping", flush=True)
+                    break
+                self._supervise()
+                console.tick()
+        finally:
+            console.close()
+            self.stop_all()
+        return 0
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for p in self.procs:
+            if p.popen is not None and p.popen.poll() is not None and not self.stopping:
+                rc = p.popen.returncode
+                p.restarts += 1
+                delay = min(30.0, 2.0 ** min(p.restarts, 5))
+                print(f"charles up: {p.name} exited ({rc}); restart #{p.restarts} in {delay:.0f}s — see {p.log}", flush=True)
+                p.popen = None
+                p.next_start = now + delay
+            if p.popen is None and now >= p.next_start and not self.stopping:
+                self.start(p)
+
+    def _on_signal(self, *_: object) -> None:
+        self.stopping = True
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        alive = [p for p in self.procs if p.popen is not None and p.popen.poll() is None]
+        # stop consumers before the broker so nobody logs reconnect noise while going down
+        for p in sorted(alive, key=lambda p: p.service == "broker"):
+            p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in alive:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"charles up: {p.name} did not stop in {timeout:.0f}s; killing it", flush=True)
+                p.popen.kill()
+                p.popen.wait()
+        print("charles up: all stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="charles up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--collectors", type=int, default=2, help="sim collectors to run (default 2)")
+    ap.add_argument("--preset", default="tiny", help="model preset for trainer and player (default: tiny, CPU-friendly)")
+    ap.add_argument("--minutes", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
+    ap.add_argument("--seed", type=int, default=0, help="base sim seed; collector i uses seed+i")
+    ap.add_argument("--config", help="run configuration file for every service")
+    ap.add_argument("--run-dir", default="runs", help="checkpoints, storage and TensorBoard logs (default: runs/)")
+    ap.add_argument("--logs", default="runs/logs", help="one log file per process (default: runs/logs/)")
+    ap.add_argument("--no-player", action="store_true", help="do not start the player")
+    ap.add_argument("--no-viewer", action="store_true", help="do not start the viewer")
+    ap.add_argument("--random-ports", action="store_true", help="pick free ports instead of the registry's (tests)")
+    ap.add_argument("--plain", action="store_true", help="log lines instead of a redrawn console")
+    args = ap.parse_args(argv)
+    if args.collectors < 0:
+        ap.error("--collectors must be >= 0")
+    if shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    return Launcher(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
