@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(svc: Service) -> None:
         broker = Broker(svc, cfg.to_dict())
         broker.start()
+        svc.start_heartbeat()
         try:
             broker.serve()
         finally:

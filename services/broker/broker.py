@@ -78,6 +78,7 @@ class Broker:
         self._proxy_controls: list[zmq.Socket] = []
         self._auth: ThreadAuthenticator | None = None
         self.bound = threading.Event()
+        self.through = 0
         self.ports: dict[str, int] = {}
 
     # -- endpoints -----------------------------------------------------------------------------------------
@@ -99,8 +100,10 @@ class Broker:
         xsub = s(zmq.XSUB)
         xpub = s(zmq.XPUB)
         for sock in (xsub, xpub):
-            sock.setsockopt(zmq.SNDHWM, 0)  # the proxy itself never drops; sockets at the edges carry the HWMs
-            sock.setsockopt(zmq.RCVHWM, 0)
+            # bounded per peer: a stalled subscriber costs at most hwm messages of broker memory, after which
+            # libzmq drops for that subscriber alone (receivers see the gap in sequence numbers and count it)
+            sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+            sock.setsockopt(zmq.RCVHWM, self.cfg.hwm)
         self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
         self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
         xpub.bind(_INPROC_OUT)
@@ -220,6 +223,8 @@ class Broker:
         if first[:1] in (b"\x00", b"\x01") and len(frames) == 1:
             return  # a (un)subscription travelling upstream
         fam = self.reg.family(first)
+        self.through += 1
+        self.svc.info["through_msgs"] = self.through
         m = self.svc.metrics
         m.messages.labels("through", fam).inc()
         m.bytes.labels("through", fam).inc(sum(len(f.buffer) for f in frames))
