@@ -66,6 +66,7 @@ class BrokerConfig:
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
     count_topics: bool = knob(True, "Count messages and bytes per topic family (a capture socket; cheap)")
     snapshot_hwm: int = knob(64, "Last-value cache: at most this many topics kept", min=1)
+    hwm: int = knob(1000, "Messages queued per peer inside the broker before it drops (0: unbounded; benchmarks only)", min=0)
 
 
 @dataclass
