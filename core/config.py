@@ -155,6 +155,8 @@ def _coerce(value: Any, tp: Any, path: str, meta: Mapping | None = None) -> Any:
             raise ConfigError(f"{path}: expected text, got {value!r}")
         return str(value)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # CHARLES__X__NAMES=a,b from the environment
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         args = typing.get_args(tp)
@@ -186,7 +188,12 @@ def from_dict(cls: type, data: Mapping, path: str = "") -> Any:
     for name, value in data.items():
         f = fields[name]
         kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name, f.metadata)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -332,7 +339,7 @@ def render(cfg: Config | Any, *, comments: bool = True) -> str:
                 emit(v, indent + 1)
             else:
                 dumped = yaml.safe_dump({f.name: to_dict(v)}, default_flow_style=True, sort_keys=False).strip()
-                lines.append(f"{pad}{dumped.strip('{}')}")
+                lines.append(f"{pad}{dumped[1:-1]}")  # drop the one pair of braces flow style adds
 
     if isinstance(cfg, Config):
         emit(cfg.core, 0)

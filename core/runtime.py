@@ -18,7 +18,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -178,8 +177,9 @@ class _HttpHandler(BaseHTTPRequestHandler):
             if extra is None:
                 body, ctype, code = b"not found\n", "text/plain", 404
             else:
-                body, ctype = extra()
-                code = 200
+                # a route returns (body, content type) or (body, content type, status)
+                body, ctype, *rest = extra()
+                code = rest[0] if rest else 200
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -205,6 +205,10 @@ class Publisher:
     def send(self, topic: str, msg: Any, kind: str | None = None) -> bool:
         frames = encode(topic, msg, self.svc.instance, kind)
         return self.send_frames(topic, frames)
+
+    def close(self, linger_s: float = 1.0) -> None:
+        """Close, giving queued messages (a final flush, the last weights) up to linger_s to leave."""
+        self.sock.close(linger=int(linger_s * 1000))
 
     def send_frames(self, topic: str, frames: list) -> bool:
         fam = registry().family(topic)
@@ -301,13 +305,21 @@ def _load_curve_client(keys_dir: str, client_key: str) -> tuple[bytes, bytes, by
     return public, secret, server_public
 
 
+def default_instance(name: str) -> str:
+    """A stable id (the same across restarts, so consoles and last values are replaced, not multiplied).
+
+    In compose and k8s the host name is the container or pod name, which is unique per replica.
+    """
+    return os.environ.get("CHARLES_INSTANCE") or f"{name}-{socket.gethostname()}"
+
+
 class Service:
     """One service process: context, metrics, HTTP, heartbeats, signals, shutdown."""
 
     def __init__(self, name: str, cfg: Config, instance: str | None = None, *, http: bool = True, signals: bool = True):
         self.name = name
         self.cfg = cfg
-        self.instance = instance or f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.instance = instance or default_instance(name)
         self.log = logging.getLogger(f"charles.{name}")
         self.metrics = Metrics(name, self.instance)
         self.ctx = zmq.Context()
@@ -465,7 +477,7 @@ class Service:
         }
 
     def state(self) -> dict:
-        return {**self.health(), "info": self.info}
+        return {**self.health(), "info": dict(self.info)}
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -520,14 +532,18 @@ class Service:
         # the heartbeat thread owns this socket from here on
         def beat() -> None:
             while not self.stop_event.wait(self.cfg.service.heartbeat_s):
-                hb = Heartbeat(self.name, self.instance, self.status, time.monotonic() - self.started, self.info_for_heartbeat())
-                pub.send(f"heartbeat.{self.instance}", hb)
+                try:
+                    hb = Heartbeat(self.name, self.instance, self.status, time.monotonic() - self.started, self.info_for_heartbeat())
+                    pub.send(f"heartbeat.{self.instance}", hb)
+                except Exception:  # noqa: BLE001 - a heartbeat must never die silently
+                    self.log.exception("heartbeat failed")
 
         self._hb_thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
         self._hb_thread.start()
 
     def info_for_heartbeat(self) -> dict:
-        return {k: v for k, v in self.info.items() if isinstance(v, int | float | str | bool)}
+        info = dict(self.info)  # the loop may add keys meanwhile
+        return {k: v for k, v in info.items() if isinstance(v, int | float | str | bool)}
 
     def ready(self) -> None:
         self.status = "ok"
@@ -540,6 +556,8 @@ class Service:
             self._hb_thread.join(timeout=2)
         with self._sock_lock:
             for s in self._sockets:
+                if s.closed:
+                    continue
                 with contextlib.suppress(zmq.ZMQError):
                     s.close(linger=0)
             self._sockets.clear()

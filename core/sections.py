@@ -11,7 +11,9 @@ import importlib
 from charles.config import register_section
 
 # section name -> "module:DataclassName"; a module that is not there yet is skipped.
-_SECTIONS: dict[str, str] = {}
+_SECTIONS: dict[str, str] = {
+    "balancer": "charles.balancer.config:BalancerConfig",
+}
 
 for _name, _target in _SECTIONS.items():
     _mod, _cls = _target.split(":")

@@ -70,6 +70,10 @@ class BalancerConfig:
         "What a timed-out set does: flush (emit what it has, one per filled bin) or drop (discard it).",
         "flush",
     )
+    picture_s: float = _help(
+        "Seconds between histogram pictures for the viewer (console.<instance>, /histogram.png); 0: none.",
+        10.0,
+    )
 
     def __post_init__(self) -> None:
         # Values arrive from YAML, environment variables and msgpack: normalise types before checking.
@@ -81,6 +85,7 @@ class BalancerConfig:
         self.bins = {str(k): list(v) for k, v in dict(self.bins).items()}
         self.cap_per_bin = int(self.cap_per_bin)
         self.set_timeout_s = float(self.set_timeout_s)
+        self.picture_s = float(self.picture_s)
         self.validate()
 
     def validate(self) -> None:
@@ -105,6 +110,8 @@ class BalancerConfig:
             raise ValueError(f"cap_per_bin must be at least 1, got {self.cap_per_bin}")
         if not (math.isfinite(self.set_timeout_s) and self.set_timeout_s > 0):
             raise ValueError(f"set_timeout_s must be a positive number of seconds, got {self.set_timeout_s}")
+        if not (math.isfinite(self.picture_s) and self.picture_s >= 0):
+            raise ValueError(f"picture_s must be 0 (no pictures) or seconds, got {self.picture_s}")
         if self.timeout_policy not in TIMEOUT_POLICIES:
             raise ValueError(f"timeout_policy must be one of {TIMEOUT_POLICIES}, got {self.timeout_policy!r}")
         self.output_specs()  # bins parse and match their kinds

@@ -28,10 +28,16 @@ class BalancerMetrics(Collector):
         self.prefix = prefix
         self._snapshot: BalancerStats | None = None
 
-    def refresh(self, now: float | None = None) -> BalancerStats:
-        """Take a snapshot on the balancer's own thread (the service loop, ~1 Hz)."""
-        self._snapshot = self.balancer.stats(self.clock() if now is None else now, mark=False)
-        return self._snapshot
+    def refresh(self, now: float | None = None, stats: BalancerStats | None = None) -> BalancerStats:
+        """Take a snapshot on the balancer's own thread (the service loop, ~1 Hz).
+
+        ``stats`` hands over one the loop has just taken (with ``mark`` set, for its sets/s), so the
+        balancer is not walked twice.
+        """
+        if stats is None:
+            stats = self.balancer.stats(self.clock() if now is None else now, mark=False)
+        self._snapshot = stats
+        return stats
 
     def describe(self) -> Iterator[Metric]:
         # Families without samples: registering must not snapshot a balancer another thread is using.
