@@ -1,1 +1,8 @@
+"""The viewer: the seed's stream layout as a web page, fed by the ``console.*`` topic family.
 
+Every service that wants to be seen publishes ``Console(service, state, images)`` on
+``console.<instance>`` (~5 Hz; a last-value topic, so a viewer that starts late shows everyone at once).
+The viewer keeps the newest console of each instance (:mod:`charles.viewer.board`), serves the page,
+its JSON and the pictures (:mod:`charles.viewer.web`), and the page draws the six tiles in the browser.
+README.md beside this file is the contract: which keys and images each service sends.
+"""
