@@ -2,15 +2,45 @@
 
 Each service package keeps its config dataclass next to its logic; this module is the one place that
 folds them into the run configuration (so `charles config show` and the broker's config service see all).
+The ``model`` section lives here because every service reads it: collectors need the model line's
+inputs (resolution, stacked frames, history length), the trainer builds it, the player runs it.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from typing import Any
 
-from charles.config import register_section
+from charles.config import ConfigError, knob, register_section
 
-# section name -> "module:DataclassName"; a module that is not there yet is skipped.
+
+@dataclass
+class ModelSection:
+    """The model line this run trains: a preset and what the run changes of it."""
+
+    preset: str = knob("tiny", "Model line preset (charles models lists them); tiny is the CPU demo line")
+    overrides: dict = knob({}, "ModelConfig fields to change, e.g. {width: 320, height: 180, history: mlp}")
+
+    def __post_init__(self) -> None:
+        from charles.model.presets import list_presets
+
+        if self.preset not in list_presets():
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {list_presets()}")
+
+    def resolve(self) -> Any:
+        """The full ModelConfig (charles.model.config) of this run."""
+        from charles.model.presets import get_config
+
+        try:
+            return get_config(self.preset, **self.overrides)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+
+
+register_section("model", ModelSection)
+
+# section name -> "module:DataclassName" of the sections kept beside their service's logic.
 _SECTIONS: dict[str, str] = {
     "balancer": "charles.balancer.config:BalancerConfig",
 }

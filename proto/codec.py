@@ -408,6 +408,8 @@ def _game_frame_out(g: GameFrame, blobs: _Blobs) -> dict:
         body["heading"] = g.heading
     if g.purpose is not None:
         body["purpose"] = list(g.purpose)
+    if g.controls is not None:
+        body["controls"] = list(g.controls)
     return body
 
 
@@ -426,6 +428,7 @@ def _game_frame_in(b: dict, blobs: Sequence) -> GameFrame:
         position=pos,
         heading=_num(b, "heading", -1e3, 1e3) if "heading" in b else None,
         purpose=_pair(b, "purpose", (-_PI, 0.0), (_PI, 1e7)) if "purpose" in b else None,
+        controls=_pair(b, "controls", (-1.0, -1.0), (1.0, 1.0)) if "controls" in b else None,
     )
 
 

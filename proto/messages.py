@@ -107,6 +107,9 @@ class GameFrame:
     heading: float | None = None
     """Radians, counter-clockwise from +x."""
     purpose: tuple[float, float] | None = None
+    controls: tuple[float, float] | None = None
+    """(steering, throttle_brake) the game's driver applied on this frame (its NPC, or a human's pad):
+    present when a collector turns game frames into samples."""
 
 
 @dataclass(slots=True)

@@ -109,9 +109,9 @@ def test_every_other_kind_round_trips():
     got = roundtrip("config", ConfigReply({"run": "r", "trainer": {"lr": 0.1}})).msg
     assert got.config == {"run": "r", "trainer": {"lr": 0.1}} and got.error == ""
 
-    g = GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "jpeg"), 5.0, (1.0, 2.0, 3.0), 0.5, (0.1, 10.0))
+    g = GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "jpeg"), 5.0, (1.0, 2.0, 3.0), 0.5, (0.1, 10.0), (-0.5, 1.0))
     got = roundtrip("game.pc1", g).msg
-    assert (got.position, got.heading, got.purpose, got.speed) == ((1.0, 2.0, 3.0), 0.5, (0.1, 10.0), 5.0)
+    assert (got.position, got.heading, got.purpose, got.speed, got.controls) == ((1.0, 2.0, 3.0), 0.5, (0.1, 10.0), 5.0, (-0.5, 1.0))
 
     got = roundtrip("action.pad1", Action(9, -1.0, 0.25, 0.0, "pad1")).msg
     assert (got.seq, got.steering, got.throttle, got.brake, got.target) == (9, -1.0, 0.25, 0.0, "pad1")
