@@ -1,0 +1,104 @@
+# syntax=docker/dockerfile:1
+#
+# Charles' two images, one file:
+#   docker build --target cpu -t charles:cpu .   broker, collectors, balancer, viewer, TensorBoard
+#                                                 (and trainer/player on machines without a GPU)
+#   docker build --target gpu -t charles:gpu .   trainer and player on an NVIDIA GPU
+# (`make images` runs both.) Services start as `python -m charles.<service>`; docker-compose.yml and
+# k8s/ give each container its command, so the image's CMD only prints the help.
+#
+# Both images are the same slim Debian Python with one virtual environment in /opt/venv; they differ only
+# in which torch wheel is in it. The GPU image needs no CUDA base image: PyPI's Linux torch wheels carry
+# their CUDA libraries (the nvidia-* wheels), so the host needs only the NVIDIA driver and the NVIDIA
+# Container Toolkit.
+
+# Pinned: a rebuild months from now gets the same Python and Debian. Bump deliberately.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------- base
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# ---------------------------------------------------------------------------------------------- deps
+# Dependencies before code, so editing a .py file does not reinstall torch. The pins come from
+# pyproject.toml (one place): torch and torchvision go to torch.txt (their index differs per image), the
+# rest to requirements.txt.
+FROM base AS deps
+RUN python -m venv /opt/venv
+COPY pyproject.toml /src/pyproject.toml
+RUN python - <<'PY'
+import tomllib
+deps = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]
+torch = [d for d in deps if d.split("==")[0].strip() in ("torch", "torchvision")]
+assert len(torch) == 2 and all("==" in d for d in torch), f"torch and torchvision must be pinned: {torch}"
+open("/src/torch.txt", "w").write("\n".join(torch) + "\n")
+open("/src/requirements.txt", "w").write("\n".join(d for d in deps if d not in torch) + "\n")
+PY
+
+# CPU: torch's CPU wheels from the PyTorch CPU index (~200 MB) instead of PyPI's CUDA build (~3 GB of
+# CUDA libraries nobody on this image would use). "torch==X" matches the index's "X+cpu".
+FROM deps AS deps-cpu
+RUN pip install --index-url https://download.pytorch.org/whl/cpu -r /src/torch.txt \
+ && pip install -r /src/requirements.txt
+
+# GPU: PyPI's torch wheel, CUDA included. torch 2.14.1 from PyPI is built for CUDA 13.0, which needs an
+# NVIDIA driver of the 580 series or newer on the host. For an older driver, take the wheels of an older
+# CUDA from PyTorch's own index, e.g.
+#   docker build --target gpu --build-arg GPU_TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t charles:gpu .
+FROM deps AS deps-gpu
+ARG GPU_TORCH_INDEX=
+RUN pip install ${GPU_TORCH_INDEX:+--index-url "$GPU_TORCH_INDEX"} -r /src/torch.txt \
+ && pip install -r /src/requirements.txt
+
+# ---------------------------------------------------------------------------------------------- code
+# Charles itself, without dependencies (they are in the layer above). .dockerignore keeps .venv, runs/,
+# keys/ and tests out of the build context.
+FROM deps-cpu AS build-cpu
+COPY . /src/charles
+RUN pip install --no-deps /src/charles
+
+FROM deps-gpu AS build-gpu
+COPY . /src/charles
+RUN pip install --no-deps /src/charles
+
+# ---------------------------------------------------------------------------------------------- runtime
+FROM base AS runtime
+# opencv-python-headless still links GLib's libgthread on slim images.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libglib2.0-0 \
+ && rm -rf /var/lib/apt/lists/*
+# A fixed, non-root uid (10001) so volumes and k8s securityContext (runAsUser/fsGroup) can name it.
+# /runs and its checkpoints/ and storage/ exist owned by it: a fresh named volume mounted there copies
+# that ownership, so the trainer can write without root.
+RUN groupadd --system --gid 10001 charles \
+ && useradd --system --uid 10001 --gid charles --home-dir /app --shell /usr/sbin/nologin charles \
+ && mkdir -p /app /runs/checkpoints /runs/storage \
+ && chown -R charles:charles /app /runs
+WORKDIR /app
+ENV CHARLES_RUN_DIR=/runs
+# /healthz answers 200 while the service is healthy and 503 when not; urlopen raises on 503 and on a
+# refused connection, so the exit code is the verdict. No curl in a slim image, Python is here anyway.
+# Every Charles container sets CHARLES__SERVICE__HTTP_PORT (compose and k8s do). The start period covers
+# model building and the trainer's refill from storage.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ['CHARLES__SERVICE__HTTP_PORT'], timeout=4)"]
+USER charles
+CMD ["charles", "--help"]
+
+LABEL org.opencontainers.image.title="charles" \
+      org.opencontainers.image.description="Teach a car to drive in a game while it plays"
+
+FROM runtime AS gpu
+COPY --from=build-gpu /opt/venv /opt/venv
+# What the NVIDIA Container Toolkit should hand in: every GPU it was asked for, compute only.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# Last, so a plain `docker build .` makes the slim image.
+FROM runtime AS cpu
+COPY --from=build-cpu /opt/venv /opt/venv

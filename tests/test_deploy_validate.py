@@ -1,0 +1,76 @@
+"""`make validate` as tests: the real tools on the real deployment files (skipped where a tool is absent).
+
+CI installs the tools (apt-get install -y docker-compose kubectl prometheus; kubernetes-validate is in the
+dev extra), so there every check runs; on a laptop without them the checks skip and say how to install.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from charles import validate
+from charles.topology import ROOT
+
+
+def _run(group: str, root=ROOT) -> list[validate.Result]:
+    return validate.CHECKS[group](root)
+
+
+@pytest.mark.parametrize("group", list(validate.CHECKS))
+def test_validate_group(group):
+    results = _run(group)
+    assert results, f"{group}: no checks ran"
+    failed = [f"{r.name}: {'; '.join(r.details)}" for r in results if r.status == "fail"]
+    assert not failed, "\n".join(failed)
+    missing = [d for r in results if r.status == "missing" for d in r.details]
+    if missing:
+        pytest.skip("; ".join(sorted(set(missing))))
+
+
+def test_main_exit_status_and_summary(capsys):
+    rc = validate.main(["--only", "topology"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "0 failed" in out and "passed" in out
+
+
+def test_a_missing_tool_fails_and_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(validate.shutil, "which", lambda _name: None)
+    rc = validate.main(["--only", "compose", "--only", "k8s", "--only", "prometheus"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "MISSING" in out and "apt-get install -y docker-compose kubectl prometheus" in out
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (apt-get install -y docker-compose)",
+)
+def test_docker_compose_rejects_a_broken_file(tmp_path):
+    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    text = (tmp_path / "docker-compose.yml").read_text()
+    (tmp_path / "docker-compose.yml").write_text(
+        text.replace("    init: true\n", "    init: true\n    imagee: typo\n", 1)
+    )
+    results = _run("compose", tmp_path)
+    assert any(r.status == "fail" and "docker-compose config" in r.name for r in results), results
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl not installed (apt-get install -y kubectl)"
+)
+def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
+    pytest.importorskip(
+        "kubernetes_validate",
+        reason="kubernetes-validate not installed (.venv/bin/pip install kubernetes-validate)",
+    )
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    viewer = tmp_path / "k8s" / "base" / "viewer.yaml"
+    viewer.write_text(
+        viewer.read_text().replace("terminationGracePeriodSeconds: 15", "terminationGracePeriodSecs: 15")
+    )
+    results = _run("k8s", tmp_path)
+    assert any(r.status == "fail" and r.name.startswith("kubernetes-validate") for r in results), results
