@@ -7,13 +7,16 @@ PY       := $(VENV)/bin/python
 CHARLES  := $(VENV)/bin/charles
 STAMP    := $(VENV)/.installed
 COMPOSE  ?= docker compose
+# No NVIDIA driver here? Add the CPU override (trainer and player on the CPU image, tiny preset).
+CPU      ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
+COMPOSE_FILES := -f docker-compose.yml $(if $(filter 1,$(CPU)),-f docker-compose.cpu.yml)
 COLLECTORS ?= 2
 PRESET   ?= tiny
 MINUTES  ?= 0
 N        ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench bench-e2e validate keys up down logs scale images clean
+.PHONY: help install run test test-fast lint format bench bench-e2e validate keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,10 +33,10 @@ run: $(STAMP) ## the whole pipeline locally on the built-in sim (COLLECTORS=2 PR
 	$(CHARLES) up --collectors $(COLLECTORS) --preset $(PRESET) --minutes $(MINUTES)
 
 test: $(STAMP) ## every test (real sockets, processes, files); the command CI runs
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 test-fast: $(STAMP) ## the tests not marked slow
-	$(PY) -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
@@ -50,23 +53,26 @@ bench: $(STAMP) ## every benchmark, quick mode; each prints one JSON line last
 bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, npc and random (MINUTES=20)
 	cd bench && ../$(PY) e2e.py --minutes $(if $(filter 0,$(MINUTES)),20,$(MINUTES))
 
-validate: $(STAMP) ## docker-compose config, kubectl kustomize, kubernetes-validate, topology test
+validate: $(STAMP) ## docker-compose config, kubectl kustomize, kubernetes-validate, promtool, topology checks
 	$(PY) -m charles.validate
 
 keys: $(STAMP) ## CURVE key pairs for the broker and remote agents, in keys/
 	$(CHARLES) keys --dir keys
 
-up: ## docker compose up (detached)
-	$(COMPOSE) up -d
+up: ## docker compose up (detached; CPU=1 for machines without a GPU, auto-detected)
+	$(COMPOSE) $(COMPOSE_FILES) up -d
 
 down: ## docker compose down
-	$(COMPOSE) down
+	$(COMPOSE) $(COMPOSE_FILES) down
 
 logs: ## follow docker compose logs
-	$(COMPOSE) logs -f --tail=100
+	$(COMPOSE) $(COMPOSE_FILES) logs -f --tail=100
 
 scale: ## run N collectors under docker compose (make scale N=5)
-	$(COMPOSE) up -d --scale collector=$(N)
+	$(COMPOSE) $(COMPOSE_FILES) up -d --scale collector=$(N)
+
+prometheus: $(STAMP) ## a local Prometheus scraping `make run` (Debian's prometheus package)
+	prometheus --config.file=deploy/prometheus.local.yml --storage.tsdb.path=runs/prometheus
 
 images: ## build the CPU and GPU images
 	docker build --target cpu -t charles:cpu .

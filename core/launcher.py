@@ -96,12 +96,16 @@ class Launcher:
                     f"charles up: port(s) {[self.bus_ports[b] for b in busy]} are taken — is another Charles running? "
                     "Stop it, or use --random-ports."
                 )
-            # collectors share one registry port; replicas after the first take the next ones up
+            # collectors share one registry port; replica k >= 2 takes registry port + 100 + (k - 1)
             self.http_ports = {}
+            k = 0
             for p in self.procs:
                 base = reg.services[p.service].http_port
-                n = sum(1 for q in self.procs if q.service == p.service and q.name < p.name) if p.service == "collector" else 0
-                self.http_ports[p.name] = base + (100 + n if p.service == "collector" and n else 0)
+                if p.service == "collector":
+                    k += 1
+                    self.http_ports[p.name] = base if k == 1 else base + 100 + (k - 1)
+                else:
+                    self.http_ports[p.name] = base
 
     def _env(self, p: Proc) -> dict[str, str]:
         env = {
@@ -167,7 +171,8 @@ class Launcher:
     def _on_signal(self, *_: object) -> None:
         self.stopping = True
 
-    def stop_all(self, timeout: float = 10.0) -> None:
+    def stop_all(self, timeout: float = 60.0) -> None:
+        # generous: the trainer writes a final checkpoint and flushes its storage before it exits
         self.stopping = True
         alive = [p for p in self.procs if p.popen is not None and p.popen.poll() is None]
         # stop consumers before the broker so nobody logs reconnect noise while going down

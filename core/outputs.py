@@ -184,7 +184,8 @@ class OutputSpec:
     def balance_value(self, value: float, previous: float | None) -> float:
         """The number the balancer bins: the value itself, or for delta outputs the change."""
         if self.kind is OutputKind.DELTA:
-            return value - (previous if previous is not None else value)
+            # rounded as the trainer's targets are, so 0.3 - 0.2 lands in the exact 0.1 bin on both sides
+            return round(value - (previous if previous is not None else value), 6)
         return value
 
     def decode(self, raw: np.ndarray, previous: float = 0.0) -> float:

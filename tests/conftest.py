@@ -9,6 +9,9 @@ import threading
 import pytest
 
 os.environ.setdefault("CHARLES_HTTP_EPHEMERAL", "1")  # never collide with a running `make run`
+# One OpenMP thread per process: on a 2-core box spinning OpenMP workers of parallel test processes
+# (trainer, player, sim subprocesses) slow everything several-fold. Children inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def free_ports(n: int) -> list[int]:
