@@ -1,0 +1,631 @@
+"""``python -m charles.agents.capture``: the game PC's eyes — frames and telemetry from GTA V onto the bus.
+
+Per tick (30 Hz by default) it takes a picture of the game, resizes it to the model line's input, reads
+the car's telemetry from a mod speaking the DeepGTAV protocol (``charles.agents.deepgtav``) and who drives
+it (the mod's autopilot, or a person's pad), and publishes:
+
+* **collect** mode: a :class:`~charles.proto.Sample` on ``sample.<id>`` (labels: the driver's steering and
+  combined throttle/brake; speed; purpose; the history of the 60 ticks *before* this one; ``source`` npc or
+  human). Unstuck (``charles.sim.unstuck``, the same state machine as the sim collectors) watches the
+  position; when it says teleport, the agent rebuilds the mod's scenario at a new location. No samples
+  are sent while Unstuck recovers (the car is being moved, the labels mean nothing).
+* **play** mode: a :class:`~charles.proto.GameFrame` on ``game.<id>`` for the player, with speed,
+  position, heading, purpose and the controls the game applied.
+
+Pictures come from dxcam (``frames: dxcam``, paced by the monotonic clock: tick k is due at start + k/fps,
+missed ticks are skipped and counted) or from the mod itself (``frames: deepgtav``: one tick per frame the
+mod sends, at the rate we ask it for). Everything that touches Windows is in ``charles.agents.devices``.
+
+Threads: the main loop owns the bus sockets; the DeepGTAV feed thread owns the TCP connection to the mod
+and holds the newest frame+data pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import prometheus_client as prom
+from charles import config as config_mod
+from charles.agents.common import Pacer, agent_service, check_bus, load_agent_config, setup
+from charles.agents.deepgtav import DeepGtavFeed, GameMessage, Scenario, Telemetry, dataset
+from charles.agents.devices import (
+    WINDOWS,
+    DxcamGrabber,
+    Grabber,
+    PadReader,
+    find_window_region,
+    make_pad_reader,
+)
+from charles.config import knob
+from charles.proto import Frame, GameFrame, Sample
+from charles.proto.messages import HISTORY_FIELDS
+from charles.runtime import Service
+
+log = logging.getLogger("charles.capture_agent")
+
+SERVICE = "capture_agent"
+HTTP_PORT = 9110
+"""/metrics and /healthz on the game PC (not in the registry: the agents run outside compose and k8s)."""
+MAP_BOX = (-2500.0, 2500.0, -2000.0, 6000.0)
+"""x_min, x_max, y_min, y_max of random teleports: the box the DeepGTAV mod itself draws from."""
+MAX_WAIT_S = 0.1
+"""Longest blocking wait of the loop: SIGTERM only sets a flag."""
+
+
+@dataclass
+class CaptureSettings:
+    """The capture agent (game PC): what it captures, from where, and what it publishes."""
+
+    id: str = knob(
+        "capture-agent", "Agent id: topics sample.<id> / game.<id>, heartbeat.<id>; default CURVE key name"
+    )
+    mode: Literal["collect", "play"] = knob(
+        "collect", "collect: Samples for the balancer; play: GameFrames for the player"
+    )
+    driver: Literal["npc", "human"] = knob(
+        "npc", "Who drives (labels, Sample.source): the mod's autopilot, or a person's pad"
+    )
+    frames: Literal["dxcam", "deepgtav"] = knob(
+        "dxcam", "Pictures from dxcam screen capture, or the mod's own frames"
+    )
+    fps: float = knob(
+        30.0, "Tick rate (Hz); the mod is asked for frames and telemetry at this rate", min=1.0, max=240.0
+    )
+    width: int = knob(
+        0, "Model input width; 0 = the run's model line (fetched from the broker)", min=0, max=4096
+    )
+    height: int = knob(0, "Model input height; 0 = the run's model line", min=0, max=4096)
+    history_length: int = knob(
+        60, "History rows when width and height are given (else the model line's)", min=0, max=1024
+    )
+    codec: Literal["jpeg", "png", "raw"] = knob("jpeg", "Frame codec on the wire")
+    quality: int = knob(90, "JPEG quality", min=1, max=100)
+    region: list = knob(
+        [], "dxcam region [left, top, right, bottom] (screen pixels); empty = the game window"
+    )
+    window_title: str = knob(
+        "Grand Theft Auto V", "Window whose client area is captured when region is empty"
+    )
+    monitor: int = knob(0, "dxcam output (monitor) index", min=0)
+    dxcam_threaded: bool = knob(
+        False, "Use dxcam's capture thread (start/get_latest_frame) instead of grab per tick"
+    )
+    deepgtav: bool = knob(
+        True, "Connect to the DeepGTAV mod: telemetry, autopilot (npc) and Unstuck teleports"
+    )
+    deepgtav_host: str = knob("127.0.0.1", "Host of the mod's TCP server (the game PC itself)")
+    deepgtav_port: int = knob(8000, "Port of the mod's TCP server", min=1, max=65535)
+    deepgtav_frame: list = knob(
+        [], "Frame [w, h] asked of the mod; empty: the model input (frames=deepgtav) or 16x9 (dxcam)"
+    )
+    deepgtav_silence_s: float = knob(
+        10.0, "No data from the mod for this long: drop the connection and reconnect", min=0.5
+    )
+    backoff_max_s: float = knob(10.0, "Longest pause between reconnection attempts to the mod", min=0.1)
+    weather: str = knob(
+        "CLEAR", "DeepGTAV weather: CLEAR, EXTRASUNNY, CLOUDS, OVERCAST, RAIN, THUNDER, FOGGY, ..."
+    )
+    vehicle: str = knob("blista", "Vehicle model the mod spawns")
+    time_of_day: list = knob([12, 0], "[hour, minute] of game time at start")
+    location: list = knob([], "Start [x, y] in metres; empty: a spawn point (or the mod's random one)")
+    driving_mode: int = knob(
+        786603, "Autopilot driving-style flags for driver=npc in collect mode (others drive manual, -1)"
+    )
+    driving_speed: float = knob(15.0, "Autopilot cruise speed, m/s", min=0.0, max=100.0)
+    spawn_points: list = knob(
+        [], "Unstuck teleports to a random one of these [[x, y], ...]; empty: random in the map box"
+    )
+    seed: int = knob(0, "Seed of the teleport choices")
+    steering_sign: float = knob(
+        1.0, "Multiply the mod's steering by this (DeepGTAV: negative = left, like Charles)"
+    )
+    purpose_target: list = knob([], "[x, y] the purpose points at; empty: purpose (0, 0)")
+    telemetry_timeout_s: float = knob(
+        0.5, "Telemetry older than this: the tick is dropped (labels would be wrong)", min=0.01
+    )
+    unstuck: bool = knob(True, "Run Unstuck on the position and teleport through the mod when it says so")
+    unstuck_config: dict = knob(
+        {}, "UnstuckConfig fields to change (charles.sim.config), e.g. {window_s: 10}"
+    )
+    forward_pad: bool = knob(
+        True, "driver=human with the mod: send the pad as DeepGTAV commands (manual mode overrides the pad)"
+    )
+    pad_index: int = knob(0, "XInput user index of the physical pad", min=0, max=3)
+    pad_deadzone: float = knob(0.0, "Stick values below this count as 0 in human labels", min=0.0, max=0.9)
+    require_secure: bool = knob(True, "Refuse to start unless bus.secure (CURVE) is on")
+
+    def __post_init__(self) -> None:
+        if len(self.region) not in (0, 4):
+            raise ValueError("region must be [left, top, right, bottom]")
+        if len(self.deepgtav_frame) not in (0, 2):
+            raise ValueError("deepgtav_frame must be [width, height]")
+        if (self.width == 0) != (self.height == 0):
+            raise ValueError("give both width and height, or neither")
+        if self.frames == "deepgtav" and not self.deepgtav:
+            raise ValueError("frames=deepgtav needs deepgtav=true")
+        if self.driver == "npc" and not self.deepgtav:
+            raise ValueError("driver=npc takes its labels from the mod's autopilot: it needs deepgtav=true")
+        for name in ("location", "purpose_target"):
+            if len(getattr(self, name)) not in (0, 2):
+                raise ValueError(f"{name} must be [x, y] or empty")
+        if any(not isinstance(p, list | tuple) or len(p) != 2 for p in self.spawn_points):
+            raise ValueError("spawn_points must be a list of [x, y]")
+        from charles.sim.config import UnstuckConfig
+
+        try:
+            UnstuckConfig(**self.unstuck_config)
+        except TypeError as e:
+            raise ValueError(f"unstuck_config: {e}") from None
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the model line needs from each sample."""
+
+    width: int
+    height: int
+    history_length: int = 60
+    frames: int = 1
+    frame_stride: int = 1
+
+    @classmethod
+    def from_run_config(cls, served: dict) -> ModelInput:
+        from charles.sections import ModelSection
+
+        m = config_mod.from_dict(ModelSection, served.get("model") or {}, "model").resolve()
+        return cls(m.width, m.height, m.history_length, m.frames, m.frame_stride)
+
+
+def fetch_model_input(svc: Service, s: CaptureSettings) -> ModelInput | None:
+    """The model input from the settings, or from the run configuration the broker serves (retried)."""
+    if s.width and s.height:
+        return ModelInput(s.width, s.height, s.history_length)
+    delay = 0.5
+    warned = False
+    while svc.running:
+        try:
+            mi = ModelInput.from_run_config(svc.fetch_config(SERVICE))
+            log.info(
+                f"model input {mi.width}x{mi.height}, history {mi.history_length}, frames {mi.frames} (from the broker)"
+            )
+            return mi
+        except (TimeoutError, RuntimeError) as e:
+            if not warned:
+                log.warning(f"waiting for the run configuration from the broker ({e}); retrying")
+                warned = True
+            svc.status = "waiting"
+            svc.stop_event.wait(delay)
+            delay = min(10.0, delay * 2)
+    return None
+
+
+def _wrap(a: float) -> float:
+    return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+class MotionHeading:
+    """Heading (rad, counter-clockwise from +x) from how the car moved: the mod sends no heading."""
+
+    def __init__(self, min_move_m: float = 1.0, jump_m: float = 50.0):
+        self.min_move = min_move_m
+        self.jump = jump_m
+        self.anchor: tuple[float, float] | None = None
+        self.heading: float | None = None
+
+    def update(self, pos: tuple[float, ...] | None) -> float | None:
+        if pos is None:
+            return self.heading
+        if self.anchor is None:
+            self.anchor = (pos[0], pos[1])
+            return self.heading
+        dx, dy = pos[0] - self.anchor[0], pos[1] - self.anchor[1]
+        d = math.hypot(dx, dy)
+        if d > self.jump:  # a teleport: the old heading means nothing here
+            self.anchor, self.heading = (pos[0], pos[1]), None
+        elif d >= self.min_move:
+            self.heading = math.atan2(dy, dx)
+            self.anchor = (pos[0], pos[1])
+        return self.heading
+
+
+class CaptureAgent:
+    """The loop's logic, socket-free except for the publisher it is given (tests inject fakes)."""
+
+    def __init__(
+        self,
+        svc: Service,
+        s: CaptureSettings,
+        model: ModelInput,
+        *,
+        grabber: Grabber | None = None,
+        feed: DeepGtavFeed | None = None,
+        pad: PadReader | None = None,
+    ):
+        from charles.sim.config import UnstuckConfig
+        from charles.sim.unstuck import Unstuck
+
+        self.svc = svc
+        self.s = s
+        self.model = model
+        self.grabber = grabber
+        self.feed = feed
+        self.pad = pad
+        self.family = "sample" if s.mode == "collect" else "game"
+        self.topic = f"{self.family}.{s.id}"
+        self.pub = svc.publisher(self.family)
+        self.unstuck = Unstuck(UnstuckConfig(**s.unstuck_config)) if s.unstuck and feed is not None else None
+        self.rng = random.Random(s.seed)
+        self.heading = MotionHeading()
+        self.history = np.zeros((model.history_length, len(HISTORY_FIELDS)), np.float32)
+        self.previous: tuple[float, float] | None = None
+        self.past: deque[Frame] = deque(maxlen=max(0, (model.frames - 1) * model.frame_stride))
+        self.seq = 0
+        self.frames = 0
+        self.t0: float | None = None
+        self.pacer = Pacer(s.fps) if s.frames == "dxcam" else None
+        self._last_img: np.ndarray | None = None
+        self._stale: bool | None = None
+        self._missed = 0
+        r = svc.metrics.registry
+        self.m_frames = prom.Counter("charles_agent_frames_total", "Frames taken from the game", registry=r)
+        self.m_sent = prom.Counter(
+            "charles_agent_sent_total", "Samples or game frames published", ["kind"], registry=r
+        )
+        self.m_unstucks = prom.Counter(
+            "charles_agent_unstucks_total", "Teleports asked of the mod by Unstuck", registry=r
+        )
+        self.m_missed = prom.Counter(
+            "charles_agent_missed_ticks_total", "Ticks skipped because the loop ran late", registry=r
+        )
+        self.m_mod = prom.Counter(
+            "charles_agent_deepgtav_events_total", "DeepGTAV connection events", ["event"], registry=r
+        )
+        self.m_latency = prom.Histogram(
+            "charles_agent_capture_latency_seconds",
+            "From the frame's capture to its publication",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.033, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        if feed is not None:
+            feed.on_event = self._on_mod_event
+
+    # -- ticks -------------------------------------------------------------------------------------------
+
+    def _on_mod_event(self, event: str) -> None:
+        self.m_mod.labels(event).inc()
+        if event == "bad_frame":
+            w, h = self.feed.frame_size if self.feed else (0, 0)
+            self.svc.reject(
+                "deepgtav_frame_size", f"the mod sent a frame that is not {w}x{h} (row-padded BGR)"
+            )
+        elif event == "skipped":
+            self.svc.metrics.drops.labels(cause="deepgtav_overwritten").inc()
+
+    def next_tick(self) -> tuple[float, np.ndarray, GameMessage | None] | None:
+        """(capture time, RGB picture, newest telemetry) of the next tick, or None (nothing this time)."""
+        if self.s.frames == "deepgtav":
+            assert self.feed is not None
+            msg = self.feed.next(MAX_WAIT_S)
+            if msg is None or msg.frame is None:
+                return None
+            return msg.received, msg.frame, msg
+        assert self.pacer is not None and self.grabber is not None
+        _, due = self.pacer.wait()
+        if self.pacer.missed != self._missed:
+            self.m_missed.inc(self.pacer.missed - self._missed)
+            self._missed = self.pacer.missed
+        img = self.grabber.grab()
+        if img is None:  # dxcam: the screen has not changed since the last grab
+            img = self._last_img
+            if img is None:
+                return None
+        self._last_img = img
+        return due, img, self.feed.latest() if self.feed is not None else None
+
+    def _set_stale(self, stale: bool, why: str = "") -> None:
+        if stale != self._stale:
+            self._stale = stale
+            if stale:
+                log.warning(f"no fresh telemetry ({why}); not publishing until it returns")
+                self.svc.status = "waiting"
+            else:
+                log.info("telemetry flowing; publishing")
+                self.svc.status = "ok"
+
+    def _next_spawn(self) -> list[float]:
+        if self.s.spawn_points:
+            p = self.rng.choice(self.s.spawn_points)
+            return [float(p[0]), float(p[1])]
+        x0, x1, y0, y1 = MAP_BOX
+        return [self.rng.uniform(x0, x1), self.rng.uniform(y0, y1)]
+
+    def _purpose(self, pos: tuple[float, ...] | None, heading: float | None) -> tuple[float, float]:
+        tgt = self.s.purpose_target
+        if not tgt or pos is None:
+            return 0.0, 0.0
+        dx, dy = tgt[0] - pos[0], tgt[1] - pos[1]
+        dist = min(1e7, math.hypot(dx, dy))
+        angle = 0.0 if heading is None else _wrap(math.atan2(dy, dx) - heading)
+        return angle, dist
+
+    def process(self, t: float, img: np.ndarray, msg: GameMessage | None) -> bool:
+        """One tick: labels, Unstuck, publish, history. True if something was published."""
+        self.frames += 1
+        self.m_frames.inc()
+        tele: Telemetry | None = None
+        if self.feed is not None:
+            if msg is None:
+                self._set_stale(True, f"DeepGTAV {self.feed.state}")
+                return False
+            if t - msg.received > self.s.telemetry_timeout_s:
+                self._set_stale(True, f"newest data is {t - msg.received:.1f}s old")
+                self.svc.metrics.drops.labels(cause="telemetry_stale").inc()
+                return False
+            tele = msg.telemetry
+        self._set_stale(False)
+        if self.t0 is None:
+            self.t0 = t
+        game_time = max(0.0, t - self.t0)
+
+        if self.s.driver == "human":
+            assert self.pad is not None
+            ps = self.pad.read()
+            controls = (max(-1.0, min(1.0, ps.steering)), ps.throttle_brake)
+            if self.feed is not None and self.s.forward_pad:
+                self.feed.commands(ps.throttle, ps.brake, ps.steering)
+        else:
+            controls = tele.controls if tele is not None else None
+            if controls is None and self.s.mode == "collect":
+                self.svc.reject("missing_telemetry", "the mod's data lacks throttle, brake or steering")
+                return False
+        speed = 0.0 if tele is None or tele.speed is None else min(200.0, max(0.0, tele.speed))
+        pos = tele.location if tele is not None else None
+        heading = self.heading.update(pos)
+        purpose = self._purpose(pos, heading)
+
+        driving = True
+        if self.unstuck is not None:
+            step = self.unstuck.update(
+                game_time, position=pos[:2] if pos else None, speed=None if pos else speed
+            )
+            driving = step.driving
+            if step.teleport:
+                where = self._next_spawn()
+                log.info(f"unstuck #{self.unstuck.unstucks}: the car made no progress; teleporting")
+                self.m_unstucks.inc()
+                self.feed.teleport(where)  # type: ignore[union-attr]
+                self.heading = MotionHeading()
+
+        frame = None
+        if self.past.maxlen or self.s.mode == "play" or driving:
+            h, w = img.shape[:2]
+            small = (
+                img
+                if (w, h) == (self.model.width, self.model.height)
+                else cv2.resize(img, (self.model.width, self.model.height), interpolation=cv2.INTER_AREA)
+            )
+            frame = Frame.encode(np.ascontiguousarray(small), self.s.codec, self.s.quality)
+
+        sent = False
+        if self.s.mode == "play":
+            assert frame is not None
+            msg_out = GameFrame(
+                source=self.s.id,
+                seq=self.seq,
+                game_time=game_time,
+                frame=frame,
+                speed=speed,
+                position=pos,
+                heading=heading,
+                purpose=purpose,
+                controls=controls,
+            )
+            sent = True
+        elif driving:
+            assert frame is not None
+            assert controls is not None
+            msg_out = Sample(
+                collector=self.s.id,
+                seq=self.seq,
+                game_time=game_time,
+                frame=frame,
+                steering=controls[0],
+                throttle_brake=controls[1],
+                speed=speed,
+                purpose=purpose,
+                history=self.history.copy() if len(self.history) else None,
+                stack=self._stack(frame),
+                previous=self.previous,
+                source=self.s.driver,
+            )
+            sent = True
+        if sent:
+            self.pub.send(self.topic, msg_out)
+            self.seq += 1
+            self.m_sent.labels(self.family).inc()
+            self.m_latency.observe(max(0.0, time.monotonic() - t))
+
+        # the history and the stack describe the past: they take this tick only after it was sent
+        if len(self.history):
+            st, tb = controls or (0.0, 0.0)
+            self.history[:-1] = self.history[1:]
+            self.history[-1] = (st, tb, speed, purpose[0], purpose[1])
+        self.previous = controls
+        if self.past.maxlen and frame is not None:
+            self.past.append(frame)
+        return sent
+
+    def _stack(self, current: Frame) -> list[Frame]:
+        """frames-1 past frames, frame_stride apart, oldest first (the oldest repeats until there are enough)."""
+        n, k = self.model.frames - 1, self.model.frame_stride
+        if n <= 0:
+            return []
+        past = list(self.past)
+        out = []
+        for i in range(n, 0, -1):
+            j = len(past) - i * k
+            out.append(past[max(0, j)] if past else current)
+        return out
+
+    def run(self) -> None:
+        # 30Hz <- dxcam grab (or the mod's frames) + DeepGTAV telemetry -> sample.<id> | game.<id>
+        log.info(
+            f"{self.s.mode} mode as {self.s.id!r}: {self.s.driver} driving, frames from {self.s.frames}, "
+            f"{self.model.width}x{self.model.height} -> {self.topic}"
+        )
+        self.svc.ready()
+        while self.svc.running:
+            tick = self.next_tick()
+            if tick is not None:
+                self.process(*tick)
+            elif self.feed is not None and self.feed.state != "connected":
+                self._set_stale(True, f"DeepGTAV {self.feed.state}")
+            self.svc.info.update(
+                frames=self.frames,
+                sent=self.seq,
+                deepgtav=self.feed.state if self.feed else "off",
+                unstucks=self.unstuck.unstucks if self.unstuck else 0,
+            )
+
+    def close(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
+        if self.grabber is not None:
+            self.grabber.close()
+        if self.pad is not None:
+            self.pad.close()
+
+
+def make_feed(s: CaptureSettings, model: ModelInput) -> DeepGtavFeed:
+    if s.deepgtav_frame:
+        frame = (int(s.deepgtav_frame[0]), int(s.deepgtav_frame[1]))
+    elif s.frames == "deepgtav":
+        frame = (model.width, model.height)
+    else:
+        frame = (16, 9)  # dxcam takes the pictures: ask the mod for the smallest useful one
+    autopilot = s.driver == "npc" and s.mode == "collect"
+    location = s.location or (s.spawn_points[0] if s.spawn_points else None)
+    scenario = Scenario(
+        location=[float(v) for v in location] if location else None,
+        time=list(s.time_of_day) if s.time_of_day else None,
+        weather=s.weather or None,
+        vehicle=s.vehicle or None,
+        driving_mode=s.driving_mode if autopilot else -1,
+        driving_speed=s.driving_speed,
+    )
+    return DeepGtavFeed(
+        s.deepgtav_host,
+        s.deepgtav_port,
+        scenario,
+        dataset(s.fps, frame),
+        steering_sign=s.steering_sign,
+        silence_s=s.deepgtav_silence_s,
+        backoff_max_s=s.backoff_max_s,
+    )
+
+
+def wait_for_window(svc: Service, title: str, every_s: float = 2.0) -> tuple[int, int, int, int] | None:
+    """The game window's client area, waiting for the game to start (None if stopped meanwhile)."""
+    warned = False
+    while svc.running:
+        try:
+            region = find_window_region(title)
+            log.info(f"capturing window {title!r} at {region}")
+            return region
+        except OSError as e:
+            if not WINDOWS:
+                raise
+            if not warned:
+                log.warning(f"{e}; waiting for it")
+                warned = True
+            svc.status = "waiting"
+            svc.stop_event.wait(every_s)
+    return None
+
+
+def build(
+    svc: Service, s: CaptureSettings, *, grabber: Grabber | None = None, pad: PadReader | None = None
+) -> CaptureAgent | None:
+    """Wire the agent: model input (settings or broker), the mod's feed, the grabber, the pad."""
+    model = fetch_model_input(svc, s)
+    if model is None:
+        return None
+    if s.frames == "dxcam" and grabber is None:
+        region = tuple(s.region) if s.region else wait_for_window(svc, s.window_title)
+        if region is None:
+            return None
+        grabber = DxcamGrabber(region, s.monitor, s.fps, s.dxcam_threaded)  # type: ignore[arg-type]
+    feed = make_feed(s, model).start() if s.deepgtav else None
+    if s.driver == "human" and pad is None:
+        pad = make_pad_reader(s.pad_index, s.pad_deadzone)
+    return CaptureAgent(svc, s, model, grabber=grabber, feed=feed, pad=pad)
+
+
+def main(
+    argv: list[str] | None = None, *, grabber: Grabber | None = None, pad: PadReader | None = None
+) -> int:
+    ap = argparse.ArgumentParser(prog="charles-capture-agent", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--config", help="YAML with bus/service sections and a capture section (default: $CHARLES_CONFIG)"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a setting (capture.fps=20, bus.host=...)",
+    )
+    ap.add_argument("--id", help="agent id (capture.id)")
+    ap.add_argument("--mode", choices=["collect", "play"], help="capture.mode")
+    ap.add_argument("--driver", choices=["npc", "human"], help="capture.driver")
+    ap.add_argument("--frames", choices=["dxcam", "deepgtav"], help="capture.frames")
+    ap.add_argument("--width", type=int, help="capture.width (model input; default from the broker)")
+    ap.add_argument("--height", type=int, help="capture.height")
+    ap.add_argument("--broker", help="broker host (bus.host)")
+    args = ap.parse_args(argv)
+    sets = list(args.set)
+    for name in ("id", "mode", "driver", "frames", "width", "height"):
+        if getattr(args, name) is not None:
+            sets.append(f"capture.{name}={getattr(args, name)}")
+    if args.broker:
+        sets.append(f"bus.host={args.broker}")
+    try:
+        cfg, s = load_agent_config("capture", CaptureSettings, args.config, sets)
+        check_bus(cfg, s.require_secure, s.id)
+    except (ValueError, OSError) as e:
+        print(f"charles-capture-agent: configuration error: {e}", file=sys.stderr)
+        return 2
+    setup(cfg)
+    svc = agent_service(SERVICE, cfg, s.id, HTTP_PORT)
+    agent = None
+    try:
+        svc.start_heartbeat()
+        agent = build(svc, s, grabber=grabber, pad=pad)
+        if agent is not None:
+            agent.run()
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ImportError) as e:  # no dxcam / XInput / window: say so, not a traceback
+        log.error(
+            f"cannot capture: {e} (dxcam and XInput come with the Windows-only agents extra: pip install -e '.[agents]')"
+        )
+        return 1
+    finally:
+        if agent is not None:
+            agent.close()
+        svc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
