@@ -43,6 +43,12 @@ register_section("model", ModelSection)
 # section name -> "module:DataclassName" of the sections kept beside their service's logic.
 _SECTIONS: dict[str, str] = {
     "balancer": "charles.balancer.config:BalancerConfig",
+    "trainer": "charles.trainer.config:TrainerConfig",
+    "collector": "charles.collector.config:CollectorConfig",
+    "sim": "charles.sim.config:SimConfig",
+    "npc": "charles.sim.config:NpcConfig",
+    "unstuck": "charles.sim.config:UnstuckConfig",
+    "player": "charles.player.config:PlayerConfig",
 }
 
 for _name, _target in _SECTIONS.items():

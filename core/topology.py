@@ -165,6 +165,8 @@ METRICS: dict[str, Metric] = {
         Metric("charles_collector_samples_total", "counter", (), "collector"),
         Metric("charles_collector_unstucks_total", "counter", (), "collector"),
         Metric("charles_collector_frame_seconds", "histogram", (), "collector"),
+        Metric("charles_collector_jitter_seconds", "histogram", (), "collector"),
+        Metric("charles_collector_encode_seconds", "histogram", (), "collector"),
         Metric("charles_balancer_samples_accepted_total", "counter", (), "balancer"),
         Metric("charles_balancer_sets_total", "counter", ("group", "outcome"), "balancer"),
         Metric("charles_balancer_bin_fill", "gauge", ("group", "output", "bin"), "balancer"),

@@ -1,0 +1,67 @@
+"""The collector's section of the run configuration (``collector:``); every field documents itself.
+
+What a sample *looks like* (resolution, stacked frames, history length) is not here: it follows the
+``model`` section, so collectors always feed exactly the model line the run trains (the sim renders its
+hood camera at the model's width and height; ``sim.hood_width``/``hood_height`` are replaced). The sim,
+its NPC and Unstuck have their own sections (``sim``, ``npc``, ``unstuck``; see charles.sim.config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from charles.config import ConfigError, knob
+
+CODECS = ("jpeg", "png", "raw")
+
+
+@dataclass
+class CollectorConfig:
+    """A data collector: where its driving comes from and how its samples travel."""
+
+    source: str = knob(
+        "sim",
+        "sim (the built-in sim), game:<source id> (GameFrames with controls from a capture agent on "
+        "game.<source id>) or gym:<env id> (a Gymnasium env driven by collector.expert)",
+    )
+    expert: str = knob(
+        "charles.sim.gym_env:npc_expert",
+        "gym source: module:callable factory, called with the env, returning act(obs, info) -> action",
+    )
+    gym_kwargs: dict = knob({}, "gym source: keyword arguments for gymnasium.make (e.g. {max_steps: 600})")
+    codec: Literal["jpeg", "png", "raw"] = knob(
+        "jpeg", "Frame codec on the wire: jpeg (small), png or raw (lossless)"
+    )
+    quality: int = knob(
+        90, "JPEG quality; 90 keeps lane marks crisp at ~15 KB per 160x90 frame", min=1, max=100
+    )
+    history_rows: int = knob(
+        60,
+        "History rows every sample carries (the frames before it); the model's history_length wins when "
+        "longer. Sent even when the model reads none: 1.2 KB a sample, and a history line can train on it",
+        min=0,
+        max=1024,
+    )
+    realtime: bool = knob(
+        False,
+        "sim/gym: pace game time to the wall clock (30 samples/s); false runs as fast as the CPU allows",
+    )
+    look: Literal["seed", "config"] = knob(
+        "seed",
+        "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "
+        "replicas); config uses sim.weather, sim.time_of_day and sim.car_color as set",
+    )
+    send_queue: int = knob(
+        64, "Samples waiting for the sender thread; past it new samples are dropped and counted", min=1
+    )
+    linger_s: float = knob(1.0, "On SIGTERM: how long queued samples may take to leave", min=0.0, max=30.0)
+    console_s: float = knob(1.0, "Seconds between console.<id> updates for the viewer", min=0.1)
+
+    def __post_init__(self) -> None:
+        kind, _, arg = self.source.partition(":")
+        if kind == "sim" and not arg:
+            return
+        if kind in ("game", "gym") and arg:
+            return
+        raise ConfigError(f"collector.source: {self.source!r} is not sim, game:<source id> or gym:<env id>")

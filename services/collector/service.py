@@ -1,0 +1,328 @@
+"""The collector process around the socket-free parts: a source, the SampleBuilder, the Sender.
+
+At start the collector acquires the run configuration from the broker (:func:`acquire_config`): its
+``model`` section says what a sample must look like (resolution, stacked frames, history), the
+``collector``, ``sim``, ``npc`` and ``unstuck`` sections how to drive. Then one loop:
+
+    # 30 Hz of game time <- source (sim/gym: as fast as the CPU allows, or the wall clock with
+    #                                collector.realtime; game: as GameFrames arrive on game.<source>)
+    #                    -> sample.<id> (sender thread)
+
+Threads: the loop owns the source and the builder; the sender thread owns the sample socket and does the
+encoding; the heartbeat thread reads ``svc.info`` (replaced, never mutated). On SIGTERM the loop ends, the
+sender sends what is queued, and the socket lingers ``collector.linger_s`` for it to leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import prometheus_client as prom
+from charles import config as config_mod
+from charles.collector.capture import TICK_HZ, Capture, SampleBuilder, SampleShape, Source
+from charles.collector.config import CollectorConfig
+from charles.collector.sender import Encoder, Sender
+from charles.proto import Console, Sample
+from charles.runtime import Publisher, Service
+
+LOCAL_SECTIONS = ("bus", "service", "broker")
+"""This process's own facts (how it reaches the broker, where it serves /metrics): never the broker's."""
+FETCH_SLICE_S = 0.5
+"""A configuration request waits at most this long before looking at SIGTERM again."""
+MAX_IDLE_WAIT_S = 0.1
+"""Longest wait for a remote game's frame: SIGTERM only sets a flag, so the loop looks at it this often."""
+BEHIND_S = 0.5
+"""realtime: a loop this far behind its schedule starts a fresh one instead of bursting to catch up."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def acquire_config(svc: Service, role: str = "collector") -> dict | None:
+    """The run configuration from the broker; retries until it comes. None when stopped while waiting.
+
+    Each try waits up to ``bus.connect_timeout_s`` (in short requests, so SIGTERM is noticed within half a
+    second); every failed try is logged with where we looked.
+    """
+    svc.status = "waiting"
+    tries = 0
+    while svc.running:
+        tries += 1
+        deadline = time.monotonic() + svc.cfg.bus.connect_timeout_s
+        error: Exception | None = None
+        while svc.running and time.monotonic() < deadline:
+            try:
+                return svc.fetch_config(
+                    role, timeout_s=min(FETCH_SLICE_S, max(0.05, deadline - time.monotonic()))
+                )
+            except TimeoutError as e:
+                error = e
+            except RuntimeError as e:  # the broker answered but refused: worth a pause, not a spin
+                error = e
+                svc.stop_event.wait(1.0)
+        if svc.running:
+            svc.log.warning(
+                f"no run configuration from the broker at {svc.endpoints['control']} after "
+                f"{svc.cfg.bus.connect_timeout_s:g}s (try {tries}: {error}); still trying"
+            )
+    return None
+
+
+def run_config(
+    local: config_mod.Config,
+    served: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> config_mod.Config:
+    """The broker's configuration, with what is this process's own on top.
+
+    The broker's sections are the run's truth (every collector feeds the same model line). This process
+    keeps its own ``bus``, ``service`` and ``broker`` sections, and its environment (``CHARLES__*``) and
+    command line (``--set``) win over the broker: they are explicit per-process choices.
+    """
+    known = {f.name for f in dataclasses.fields(config_mod.RunConfig)} | set(config_mod.SECTIONS)
+    data = {k: v for k, v in served.items() if k in known and k not in LOCAL_SECTIONS}
+    mine = local.to_dict()
+    data.update({k: mine[k] for k in LOCAL_SECTIONS})
+    env = dict(os.environ if environ is None else environ)
+    env.pop("CHARLES_CONFIG", None)  # the file was read for `local`; the broker's values replace it
+    return config_mod.load(None, environ=env, overrides=overrides, data=data)
+
+
+def sample_shape(cfg: config_mod.Config) -> SampleShape:
+    return SampleShape.of(cfg.model.resolve(), cfg.collector.history_rows)
+
+
+def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
+    """The source ``collector.source`` names, shaped by the model section."""
+    from charles.collector import sources
+
+    c: CollectorConfig = cfg.collector
+    kind, _, arg = c.source.partition(":")
+    shape = sample_shape(cfg)
+    if kind == "game":
+        sub = svc.subscriber([f"game.{arg}"], late_join=False)
+        return sources.GameSource(arg, sub, svc.reject)
+    if kind == "gym":
+        return sources.GymSource(arg, c.expert, seed, c.gym_kwargs)
+    return sources.SimSource(
+        seed,
+        shape.width,
+        shape.height,
+        cfg.sim,
+        cfg.npc,
+        cfg.unstuck,
+        look=c.look,
+        render_idle=shape.frames > 1,
+    )
+
+
+def serve(
+    svc: Service,
+    local: config_mod.Config,
+    overrides: Sequence[str] = (),
+    seed: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
+    """The whole life of a collector process: configuration from the broker, the source, the loop.
+
+    ``seed`` None derives the replica's sim seed from its id and ``sim.seed``.
+    """
+    from charles.collector.sources import replica_seed
+
+    served = acquire_config(svc, "collector")
+    if served is None:
+        return  # stopped while waiting
+    try:
+        cfg = run_config(local, served, overrides, environ)
+    except ValueError as e:
+        svc.log.error(f"the run configuration does not fit this collector: {e}")
+        raise SystemExit(2) from None
+    seed = replica_seed(svc.instance, cfg.sim.seed) if seed is None else seed
+    svc.log.info(
+        f"run configuration from the broker: model {cfg.model.preset}, source {cfg.collector.source}, seed {seed}"
+    )
+    source = make_source(cfg, svc, seed)
+    CollectorService(svc, cfg, source).run()
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+
+class CollectorService:
+    """One collector replica: ``step`` is one tick; ``run`` loops until SIGTERM, then flushes.
+
+    ``pub`` may be injected (tests: a slow bus); by default it is the service's own sample publisher.
+    """
+
+    def __init__(self, svc: Service, cfg: config_mod.Config, source: Source, pub: Any = None):
+        self.svc = svc
+        self.cfg = cfg
+        self.config: CollectorConfig = cfg.collector
+        self.source = source
+        self.shape = sample_shape(cfg)
+        self.builder = SampleBuilder(self.shape)
+        self.topic = f"sample.{svc.instance}"
+        self.pub = pub if pub is not None else svc.publisher("sample")
+        self.console_pub = svc.publisher("console")
+        self.encoder = Encoder(svc.instance, self.shape, self.config.codec, self.config.quality)
+
+        r = svc.metrics.registry
+        self.m_samples = prom.Counter(
+            "charles_collector_samples_total", "Samples sent to the bus", registry=r
+        )
+        self.m_unstucks = prom.Counter("charles_collector_unstucks_total", "Unstuck teleports", registry=r)
+        self.m_frame = prom.Histogram(
+            "charles_collector_frame_seconds",
+            "Capture work per tick (observe, act, step, queue); a 30 Hz game leaves 0.033 s",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.033, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.m_jitter = prom.Histogram(
+            "charles_collector_jitter_seconds",
+            "realtime: how late each tick started against its 30 Hz schedule",
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.033, 0.1),
+            registry=r,
+        )
+        self.m_encode = prom.Histogram(
+            "charles_collector_encode_seconds",
+            "Sender thread: fitting and encoding one sample's frames",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
+            registry=r,
+        )
+        self._drop_queue = svc.metrics.drops.labels(cause="send_queue")
+        self.hwm_drops = 0
+        self.sender = Sender(
+            self.encoder,
+            self._publish,
+            self.config.send_queue,
+            on_drop=self._drop_queue.inc,
+            on_sent=self._sent,
+        )
+        self.ticks = 0
+        self.unstucks = 0
+        self.metres = 0.0
+        self._due: float | None = None
+        self._next_refresh = 0.0
+        self._last_refresh: tuple[float, int] | None = None
+        self.sps = 0.0
+
+    # -- the sender thread's side ----------------------------------------------------------------------------
+
+    def _publish(self, sample: Sample) -> bool:
+        ok = self.pub.send(self.topic, sample)  # never blocks; a drop at the high-water mark is counted
+        if not ok:
+            self.hwm_drops += 1
+        return ok
+
+    def _sent(self, sample: Sample, encode_s: float) -> None:
+        self.m_samples.inc()
+        self.m_encode.observe(encode_s)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until SIGTERM (``svc.stop``); then send what is queued and close."""
+        self.sender.start()
+        self.svc.ready()
+        self.svc.log.info(
+            f"collecting from {self.source.name} as {self.topic}: {self.shape.width}x{self.shape.height}, "
+            f"{self.shape.frames} frame(s) every {self.shape.frame_stride}, {self.shape.history_rows} history rows, "
+            f"{self.config.codec}"
+            + (" q" + str(self.config.quality) if self.config.codec == "jpeg" else "")
+            + (", real time" if self.config.realtime and not self.source.paced else "")
+        )
+        try:
+            while self.svc.running:
+                self.step()
+        finally:
+            self.shutdown()
+
+    def step(self) -> Capture | None:
+        """One tick: wait for its time (realtime), capture, build, queue."""
+        if self.config.realtime and not self.source.paced:
+            self._pace()
+            if not self.svc.running:
+                return None
+        t0 = time.perf_counter()
+        cap = self.source.next(MAX_IDLE_WAIT_S)
+        if cap is not None:
+            self.ticks += 1
+            pending = self.builder.push(cap)
+            if pending is not None:
+                self.sender.offer(pending)  # never blocks: a full queue drops and counts
+            self.metres += cap.distance_m
+            if cap.unstuck:
+                self.unstucks += 1
+                self.m_unstucks.inc()
+            self.m_frame.observe(time.perf_counter() - t0)
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self.refresh(now)
+        return cap
+
+    def _pace(self) -> None:
+        """Sleep until this tick's slot on a 30 Hz wall-clock grid; record how late it starts."""
+        now = time.monotonic()
+        if self._due is None or now - self._due > BEHIND_S:
+            self._due = now
+        wait = self._due - now
+        if wait > 0:
+            self.svc.stop_event.wait(wait)
+            now = time.monotonic()
+        self.m_jitter.observe(max(0.0, now - self._due))
+        self._due += 1.0 / TICK_HZ
+
+    # -- what people see -------------------------------------------------------------------------------------
+
+    @property
+    def drops(self) -> int:
+        return self.sender.dropped + self.hwm_drops + self.sender.failed
+
+    def state(self) -> dict[str, Any]:
+        """Heartbeat info and console state (the launcher shows samples, sps, unstucks, km, drops)."""
+        return {
+            "samples": self.sender.sent,
+            "sps": round(self.sps, 1),
+            "unstucks": self.unstucks,
+            "km": round(self.metres / 1000.0, 3),
+            "drops": self.drops,
+            "source": self.source.name,
+            "resolution": f"{self.shape.width}x{self.shape.height}",
+            "frames": self.shape.frames,
+            "queued": self.sender.queue.qsize(),
+            **{k: v for k, v in self.source.info().items() if k != "unstucks"},
+        }
+
+    def refresh(self, now: float) -> dict[str, Any]:
+        """~1 Hz: samples/s over the last window, heartbeat info, console."""
+        self._next_refresh = now + self.config.console_s
+        sent = self.sender.sent
+        if self._last_refresh is not None:
+            t, n = self._last_refresh
+            if now > t:
+                self.sps = (sent - n) / (now - t)
+        self._last_refresh = (now, sent)
+        state = self.state()
+        self.svc.info = state  # a new dict, never mutated: the heartbeat thread reads it
+        self.console_pub.send(f"console.{self.svc.instance}", Console("collector", state))
+        return state
+
+    def shutdown(self) -> None:
+        """Send what is queued, let it leave (``collector.linger_s``), count what could not."""
+        left = self.sender.close(timeout_s=max(1.0, self.config.linger_s))
+        if left:
+            self.svc.metrics.drops.labels(cause="shutdown").inc(left)
+        self.refresh(time.monotonic())
+        try:
+            self.source.close()
+        except Exception:  # noqa: BLE001 - a source that fails to close must not block the shutdown
+            self.svc.log.exception(f"closing {self.source.name} failed")
+        # Service.close closes every socket with linger 0, which would discard samples still queued here.
+        if isinstance(self.pub, Publisher) and not self.sender.alive:
+            self.pub.close(self.config.linger_s)
+        self.svc.log.info(f"sent {self.sender.sent} samples ({self.drops} dropped, {left} left at shutdown)")

@@ -1,0 +1,296 @@
+"""Where a collector's driving comes from: the built-in sim, a remote game, any Gymnasium environment.
+
+Each is a :class:`~charles.collector.capture.Source`: one :class:`Capture` per 30 Hz tick of game time.
+
+- :class:`SimSource` drives a SimWorld with the NPC through a DriveSession (Unstuck built in). The label
+  is the NPC's corrective action, the car executes the noisy one (noise injection: recovery data).
+- :class:`GameSource` turns ``game.<source>`` GameFrames from a capture agent into captures; the label is
+  the controls the game's driver applied (its NPC or a human's pad). The game keeps its own clock; ticks
+  closer than one 30 Hz step of game time are skipped (a 60 FPS agent gives 30 samples/s, not 60).
+- :class:`GymSource` steps any Gymnasium env with image observations and a continuous action space,
+  driven by an expert (``module:callable`` factory, called with the env, returning ``act(obs, info)``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from charles.collector.capture import TICK_HZ, Capture
+from charles.proto import GameFrame
+from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
+
+WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
+"""How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""
+HOURS = (5.5, 21.5)
+"""Range of the hour drawn per replica: dawn to late evening (a few night frames, mostly daylight)."""
+
+
+def replica_seed(instance: str, base: int = 0) -> int:
+    """A replica's sim seed when none is given: stable per id (compose: the container host name)."""
+    return (base + zlib.crc32(instance.encode())) % 2**31
+
+
+def seeded_look(seed: int) -> dict[str, Any]:
+    """Weather, hour and car colour for a replica, drawn from its seed (domain variety across replicas)."""
+    from charles.sim.world import CAR_COLORS
+
+    rng = random.Random(seed * 7919 + 17)
+    weathers = [w for w in WEATHERS if w in WEATHER_MIX]
+    weather = rng.choices(weathers, [WEATHER_MIX[w] for w in weathers])[0]
+    return {
+        "weather": weather,
+        "time_of_day": round(rng.uniform(*HOURS), 2),
+        "car_color": tuple(CAR_COLORS[rng.randrange(len(CAR_COLORS))]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- sim
+
+
+class SimSource:
+    """The built-in sim with the NPC driving and Unstuck watching."""
+
+    paced = False
+
+    def __init__(
+        self,
+        seed: int,
+        width: int,
+        height: int,
+        sim: SimConfig | None = None,
+        npc: NpcConfig | None = None,
+        unstuck: UnstuckConfig | None = None,
+        look: str = "seed",
+        render_idle: bool = False,
+        history_len: int = 0,
+    ):
+        from charles.sim.npc import Npc
+        from charles.sim.session import DriveSession
+        from charles.sim.world import SimWorld
+
+        sim = sim or SimConfig()
+        changes: dict[str, Any] = {"seed": seed, "hood_width": width, "hood_height": height}
+        if look == "seed":
+            changes.update(seeded_look(seed))
+        self.sim_cfg = replace(sim, **changes)
+        self.world = SimWorld(self.sim_cfg)
+        self.npc = Npc(self.world, cfg=npc or NpcConfig())
+        # The history samples carry is the SampleBuilder's; history_len > 0 keeps the session's own record
+        # of the same rows too (the tests compare the two).
+        self.session = DriveSession(self.world, unstuck or UnstuckConfig(), history_len=history_len)
+        self.session.teleport_hooks.append(self.npc.reset)
+        self.render_idle = render_idle
+        """Render frames Unstuck fades too (a stacked model sees them in its past frames)."""
+        self.name = "sim"
+        self.seed = seed
+
+    @property
+    def unstucks(self) -> int:
+        return self.session.unstuck.unstucks
+
+    def next(self, timeout_s: float = 0.0) -> Capture:
+        obs = self.session.observe(frame=False)
+        driving = obs.driving
+        image = self.world.hood_frame(fade=obs.unstuck.fade) if driving or self.render_idle else None
+        if driving:
+            label, executed = self.npc.act()
+        else:
+            label = executed = (0.0, -1.0)  # the session brakes whatever it is given
+        tick = self.session.step(executed)
+        return Capture(
+            game_time=obs.game_time,
+            image=image,
+            label=label,
+            executed=tick.action,
+            speed=obs.speed,
+            purpose=obs.purpose,
+            driving=driving,
+            source="npc",
+            distance_m=tick.info.distance_m if driving else 0.0,
+            unstuck=tick.teleported,
+        )
+
+    def info(self) -> dict:
+        c = self.sim_cfg
+        return {"seed": self.seed, "weather": c.weather, "hour": c.time_of_day, "unstucks": self.unstucks}
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- remote game
+
+
+class GameSource:
+    """GameFrames with controls from a capture agent (``game.<source id>``) as captures.
+
+    ``sub`` is a charles.runtime.Subscriber on ``game.<source id>``; ``reject(reason, detail)`` counts what
+    is refused (a frame without controls cannot be labelled).
+    """
+
+    paced = True
+
+    def __init__(self, source_id: str, sub: Any, reject: Any = None):
+        self.name = f"game:{source_id}"
+        self.sub = sub
+        self.reject = reject or (lambda reason, detail: None)
+        self.t0: float | None = None
+        self.last_tick: int | None = None
+        self.skipped = 0
+        """GameFrames dropped because they came closer than one 30 Hz step of game time."""
+        self.frames = 0
+
+    def next(self, timeout_s: float) -> Capture | None:
+        env = self.sub.recv(int(timeout_s * 1000))
+        if env is None:
+            return None
+        g: GameFrame = env.msg
+        self.frames += 1
+        if g.controls is None:
+            self.reject(
+                "no_controls", f"GameFrame {g.source}#{g.seq} has no controls: nothing to label it with"
+            )
+            return None
+        if self.t0 is None or g.game_time < self.t0:
+            self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
+        t = g.game_time - self.t0
+        tick = math.floor(t * TICK_HZ + 0.5)
+        if self.last_tick is not None and tick <= self.last_tick:
+            self.skipped += 1
+            return None
+        steps = 1 if self.last_tick is None else tick - self.last_tick
+        self.last_tick = tick
+        controls = (float(g.controls[0]), float(g.controls[1]))
+        return Capture(
+            game_time=t,
+            image=g.frame,
+            label=controls,
+            executed=controls,
+            speed=abs(float(g.speed)),
+            purpose=tuple(g.purpose) if g.purpose is not None else (0.0, 0.0),
+            driving=True,
+            source="npc",
+            distance_m=abs(float(g.speed)) * steps / TICK_HZ,
+        )
+
+    def info(self) -> dict:
+        return {"game_frames": self.frames, "skipped": self.skipped}
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- gym
+
+
+def observation_image(obs: Any) -> np.ndarray:
+    """The picture in a Gymnasium observation: the array itself, or a dict's ``image`` (or first HxWx3)."""
+    if isinstance(obs, dict):
+        if "image" in obs:
+            return np.asarray(obs["image"])
+        for v in obs.values():
+            a = np.asarray(v)
+            if a.ndim == 3 and a.shape[2] in (1, 3):
+                return a
+        raise ValueError(f"observation dict {list(obs)} holds no HxWx3 image")
+    return np.asarray(obs)
+
+
+def as_rgb_uint8(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB HxWx3 from whatever an environment renders (floats in [0, 1], grey, uint8)."""
+    if img.dtype != np.uint8:
+        scale = 255.0 if img.dtype.kind == "f" and float(np.nanmax(img, initial=0.0)) <= 1.0 else 1.0
+        img = np.clip(np.nan_to_num(img * scale), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)  # the model line reads RGB
+    return np.ascontiguousarray(img)
+
+
+def action_pair(action: Any) -> tuple[float, float]:
+    """The first two action components as (steering, throttle_brake); a 1-D action drives at zero pedal."""
+    a = np.asarray(action, np.float64).reshape(-1)
+    return float(a[0]), float(a[1]) if len(a) > 1 else 0.0
+
+
+def observation_parts(obs: Any, info: dict) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """(RGB uint8 picture, speed m/s, purpose) of a Gymnasium step; speed and purpose from the observation
+    dict or the info (Charles/Drive-v0 has both), 0 where the environment has none."""
+    return as_rgb_uint8(observation_image(obs)), *_speed_purpose(obs, info)
+
+
+def _speed_purpose(obs: Any, info: dict) -> tuple[float, tuple[float, float]]:
+    speed = info.get("speed")
+    purpose = info.get("purpose")
+    if isinstance(obs, dict):
+        speed = obs.get("speed", speed)
+        purpose = obs.get("purpose", purpose)
+    s = float(np.asarray(speed).reshape(-1)[0]) if speed is not None else 0.0
+    p = np.asarray(purpose, np.float64).reshape(-1) if purpose is not None else np.zeros(2)
+    return s, (float(p[0]), float(p[1])) if len(p) >= 2 else (0.0, 0.0)
+
+
+class GymSource:
+    """A Gymnasium env driven by an expert; one capture per env step, episodes back to back."""
+
+    paced = False
+
+    def __init__(self, env_id: str, expert: str, seed: int = 0, env_kwargs: dict | None = None):
+        import gymnasium as gym
+        from charles.sim import gym_env
+        from charles.sim.evaluate import load_callable
+
+        gym_env.register()
+        self.name = f"gym:{env_id}"
+        self.env = gym.make(env_id, **(env_kwargs or {}))
+        space = self.env.action_space
+        if not hasattr(space, "low") or not np.issubdtype(space.dtype, np.floating):
+            raise ValueError(f"{env_id}: the collector needs a continuous (Box) action space, got {space}")
+        self.act = load_callable(expert)(self.env)
+        self.seed = seed
+        self.episodes = 0
+        self.steps = 0
+        self.episode_return = 0.0
+        self.returns: list[float] = []
+        self._reset_next = True
+        self._obs: Any = None
+        self._info: dict = {}
+        self._odometer = 0.0
+
+    def next(self, timeout_s: float = 0.0) -> Capture:
+        reset = self._reset_next
+        if reset:
+            self._obs, self._info = self.env.reset(seed=self.seed + self.episodes)
+            self.episodes += 1
+            self.episode_return = 0.0
+            self._odometer = float(self._info.get("distance_m", 0.0))
+            self._reset_next = False
+        obs, info = self._obs, self._info
+        image, speed, purpose = observation_parts(obs, info)
+        action = self.act(obs, info)
+        pair = action_pair(action)
+        self._obs, reward, terminated, truncated, self._info = self.env.step(action)
+        self.episode_return += float(reward)
+        odo = float(self._info.get("distance_m", self._odometer))
+        dist, self._odometer = max(0.0, odo - self._odometer), odo
+        if terminated or truncated:
+            self.returns = [*self.returns[-99:], self.episode_return]
+            self._reset_next = True
+        game_time = self.steps / TICK_HZ
+        self.steps += 1
+        return Capture(game_time, image, pair, pair, speed, purpose, True, "npc", dist, reset=reset)
+
+    def info(self) -> dict:
+        out = {"episodes": self.episodes, "steps": self.steps}
+        if self.returns:
+            out["episode_return"] = round(float(np.mean(self.returns)), 2)
+        return out
+
+    def close(self) -> None:
+        self.env.close()

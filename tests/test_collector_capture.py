@@ -1,0 +1,217 @@
+"""The collector's socket-free parts: sources, the sample builder, the encoder and the sender queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from charles.collector.capture import (
+    Capture,
+    FrameStack,
+    SampleBuilder,
+    SampleShape,
+    as_trainer_sees,
+    fit_frame,
+)
+from charles.collector.sender import Encoder, Sender
+from charles.collector.sources import GameSource, GymSource, SimSource, replica_seed, seeded_look
+from charles.proto import Envelope, Frame, GameFrame
+from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+
+W, H = 96, 54
+SMALL = SimConfig(blocks=3, traffic=1)  # a small town builds in a fraction of a second
+
+
+def cap(t: int, label=(0.1, 0.2), executed=None, driving=True, image=None, reset=False) -> Capture:
+    img = np.full((H, W, 3), t % 256, np.uint8) if image is None else image
+    return Capture(t / 30, img, label, executed or label, 5.0 + t, (0.1, 100.0 - t), driving, reset=reset)
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+def test_history_is_the_sims_own_record_and_never_holds_the_current_tick():
+    """Against the DriveSession's own history: the rows before each tick, executed actions, no current label."""
+    src = SimSource(
+        seed=3,
+        width=W,
+        height=H,
+        sim=SMALL,
+        npc=NpcConfig(noise_rate_hz=3.0),  # frequent noise: labels and executed actions differ often
+        unstuck=UnstuckConfig(window_s=3.0, min_distance_m=500.0),  # an Unstuck inside the run
+        history_len=60,
+    )
+    builder = SampleBuilder(SampleShape(W, H, history_rows=60))
+    emitted = skipped = noisy = 0
+    prev_executed = None
+    for _ in range(240):
+        record = src.session.history.copy()  # the sim's record of the ticks before this one
+        c = src.next()
+        p = builder.push(c)
+        if p is None:
+            assert not c.driving, "a driving tick must be emitted"
+            skipped += 1
+        else:
+            emitted += 1
+            np.testing.assert_allclose(p.history, record, atol=1e-5)
+            now_row = np.array([*c.executed, c.speed, *c.purpose], np.float32)
+            assert not np.any(np.all(np.isclose(p.history, now_row, atol=1e-6), axis=1)), (
+                "history holds this tick"
+            )
+            if prev_executed is not None:
+                assert p.previous == pytest.approx(prev_executed)
+                np.testing.assert_allclose(p.history[-1, :2], prev_executed, atol=1e-6)
+            assert p.label == pytest.approx(c.label)
+            noisy += c.label != c.executed
+        prev_executed = c.executed
+    assert src.unstucks >= 1 and skipped > 0, "Unstuck fired and its fading ticks were not emitted"
+    assert emitted > 150 and noisy > 10
+
+
+def test_stack_takes_past_frames_stride_apart_and_waits_until_full():
+    builder = SampleBuilder(SampleShape(W, H, frames=3, frame_stride=2, history_rows=4))
+    out = [builder.push(cap(t)) for t in range(8)]
+    assert out[:4] == [None] * 4, "no sample before 4 past ticks exist"
+    p = out[6]
+    assert [t for t, _ in p.stack] == [2, 4] and p.tick == 6
+    assert [int(img[0, 0, 0]) for _, img in p.stack] == [2, 4]
+    assert [s.seq for s in out if s is not None] == [0, 1, 2, 3]
+    builder.push(cap(8, reset=True))  # a new episode: the stack refills first
+    assert builder.push(cap(9)) is None and builder.history.rows[:-2].sum() == 0
+
+
+def test_frame_stack_pads_with_the_oldest_it_has():
+    fs = FrameStack(3, 1)
+    assert fs.past() == []
+    fs.push(0, "a")
+    assert fs.past() == [(0, "a"), (0, "a")] and not fs.full
+    fs.push(1, "b")
+    assert fs.past() == [(0, "a"), (1, "b")] and fs.full
+
+
+def test_labels_and_telemetry_are_clamped_to_the_wires_ranges():
+    p = SampleBuilder(SampleShape(W, H, history_rows=0)).push(
+        Capture(0.0, np.zeros((H, W, 3), np.uint8), (1.5, -3.0), (0.0, 0.0), -2.0, (7.0, -1.0))
+    )
+    assert p.label == (1.0, -1.0) and p.speed == 0.0 and p.history is None
+    assert -np.pi <= p.purpose[0] < np.pi and p.purpose[1] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def test_fit_and_the_trainers_view():
+    img = np.random.default_rng(0).integers(0, 256, (270, 480, 3), dtype=np.uint8)
+    assert fit_frame(img, 160, 90).shape == (90, 160, 3)
+    assert fit_frame(img, 480, 270) is img
+    seen = as_trainer_sees(img, 160, 90, "jpeg", 90)
+    assert seen.shape == (90, 160, 3) and seen.dtype == np.uint8
+    np.testing.assert_array_equal(as_trainer_sees(img, 160, 90, "png"), fit_frame(img, 160, 90))
+
+
+def test_encoder_fits_encodes_each_stacked_frame_once_and_passes_matching_frames_through():
+    shape = SampleShape(W, H, frames=3, frame_stride=1, history_rows=8)
+    enc = Encoder("c1", shape, "jpeg", 90)
+    builder = SampleBuilder(shape)
+    big = [cap(t, image=np.full((2 * H, 2 * W, 3), 10 * t, np.uint8)) for t in range(6)]
+    samples = [enc.sample(p) for c in big if (p := builder.push(c)) is not None]
+    assert [s.seq for s in samples] == [0, 1, 2, 3]
+    assert all(s.frame.shape == (H, W, 3) and len(s.stack) == 2 for s in samples)
+    assert samples[1].stack[1] is samples[0].frame, "the previous frame is reused, not encoded again"
+    assert len(enc._cache) <= shape.span + 1
+    ready = Frame.encode(np.zeros((H, W, 3), np.uint8), "jpeg")
+    assert enc.frame(ready) is ready
+    other = enc.frame(Frame.encode(np.zeros((2 * H, 2 * W, 3), np.uint8), "png"))
+    assert other.shape == (H, W, 3) and other.codec == "jpeg"
+
+
+def test_sender_never_blocks_and_counts_what_a_full_queue_drops():
+    gate = threading.Event()
+    sent = []
+
+    def publish(sample):
+        gate.wait(5)  # a bus that does not take anything yet
+        sent.append(sample.seq)
+        return True
+
+    drops = []
+    shape = SampleShape(W, H, history_rows=0)
+    sender = Sender(Encoder("c1", shape), publish, maxsize=2, on_drop=lambda: drops.append(1))
+    sender.start()
+    builder = SampleBuilder(shape)
+    t0 = time.perf_counter()
+    accepted = [sender.offer(builder.push(cap(t))) for t in range(10)]
+    assert time.perf_counter() - t0 < 0.5, "offer never waits on the bus"
+    assert accepted.count(False) == len(drops) == sender.dropped >= 6
+    gate.set()
+    assert sender.close(2.0) == 0
+    assert sent == sorted(sent) and len(sent) == accepted.count(True)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def test_replicas_get_their_own_seed_and_look():
+    assert replica_seed("collector-a") != replica_seed("collector-b")
+    assert replica_seed("collector-a") == replica_seed("collector-a")
+    looks = {seeded_look(s)["weather"] for s in range(40)}
+    assert len(looks) >= 3
+
+
+class FakeSub:
+    def __init__(self, msgs):
+        self.msgs = list(msgs)
+
+    def recv(self, timeout_ms):
+        return (
+            Envelope("game.agent-1", "game_frame", "agent-1", 0.0, 0.0, self.msgs.pop(0), 0)
+            if self.msgs
+            else None
+        )
+
+
+def game_frame(seq: int, t: float, controls=(0.25, -0.5)) -> GameFrame:
+    img = Frame.encode(np.full((H, W, 3), seq, np.uint8), "jpeg")
+    return GameFrame("agent-1", seq, t, img, 12.0, purpose=(0.3, 80.0), controls=controls)
+
+
+def test_game_source_labels_with_controls_rejects_unlabelled_and_keeps_30_hz():
+    rejects = []
+    frames = [
+        game_frame(0, 100.0),
+        game_frame(1, 100.01),
+        game_frame(2, 100.0 + 1 / 30),
+        game_frame(3, 100.1, None),
+    ]
+    src = GameSource("agent-1", FakeSub(frames), lambda reason, detail: rejects.append(reason))
+    caps = [src.next(0.01) for _ in range(5)]
+    assert caps[0].label == caps[0].executed == (0.25, -0.5) and caps[0].game_time == 0.0
+    assert caps[1] is None and src.skipped == 1, "a frame closer than 1/30 s of game time is skipped"
+    assert (
+        caps[2].game_time == pytest.approx(1 / 30)
+        and caps[2].speed == 12.0
+        and caps[2].purpose == (0.3, 80.0)
+    )
+    assert caps[3] is None and rejects == ["no_controls"]
+    assert caps[4] is None
+
+
+def test_gym_source_drives_the_env_with_the_expert():
+    src = GymSource(
+        "Charles/Drive-v0", "charles.sim.gym_env:npc_expert", seed=1, env_kwargs={"max_steps": 40}
+    )
+    try:
+        builder = SampleBuilder(SampleShape(160, 90, history_rows=10))
+        caps = [src.next() for _ in range(60)]
+        samples = [p for c in caps if (p := builder.push(c)) is not None]
+    finally:
+        src.close()
+    assert len(samples) == 60 and src.episodes == 2
+    assert caps[0].reset and caps[40].reset and not caps[1].reset
+    assert caps[0].image.shape == (54, 96, 3) and caps[0].image.dtype == np.uint8
+    assert any(c.label[1] > 0 for c in caps) and all(c.label == c.executed for c in caps)
+    assert samples[41].history[:-1].sum() == 0, "a new episode starts with an empty history"
+    enc = Encoder("gym", SampleShape(160, 90, history_rows=10)).sample(samples[5])
+    assert enc.frame.shape == (90, 160, 3)

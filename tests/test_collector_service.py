@@ -1,0 +1,328 @@
+"""Collectors on real loopback sockets: broker -> configuration -> collector -> sample.* -> a subscriber.
+
+Each in-process test runs :func:`charles.collector.service.serve` (what ``main`` runs) in a thread;
+``svc.stop`` is exactly what SIGTERM calls. The last test runs the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from charles import config
+from charles.collector.service import CollectorService, acquire_config, make_source, run_config, serve
+from charles.proto import Frame, GameFrame
+from tests_support import counter_value, wait_for
+
+SMALL_SIM = {"blocks": 3, "traffic": 1}  # a town that builds in a fraction of a second
+
+
+@pytest.fixture
+def served_broker(bus_ports):
+    """start(served sections) -> the data a client needs; a broker serving exactly that configuration."""
+    from charles.broker.broker import Broker
+    from charles.runtime import Service
+
+    base = {"bus": {"host": "127.0.0.1", "ports": bus_ports}, "service": {"http_port": 0, "shutdown_s": 2}}
+    running = []
+
+    def start(**sections):
+        cfg = config.load(data={**base, **sections}, environ={})
+        svc = Service("broker", cfg, http=False, signals=False)
+        b = Broker(svc, cfg.to_dict())
+        b.start()
+        t = threading.Thread(target=b.serve, daemon=True)
+        t.start()
+        running.append((svc, b, t))
+        return base
+
+    yield start
+    for svc, b, t in running:
+        svc.stop()
+        t.join(timeout=3)
+        b.close()
+        svc.close()
+
+
+@pytest.fixture
+def clients(bus_ports):
+    """Client Services on the served_broker's ports (client_factory would start a second broker)."""
+    from charles.runtime import Service
+
+    made = []
+
+    def make(name: str):
+        data = {"bus": {"host": "127.0.0.1", "ports": bus_ports}}
+        svc = Service(name, config.load(data=data, environ={}), http=False, signals=False)
+        made.append(svc)
+        return svc
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def collectors():
+    """start(data, instance, seed, *overrides) -> the collector's Service, serving in a thread."""
+    from charles.runtime import Service
+
+    running = []
+
+    def start(data, instance, seed=None, *overrides):
+        local = config.load(data=data, environ={})
+        svc = Service("collector", local, instance, http=False, signals=False)
+        t = threading.Thread(target=serve, args=(svc, local, overrides, seed, {}), daemon=True)
+        t.start()
+        running.append((svc, t))
+        return svc
+
+    yield start
+    for svc, t in running:
+        svc.stop()
+        t.join(5)
+        assert not t.is_alive(), "a collector did not stop"
+        svc.close()
+
+
+def receive(sub, seconds: float, until=None) -> list:
+    got, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        env = sub.recv(50)
+        if env is not None:
+            got.append((time.monotonic(), env))
+            if until and until(got):
+                break
+    return got
+
+
+def test_configuration_waits_for_the_broker_and_stops_on_sigterm(bus_ports, caplog):
+    from charles.runtime import Service
+
+    data = {"bus": {"host": "127.0.0.1", "ports": bus_ports, "connect_timeout_s": 0.3}}
+    svc = Service("collector", config.load(data=data, environ={}), "collector-w", http=False, signals=False)
+    result = []
+    t = threading.Thread(target=lambda: result.append(acquire_config(svc)), daemon=True)
+    with caplog.at_level(logging.WARNING, logger="charles.collector"):
+        t.start()
+        wait_for(lambda: "no run configuration from the broker" in caplog.text, 3, "no waiting log")
+        assert svc.status == "waiting" and svc.health()["healthy"]
+        t0 = time.monotonic()
+        svc.stop()
+        t.join(2)
+    assert not t.is_alive() and time.monotonic() - t0 < 1.0 and result == [None]
+    assert f"tcp://127.0.0.1:{bus_ports['control']}" in caplog.text
+    svc.close()
+
+
+def test_configuration_from_the_broker_shapes_samples_sent_at_30_hz(served_broker, collectors, clients):
+    # The broker's model section decides the resolution and the stack; its collector section real time.
+    data = served_broker(
+        model={"overrides": {"width": 96, "height": 54, "frames": 3}},
+        collector={"realtime": True, "codec": "jpeg", "quality": 80},
+        sim=SMALL_SIM,
+    )
+    sub = clients("trainer").subscriber(["sample.", "console.collector-1"], late_join=False)
+    svc = collectors(data, "collector-1", 1)
+    got = receive(sub, 6, until=lambda g: sum(e.topic.startswith("sample.") for _, e in g) > 1)
+    assert got, "no sample arrived"
+    t0 = got[-1][0]
+    got = receive(sub, 3.0)
+    samples = [e.msg for _, e in got if e.topic == "sample.collector-1"]
+    rate = (len(samples) - 1) / (got[-1][0] - t0)
+    assert 22 <= rate <= 38, f"{rate:.1f} samples/s in real time, expected ~30"
+    s = samples[-1]
+    assert s.collector == "collector-1" and s.frame.shape == (54, 96, 3) and s.frame.codec == "jpeg"
+    assert len(s.stack) == 2 and all(f.shape == (54, 96, 3) for f in s.stack)
+    assert s.history.shape == (60, 5) and s.previous is not None and s.source == "npc"
+    assert s.frame.decode().shape == (54, 96, 3)
+    seqs = [x.seq for x in samples]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gaps at 30 Hz"
+    assert np.allclose(np.diff([x.game_time for x in samples]), 1 / 30, atol=1e-6), "30 Hz of game time"
+    consoles = [e.msg.state for _, e in got if e.topic == "console.collector-1"]
+    assert consoles and {"samples", "sps", "unstucks"} <= set(consoles[-1])
+    assert {"samples", "sps", "unstucks", "km", "drops"} <= set(svc.info)
+    assert svc.info["drops"] == 0
+
+
+def test_two_collectors_have_their_own_ids_seeds_and_frames(served_broker, collectors, clients):
+    data = served_broker(collector={"realtime": True}, sim=SMALL_SIM)
+    sub = clients("trainer").subscriber(["sample."], late_join=False)
+    collectors(data, "collector-1", 1)
+    collectors(data, "collector-2", 2)
+    firsts: dict = {}
+
+    def both(got):
+        for _, e in got:
+            firsts.setdefault(e.msg.collector, e.msg)
+        return len(firsts) == 2
+
+    receive(sub, 8, until=both)
+    assert set(firsts) == {"collector-1", "collector-2"}
+    a, b = (firsts[k].frame.decode() for k in ("collector-1", "collector-2"))
+    assert a.shape == b.shape == (90, 160, 3)  # the tiny preset's resolution
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5, "two seeds, two towns: different pictures"
+
+
+def test_remote_game_frames_become_samples_labelled_with_their_controls(served_broker, collectors, clients):
+    data = served_broker()
+    sub = clients("trainer").subscriber(["sample.collector-g"], late_join=False)
+    svc = collectors(data, "collector-g", None, "collector.source=game:agent-1")
+    wait_for(lambda: svc.status == "ok", 5, "collector never ran")
+    agent = clients("capture_agent").publisher("game")
+    img = Frame.encode(np.random.default_rng(0).integers(0, 256, (108, 192, 3), dtype=np.uint8), "jpeg")
+    sent = {}
+    got = []
+    k = 0
+    deadline = time.monotonic() + 6
+    while len(got) < 10 and time.monotonic() < deadline:
+        controls = (round(np.sin(k / 7), 3), round(np.cos(k / 5), 3))
+        sent[k] = controls
+        agent.send(
+            "game.agent-1",
+            GameFrame("agent-1", k, 50 + k / 30, img, 8.0, purpose=(0.2, 40.0), controls=controls),
+        )
+        k += 1
+        env = sub.recv(30)
+        if env is not None:
+            got.append(env.msg)
+    assert len(got) >= 10, "GameFrames did not become samples"
+    for s in got:
+        assert s.frame.shape == (90, 160, 3), "resized to the model's resolution"
+        assert s.speed == 8.0 and s.purpose == pytest.approx((0.2, 40.0))
+    # each label is the controls of the frame it came with: the frames' own game clock lines them up
+    ks = [next(k for k, c in sent.items() if c == (s.steering, s.throttle_brake)) for s in got]
+    for s, k in zip(got, ks, strict=True):
+        assert s.game_time == pytest.approx(got[0].game_time + (k - ks[0]) / 30, abs=1e-6)
+    assert [x.seq for x in got] == list(range(got[0].seq, got[0].seq + len(got)))
+
+
+class SlowPub:
+    """A bus that takes 20 ms per message."""
+
+    def __init__(self):
+        self.sent = 0
+
+    def send(self, topic, msg):
+        time.sleep(0.02)
+        self.sent += 1
+        return True
+
+
+def test_a_slow_bus_makes_drops_counted_never_a_slow_capture(bus_ports):
+    from charles.runtime import Service
+
+    data = {
+        "bus": {"host": "127.0.0.1", "ports": bus_ports},
+        "collector": {"send_queue": 2},
+        "sim": SMALL_SIM,
+    }
+    cfg = config.load(data=data, environ={})
+    svc = Service("collector", cfg, "collector-slow", http=False, signals=False)
+    pub = SlowPub()
+    service = CollectorService(svc, cfg, make_source(cfg, svc, 5), pub=pub)
+    service.sender.start()
+    t0 = time.perf_counter()
+    for _ in range(120):
+        service.step()
+    capture_s = time.perf_counter() - t0
+    service.shutdown()
+    reg = svc.metrics.registry
+    dropped = counter_value(reg, "charles_drops_total", {"cause": "send_queue"})
+    assert dropped > 50 and svc.info["drops"] == dropped
+    assert capture_s < 120 * 0.02 / 2, "capture never waited on the bus"
+    assert counter_value(reg, "charles_collector_samples_total") == pub.sent == service.sender.sent
+    assert counter_value(reg, "charles_collector_frame_seconds_count") == 120
+    svc.close()
+
+
+def test_run_config_keeps_local_bus_and_lets_the_command_line_win():
+    local = config.load(data={"bus": {"host": "10.0.0.9"}}, environ={})
+    served = {
+        "bus": {"host": "broker"},
+        "model": {"preset": "tiny", "overrides": {"width": 64}},
+        "collector": {"quality": 70},
+        "some_future_section": {"x": 1},
+    }
+    cfg = run_config(
+        local, served, ["collector.quality=95"], environ={"CHARLES__COLLECTOR__REALTIME": "true"}
+    )
+    assert cfg.bus.host == "10.0.0.9" and cfg.model.resolve().width == 64
+    assert cfg.collector.quality == 95 and cfg.collector.realtime is True
+
+
+def test_gym_source_through_the_service(bus_ports):
+    from charles.runtime import Service
+
+    data = {
+        "bus": {"host": "127.0.0.1", "ports": bus_ports},
+        "collector": {"source": "gym:Charles/Drive-v0", "gym_kwargs": {"max_steps": 30}},
+    }
+    cfg = config.load(data=data, environ={})
+    svc = Service("collector", cfg, "collector-gym", http=False, signals=False)
+    pub = SlowPub()
+    pub.send = lambda topic, msg: sent.append(msg) or True
+    sent = []
+    service = CollectorService(svc, cfg, make_source(cfg, svc, 0), pub=pub)
+    service.sender.start()
+    for _ in range(40):
+        service.step()
+    service.shutdown()
+    assert len(sent) == 40 and all(s.frame.shape == (90, 160, 3) for s in sent)
+    assert service.state()["episodes"] == 2
+    svc.close()
+
+
+def test_collector_process_is_healthy_emits_and_stops_promptly_on_sigterm(broker, client_factory):
+    from conftest import free_ports
+
+    _, data = broker
+    (http_port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "CHARLES__BUS__PORTS": json.dumps(data["bus"]["ports"]),
+        "CHARLES__SERVICE__HTTP_PORT": str(http_port),
+        "CHARLES__SIM__BLOCKS": "3",
+    }
+    cmd = [sys.executable, "-m", "charles.collector", "--id", "collector-smoke", "--seed", "3", "--realtime"]
+    sub = client_factory("trainer").subscriber(["sample.collector-smoke"], late_join=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def get(path: str):
+        with urllib.request.urlopen(url + path, timeout=1) as r:
+            return json.load(r)
+
+    def healthy():
+        try:
+            return get("/healthz")["status"] == "ok"
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 20, "collector never became healthy")
+        got = receive(sub, 5, until=lambda g: len(g) >= 10)
+        assert len(got) >= 10, "no samples from the process"
+        assert all(e.msg.collector == "collector-smoke" and e.msg.frame.shape == (90, 160, 3) for _, e in got)
+        wait_for(lambda: get("/state")["info"].get("samples", 0) > 0, 3, "heartbeat info not refreshed")
+        assert {"samples", "sps", "unstucks", "km", "drops"} <= set(get("/state")["info"])
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        out = proc.stdout.read().decode()
+        assert rc == 0, out
+        assert time.monotonic() - t0 < 5, out
+        assert "sent" in out and "dropped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
