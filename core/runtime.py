@@ -412,8 +412,13 @@ class Service:
             deadline = time.monotonic() + timeout_s
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not s.poll(int(remaining * 1000)):
+                if remaining <= 0:
                     raise TimeoutError(f"broker at {self.endpoints['control']} did not answer in {timeout_s:.1f}s")
+                # short slices so SIGTERM during a wait for the broker is noticed at once
+                if not s.poll(int(min(remaining, 0.2) * 1000)):
+                    if self.stop_event.is_set():
+                        raise TimeoutError("stopping while waiting for the broker")
+                    continue
                 msg = s.recv_multipart(copy=False)
                 if len(msg) == 1 and msg[0].bytes == b"!end":
                     return replies
