@@ -4,10 +4,11 @@
 
 (a) CPU: batch assembly (draw, remove, decode, collate) in images/s for 480x270 JPEG frames (~25 KB) fed
     to a 480x270 model and to a 160x90 model (the CPU presets' size; libjpeg's DCT downscale plus
-    cv2.resize), against the images/s a training step consumes (a small timm model, forward + backward +
-    AdamW). The goal is assembly >= 2x the step: on a CPU-only box the two share the cores, so assembly
-    must cost well under half the CPU time per image. The top-level keys report the worse of the two
-    sizes. TODO(lead): switch the step to the real ``charles.model`` tiny preset (regnetx_002 at 160x90).
+    cv2.resize), against the images/s a training step consumes: the real ``charles.model`` preset
+    (``tiny`` by default: regnetx_002) at that size, trained by ``charles.trainer.training.Trainer`` on a
+    real assembled batch (prepare_batch, forward, per-output losses, backward, clipping, AdamW). The goal
+    is assembly >= 2x the step: on a CPU-only box the two share the cores, so assembly must cost well
+    under half the CPU time per image. The top-level keys report the worse of the two sizes.
 (b) GPU, only with CUDA: inception_resnet_v2 at 480x270 trained by our loop (nvJPEG decode, prefetch
     thread, channels_last, bf16 autocast) against a plain fp32 loop (CPU decode in the training thread,
     no prefetch), with each loop's data-wait fraction.
@@ -76,32 +77,39 @@ def assembly_rate(
 
 
 def normalise(frame: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW with channels_last strides, as the model's input stage does."""
+    """uint8 NHWC -> float NCHW with channels_last strides, as the model's input stage does (part b)."""
     return frame.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def step_rate(model_name: str, size: tuple[int, int], batch: int, steps: int, repeats: int) -> float:
-    """Images/s of forward + backward + AdamW on CPU for a 2-output timm model at ``size`` (best block)."""
-    import timm
+def step_rate(preset: str, size: tuple[int, int], batch: int, steps: int, repeats: int) -> float:
+    """Images/s of the trainer's step on CPU for a ``charles.model`` preset at ``size`` (best block)."""
+    from charles.model.presets import get_config
+    from charles.trainer.config import TrainerConfig
+    from charles.trainer.training import Trainer
 
-    model = timm.create_model(model_name, pretrained=False, num_classes=len(OUTPUTS))
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    frame = torch.randint(0, 255, (batch, size[0], size[1], 3), dtype=torch.uint8)
-    target = torch.rand(batch, len(OUTPUTS)) * 2 - 1
+    cfg = get_config(preset, height=size[0], width=size[1])
+    trainer = Trainer(cfg, TrainerConfig(lr=1e-4), "cpu")
+    frames = make_frames(8, height=size[0], width=size[1])
+    asm = BatchAssembler(
+        filled_buffers(frames, batch, history_len=cfg.history_length),
+        BatchConfig(
+            batch_size=batch,
+            outputs=cfg.output_names,
+            image_size=size,
+            stack_len=cfg.frames - 1,
+            history_len=cfg.history_length if cfg.history != "none" else 0,
+            decode_threads=1,
+        ),
+    )
+    b = asm.next_batch(timeout=1)
+    asm.close()
 
-    def step() -> None:
-        loss = torch.nn.functional.mse_loss(model(normalise(frame)), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # first step allocates
+    trainer.step(b)  # first step allocates
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            trainer.step(b)
         best = max(best, steps * batch / (time.perf_counter() - t0))
     return best
 
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "--part", default="a,b,c", help="comma-separated parts to run: a (CPU), b (GPU), c (storage)"
     )
     p.add_argument(
-        "--step-model", default="resnet10t", help="timm model for the CPU training step of part (a)"
+        "--step-model", default="tiny", help="charles.model preset for the CPU training step of part (a)"
     )
     p.add_argument("--threads", type=int, default=0, help="decode threads (0: min(4, cores))")
     p.add_argument("--tmp", default=None, help="folder for the storage files of part (c)")

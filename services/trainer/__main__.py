@@ -1,0 +1,119 @@
+"""``python -m charles.trainer`` (``charles trainer``): buffers, training, checkpoints, weights for players.
+
+    charles trainer --preset tiny                 resume the newest run of the line (v1 if none)
+    charles trainer --preset tiny --new-version   start the line's next version from scratch
+    charles trainer --preset tiny --version 3     train (or resume) tiny_v3
+    torchrun --nproc_per_node 4 -m charles.trainer --preset model_0004_inceptionresnetv2
+
+Runs live under $CHARLES_RUN_DIR (default runs/): runs/<line>/<line>_v<N>/ (see charles.trainer.runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from charles import config as config_mod
+from charles.runtime import Service, default_instance, setup_logging
+from charles.trainer.buffers import buffer_names
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="charles trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
+    )
+    ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>); default: trainer-<hostname>")
+    ap.add_argument("--preset", help="model line to train (sets model.preset; `charles models` lists runs)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="train this version of the line (created if missing)")
+    which.add_argument(
+        "--new-version", action="store_true", help="start the line's next version from scratch"
+    )
+    ap.add_argument("--run-dir", help="where runs live (default: $CHARLES_RUN_DIR or runs/)")
+    ap.add_argument(
+        "--console", action="store_true", help="live console on the terminal (when stdout is a TTY)"
+    )
+    args = ap.parse_args(argv)
+
+    overrides = list(args.set)
+    if args.preset:
+        overrides.append(f"model.preset={args.preset}")
+    try:
+        cfg = config_mod.load(args.config, overrides=overrides)
+        mcfg = cfg.model.resolve()
+        cfg.trainer.batch_for(len(buffer_names(list(cfg.balancer.outputs), int(cfg.balancer.version))))
+    except ValueError as e:
+        print(f"charles trainer: configuration error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.service.log_level, cfg.service.log_format)
+
+    # Heavy imports after the configuration is known to be good: torch, timm and the model.
+    import torch
+    from charles.trainer.checkpoint import CheckpointError, code_version
+    from charles.trainer.console import TerminalConsole
+    from charles.trainer.runs import RunError, open_run
+    from charles.trainer.service import TrainerService
+    from charles.trainer.training import Distributed
+
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    dist = Distributed.from_env(cfg.trainer.device)
+    rank = dist.rank if dist else 0
+    try:
+        run = None
+        if rank == 0:
+            run = open_run(
+                mcfg.name,
+                args.run_dir,
+                version=args.version,
+                new=args.new_version,
+                model=mcfg.to_dict(),
+                identity=mcfg.identity(),
+                name=cfg.run,
+            )
+            run.lock()
+        if dist is not None:  # every rank trains the version rank 0 chose
+            version = dist.broadcast_int(run.version if run is not None else 0)
+            if run is None:
+                run = open_run(mcfg.name, args.run_dir, version=version, identity=mcfg.identity())
+    except RunError as e:
+        print(f"charles trainer: {e}", file=sys.stderr)
+        return 2
+
+    instance = args.id or default_instance("trainer")
+    if rank > 0:
+        instance = f"{instance}-rank{rank}"
+    terminal = None
+    if args.console and rank == 0:
+        if TerminalConsole.available():
+            terminal = TerminalConsole()
+        else:
+            print("charles trainer: --console needs a terminal on stdout; logging instead", file=sys.stderr)
+    svc = Service("trainer", cfg, instance, http=rank == 0)
+    svc.log.info(f"training {run.name} in {run.path} ({code_version()})")
+    try:
+        service = TrainerService(svc, cfg, run, dist=dist, terminal=terminal)
+        svc.start_heartbeat()
+        service.run()
+    except KeyboardInterrupt:
+        pass
+    except CheckpointError as e:  # a run that cannot resume: say why, no traceback
+        svc.log.error(f"cannot train {run.name}: {e}")
+        return 2
+    except Exception:
+        svc.log.exception("the trainer failed")
+        return 1
+    finally:
+        run.unlock()
+        svc.close()
+        if dist is not None:
+            dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

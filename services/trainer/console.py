@@ -1,0 +1,135 @@
+"""The Server/Trainer Console: a bounded loss plot, the state the viewer shows, and a live terminal view.
+
+The same state dict goes three ways: to the viewer on ``console.<instance>`` (~2 Hz, last value at the
+broker), reduced to scalars into the heartbeat's ``info`` (the launcher's console), and drawn in place on
+the terminal with ``--console`` when stdout is a TTY (the seed's bottom-middle tile).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Any, TextIO
+
+
+class LossHistory:
+    """[[batch, loss], ...] for the loss plot, bounded: past ``max_points`` every other point is dropped and
+    later points are sampled half as often, so the whole run stays in view at a fixed size."""
+
+    def __init__(self, max_points: int = 500):
+        self.max_points = max(4, max_points)
+        self.points: list[list[float]] = []
+        self.stride = 1
+        self._n = 0
+        self._last: list[float] | None = None
+
+    def add(self, batch: int, loss: float) -> None:
+        self._last = [batch, round(float(loss), 6)]
+        if self._n % self.stride == 0:
+            self.points.append(self._last)
+            if len(self.points) > self.max_points:
+                self.points = self.points[::2]
+                self.stride *= 2
+        self._n += 1
+
+    def snapshot(self) -> list[list[float]]:
+        """The kept points plus the newest one (the plot always ends at the current batch)."""
+        pts = list(self.points)
+        if self._last is not None and (not pts or pts[-1] is not self._last):
+            pts.append(self._last)
+        return pts
+
+
+def heartbeat_info(state: dict[str, Any]) -> dict[str, Any]:
+    """The scalars the launcher console shows: status, batch, loss, fill, sps, published."""
+    buffers = state.get("buffers") or {}
+    fills = [b["fill"] / b["capacity"] for b in buffers.values() if b.get("capacity")]
+    loss = state.get("loss_total")
+    return {
+        "status": state.get("status", ""),
+        "batch": int(state.get("batch", 0)),
+        "loss": round(loss, 5) if isinstance(loss, float) else 0.0,
+        "fill": round(min(fills), 3) if fills else 0.0,
+        "sps": round(float(state.get("samples_per_s", 0.0)), 1),
+        "published": int(state.get("published", 0)),
+    }
+
+
+# ---- the terminal -------------------------------------------------------------------------------------
+
+
+def _bar(frac: float, width: int) -> str:
+    frac = min(1.0, max(0.0, frac))
+    full = int(frac * width)
+    return "█" * full + "·" * (width - full)
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = max(0.0, now - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f} min ago"
+
+
+def render_lines(state: dict[str, Any], width: int = 80, now: float | None = None) -> list[str]:
+    """The console as lines of at most ``width`` characters (pure, for tests and the terminal)."""
+    now = time.time() if now is None else now
+    w = max(40, width)
+    bar_w = max(10, w - 40)
+    out = [
+        f"Charles trainer — {state.get('run', '?')} on {state.get('device', '?')}"[:w],
+        f"status  {state.get('status', '?')}"[:w],
+        (
+            f"batch   {state.get('batch', 0):,}   {state.get('batches_per_s', 0.0):.2f} batches/s   "
+            f"{state.get('samples_per_s', 0.0):.1f} samples/s   data wait {100 * state.get('data_wait', 0.0):.0f}%"
+        )[:w],
+        f"lr      {state.get('lr', 0.0):.2e}"[:w],
+        "buffers",
+    ]
+    for name, b in (state.get("buffers") or {}).items():
+        cap = b.get("capacity") or 1
+        frac = b.get("fill", 0) / cap
+        mark = " ready" if frac >= state.get("start_fraction", 0.9) else ""
+        out.append(f"  {name[:14]:<14} {_bar(frac, bar_w)} {b.get('fill', 0):>6}/{cap:<6}{mark}"[:w])
+    losses = state.get("loss") or {}
+    if losses:
+        parts = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        total = state.get("loss_total")
+        out.append(
+            f"loss    {total:.4f}  ({parts})"[:w] if isinstance(total, float) else f"loss    {parts}"[:w]
+        )
+    collectors, players = state.get("collectors") or [], state.get("players") or []
+    out.append(f"collectors {len(collectors)}: {', '.join(collectors)}"[:w])
+    out.append(f"players    {len(players)}: {', '.join(players)}"[:w])
+    last = state.get("last_publish_batch")
+    out.append(
+        (
+            f"weights  {state.get('published', 0)} updates sent, last at batch "
+            f"{'–' if last is None else f'{last:,}'} ({_ago(state.get('last_publish_time'), now)})"
+        )[:w]
+    )
+    ck = state.get("checkpoint_batch")
+    out.append(f"checkpoint  {'none yet' if ck is None else f'batch {ck:,}'}"[:w])
+    return out
+
+
+class TerminalConsole:
+    """Redraws the console in place on a terminal (cursor up over the previous drawing, clear, draw)."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self._drawn = 0
+
+    @staticmethod
+    def available(stream: TextIO | None = None) -> bool:
+        s = stream or sys.stdout
+        return bool(getattr(s, "isatty", lambda: False)())
+
+    def draw(self, state: dict[str, Any]) -> None:
+        width = shutil.get_terminal_size((100, 24)).columns
+        lines = render_lines(state, width - 1)
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        self.stream.write(up + "\x1b[J" + "\n".join(lines) + "\n")
+        self.stream.flush()
+        self._drawn = len(lines)

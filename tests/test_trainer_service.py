@@ -1,0 +1,372 @@
+"""The trainer service on real loopback sockets: balancer-like sets in, training, weights a late player gets.
+
+The in-process tests run ``TrainerService.run`` in a thread (``svc.stop`` is exactly what SIGTERM calls);
+the subprocess test runs the real entry point. The model is the tiny preset at 64x36, batches of 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from charles.model.net import torch_threads
+from charles.model.weights import model_from_weights
+from charles.proto import Weights
+from charles.trainer.buffers import BufferConfig, Buffers
+from charles.trainer.models_list import main as models_main
+from charles.trainer.runs import RunDir, open_run
+from charles.trainer.service import TrainerService
+from charles.trainer.storage import Storage, StorageConfig
+from charles.trainer.synthetic import make_frames, make_sample, make_set
+from tests_support import counter_value, wait_for
+
+H, W = 36, 64
+MODEL = {"preset": "tiny", "overrides": {"width": W, "height": H}}
+BALANCER = {"version": 3, "outputs": ["steering", "throttle_brake"], "picture_s": 0}
+TRAINER = {
+    "batch_size": 4,
+    "buffer": {"capacity": 32, "start_fraction": 0.25},  # 8 samples per buffer start training
+    "checkpoint_every": 4,
+    "publish_every": 2,
+    "publish_half": False,
+    "log_every": 2,
+    "console_hz": 10,
+    "decode_threads": 1,
+    "prefetch": 1,
+    "lr": 1e-3,
+}
+FRAMES = make_frames(8, height=H, width=W)
+
+
+def sets(start: int, n: int) -> list:
+    """n samples per output as Balancing v3 sets (every label kept), one set per output."""
+    out = []
+    for name in ("steering", "throttle_brake"):
+        samples = [
+            make_sample(i, FRAMES[i % len(FRAMES)], collector="sim-1") for i in range(start, start + n)
+        ]
+        out.append(make_set([name], samples, version=3, labels_kept=["steering", "throttle_brake"]))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def trainers(client_factory, tmp_path):
+    """start(**trainer_overrides) -> (service, thread) training tiny_v1 under tmp_path/runs."""
+    running = []
+
+    def start(**overrides):
+        tcfg = {**TRAINER, **overrides}
+        svc = client_factory("trainer", trainer=tcfg, model=MODEL, balancer=BALANCER, run="test")
+        mcfg = svc.cfg.model.resolve()
+        run = open_run("tiny", tmp_path / "runs", model=mcfg.to_dict(), identity=mcfg.identity(), name="test")
+        service = TrainerService(svc, svc.cfg, run)
+        t = threading.Thread(target=service.run, daemon=True)
+        t.start()
+        running.append((svc, t))
+        return service, t
+
+    yield start
+    for svc, t in running:
+        svc.stop()
+        t.join(10)
+
+
+def connected_publisher(client_factory, service: TrainerService):
+    """A set publisher the trainer already hears (the slow-joiner rule): a truncated probe it rejects."""
+    pub = client_factory("balancer").publisher("set")
+    reg = service.svc.metrics.registry
+
+    def heard():
+        pub.send_frames("set.probe", [b"set.probe"])
+        return counter_value(reg, "charles_rejects_total", {"reason": "truncated"}) > 0
+
+    wait_for(heard, 10, "the trainer never received from the bus")
+    return pub
+
+
+def stop(service: TrainerService, t: threading.Thread) -> None:
+    service.svc.stop()
+    t.join(10)
+    assert not t.is_alive(), "the trainer did not stop"
+
+
+def test_trains_at_the_threshold_publishes_to_late_players_and_resumes_from_disk(
+    trainers, client_factory, tmp_path
+):
+    service, t = trainers()
+    pub = connected_publisher(client_factory, service)
+    player = client_factory("player", service={"heartbeat_s": 0.1})
+    player.start_heartbeat()
+    reg = service.svc.metrics.registry
+
+    # below the threshold: every buffer needs 8, each has 7 -> waiting, nothing trained
+    for s in sets(0, 7):
+        assert pub.send(f"set.{s.outputs[0]}", s)
+    wait_for(
+        lambda: service.buffers.sizes() == {"steering": 7, "throttle_brake": 7}, 10, "sets never arrived"
+    )
+    time.sleep(0.3)
+    assert service.trainer.batch == 0 and service.state["status"] == "waiting for buffers"
+    assert service.svc.status == "waiting" and service.svc.info["fill"] == round(7 / 32, 3)
+
+    # one more each: training starts; ten more each: (18 - 8) / 2 + 1 = 6 batches, then waiting at 6 < 8
+    for s in sets(7, 1) + sets(8, 10):
+        assert pub.send(f"set.{s.outputs[0]}", s)
+    wait_for(lambda: service.trainer.batch == 6, 30, "six batches were not trained")
+    time.sleep(0.3)
+    assert service.trainer.batch == 6 and service.buffers.sizes() == {"steering": 6, "throttle_brake": 6}
+    assert counter_value(reg, "charles_trainer_batches_total") == 6
+    assert counter_value(reg, "charles_trainer_samples_trained_total") == 24
+    assert counter_value(reg, "charles_trainer_buffer_fill_ratio", {"output": "steering"}) == 6 / 32
+    assert counter_value(reg, "charles_trainer_loss", {"output": "steering"}) > 0
+    # weights at start (batch 0) and every 2 batches; a checkpoint at batch 4
+    wait_for(
+        lambda: counter_value(reg, "charles_trainer_weights_published_total") == 4, 5, "weights not published"
+    )
+    assert counter_value(reg, "charles_trainer_publish_seconds_count") == 4
+    assert [p.name for p in service.run_dir.checkpoints.iterdir()] == ["batch_000000004"]
+
+    # a player that joins now gets the newest weights from the broker's last value, and they load
+    late = client_factory("player-late").subscriber(["weights.tiny"])
+    env = late.recv(3000)
+    assert env is not None and isinstance(env.msg, Weights)
+    w = env.msg
+    assert (w.model, w.run, w.batch) == ("tiny", "tiny_v1", 6) and w.config == service.mcfg.to_dict()
+    model, loaded = model_from_weights(bytes(w.payload), service.mcfg)
+    assert loaded.metadata["charles.run"] == "tiny_v1"
+    for (k, a), b in zip(
+        model.state_dict().items(), service.trainer.module.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b.cpu()), k
+
+    # the console the viewer shows, and the heartbeat's scalars
+    console = client_factory("viewer").subscriber(["console."])
+    wait_for(lambda: "player-" in str(service.state["players"]), 5, "the player's heartbeat was not seen")
+    deadline, state = time.monotonic() + 5, {}
+    while time.monotonic() < deadline and state.get("players") != service.state["players"]:
+        env = console.recv(500)
+        if env is not None and env.msg.service == "trainer":
+            state = env.msg.state
+    for key in (
+        "status",
+        "batch",
+        "buffers",
+        "samples_per_s",
+        "batches_per_s",
+        "loss",
+        "loss_history",
+        "lr",
+        "collectors",
+        "players",
+        "published",
+        "last_publish_batch",
+    ):
+        assert key in state, key
+    assert state["batch"] == 6 and state["buffers"]["steering"] == {"fill": 6, "capacity": 32}
+    assert state["collectors"] == ["sim-1"] and player.instance in state["players"]
+    assert set(state["loss"]) == {"steering", "throttle_brake"} and state["loss_history"][-1][0] == 6
+    assert state["published"] == 4 and state["last_publish_batch"] == 6
+    assert set(service.svc.info) == {"status", "batch", "loss", "fill", "sps", "published"}
+
+    # SIGTERM's path: a final checkpoint at 6, storage flushed, the period closed
+    stop(service, t)
+    assert sorted(p.name for p in service.run_dir.checkpoints.iterdir()) == [
+        "batch_000000004",
+        "batch_000000006",
+    ]
+    manifest = RunDir(service.run_dir.path).manifest
+    assert manifest.batch == 6 and manifest.samples == 24
+    assert [(p.start_batch, p.stop_batch, p.open) for p in manifest.periods] == [(0, 6, False)]
+    assert (service.run_dir.path / "tb").is_dir() and any((service.run_dir.path / "tb").iterdir())
+
+    # restart: batch 6 resumes, the 6 samples per buffer come back from disk and train without new data
+    again, t2 = trainers(buffer={"capacity": 32, "start_fraction": 0.15})  # 5 start training now
+    assert again.refill.total == 12 and again.trainer.batch == 6
+    wait_for(lambda: again.trainer.batch == 7, 20, "no training from the refilled buffers")
+    stop(again, t2)
+    manifest = RunDir(again.run_dir.path).manifest
+    assert [(p.start_batch, p.stop_batch) for p in manifest.periods] == [(0, 6), (6, 7)]
+
+
+def test_sets_of_another_balancing_are_rejected_and_counted(trainers, client_factory):
+    service, t = trainers()
+    pub = connected_publisher(client_factory, service)
+    joint = make_set(["steering", "throttle_brake"], [make_sample(0, FRAMES[0])], version=1)
+    pub.send("set.all", joint)
+    reg = service.svc.metrics.registry
+    wait_for(
+        lambda: counter_value(reg, "charles_rejects_total", {"reason": "unknown_buffer"}) == 1,
+        5,
+        "not rejected",
+    )
+    assert service.buffers.sizes() == {"steering": 0, "throttle_brake": 0}
+    stop(service, t)
+    assert not list(service.run_dir.checkpoints.iterdir()), "nothing trained, nothing to checkpoint"
+
+
+@pytest.mark.slow
+def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(broker, tmp_path):
+    from conftest import free_ports
+
+    _, data = broker
+    runs = tmp_path / "runs"
+    # storage left by an earlier session: the trainer trains from it without any collector
+    store = Storage(
+        StorageConfig(path=str(runs / "tiny" / "tiny_v1" / "storage" / "buffers.sqlite3")), capacity=64
+    )
+    buffers = Buffers(["steering", "throttle_brake"], BufferConfig(capacity=64), observer=store)
+    for s in sets(0, 40):
+        buffers.add_set(s)
+    store.close()
+    (http_port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "CHARLES_RUN_DIR": str(runs),
+        "CHARLES__BUS__PORTS": json.dumps(data["bus"]["ports"]),
+        "CHARLES__SERVICE__HTTP_PORT": str(http_port),
+        "CHARLES__SERVICE__SHUTDOWN_S": "5",
+        "CHARLES__MODEL__OVERRIDES": json.dumps(MODEL["overrides"]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "charles.trainer", "--preset", "tiny", "--id", "trainer-smoke",
+        "--set", "trainer.batch_size=4", "--set", "trainer.buffer.capacity=64",
+        "--set", "trainer.buffer.start_fraction=0.1", "--set", "trainer.decode_threads=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def get(path: str):
+        with urllib.request.urlopen(url + path, timeout=1) as r:
+            return json.load(r)
+
+    def trained():
+        try:
+            return get("/state")["info"].get("batch", 0) >= 2
+        except OSError:
+            return False
+
+    try:
+        wait_for(trained, 60, "the trainer never trained from its storage")
+        health = get("/healthz")
+        assert health["healthy"] and health["instance"] == "trainer-smoke"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=15)
+        out = proc.stdout.read().decode()
+        assert rc == 0, out
+        assert time.monotonic() - t0 < 6, "SIGTERM took longer than service.shutdown_s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = RunDir(runs / "tiny" / "tiny_v1")
+    m = run.manifest
+    assert m.batch >= 2 and m.periods[-1].open is False and m.periods[-1].stop_batch == m.batch
+    assert m.checkpoint == f"checkpoints/batch_{m.batch:09d}"
+    assert (run.path / m.checkpoint / "weights.safetensors").is_file(), out
+    assert run.newest_weights() == run.path / m.checkpoint / "weights.safetensors"
+    assert models_main(["--run-dir", str(runs), "--line", "tiny"]) == 0
+
+
+def test_each_set_belongs_to_exactly_one_rank():
+    from charles.trainer.service import Receiver
+
+    receivers = [Receiver(None, None, None, rank=r, world=3) for r in range(3)]  # type: ignore[arg-type]
+    for start in range(0, 300, 3):
+        s = sets(start, 3)[0]
+        assert sum(r.mine(s) for r in receivers) == 1
+    taken = [sum(r.mine(sets(k, 1)[0]) for k in range(300)) for r in receivers]
+    assert min(taken) > 60, f"the split is roughly even: {taken}"
+
+
+DDP_SCRIPT = """
+import json, sys, torch
+import torch.distributed as dist
+from charles.model.net import torch_threads
+from charles.model.presets import get_config
+from charles.trainer.batches import BatchAssembler, BatchConfig
+from charles.trainer.buffers import BufferConfig, Buffers
+from charles.trainer.config import TrainerConfig
+from charles.trainer.synthetic import make_sample, make_set
+from charles.trainer.training import Distributed, Trainer
+
+torch.set_num_threads(1)
+d = Distributed.from_env("cpu")
+mcfg = get_config("tiny", width=64, height=36)
+torch.manual_seed(d.rank)  # a different init on each rank: DDP starts every rank from rank 0's weights
+t = Trainer(mcfg, TrainerConfig(lr=1e-3), "cpu", d)
+b = Buffers(["steering", "throttle_brake"], BufferConfig(capacity=32, start_fraction=0.01, seed=d.rank))
+for name in ("steering", "throttle_brake"):
+    b.add_set(make_set([name], [make_sample(i + 100 * d.rank, height=36, width=64) for i in range(12)]))
+asm = BatchAssembler(b, BatchConfig(batch_size=8, image_size=(36, 64), decode_threads=1))
+losses = [t.step(asm.next_batch(1)).loss for _ in range(3)]
+total = torch.tensor([float(sum(p.detach().double().sum() for p in t.module.parameters()))], dtype=torch.float64)
+sums = [torch.zeros(1, dtype=torch.float64) for _ in range(d.world)]
+dist.all_gather(sums, total)
+out = {
+    "sums": [s.item() for s in sums], "losses": losses, "batch": t.batch, "samples": t.samples,
+    "agree_one_missing": d.agree(d.rank == 0, False), "agree_one_stopping": d.agree(True, d.rank == 1),
+    "version": d.broadcast_int(7 if d.rank == 0 else 0),
+}
+json.dump(out, open(sys.argv[1] + f"/rank{d.rank}.json", "w"))
+d.close()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_step_together_on_their_own_data(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["sums"][0] == r0["sums"][1] == r1["sums"][0], (
+        "every rank holds the same weights after each step"
+    )
+    assert r0["losses"] != r1["losses"], "ranks trained on different samples"
+    assert r0["batch"] == r1["batch"] == 3 and r0["samples"] == 3 * 8 * 2
+    assert r0["agree_one_missing"] == [False, False] and r1["agree_one_stopping"] == [True, True]
+    assert r1["version"] == 7
+
+
+def test_a_trained_run_without_a_loadable_checkpoint_refuses_to_start_from_scratch(client_factory, tmp_path):
+    from charles.trainer.checkpoint import CheckpointError
+
+    svc = client_factory("trainer", trainer=TRAINER, model=MODEL, balancer=BALANCER)
+    mcfg = svc.cfg.model.resolve()
+    run = open_run("tiny", tmp_path / "runs", model=mcfg.to_dict(), identity=mcfg.identity())
+    bad = run.checkpoints / "batch_000000250"
+    bad.mkdir()
+    (bad / "state.json").write_text("{")
+    run.progress(250, 16_000, bad)
+    with pytest.raises(CheckpointError, match="no_good_checkpoint.*--new-version"):
+        TrainerService(svc, svc.cfg, run)
+    assert (run.checkpoints / "batch_000000250.refused-corrupt").is_dir()
+    with pytest.raises(CheckpointError, match="trained to batch 250"):  # and on every restart after
+        TrainerService(svc, svc.cfg, RunDir(run.path))
