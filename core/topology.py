@@ -49,7 +49,7 @@ IMAGE_NAME = "charles"
 """Images are charles:cpu and charles:gpu (Dockerfile targets; `make images`)."""
 LOCAL_COLLECTORS = 8
 """deploy/prometheus.local.yml lists this many collectors of the local launcher."""
-PLAIN_ENV = {"CHARLES_CONFIG", "CHARLES_RUN_DIR"}
+PLAIN_ENV = {"CHARLES_CONFIG", "CHARLES_RUN_DIR", "CHARLES_CHECKPOINT_DIR", "CHARLES_STORAGE_DIR"}
 """CHARLES_* names that are not CHARLES__SECTION__FIELD configuration paths."""
 
 
@@ -94,6 +94,8 @@ def container_env(name: str, http_port: int) -> dict[str, str]:
         env["CHARLES__BUS__HOST"] = "127.0.0.1"
     if name == "trainer":
         env["CHARLES_RUN_DIR"] = RUN_DIR
+        env["CHARLES_CHECKPOINT_DIR"] = TRAINER_VOLUMES["checkpoints"]
+        env["CHARLES_STORAGE_DIR"] = TRAINER_VOLUMES["storage"]
         # the final checkpoint on SIGTERM may take longer than the others' shutdown_s; within the 60 s
         # that compose (stop_grace_period) and k8s (terminationGracePeriodSeconds) give the trainer
         env["CHARLES__SERVICE__SHUTDOWN_S"] = "50"

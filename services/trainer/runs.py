@@ -36,6 +36,8 @@ from charles.trainer.checkpoint import atomic_write, list_checkpoints
 from charles.trainer.checkpoint import newest_weights as _newest_in
 
 RUN_DIR_ENV = "CHARLES_RUN_DIR"
+CHECKPOINT_DIR_ENV = "CHARLES_CHECKPOINT_DIR"
+STORAGE_DIR_ENV = "CHARLES_STORAGE_DIR"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -142,13 +144,19 @@ class RunDir:
         self._lock_fd: int | None = None
         self._period: Period | None = None
 
+    def _placed(self, env: str, leaf: str) -> Path:
+        # Containers keep checkpoints (precious) and storage (big, rotating, fast disk) on volumes of their
+        # own: CHARLES_CHECKPOINT_DIR=/runs/checkpoints puts this run's at /runs/checkpoints/<line>/<run>.
+        root = os.environ.get(env)
+        return Path(root) / self.line / self.name if root else self.path / leaf
+
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self._placed(CHECKPOINT_DIR_ENV, "checkpoints")
 
     @property
     def storage(self) -> Path:
-        return self.path / "storage"
+        return self._placed(STORAGE_DIR_ENV, "storage")
 
     @property
     def tb(self) -> Path:
