@@ -1,0 +1,45 @@
+"""``python -m charles.player`` (``charles player``): drive with the newest weights; Convcam and console."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from charles import config as config_mod
+from charles.runtime import Service, run_service
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="charles player", description=__doc__)
+    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting")
+    ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>, sample.<id>); default: player-<hostname>")
+    ap.add_argument("--preset", help="model line to drive (overrides model.preset; the trainer must run the same)")
+    ap.add_argument("--seed", type=int, help="sim seed (overrides player.seed)")
+    args = ap.parse_args(argv)
+    overrides = list(args.set)
+    if args.preset:
+        overrides.append(f"model.preset={args.preset}")
+    if args.seed is not None:
+        overrides.append(f"player.seed={args.seed}")
+    try:
+        cfg = config_mod.load(args.config, overrides=overrides)
+        model_cfg = cfg.model.resolve()
+    except ValueError as e:  # ConfigError and the player section's own checks
+        print(f"charles player: configuration error: {e}", file=sys.stderr)
+        return 2
+    instance = args.id or f"player-{socket.gethostname()}"
+
+    def body(svc: Service) -> None:
+        from charles.player.service import PlayerService  # torch and timm: after the config is known good
+
+        service = PlayerService(svc, model_cfg)
+        svc.start_heartbeat()
+        service.run()
+
+    return run_service("player", cfg, body, instance)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

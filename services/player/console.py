@@ -1,0 +1,154 @@
+"""What people see of the player: the Player Console for the viewer, and a live view on a terminal.
+
+The drive loop only hands over references (the hood frame, the cinematic frame it rendered, the predictor
+whose Convcam tap holds the newest activations, a state dict); the painter thread draws the Convcam,
+encodes the JPEGs and publishes on its own socket, newest job only, so a slow encode never holds up a
+frame and never queues.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+from charles.model.predictor import Predictor
+from charles.proto import Console, Frame
+from charles.runtime import Publisher, Service
+
+BAR = 10
+"""Half-width of the terminal's bars in characters."""
+
+
+class ConsolePainter:
+    """``# <= console_hz -> console.<instance>``: Convcam, JPEGs and the publish, off the drive loop."""
+
+    def __init__(
+        self, svc: Service, quality: int = 80, max_width: int = 640, pub: Publisher | None = None, terminal: bool = False
+    ):
+        self.svc = svc
+        self.quality = quality
+        self.max_width = max_width
+        """Wider pictures (a remote game's full-HD capture) are shrunk to this width before the JPEG."""
+        self.pub = pub or svc.publisher("console")
+        self.terminal = terminal and sys.stdout.isatty()
+        self.published = 0
+        self.last_state: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._job: tuple[dict, dict[str, np.ndarray], Predictor | None] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_terminal = 0.0
+        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread.start()
+
+    def submit(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> None:
+        with self._lock:
+            self._job = (state, images, predictor)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            with self._lock:
+                job, self._job = self._job, None
+                self._wake.clear()
+            if job is None or self._stop.is_set():
+                continue
+            try:
+                self.paint(*job)
+            except Exception:  # a picture is never worth the drive
+                self.svc.log.exception("could not draw the Player Console")
+
+    def paint(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> Console:
+        frames = {
+            name: Frame.encode(self._fit(img), "jpeg", self.quality) for name, img in images.items() if img is not None
+        }
+        if predictor is not None:
+            cam = predictor.convcam()
+            if cam is not None:
+                frames["convcam"] = Frame.encode(cam, "jpeg", max(self.quality, 90))
+        console = Console("player", state, frames)
+        if self.pub.send(f"console.{self.svc.instance}", console):
+            self.published += 1
+        self.last_state = state
+        now = time.monotonic()
+        if self.terminal and now - self._last_terminal >= 0.5:
+            self._last_terminal = now
+            sys.stdout.write("\x1b[H\x1b[2J" + terminal_view(state, self.svc.instance) + "\n")
+            sys.stdout.flush()
+        return console
+
+    def _fit(self, img: np.ndarray) -> np.ndarray:
+        h, w = img.shape[:2]
+        if w <= self.max_width:
+            return img
+        return cv2.resize(img, (self.max_width, max(1, round(h * self.max_width / w))), interpolation=cv2.INTER_AREA)
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------- terminal
+
+
+def _bar(v: float, lo: float = -1.0) -> str:
+    """[-1, 1] (or [0, 1]) as a bar of '=' around a centre mark."""
+    if not isinstance(v, int | float) or not math.isfinite(v):
+        return " " * (2 * BAR + 1)
+    v = min(max(float(v), lo), 1.0)
+    n = round(abs(v) * BAR)
+    if lo < 0:
+        left = " " * (BAR - n) + "=" * n if v < 0 else " " * BAR
+        right = "=" * n + " " * (BAR - n) if v > 0 else " " * BAR
+        return f"{left}|{right}"
+    return " " * BAR + "|" + "=" * n + " " * (BAR - n)  # a trigger: from the same centre as the stick
+
+
+def _age(created: float | None) -> str:
+    if not created:
+        return "-"
+    s = max(0.0, time.time() - created)
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _num(v: Any) -> float:
+    if isinstance(v, list | tuple):  # a classification output: show its most likely class index
+        return float(int(np.argmax(v))) if v else float("nan")
+    return float(v) if isinstance(v, int | float) else float("nan")
+
+
+def terminal_view(state: dict, instance: str = "player") -> str:
+    """Raw predictions and controller values side by side, rates, model and counters."""
+    lat = state.get("latency_ms") or {}
+    lines = [
+        f"Charles player {instance}   {state.get('source', '')}   {state.get('status', '')}",
+        f"model {state.get('model', '-')}   batch {state.get('model_batch', '-')}   age {_age(state.get('model_created'))}"
+        f"   lag {state.get('policy_lag', 0)} batches",
+        f"hood camera {state.get('fps', 0):5.1f} fps   predictions {state.get('pps', 0):5.1f} pps   latency "
+        f"p50 {lat.get('p50', float('nan')):.1f} ms  p99 {lat.get('p99', float('nan')):.1f} ms",
+        f"swaps {state.get('swaps', 0)}   unstucks {state.get('unstucks', 0)}   dagger samples {state.get('dagger_samples', 0)}",
+        "",
+        f"{'raw prediction':<46}controller",
+    ]
+    raw = list((state.get("raw") or {}).items())
+    pad = [("steering", -1.0), ("throttle", 0.0), ("brake", 0.0)]
+    controls = state.get("controls") or {}
+    for i in range(max(len(raw), len(pad))):
+        left = ""
+        if i < len(raw):
+            name, v = raw[i]
+            left = f"{name[:14]:<15}{_num(v):+.3f} {_bar(_num(v))}"
+        right = ""
+        if i < len(pad):
+            name, lo = pad[i]
+            v = controls.get(name, float("nan"))
+            right = f"{name:<9}{_num(v):+.3f} {_bar(_num(v), lo)}"
+        lines.append(f"{left:<46}{right}")
+    return "\n".join(lines)

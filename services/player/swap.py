@@ -1,0 +1,244 @@
+"""New weights in without a stalled frame: check on arrival, load beside the running model, switch between frames.
+
+Two :class:`~charles.model.predictor.Predictor` of the same model exist. The drive loop runs the
+*active* one; :class:`WeightsFeed` (a thread that owns the ``weights.<line>`` socket, so even the
+payload's sha256 and msgpack decode stay off the loop) checks each message and loads it into the other
+one (on CUDA on a side stream). Once loaded it is *ready*; the loop calls :meth:`Swapper.maybe_swap`
+before each frame and, when the policy allows, swaps the two references — the switch itself is a pointer
+swap under a lock, so no frame waits for a load. Newer weights arriving while one is ready and not yet
+swapped in (the ``unstuck`` policy waits for an Unstuck) are loaded into that same ready predictor: the
+loop always gets the newest.
+
+A weights message is refused, counted in ``charles_rejects_total{reason}`` and logged with what was
+wrong, and the car keeps driving on what it has, when it is for another model line (``wrong_model``),
+describes another network (``config_mismatch``, ``bad_config``), or its payload is not safetensors of
+this model (``pickle``, ``not_safetensors``, ``corrupt``, ``non_finite``, ``tensor_mismatch``...: the
+``WeightsError`` reasons of charles.model.weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from charles.model.config import ModelConfig
+from charles.model.predictor import Predictor
+from charles.model.weights import WeightsError
+from charles.proto import Envelope, Weights
+from charles.runtime import Service, Subscriber
+
+RECV_MS = 100
+"""Longest wait of the feed thread: it looks at the stop flag this often."""
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsMeta:
+    """Which weights a predictor holds (what the console and metrics show)."""
+
+    model: str
+    run: str
+    batch: int
+    created: float
+    sha256: str
+    received: float = 0.0
+    """time.monotonic() when they arrived."""
+
+
+def check_weights(w: Weights, cfg: ModelConfig) -> None:
+    """The message's own claims against the model we run; raises WeightsError (cheap: no payload parsed)."""
+    if w.model != cfg.name:
+        raise WeightsError("wrong_model", f"weights of run {w.run!r} are for model line {w.model!r}; this player runs {cfg.name!r}")
+    try:
+        theirs = ModelConfig.from_dict(w.config)
+    except ValueError as e:
+        raise WeightsError("bad_config", f"weights of run {w.run!r} carry a model config we cannot read: {e}") from None
+    diff = cfg.differences(theirs)
+    if diff:
+        shown = ", ".join(f"{k}: ours {a!r}, theirs {b!r}" for k, (a, b) in list(diff.items())[:4])
+        raise WeightsError("config_mismatch", f"weights of run {w.run!r} batch {w.batch} are for a different network ({shown})")
+
+
+class Swapper:
+    """The active predictor, the spare(s), the ready one, and the swap policy.
+
+    Threads: ``load`` runs on the feed thread, ``maybe_swap`` on the drive loop; they share ``_lock``.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[], Predictor],
+        policy: str = "unstuck",
+        every_s: float = 30.0,
+        max_wait_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.policy = policy
+        self.every_s = every_s
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.active: Predictor | None = None
+        """What the loop predicts with; None until the first weights (the loop then brakes or lets the NPC drive)."""
+        self.meta: WeightsMeta | None = None
+        self.swaps = 0
+        """Swaps after the first weights took over (the first one is not a swap of anything)."""
+        self.newest: WeightsMeta | None = None
+        """The newest weights loaded (swapped in or ready): policy lag = newest.batch - meta.batch."""
+        self._free: list[Predictor] = [make(), make()]
+        self._ready: tuple[Predictor, WeightsMeta, float] | None = None
+        self._lock = threading.Lock()
+        self._last_swap = -float("inf")
+        dev = self._free[0].device
+        self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+    @property
+    def predictors(self) -> list[Predictor]:
+        with self._lock:
+            out = list(self._free)
+            if self._ready is not None:
+                out.append(self._ready[0])
+        return out + ([self.active] if self.active is not None else [])
+
+    @property
+    def pending(self) -> WeightsMeta | None:
+        """Weights loaded and waiting for the policy to swap them in."""
+        r = self._ready
+        return r[1] if r is not None else None
+
+    @property
+    def lag(self) -> int:
+        """Batches the driven weights trail the newest loaded ones (0 before the first)."""
+        if self.meta is None or self.newest is None:
+            return 0
+        return max(0, self.newest.batch - self.meta.batch)
+
+    # -- the feed thread ------------------------------------------------------------------------------
+
+    def load(self, payload: bytes | memoryview, meta: WeightsMeta) -> None:
+        """Load into a predictor the loop is not using; raises WeightsError (nothing changes then)."""
+        with self._lock:
+            if self._ready is not None:
+                target, self._ready = self._ready[0], None  # newer weights replace the not-yet-swapped ones
+            else:
+                target = self._free.pop()
+        try:
+            ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+            with ctx:
+                target.swap_weights(payload)  # checks the safetensors header, the config inside and every shape
+            if self._stream is not None:
+                self._stream.synchronize()  # the copies are done before the loop may use them
+        except BaseException:
+            with self._lock:
+                self._free.append(target)
+            raise
+        with self._lock:
+            self._ready = (target, meta, self.clock())
+            self.newest = meta
+
+    # -- the drive loop -------------------------------------------------------------------------------
+
+    def maybe_swap(self, driving: bool) -> bool:
+        """Between two frames: swap in ready weights if the policy says now. True when it swapped."""
+        r = self._ready
+        if r is None:
+            return False
+        now = self.clock()
+        if self.active is not None and not self._due(driving, now, r[2]):
+            return False
+        with self._lock:
+            if self._ready is None:
+                return False
+            target, meta, _ = self._ready
+            self._ready = None
+            old, self.active, self.meta = self.active, target, meta
+            if old is not None:
+                self._free.append(old)
+                self.swaps += 1
+        self._last_swap = now
+        return True
+
+    def _due(self, driving: bool, now: float, ready_since: float) -> bool:
+        if self.policy == "immediate":
+            return True
+        if self.policy == "every_s":
+            return now - self._last_swap >= self.every_s
+        # unstuck: while Unstuck has the car (fade, teleport, settle) nobody watches the model drive
+        if not driving:
+            return True
+        return self.max_wait_s > 0 and now - ready_since >= self.max_wait_s
+
+
+class WeightsFeed:
+    """``# irregular <- weights.<line>`` (the broker's newest at start): check, load, hand to the Swapper."""
+
+    def __init__(self, svc: Service, swapper: Swapper, cfg: ModelConfig, sub: Subscriber | None = None):
+        self.svc = svc
+        self.swapper = swapper
+        self.cfg = cfg
+        self.topic = f"weights.{cfg.name}"
+        self.sub = sub
+        self.received = 0
+        self.loaded = 0
+        self.refused = 0
+        self.last_error = ""
+        self.subscribed = threading.Event()
+        self._seen: tuple[str, int, str] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="weights", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        if self.sub is None:
+            # subscribes, then fetches the broker's last value of the topic (the late-join rule)
+            self.sub = self.svc.subscriber([self.topic])
+        self.subscribed.set()
+        while not self._stop.is_set() and self.svc.running:
+            env = self.sub.recv(RECV_MS)
+            if env is None:
+                continue
+            # only the newest matters: older ones still queued are superseded (duplicates are not counted)
+            mine = [e for e in (env, *self.sub.drain(16)) if e.topic == self.topic]
+            if not mine:
+                continue
+            older = {(e.msg.run, e.msg.batch, e.msg.sha256) for e in mine[:-1]}
+            older.discard((mine[-1].msg.run, mine[-1].msg.batch, mine[-1].msg.sha256))
+            if older:
+                self.svc.metrics.drops.labels(cause="weights_superseded").inc(len(older))
+            try:
+                self.handle(mine[-1])
+            except Exception:  # a bad file is a reject; anything else must not end the feed either
+                self.svc.log.exception("weights feed: unexpected error")
+
+    def handle(self, env: Envelope) -> bool:
+        """One weights message; True when it was loaded (ready for the swap)."""
+        if env.topic != self.topic:
+            return False  # weights.tiny also matches weights.tiny_memory: another line's, not ours
+        w: Weights = env.msg
+        key = (w.run, w.batch, w.sha256)
+        if key == self._seen:
+            return False  # the broker's snapshot and the live message can both arrive: judge each once
+        self._seen = key
+        self.received += 1
+        meta = WeightsMeta(w.model, w.run, int(w.batch), float(w.created), w.sha256, time.monotonic())
+        try:
+            check_weights(w, self.cfg)
+            self.swapper.load(w.payload, meta)
+        except WeightsError as e:
+            self.refused += 1
+            self.last_error = str(e)
+            self.svc.reject(e.reason, f"weights {w.run} batch {w.batch} refused, still driving on what we have: {e}")
+            return False
+        self.loaded += 1
+        self.svc.log.info(f"weights {w.run} batch {w.batch} loaded; swap policy: {self.swapper.policy}")
+        return True

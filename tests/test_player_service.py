@@ -1,0 +1,387 @@
+"""The player on real loopback sockets: weights from the broker, swaps, refusals, remote play, DAgger, console.
+
+Each test runs :class:`PlayerService` in a thread of this process (``svc.stop`` is exactly what SIGTERM
+calls), with the tiny preset, the sim unpaced and short Unstuck phases; the subprocess test runs the real
+entry point.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from charles.model.net import build_model
+from charles.model.predictor import Predictor
+from charles.model.presets import get_config
+from charles.model.weights import save_weights
+from charles.player.console import ConsolePainter, terminal_view
+from charles.player.service import PlayerMetrics, PlayerService
+from charles.proto import Frame, GameFrame, Weights
+from tests_support import counter_value, wait_for
+
+torch.set_num_threads(1)
+
+TINY = get_config("tiny")
+# Unstuck never fires on its own here (a 100 s window), and recovers in 0.3 s of game time when triggered.
+QUICK_UNSTUCK = {"window_s": 100.0, "fade_out_s": 0.1, "settle_s": 0.1, "fade_in_s": 0.1}
+PLAYER = {"realtime": False, "console_hz": 0, "terminal": False, "threads": 1}
+
+
+@functools.lru_cache(maxsize=8)
+def blob(seed: int, throttle: float, cfg_json: str = TINY.to_json()) -> bytes:
+    """Weights of a tiny model that always asks for ``throttle`` (so the car moves) and steers a little, by its seed."""
+    from charles.model.config import ModelConfig
+
+    cfg = ModelConfig.from_json(cfg_json)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        out = model.heads["throttle_brake"].out
+        out.weight.zero_()
+        out.bias.fill_(throttle)
+        steer = model.heads["steering"].out  # gentle: a car that rolls about, not one that heads for the lake
+        steer.weight.mul_(0.1)
+        steer.bias.zero_()
+    return save_weights(model, cfg, half=True)
+
+
+def weights(payload: bytes, batch: int, cfg=TINY, model: str = "tiny") -> Weights:
+    return Weights(model=model, run=f"{model}_v1", batch=batch, config=cfg.to_dict(), payload=payload, created=time.time())
+
+
+W1 = (1, 0.6)
+W2 = (2, 0.3)
+
+
+@pytest.fixture
+def player(broker, client_factory):
+    """start(player=..., unstuck=...) -> PlayerService running in a thread; stopped at the end."""
+    running = []
+
+    def start(player: dict | None = None, unstuck: dict | None = None, **kw):
+        svc = client_factory(
+            "player", player={**PLAYER, **(player or {})}, unstuck={**QUICK_UNSTUCK, **(unstuck or {})}
+        )
+        service = PlayerService(svc, **kw)
+        t = threading.Thread(target=service.run, daemon=True)
+        t.start()
+        running.append((svc, t))
+        wait_for(service.feed.subscribed.is_set, 5, "the weights feed never subscribed")
+        return service
+
+    yield start
+    for svc, t in running:
+        svc.stop()
+        t.join(5)
+
+
+@pytest.fixture
+def trainer(broker, client_factory):
+    """publish(weights) -> the broker holds it as the last value of weights.<model> (late joiners get it)."""
+    b, _ = broker
+    pub = client_factory("trainer").publisher("weights")
+
+    def publish(w: Weights, until=None, timeout: float = 10.0) -> None:
+        topic = f"weights.{w.model}"
+        before = b.lvc.items.get(topic)
+
+        def sent() -> bool:
+            pub.send(topic, w)
+            if until is not None:
+                return until()
+            return b.lvc.items.get(topic) is not before
+
+        wait_for(sent, timeout, f"weights batch {w.batch} never arrived", interval=0.2)
+
+    return publish
+
+
+def continuous(service: PlayerService) -> list:
+    records = list(service.recent)
+    seqs = [r.seq for r in records]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a frame was dropped"
+    return records
+
+
+def probe(payload: bytes) -> dict:
+    frame = np.random.default_rng(0).integers(0, 255, (TINY.height, TINY.width, 3), np.uint8)
+    return Predictor.from_weights(payload).predict(frame)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def test_late_joiner_gets_the_newest_weights_and_drives(player, trainer, client_factory):
+    trainer(weights(blob(*W1), batch=100))  # before the player exists: served from the broker's last value
+    viewer = client_factory("viewer").subscriber(["console."], late_join=False)
+    service = player(player={"console_hz": 5})
+    wait_for(lambda: service.predictions >= 60, 20, "the player never drove")
+    assert service.swapper.meta.batch == 100 and service.swapper.swaps == 0
+    reg = service.svc.metrics.registry
+    assert counter_value(reg, "charles_player_predictions_total") >= 60
+    assert counter_value(reg, "charles_player_weights_batch") == 100
+    assert service.svc.status == "ok"
+    assert service.source.world.odometer_m > 1.0, "the car never moved"
+    assert all(r.action[1] == pytest.approx(0.6, abs=1e-3) for r in service.recent if r.predicted)
+    continuous(service)
+
+    env = None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        env = viewer.recv(200)
+        if env is not None and env.msg.state.get("model") == "tiny_v1":
+            break
+    assert env is not None and env.topic == f"console.{service.svc.instance}"
+    state, images = env.msg.state, env.msg.images
+    assert {"cinematic", "hood", "convcam"} <= set(images)
+    assert images["hood"].shape == (TINY.height, TINY.width, 3) and images["cinematic"].codec == "jpeg"
+    assert state["model_batch"] == 100 and state["controls"]["throttle"] == pytest.approx(0.6, abs=1e-3)
+    assert set(state["raw"]) == {"steering", "throttle_brake"}
+    assert {"fps", "pps", "swaps", "unstucks", "policy_lag", "model_created"} <= set(state)
+    wait_for(lambda: service.svc.info.get("model_batch") == 100, 3, "heartbeat info")
+    assert {"model_batch", "pps", "fps", "swaps", "unstucks"} <= set(service.svc.info)
+
+
+def test_before_the_first_weights_it_brakes_and_says_so(player):
+    service = player()
+    wait_for(lambda: service.frames >= 30, 10, "no frames")
+    assert service.predictions == 0 and service.svc.status == "waiting"
+    assert service.state()["model"] == "waiting for weights"
+    assert all(r.action == (0.0, -1.0) for r in service.recent)
+    assert service.source.unstucks == 0, "standing on the brake while waiting is not being stuck"
+
+
+def test_swap_waits_for_unstuck_and_drops_no_frame(player, trainer):
+    trainer(weights(blob(*W1), batch=1))
+    service = player()
+    wait_for(lambda: service.predictions >= 10, 20, "the player never drove")
+    trainer(weights(blob(*W2), batch=2), until=lambda: service.swapper.pending is not None)
+    at = service.frames
+    wait_for(lambda: service.frames >= at + 20, 10, "the loop stalled")
+    assert service.swapper.meta.batch == 1, "unstuck policy: no swap while the car drives"
+    assert service.swapper.lag == 1 and counter_value(service.svc.metrics.registry, "charles_player_policy_lag_batches") == 1
+
+    service.source.session.unstuck.trigger()  # stuck (as water or the stuck window would say)
+    wait_for(lambda: service.swapper.meta.batch == 2, 10, "no swap at the unstuck")
+    wait_for(lambda: service.recent[-1].batch == 2, 10, "never drove on the new weights")
+    records = continuous(service)
+    first = next(i for i, r in enumerate(records) if r.batch == 2)
+    k = first - 1
+    while k >= 0 and not records[k].predicted:
+        k -= 1
+    assert k < first - 1, "the swap happened while Unstuck had the car (frames without predictions)"
+    assert records[k].batch == 1
+    assert service.swapper.swaps == 1 and service.source.unstucks == 1
+    reg = service.svc.metrics.registry
+    assert counter_value(reg, "charles_player_swaps_total") == 1
+    assert counter_value(reg, "charles_player_unstucks_total") == 1
+    assert records[-1].action[1] == pytest.approx(0.3, abs=1e-3)
+    before, after = probe(blob(*W1)), probe(blob(*W2))
+    now = service.swapper.active.predict(np.random.default_rng(0).integers(0, 255, (90, 160, 3), np.uint8))
+    assert not np.allclose(before["steering"], after["steering"])
+    np.testing.assert_allclose(now["steering"], after["steering"], rtol=1e-5, atol=1e-6)
+
+
+def test_immediate_policy_swaps_between_two_driven_frames(player, trainer):
+    trainer(weights(blob(*W1), batch=1))
+    service = player(player={"swap": "immediate"})
+    wait_for(lambda: service.predictions >= 10, 20, "the player never drove")
+    trainer(weights(blob(*W2), batch=2), until=lambda: service.swapper.newest.batch == 2)
+    wait_for(lambda: service.recent[-1].batch == 2, 5, "no immediate swap")
+    records = continuous(service)
+    first = next(i for i, r in enumerate(records) if r.batch == 2)
+    assert records[first - 1].predicted and records[first - 1].batch == 1, "swapped while driving, frame to frame"
+    assert service.swapper.swaps == 1 and service.source.unstucks == 0
+
+
+def test_foreign_and_pickled_weights_are_refused_and_counted(player, trainer):
+    trainer(weights(blob(*W1), batch=1))
+    service = player()
+    wait_for(lambda: service.predictions >= 5, 20, "the player never drove")
+    reg = service.svc.metrics.registry
+
+    def refused(reason: str):
+        return lambda: counter_value(reg, "charles_rejects_total", {"reason": reason}) >= 1
+
+    other = TINY.replace(width=128)  # another network under the same line name
+    trainer(weights(blob(3, 0.1, other.to_json()), batch=5, cfg=other), until=refused("config_mismatch"))
+    assert "different network" in service.feed.last_error and "width" in service.feed.last_error
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    trainer(weights(buf.getvalue(), batch=6), until=refused("pickle"))
+    assert "pickle" in service.feed.last_error and "safetensors" in service.feed.last_error
+
+    trainer(weights(b"\x00" * 64, batch=7), until=refused("not_safetensors"))
+    assert service.feed.refused == 3 and service.swapper.newest.batch == 1
+    at = service.predictions
+    wait_for(lambda: service.predictions > at + 10, 10, "stopped driving after a refusal")
+    assert service.swapper.meta.batch == 1 and service.state()["weights_error"]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def test_remote_game_frames_in_actions_out(player, trainer, client_factory):
+    mem = get_config("tiny_memory")  # reads history, speed and purpose: all from telemetry here
+    trainer(weights(blob(1, 0.6, mem.to_json()), batch=1, cfg=mem, model="tiny_memory"))
+    agent = client_factory("capture_agent").publisher("game")
+    pad = client_factory("gamepad_agent").subscriber(["action.agent-1"], late_join=False)
+    service = player(
+        player={"source": "remote", "source_id": "agent-1", "deadzone_throttle": 0.1}, model_cfg=mem
+    )
+    wait_for(lambda: service.swapper.newest is not None, 20, "no weights")  # swapped in with the first frame
+    rng = np.random.default_rng(1)
+    got = []
+    for k in range(400):  # a 320x180 capture (the model is 160x90): resized like the trainer's frames
+        img = rng.integers(0, 255, (180, 320, 3), np.uint8)
+        gf = GameFrame("agent-1", k, k / 30, Frame.encode(img, "jpeg"), 8.0, (k * 0.3, 0.0, 0.0), 0.0, (0.1, 50.0))
+        agent.send("game.agent-1", gf)
+        while (env := pad.recv(5)) is not None:
+            got.append(env.msg)
+        if len(got) >= 30:
+            break
+        time.sleep(0.01)
+    assert len(got) >= 30, f"only {len(got)} actions"
+    seqs = [a.seq for a in got]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert all(a.target == "agent-1" and -1 <= a.steering <= 1 and a.brake == 0.0 for a in got)
+    assert got[-1].throttle == pytest.approx(0.1 + 0.9 * 0.6, abs=1e-3)  # 0.6 past a 0.1 dead zone
+    rows = service.source.history.rows
+    assert rows.shape == (30, 5) and tuple(rows[-1]) == pytest.approx((got[-1].steering, 0.6, 8.0, 0.1, 50.0), abs=1e-3)
+    assert service.predictions >= 30
+
+
+def test_dagger_samples_are_labelled_by_the_npc_and_counted(player, trainer, client_factory):
+    trainer(weights(blob(*W1), batch=1))
+    balancer = client_factory("balancer").subscriber(["sample."], late_join=False)
+    service = player(player={"dagger": True})
+    samples = []
+    deadline = time.monotonic() + 20
+    while len(samples) < 20 and time.monotonic() < deadline:
+        env = balancer.recv(100)
+        if env is not None:
+            samples.append(env)
+    assert len(samples) >= 20
+    env = samples[-1]
+    s = env.msg
+    assert env.topic == f"sample.{service.svc.instance}" and s.collector == service.svc.instance
+    assert s.source == "dagger" and s.frame.shape == (TINY.height, TINY.width, 3)
+    assert -1 <= s.steering <= 1 and -1 <= s.throttle_brake <= 1
+    assert s.previous is not None and s.history is None  # tiny reads no history
+    assert [e.msg.seq for e in samples] == sorted(e.msg.seq for e in samples)
+    wait_for(lambda: service.dagger_samples >= 20, 2, "samples sent but not counted")
+    assert service.predictions >= service.dagger_samples
+    reg = service.svc.metrics.registry
+    assert counter_value(reg, "charles_messages_total", {"direction": "out", "topic": "sample"}) >= 20
+
+
+# ---------------------------------------------------------------------------------------------- console
+
+
+@pytest.mark.parametrize("per_output", [False, True], ids=["one_backbone", "two_backbones"])
+def test_convcam_of_one_and_two_backbones(client_factory, per_output):
+    from charles.model.convcam import convcam_image
+
+    cfg = TINY.replace(backbone_per_output=per_output)
+    predictor = Predictor(cfg, convcam=True)
+    assert predictor.convcam() is None  # nothing predicted yet
+    predictor.predict(np.full((cfg.height, cfg.width, 3), 120, np.uint8))
+    painter = ConsolePainter(client_factory("player"))
+    try:
+        console = painter.paint({"model": "x"}, {"hood": np.zeros((90, 160, 3), np.uint8)}, predictor)
+    finally:
+        painter.close()
+    maps = [m for m in predictor._tap.maps]
+    assert len(maps) == (2 if per_output else 1)
+    c, h, w = maps[0].shape[1:]
+    expected = convcam_image(maps)
+    assert c == 368 and (h, w) == (3, 5)  # regnetx_002's last feature map at 160x90
+    assert console.images["convcam"].shape == expected.shape
+    img = console.images["convcam"].decode()
+    grey = np.abs(img[..., 0].astype(int) - img[..., 2].astype(int)).mean() < 3
+    assert grey != per_output, "one backbone is grey, two are coloured"
+
+
+def test_terminal_view_shows_raw_and_controller_side_by_side():
+    text = terminal_view(
+        {"model": "tiny_v1", "model_batch": 5, "raw": {"steering": 0.25, "throttle_brake": -0.5},
+         "controls": {"steering": 0.4, "throttle": 0.0, "brake": 0.6}, "fps": 30.0, "pps": 30.0,
+         "swaps": 2, "unstucks": 1, "latency_ms": {"p50": 4.0, "p99": 6.0}}
+    )
+    assert "tiny_v1" in text and "30.0 pps" in text and "swaps 2" in text and "unstucks 1" in text
+    row = next(line for line in text.splitlines() if line.startswith("steering"))
+    assert "+0.250" in row and "+0.400" in row
+
+
+def test_listed_player_metrics_are_what_the_player_exposes():
+    from charles import topology as t
+    from prometheus_client import CollectorRegistry
+    from test_topology import _assert_listed_as_exposed, _exposed
+
+    reg = CollectorRegistry()
+    m = PlayerMetrics(reg)
+    m.latency.observe(0.004)
+    exposed = _exposed(reg)
+    _assert_listed_as_exposed("player", exposed)
+    listed = {n for x in t.METRICS.values() if x.owner == "player" for n in t.exposed_names(x)}
+    assert set(exposed) == listed
+
+
+# ---------------------------------------------------------------------------------------------- process
+
+
+def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broker, trainer):
+    from conftest import free_ports
+
+    _, data = broker
+    trainer(weights(blob(*W1), batch=42))
+    (http_port,) = free_ports(1)
+    env = {
+        **os.environ,
+        "CHARLES__BUS__PORTS": json.dumps(data["bus"]["ports"]),
+        "CHARLES__SERVICE__HTTP_PORT": str(http_port),
+        "CHARLES__PLAYER__THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "charles.player", "--preset", "tiny", "--seed", "3", "--id", "player-smoke"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def get(path: str):
+        with urllib.request.urlopen(url + path, timeout=1) as r:
+            return json.load(r)
+
+    def driving():
+        if proc.poll() is not None:
+            raise AssertionError(f"the player exited with {proc.returncode}: {proc.stdout.read().decode()}")
+        try:
+            return get("/state")["info"].get("model_batch") == 42 and get("/healthz")["status"] == "ok"
+        except OSError:
+            return False
+
+    try:
+        wait_for(driving, 40, "the player never drove on the broker's weights")
+        with urllib.request.urlopen(url + "/metrics", timeout=1) as r:
+            text = r.read().decode()
+        assert "charles_player_predictions_total" in text and "charles_player_weights_batch 42.0" in text
+        assert get("/state")["instance"] == "player-smoke"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=10)
+        assert rc == 0, proc.stdout.read().decode()
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

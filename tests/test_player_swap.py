@@ -1,0 +1,99 @@
+"""Swapper: two predictors, loads beside the running one, swaps between frames by policy (fake predictors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from charles.model.weights import WeightsError
+from charles.player.swap import Swapper, WeightsMeta
+
+
+class FakePredictor:
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.loaded: bytes | None = None
+
+    def swap_weights(self, payload: bytes) -> None:
+        if payload == b"bad":
+            raise WeightsError("not_safetensors", "bad")
+        self.loaded = bytes(payload)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def meta(batch: int) -> WeightsMeta:
+    return WeightsMeta("tiny", "tiny_v1", batch, 0.0, str(batch))
+
+
+def swapper(policy: str, **kw) -> tuple[Swapper, Clock]:
+    clock = Clock()
+    return Swapper(FakePredictor, policy, clock=clock, **kw), clock
+
+
+@pytest.mark.parametrize("policy", ["unstuck", "immediate", "every_s"])
+def test_first_weights_take_over_at_once_whatever_the_policy(policy):
+    s, _ = swapper(policy)
+    assert s.active is None and not s.maybe_swap(driving=True)
+    s.load(b"w1", meta(1))
+    assert s.maybe_swap(driving=True) and s.active.loaded == b"w1" and s.swaps == 0 and s.lag == 0
+
+
+def test_unstuck_policy_waits_for_a_non_driving_frame_or_the_max_wait():
+    s, clock = swapper("unstuck", max_wait_s=60.0)
+    s.load(b"w1", meta(1))
+    s.maybe_swap(True)
+    first = s.active
+    s.load(b"w2", meta(2))
+    assert not s.maybe_swap(True) and s.active is first and s.lag == 1 and s.pending.batch == 2
+    assert s.maybe_swap(False) and s.active.loaded == b"w2" and s.active is not first and s.swaps == 1
+    s.load(b"w3", meta(3))  # loads into the predictor the old weights left free
+    assert s.active.loaded == b"w2" and first.loaded == b"w3"
+    clock.t = 59.0
+    assert not s.maybe_swap(True)
+    clock.t = 61.0
+    assert s.maybe_swap(True) and s.active is first and s.meta.batch == 3
+
+
+def test_newer_weights_replace_ready_ones_that_were_not_swapped_in():
+    s, _ = swapper("unstuck")
+    s.load(b"w1", meta(1))
+    s.maybe_swap(True)
+    s.load(b"w2", meta(2))
+    s.load(b"w3", meta(3))
+    assert len(s.predictors) == 2, "never more than two models"
+    assert s.maybe_swap(False) and s.active.loaded == b"w3" and s.swaps == 1
+
+
+def test_every_s_policy_spaces_the_swaps():
+    s, clock = swapper("every_s", every_s=10.0)
+    s.load(b"w1", meta(1))
+    s.maybe_swap(True)
+    s.load(b"w2", meta(2))
+    clock.t = 5.0
+    assert not s.maybe_swap(False)
+    clock.t = 10.0
+    assert s.maybe_swap(True) and s.meta.batch == 2
+
+
+def test_immediate_policy_swaps_on_the_next_frame():
+    s, _ = swapper("immediate")
+    s.load(b"w1", meta(1))
+    s.maybe_swap(True)
+    s.load(b"w2", meta(2))
+    assert s.maybe_swap(True) and s.meta.batch == 2 and s.swaps == 1
+
+
+def test_a_refused_load_changes_nothing():
+    s, _ = swapper("immediate")
+    s.load(b"w1", meta(1))
+    s.maybe_swap(True)
+    with pytest.raises(WeightsError):
+        s.load(b"bad", meta(2))
+    assert not s.maybe_swap(True) and s.meta.batch == 1 and s.newest.batch == 1 and len(s.predictors) == 2
