@@ -127,6 +127,9 @@ class Launcher:
         out = open(p.log, "ab")  # noqa: SIM115 - handed to the child; closed when we are
         p.popen = subprocess.Popen([sys.executable, "-m", module, *p.args], env=self._env(p), stdout=out, stderr=subprocess.STDOUT)
         out.close()
+        # every child's pid, for people and tests checking that nothing is left behind
+        pids = {q.name: q.popen.pid for q in self.procs if q.popen is not None}
+        (self.logs_dir / "pids.json").write_text(json.dumps(pids))
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
