@@ -58,6 +58,9 @@ class SampleSet:
     samples: list[Sample]
     labels_kept: list[str] = field(default_factory=list)
     """Outputs whose labels travel with the samples (v2 keeps only the balanced one)."""
+    seq: int | None = None
+    """The sender's count of sets on this topic, from 0; a gap means sets were lost on the way (None: not
+    numbered)."""
 
 
 @dataclass(slots=True)
