@@ -584,7 +584,8 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
         raise ProtocolError("truncated", f"{len(frames)} frame(s); a message is [topic, header, *blobs]")
     f0 = frames[0]
     topic_b = f0.bytes if f0.__class__ is _ZFrame else bytes(_buf(f0))
-    known = _TOPICS.get(topic_b)
+    # a control verb is not a topic (b"config" is both): never looked up in nor added to the topics' cache
+    known = None if control else _TOPICS.get(topic_b)
     if known is None:
         try:
             topic = topic_b.decode("ascii")
@@ -593,7 +594,7 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
         entry = None if control else registry().topic(topic)
         if entry is None and not control:
             raise ProtocolError("unknown_topic", f"topic {topic[:64]!r} is not in the registry")
-        if len(_TOPICS) < _TOPIC_CACHE:
+        if not control and len(_TOPICS) < _TOPIC_CACHE:
             _TOPICS[topic_b] = (topic, entry)
     else:
         topic, entry = known

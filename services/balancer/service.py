@@ -38,6 +38,8 @@ FLUSH_LINGER_S = 1.0
 """How long the sets flushed at shutdown may take to leave (Service.close closes with linger 0)."""
 MAX_COLLECTORS = 4096
 """Collectors whose sequence we follow; past this the oldest is forgotten (a bound, not a limit in practice)."""
+SOURCES = ("npc", "human", "dagger")
+"""Who drove (Sample.source), counted apart in and out (DAgger's share of training); anything else is "other"."""
 
 _REJECT_DETAIL = {
     REJECT_NO_BIN: "a label falls in no configured bin (balancer.bins leaves a gap)",
@@ -164,6 +166,12 @@ class BalancerService:
         self.gaps = SeqGaps()
         self.frame_shape: tuple[int, int, int] | None = None
         self.sets_sent = 0
+        self.set_seq: dict[str, int] = {}
+        """Next sequence number per set topic (a few: one per output); the trainer counts the gaps."""
+        self.sources_in = dict.fromkeys((*SOURCES, "other"), 0)
+        """Samples arrived, by who drove."""
+        self.sources_out = dict.fromkeys((*SOURCES, "other"), 0)
+        """Samples sent in sets, by who drove (a v3/v4 sample counts once per set it is in)."""
 
         r = svc.metrics.registry
         self.metrics = BalancerMetrics(self.balancer)
@@ -187,6 +195,7 @@ class BalancerService:
 
     def handle(self, sample: Sample, now: float) -> list[SampleSet]:
         """Count what the stream says about its health, then balance; returns the sets to publish."""
+        self.sources_in[sample.source if sample.source in SOURCES else "other"] += 1
         gap = self.gaps.see(sample.collector, sample.seq)
         if gap:
             self._drops.inc(gap)
@@ -216,8 +225,14 @@ class BalancerService:
 
     def publish(self, sets: list[SampleSet]) -> None:
         for s in sets:
-            if self.pub.send(set_topic(s), s):  # never blocks; a drop at the high-water mark is counted
+            topic = set_topic(s)
+            # numbered whether or not it leaves: a set lost anywhere on the way is a gap the trainer counts
+            s.seq = self.set_seq.get(topic, 0)
+            self.set_seq[topic] = s.seq + 1
+            if self.pub.send(topic, s):  # never blocks; a drop at the high-water mark is counted
                 self.sets_sent += 1
+                for x in s.samples:
+                    self.sources_out[x.source if x.source in SOURCES else "other"] += 1
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -295,6 +310,10 @@ class BalancerService:
             "rejected": sum(stats.rejected.values()),
             "seq_gaps": self.gaps.missing,
             "emit_rate": round(stats.emit_rate, 3),
+            "emitted": sum(self.sources_out.values()),
+            # flat keys: heartbeats carry scalars only
+            **{f"arrived_{k}": n for k, n in self.sources_in.items() if n},
+            **{f"emitted_{k}": n for k, n in self.sources_out.items() if n},
         }
 
     def shutdown(self) -> None:

@@ -125,7 +125,8 @@ class Broker:
         # last-value SUB (subscribes after the proxy runs so its subscription reaches publishers)
         self.lv_sub = s(zmq.SUB, hwm=1000)
         for fam, t in self.reg.topics.items():
-            if t.last_value:
+            # the broker alone makes the configuration: whatever a publisher sends on "config" is never cached
+            if t.last_value and fam != "config":
                 self.lv_sub.setsockopt(zmq.SUBSCRIBE, fam.encode())
         self.lv_sub.connect(_INPROC_OUT)
         self.cap_sub = None
@@ -135,7 +136,9 @@ class Broker:
             self.cap_sub.connect(_INPROC_CAPTURE)
 
         cfg_frames = encode("config", ConfigReply(self.served_config), self.svc.instance)
-        self.lvc.put("config", [bytes(f) for f in cfg_frames])
+        # kept apart from the cache too, which evicts its oldest topic once snapshot_hwm others are newer
+        self.config_frames = [bytes(f) for f in cfg_frames]
+        self.lvc.put("config", self.config_frames)
         self.m_lvc.set(len(self.lvc.items))
         del ctx
         self.bound.set()
@@ -239,7 +242,7 @@ class Broker:
                 env = decode([b"config", *rest[1:]], control=True)
                 if env.kind != "config_request":
                     raise ProtocolError("kind_mismatch", f"expected config_request, got {env.kind}")
-                replies.append(self.lvc.items["config"])
+                replies.append(self.config_frames)
                 self.svc.log.info(f"served the configuration to {env.sender} ({env.msg.role})")
             except ProtocolError as e:
                 self.svc.reject(e.reason, f"bad configuration request: {e}")

@@ -72,6 +72,9 @@ class Receiver:
         self.sets = 0
         self.samples = 0
         self.other_rank = 0
+        self.lost = 0
+        """Sets that never arrived (gaps in their senders' numbering: a full broker queue while we stalled)."""
+        self._set_seq: dict[str, int] = {}  # sender/topic -> last seq
         self._seen: dict[str, tuple[str, float]] = {}  # id -> (service, monotonic time)
         self._seen_lock = threading.Lock()
         self._stop = threading.Event()
@@ -91,11 +94,24 @@ class Receiver:
                 if env is None:
                     continue
                 if isinstance(env.msg, SampleSet):
+                    self._count_gap(f"{env.sender}/{env.topic}", env.msg.seq)
                     self.on_set(env.msg)
                 elif isinstance(env.msg, Heartbeat):
                     self._saw(env.msg.instance, env.msg.service)
             except Exception:  # noqa: BLE001 - one bad message must never stop the receiving
                 self.svc.log.exception("receive loop: a message could not be handled")
+
+    def _count_gap(self, key: str, seq: int | None) -> None:
+        """Count the sets of one sender's topic that went missing before this one (a restart starts over)."""
+        if seq is None:
+            return
+        last = self._set_seq.get(key)
+        if last is None and len(self._set_seq) >= MAX_SEEN:
+            del self._set_seq[next(iter(self._set_seq))]
+        self._set_seq[key] = seq
+        if last is not None and seq > last + 1:
+            self.lost += seq - last - 1
+            self.svc.metrics.drops.labels(cause="seq_gap").inc(seq - last - 1)
 
     def mine(self, s: SampleSet) -> bool:
         """Whether this rank trains this set (see the module docstring); always true on one process."""
