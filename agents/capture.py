@@ -35,6 +35,7 @@ from typing import Literal
 import cv2
 import numpy as np
 import prometheus_client as prom
+
 from charles import config as config_mod
 from charles.agents.common import Pacer, agent_service, check_bus, load_agent_config, setup
 from charles.agents.deepgtav import DeepGtavFeed, GameMessage, Scenario, Telemetry, dataset

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from charles import config as config_mod
 from charles.runtime import Service
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import prometheus_client as prom
+
 from charles.agents.common import agent_service, check_bus, load_agent_config, setup
 from charles.agents.devices import Pad, make_pad
 from charles.config import knob

@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 import zmq
-from _common import args, report
 
 from charles.proto import Frame, Sample, encode
+
+from _common import args, report
 
 BARE = """
 import sys, zmq
@@ -48,12 +49,16 @@ def free_ports(n: int) -> list[int]:
 def start_middle(kind: str) -> tuple[subprocess.Popen, int, int]:
     pub_port, sub_port, ctl_port, http_port = free_ports(4)
     if kind == "bare":
-        proc = subprocess.Popen([sys.executable, "-c", BARE, str(pub_port), str(sub_port)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BARE, str(pub_port), str(sub_port)], stdout=subprocess.PIPE, text=True
+        )
         proc.stdout.readline()
     else:
         env = {
             **os.environ,
-            "CHARLES__BUS__PORTS": json.dumps({"publish": pub_port, "subscribe": sub_port, "control": ctl_port}),
+            "CHARLES__BUS__PORTS": json.dumps(
+                {"publish": pub_port, "subscribe": sub_port, "control": ctl_port}
+            ),
             "CHARLES__SERVICE__HTTP_PORT": str(http_port),
             "CHARLES__BROKER__HWM": "0",  # as the bare proxy: the bench sends bursts larger than any HWM
             "CHARLES__SERVICE__LOG_LEVEL": "WARNING",
@@ -131,7 +136,10 @@ def main() -> None:
     a = args(__doc__)
     rounds = 3 if a.quick else 5  # alternating bare/ours, best of each: load spikes hit both alike
     figures: dict = {}
-    for label, size, n in (("40k", 40_000, 3000 if a.quick else 20000), ("400k", 400_000, 400 if a.quick else 3000)):
+    for label, size, n in (
+        ("40k", 40_000, 3000 if a.quick else 20000),
+        ("400k", 400_000, 400 if a.quick else 3000),
+    ):
         frames = message(size)
         best = {"bare": 0.0, "ours": 0.0}
         for _ in range(rounds):

@@ -17,9 +17,10 @@ import time
 import msgpack
 import numpy as np
 import zmq
-from _common import args, report
 
 from charles.proto import Frame, Sample, decode, encode
+
+from _common import args, report
 
 
 def interleaved(fns: dict, n: int, rounds: int) -> dict[str, float]:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from charles.proto.frames import Frame
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import BufferConfig, Buffers, Entry

@@ -54,7 +54,9 @@ class BusConfig:
     keys_dir: str = knob("keys", "Folder made by `make keys` (broker.key, <client>.key_secret, allowed/)")
     client_key: str = knob("", "This client's key name in keys_dir (agent-1 -> agent-1.key_secret)")
     connect_timeout_s: float = knob(10.0, "How long to wait for the broker's configuration at start", min=0.1)
-    ports: dict = knob({}, "Override registry ports by name (publish, subscribe, control, secure_*); tests and odd hosts")
+    ports: dict = knob(
+        {}, "Override registry ports by name (publish, subscribe, control, secure_*); tests and odd hosts"
+    )
 
 
 @dataclass
@@ -66,7 +68,11 @@ class BrokerConfig:
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
     count_topics: bool = knob(True, "Count messages and bytes per topic family (a capture socket; cheap)")
     snapshot_hwm: int = knob(64, "Last-value cache: at most this many topics kept", min=1)
-    hwm: int = knob(1000, "Messages queued per peer inside the broker before it drops (0: unbounded; benchmarks only)", min=0)
+    hwm: int = knob(
+        1000,
+        "Messages queued per peer inside the broker before it drops (0: unbounded; benchmarks only)",
+        min=0,
+    )
 
 
 @dataclass
@@ -74,11 +80,15 @@ class ServiceConfig:
     """What every service process shares."""
 
     http_host: str = knob("127.0.0.1", "Address of /metrics and /healthz (0.0.0.0 in containers)")
-    http_port: int = knob(0, "Port of /metrics and /healthz; 0 takes the registry's port for the service", min=0, max=65535)
+    http_port: int = knob(
+        0, "Port of /metrics and /healthz; 0 takes the registry's port for the service", min=0, max=65535
+    )
     log_level: str = knob("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["text", "json"] = knob("text", "text for people, json for log shippers")
     heartbeat_s: float = knob(1.0, "Heartbeat period on the bus", min=0.05)
-    shutdown_s: float = knob(5.0, "A service that has not stopped this long after SIGTERM exits hard", min=0.1)
+    shutdown_s: float = knob(
+        5.0, "A service that has not stopped this long after SIGTERM exits hard", min=0.1
+    )
     reject_log_period_s: float = knob(10.0, "Log each reject reason at most once per this period", min=0.0)
 
 
@@ -156,7 +166,9 @@ def _coerce(value: Any, tp: Any, path: str, meta: Mapping | None = None) -> Any:
         return str(value)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]  # CHARLES__X__NAMES=a,b from the environment
+            value = [
+                v.strip() for v in value.split(",") if v.strip()
+            ]  # CHARLES__X__NAMES=a,b from the environment
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         args = typing.get_args(tp)
@@ -204,7 +216,11 @@ def to_dict(obj: Any) -> Any:
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
-    if hasattr(obj, "value") and type(obj).__module__ != "builtins" and not isinstance(obj, int | float | str):
+    if (
+        hasattr(obj, "value")
+        and type(obj).__module__ != "builtins"
+        and not isinstance(obj, int | float | str)
+    ):
         return obj.value  # enums
     return obj
 
@@ -338,7 +354,9 @@ def render(cfg: Config | Any, *, comments: bool = True) -> str:
                 lines.append(f"{pad}{f.name}:")
                 emit(v, indent + 1)
             else:
-                dumped = yaml.safe_dump({f.name: to_dict(v)}, default_flow_style=True, sort_keys=False).strip()
+                dumped = yaml.safe_dump(
+                    {f.name: to_dict(v)}, default_flow_style=True, sort_keys=False
+                ).strip()
                 lines.append(f"{pad}{dumped[1:-1]}")  # drop the one pair of braces flow style adds
 
     if isinstance(cfg, Config):

@@ -106,6 +106,7 @@ def evaluate_env(
 ) -> dict:
     """Episodes of a Gymnasium env back to back for ``minutes`` of 30 Hz steps (or ``episodes``)."""
     import gymnasium as gym
+
     from charles import config as config_mod
     from charles.sim import gym_env
 

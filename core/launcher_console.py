@@ -24,7 +24,13 @@ SHOW = {
     "player": ["model_batch", "pps", "fps", "swaps", "unstucks"],
     "viewer": ["clients"],
 }
-_COLOURS = {"ok": "\033[32m", "starting": "\033[33m", "waiting": "\033[33m", "stopping": "\033[35m", "dead": "\033[31m"}
+_COLOURS = {
+    "ok": "\033[32m",
+    "starting": "\033[33m",
+    "waiting": "\033[33m",
+    "stopping": "\033[35m",
+    "dead": "\033[31m",
+}
 
 
 def _fmt(v: Any) -> str:
@@ -66,7 +72,9 @@ class Console:
             running = p.popen is not None and p.popen.poll() is None
             beats = sorted(by_service.get(p.service, []), key=lambda x: x[1].instance)
             # collectors: match the replica by its id; the rest: there is one
-            match = [b for b in beats if b[1].instance == p.name] or (beats if p.service != "collector" else [])
+            match = [b for b in beats if b[1].instance == p.name] or (
+                beats if p.service != "collector" else []
+            )
             if not running:
                 state, detail = "dead", f"restarts {p.restarts}"
             elif not match:
@@ -84,7 +92,9 @@ class Console:
     def draw(self, now: float) -> None:
         rows = self.rows(now)
         elapsed = now - self.started
-        head = f"Charles — {len(rows)} processes — {int(elapsed // 60)}m{int(elapsed % 60):02d}s — Ctrl-C stops"
+        head = (
+            f"Charles — {len(rows)} processes — {int(elapsed // 60)}m{int(elapsed % 60):02d}s — Ctrl-C stops"
+        )
         if self.tty:
             width = os.get_terminal_size().columns if sys.stdout.isatty() else 120
             lines = [head, "-" * min(width, 100)]

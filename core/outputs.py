@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-class OutputKind(str, enum.Enum):
+class OutputKind(enum.StrEnum):
     """How one output is learned and decoded."""
 
     REGRESSION = "regression"
@@ -206,7 +206,9 @@ class OutputSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> OutputSpec:
-        return cls(name=d["name"], kind=OutputKind(d.get("kind", "regression")), bins=tuple(parse_bins(d["bins"])))
+        return cls(
+            name=d["name"], kind=OutputKind(d.get("kind", "regression")), bins=tuple(parse_bins(d["bins"]))
+        )
 
 
 def signals_from(steering: float, throttle_brake: float) -> dict[str, float]:
@@ -223,7 +225,17 @@ def signals_from(steering: float, throttle_brake: float) -> dict[str, float]:
 V1_TRIGGER = [0.0, (0.0, 0.2), (0.2, 0.8), (0.8, 1.0), 1.0]
 V1_STEERING = [-1.0, (-1.0, -0.6), (-0.6, -0.2), (-0.2, 0.0), 0.0, (0.0, 0.2), (0.2, 0.6), (0.6, 1.0), 1.0]
 # Combined throttle/brake: the trigger bins mirrored, brake negative.
-V1_THROTTLE_BRAKE = [-1.0, (-1.0, -0.8), (-0.8, -0.2), (-0.2, 0.0), 0.0, (0.0, 0.2), (0.2, 0.8), (0.8, 1.0), 1.0]
+V1_THROTTLE_BRAKE = [
+    -1.0,
+    (-1.0, -0.8),
+    (-0.8, -0.2),
+    (-0.2, 0.0),
+    0.0,
+    (0.0, 0.2),
+    (0.2, 0.8),
+    (0.8, 1.0),
+    1.0,
+]
 
 
 def default_bins(name: str, version: int = 3) -> list[Bin]:

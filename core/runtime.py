@@ -103,10 +103,17 @@ class Metrics:
         self.info = prom.Info("charles_service", "Service identity", registry=r)
         self.info.info({"service": service, "instance": instance, "pid": str(os.getpid())})
         self.messages = prom.Counter(
-            "charles_messages_total", "Messages by direction and topic family", ["direction", "topic"], registry=r
+            "charles_messages_total",
+            "Messages by direction and topic family",
+            ["direction", "topic"],
+            registry=r,
         )
-        self.bytes = prom.Counter("charles_bytes_total", "Bytes by direction and topic family", ["direction", "topic"], registry=r)
-        self.rejects = prom.Counter("charles_rejects_total", "Rejected input by reason", ["reason"], registry=r)
+        self.bytes = prom.Counter(
+            "charles_bytes_total", "Bytes by direction and topic family", ["direction", "topic"], registry=r
+        )
+        self.rejects = prom.Counter(
+            "charles_rejects_total", "Rejected input by reason", ["reason"], registry=r
+        )
         self.drops = prom.Counter("charles_drops_total", "Dropped data by cause", ["cause"], registry=r)
         self.loop = prom.Histogram(
             "charles_loop_seconds",
@@ -116,8 +123,12 @@ class Metrics:
             registry=r,
         )
         self.up = prom.Gauge("charles_up", "1 while the service runs its loop", registry=r)
-        self.alive = prom.Gauge("charles_topic_alive", "1 if the topic family arrives at its expected rate", ["topic"], registry=r)
-        self.rate = prom.Gauge("charles_topic_rate_hz", "Measured arrival rate per topic family", ["topic"], registry=r)
+        self.alive = prom.Gauge(
+            "charles_topic_alive", "1 if the topic family arrives at its expected rate", ["topic"], registry=r
+        )
+        self.rate = prom.Gauge(
+            "charles_topic_rate_hz", "Measured arrival rate per topic family", ["topic"], registry=r
+        )
 
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)
@@ -219,7 +230,9 @@ class Publisher:
             return False
         m = self.svc.metrics
         m.messages.labels("out", fam).inc()
-        m.bytes.labels("out", fam).inc(sum(memoryview(f).nbytes if not isinstance(f, bytes) else len(f) for f in frames))
+        m.bytes.labels("out", fam).inc(
+            sum(memoryview(f).nbytes if not isinstance(f, bytes) else len(f) for f in frames)
+        )
         return True
 
 
@@ -230,7 +243,9 @@ class Subscriber:
     logged once per period, and skipped: it never raises out of the loop.
     """
 
-    def __init__(self, svc: Service, endpoint: str, prefixes: Iterable[str], hwm: int, late_join: bool = True):
+    def __init__(
+        self, svc: Service, endpoint: str, prefixes: Iterable[str], hwm: int, late_join: bool = True
+    ):
         self.svc = svc
         self.prefixes = list(prefixes)
         self.sock = svc.socket(zmq.SUB, hwm=hwm)
@@ -238,7 +253,9 @@ class Subscriber:
             self.sock.setsockopt(zmq.SUBSCRIBE, p.encode())
         self.sock.connect(endpoint)
         self.watch = TopicWatch({p.split(".", 1)[0] for p in self.prefixes})
-        self.pending: collections.deque[Envelope] = collections.deque(maxlen=256)  # snapshot + one live message
+        self.pending: collections.deque[Envelope] = collections.deque(
+            maxlen=256
+        )  # snapshot + one live message
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         reg = registry()
@@ -316,7 +333,9 @@ def default_instance(name: str) -> str:
 class Service:
     """One service process: context, metrics, HTTP, heartbeats, signals, shutdown."""
 
-    def __init__(self, name: str, cfg: Config, instance: str | None = None, *, http: bool = True, signals: bool = True):
+    def __init__(
+        self, name: str, cfg: Config, instance: str | None = None, *, http: bool = True, signals: bool = True
+    ):
         self.name = name
         self.cfg = cfg
         self.instance = instance or default_instance(name)
@@ -378,11 +397,16 @@ class Service:
         hwm = hwm or (reg.topics[family].hwm if family else 1000)
         return Publisher(self, self.endpoints["publish"], hwm)
 
-    def subscriber(self, prefixes: Iterable[str], hwm: int | None = None, late_join: bool = True) -> Subscriber:
+    def subscriber(
+        self, prefixes: Iterable[str], hwm: int | None = None, late_join: bool = True
+    ) -> Subscriber:
         prefixes = list(prefixes)
         reg = registry()
         if hwm is None:
-            hwm = max((reg.topics[p.split(".", 1)[0]].hwm for p in prefixes if p.split(".", 1)[0] in reg.topics), default=1000)
+            hwm = max(
+                (reg.topics[p.split(".", 1)[0]].hwm for p in prefixes if p.split(".", 1)[0] in reg.topics),
+                default=1000,
+            )
         sub = Subscriber(self, self.endpoints["subscribe"], prefixes, hwm, late_join)
         self._subscribers.append(sub)
         return sub
@@ -413,7 +437,9 @@ class Service:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"broker at {self.endpoints['control']} did not answer in {timeout_s:.1f}s")
+                    raise TimeoutError(
+                        f"broker at {self.endpoints['control']} did not answer in {timeout_s:.1f}s"
+                    )
                 # short slices so SIGTERM during a wait for the broker is noticed at once
                 if not s.poll(int(min(remaining, 0.2) * 1000)):
                     if self.stop_event.is_set():
@@ -468,7 +494,11 @@ class Service:
         for sub in self._subscribers:
             for fam in sub.watch.expected:
                 alive = sub.watch.alive(fam, now)
-                topics[fam] = {"alive": alive, "rate_hz": round(sub.watch.rate(fam), 2), "count": sub.watch.count[fam]}
+                topics[fam] = {
+                    "alive": alive,
+                    "rate_hz": round(sub.watch.rate(fam), 2),
+                    "count": sub.watch.count[fam],
+                }
                 self.metrics.alive.labels(fam).set(1 if alive else 0)
                 self.metrics.rate.labels(fam).set(sub.watch.rate(fam))
         healthy = self.status in ("ok", "starting", "waiting") and not self.stop_event.is_set()
@@ -521,12 +551,16 @@ class Service:
         try:
             srv = ThreadingHTTPServer((self.cfg.service.http_host, port), _HttpHandler)
         except OSError as e:
-            self.log.warning(f"port {port} busy ({e.strerror}); serving /metrics on an ephemeral port instead")
+            self.log.warning(
+                f"port {port} busy ({e.strerror}); serving /metrics on an ephemeral port instead"
+            )
             srv = ThreadingHTTPServer((self.cfg.service.http_host, 0), _HttpHandler)
         srv.daemon_threads = True
         srv.service = self  # type: ignore[attr-defined]
         self._http = srv
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
+        threading.Thread(
+            target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True
+        ).start()
         self.http_port = srv.server_address[1]
         self.log.info(f"/metrics and /healthz on http://{self.cfg.service.http_host}:{self.http_port}")
         return self.http_port
@@ -534,11 +568,18 @@ class Service:
     def start_heartbeat(self) -> None:
         """Publish a heartbeat every ``service.heartbeat_s`` from a thread with its own socket."""
         pub = self.publisher("heartbeat")
+
         # the heartbeat thread owns this socket from here on
         def beat() -> None:
             while not self.stop_event.wait(self.cfg.service.heartbeat_s):
                 try:
-                    hb = Heartbeat(self.name, self.instance, self.status, time.monotonic() - self.started, self.info_for_heartbeat())
+                    hb = Heartbeat(
+                        self.name,
+                        self.instance,
+                        self.status,
+                        time.monotonic() - self.started,
+                        self.info_for_heartbeat(),
+                    )
                     pub.send(f"heartbeat.{self.instance}", hb)
                 except Exception:  # noqa: BLE001 - a heartbeat must never die silently
                     self.log.exception("heartbeat failed")

@@ -11,8 +11,14 @@ from charles import config as config_mod
 
 
 def config_cmd(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="charles config", description="Show or check the resolved configuration.")
-    ap.add_argument("action", choices=["show", "check"], help="show: print it with every field's help; check: validate only")
+    ap = argparse.ArgumentParser(
+        prog="charles config", description="Show or check the resolved configuration."
+    )
+    ap.add_argument(
+        "action",
+        choices=["show", "check"],
+        help="show: print it with every field's help; check: validate only",
+    )
     ap.add_argument("--config", help="configuration file (default: $CHARLES_CONFIG)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--plain", action="store_true", help="YAML without the help comments")
@@ -56,7 +62,12 @@ def keys_cmd(argv: list[str]) -> int:
         "Copy <client>.key_secret and broker.key to the game PC; the broker allows every key in allowed/.",
     )
     ap.add_argument("--dir", default="keys", help="where to write them (default: keys)")
-    ap.add_argument("--client", action="append", default=[], help="client name (repeatable); default: capture-agent, gamepad-agent, player")
+    ap.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        help="client name (repeatable); default: capture-agent, gamepad-agent, player",
+    )
     ap.add_argument("--force", action="store_true", help="replace existing keys")
     args = ap.parse_args(argv)
     clients = args.client or ["capture-agent", "gamepad-agent", "player"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from charles.proto import registry
 from charles.proto.registry import Registry
 

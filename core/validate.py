@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
 from charles import topology
 
 APT_HINT = "apt-get install -y docker-compose kubectl prometheus"

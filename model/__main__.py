@@ -1,9 +1,9 @@
 """``python -m charles.model``: list the presets, show a config, or measure them on this machine.
 
-    python -m charles.model                      # presets and what they are
-    python -m charles.model show tiny            # a preset's config as JSON (what checkpoints carry)
-    python -m charles.model fields               # every ModelConfig field with its help
-    python -m charles.model bench tiny model_0004_inceptionresnetv2 [--device cuda] [--batch 1]
+python -m charles.model                      # presets and what they are
+python -m charles.model show tiny            # a preset's config as JSON (what checkpoints carry)
+python -m charles.model fields               # every ModelConfig field with its help
+python -m charles.model bench tiny model_0004_inceptionresnetv2 [--device cuda] [--batch 1]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 
 def _bench(names: list[str], device: str, batch: int, repeats: int) -> None:
     import torch
+
     from charles.model.inputs import example_batch, prepare_batch
     from charles.model.net import build_model, count_parameters, optimize_for_device
     from charles.model.presets import get_config
@@ -32,14 +33,20 @@ def _bench(names: list[str], device: str, batch: int, repeats: int) -> None:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         best = min(times[1:])
-        print(f"{name:30s} {cfg.width}x{cfg.height}x{cfg.frames}  {count_parameters(model):>12,} params  "
-              f"{best * 1000:7.1f} ms/batch of {batch}", flush=True)
+        print(
+            f"{name:30s} {cfg.width}x{cfg.height}x{cfg.frames}  {count_parameters(model):>12,} params  "
+            f"{best * 1000:7.1f} ms/batch of {batch}",
+            flush=True,
+        )
         del model
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m charles.model", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m charles.model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd")
     show = sub.add_parser("show", help="print a preset's config as JSON")
     show.add_argument("name")

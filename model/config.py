@@ -50,36 +50,76 @@ def _f(default: Any, help: str, *, identity: bool = True) -> Any:
 class ModelConfig:
     """One model line's architecture and inputs; presets in charles.model.presets fill it in."""
 
-    name: str = _f("custom", "Model line, e.g. model_0004_inceptionresnetv2 (a run adds _v3 and its own counter).")
-    backbone: str = _f("inception_resnet_v2", "timm model name of the CNN backbone; empty for a history-only model.")
-    backbone_per_output: bool = _f(False, "One backbone (with its own dense trunk) per output: the seed's 'tcb' lines.")
-    pretrained: bool = _f(False, "Start the backbone from ImageNet weights (a local file given to build_model).", identity=False)
+    name: str = _f(
+        "custom", "Model line, e.g. model_0004_inceptionresnetv2 (a run adds _v3 and its own counter)."
+    )
+    backbone: str = _f(
+        "inception_resnet_v2", "timm model name of the CNN backbone; empty for a history-only model."
+    )
+    backbone_per_output: bool = _f(
+        False, "One backbone (with its own dense trunk) per output: the seed's 'tcb' lines."
+    )
+    pretrained: bool = _f(
+        False, "Start the backbone from ImageNet weights (a local file given to build_model).", identity=False
+    )
     width: int = _f(480, "Input frame width in pixels; frames of another size are resized on the device.")
     height: int = _f(270, "Input frame height in pixels.")
     frames: int = _f(1, "Frames the backbone sees: the current one plus frames-1 past ones, channel-stacked.")
-    frame_stride: int = _f(1, "Collector: take every n-th past frame for the stack (1 = consecutive 30 Hz frames).")
-    history: str = _f("none", "History encoder: none, mlp, td_lstm (time-distributed dense + LSTM) or lstm (stacked).")
+    frame_stride: int = _f(
+        1, "Collector: take every n-th past frame for the stack (1 = consecutive 30 Hz frames)."
+    )
+    history: str = _f(
+        "none", "History encoder: none, mlp, td_lstm (time-distributed dense + LSTM) or lstm (stacked)."
+    )
     history_length: int = _f(60, "Rows of history (frames before the current one) the model reads.")
-    history_fields: tuple[str, ...] = _f(HISTORY_FIELDS, "History columns the model reads, a subset of HISTORY_FIELDS.")
-    history_widths: tuple[int, ...] = _f((256,) * 5, "Dense widths of the mlp, or of the time-distributed layers of td_lstm.")
+    history_fields: tuple[str, ...] = _f(
+        HISTORY_FIELDS, "History columns the model reads, a subset of HISTORY_FIELDS."
+    )
+    history_widths: tuple[int, ...] = _f(
+        (256,) * 5, "Dense widths of the mlp, or of the time-distributed layers of td_lstm."
+    )
     history_lstm_units: int = _f(128, "Units of each LSTM layer (td_lstm and lstm).")
     history_lstm_layers: int = _f(1, "Stacked LSTM layers (the seed's lstm lines used 5).")
-    history_output: str = _f("prediction", "What the LSTM hands on: prediction (last output) or thought (final h and c).")
-    history_post: tuple[int, ...] = _f((), "Dense widths after the history encoder, before joining the image features.")
+    history_output: str = _f(
+        "prediction", "What the LSTM hands on: prediction (last output) or thought (final h and c)."
+    )
+    history_post: tuple[int, ...] = _f(
+        (), "Dense widths after the history encoder, before joining the image features."
+    )
     use_speed: bool = _f(False, "Feed the current speed next to the image features.")
-    use_purpose: bool = _f(False, "Feed the current purpose (angle, distance to the target) next to the image features.")
-    use_previous: bool = _f(False, "Feed the previous action (steering, throttle_brake); delta outputs need it (seed 0001 v5).")
+    use_purpose: bool = _f(
+        False, "Feed the current purpose (angle, distance to the target) next to the image features."
+    )
+    use_previous: bool = _f(
+        False, "Feed the previous action (steering, throttle_brake); delta outputs need it (seed 0001 v5)."
+    )
     speed_scale: float = _f(30.0, "Speed in m/s that maps to 1.0 at the model's input.")
-    distance_scale: float = _f(100.0, "Purpose distance in m where log1p scaling bends: input = log1p(d / scale).")
-    common_widths: tuple[int, ...] = _f((1024,), "Dense widths of the common part after the features are joined.")
+    distance_scale: float = _f(
+        100.0, "Purpose distance in m where log1p scaling bends: input = log1p(d / scale)."
+    )
+    common_widths: tuple[int, ...] = _f(
+        (1024,), "Dense widths of the common part after the features are joined."
+    )
     head_layers: int = _f(3, "Dense layers per output head before its output layer.")
     head_divisor: int = _f(4, "Each head layer is this many times narrower than the one before it.")
     activation: str = _f("relu", "Activation of every dense layer: relu, gelu, silu or elu.")
-    dropout: float = _f(0.0, "Dropout on the joined features and in the common part while training.", identity=False)
-    outputs: tuple[OutputSpec, ...] = _f(tuple(default_outputs(3)), "What the model predicts: name, kind and bins per output.")
-    freeze: tuple[str, ...] = _f((), "Parameter prefixes kept frozen while training (seed 0009 v3-v5 froze the CNN).", identity=False)
-    transfer: tuple[str, ...] = _f((), "Parts this line starts from other checkpoints; the trainer asks for a file per part.", identity=False)
-    convcam_layer: str = _f("", "Backbone layer the Convcam shows; empty = the last conv feature map.", identity=False)
+    dropout: float = _f(
+        0.0, "Dropout on the joined features and in the common part while training.", identity=False
+    )
+    outputs: tuple[OutputSpec, ...] = _f(
+        tuple(default_outputs(3)), "What the model predicts: name, kind and bins per output."
+    )
+    freeze: tuple[str, ...] = _f(
+        (), "Parameter prefixes kept frozen while training (seed 0009 v3-v5 froze the CNN).", identity=False
+    )
+    transfer: tuple[str, ...] = _f(
+        (),
+        "Parts this line starts from other checkpoints; the trainer asks for a file per part.",
+        identity=False,
+    )
+    convcam_layer: str = _f(
+        "", "Backbone layer the Convcam shows; empty = the last conv feature map.", identity=False
+    )
 
     def __post_init__(self) -> None:
         # Normalise containers so a config built from lists (msgpack, YAML, kwargs) equals one built from tuples.
@@ -120,22 +160,39 @@ class ModelConfig:
         need(self.width >= 8 and self.height >= 8, "width and height must be at least 8 pixels")
         need(self.frames >= 1 and self.frame_stride >= 1, "frames and frame_stride must be at least 1")
         need(self.history_length >= 1, "history_length must be at least 1")
-        need(len(set(self.history_fields)) == len(self.history_fields) and set(self.history_fields) <= set(HISTORY_FIELDS),
-             f"history_fields must be distinct names from {HISTORY_FIELDS}")
-        need(self.history == "none" or len(self.history_fields) > 0, "a history encoder needs at least one field")
-        need(self.history != "mlp" or len(self.history_widths) > 0, "the mlp history encoder needs history_widths")
-        need(self.history_lstm_units >= 1 and self.history_lstm_layers >= 1, "LSTM units and layers must be at least 1")
+        need(
+            len(set(self.history_fields)) == len(self.history_fields)
+            and set(self.history_fields) <= set(HISTORY_FIELDS),
+            f"history_fields must be distinct names from {HISTORY_FIELDS}",
+        )
+        need(
+            self.history == "none" or len(self.history_fields) > 0,
+            "a history encoder needs at least one field",
+        )
+        need(
+            self.history != "mlp" or len(self.history_widths) > 0,
+            "the mlp history encoder needs history_widths",
+        )
+        need(
+            self.history_lstm_units >= 1 and self.history_lstm_layers >= 1,
+            "LSTM units and layers must be at least 1",
+        )
         widths = (*self.history_widths, *self.history_post, *self.common_widths)
         need(all(w >= 1 for w in widths), "every dense width must be at least 1")
         need(self.head_layers >= 0 and self.head_divisor >= 1, "head_layers >= 0 and head_divisor >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
-        need(self.speed_scale > 0 and self.distance_scale > 0, "speed_scale and distance_scale must be positive")
+        need(
+            self.speed_scale > 0 and self.distance_scale > 0,
+            "speed_scale and distance_scale must be positive",
+        )
         need(math.isfinite(self.speed_scale) and math.isfinite(self.distance_scale), "scales must be finite")
         need(len(self.outputs) > 0, "a model needs at least one output")
         names = [o.name for o in self.outputs]
         need(len(set(names)) == len(names), f"output names must be distinct, got {names}")
-        need(bool(self.backbone) or self.history != "none" or bool(self.scalar_names),
-             "a model without a backbone needs history or scalar inputs")
+        need(
+            bool(self.backbone) or self.history != "none" or bool(self.scalar_names),
+            "a model without a backbone needs history or scalar inputs",
+        )
         need(bool(self.backbone) or not self.backbone_per_output, "backbone_per_output needs a backbone")
         need(bool(self.backbone) or self.frames == 1, "frames > 1 needs a backbone")
 

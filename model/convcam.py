@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from charles.model.weights import unwrap
 from torch import Tensor, nn
+
+from charles.model.weights import unwrap
 
 PALETTE: tuple[tuple[int, int, int], ...] = ((255, 140, 0), (0, 170, 255), (90, 255, 90), (255, 60, 200))
 """Colours per backbone when there are several (orange, sky blue, green, pink); one backbone is grey."""
@@ -59,7 +60,8 @@ def convcam_layers(model: nn.Module) -> list[str]:
     net = _backbone_nets(model)[0]
     skip = ("global_pool", "head", "fc", "classif", "classifier", "head_drop")
     return [
-        n for n, m in net.named_modules()
+        n
+        for n, m in net.named_modules()
         if n and n.count(".") < 2 and n.split(".")[0] not in skip and any(True for _ in m.parameters())
     ]
 
@@ -87,12 +89,14 @@ class ActivationTap:
     def _pre(self, i: int):
         def hook(_m: nn.Module, args: tuple) -> None:
             self.maps[i] = args[0].detach()
+
         return hook
 
     def _post(self, i: int):
         def hook(_m: nn.Module, _args: tuple, out: Tensor | tuple) -> None:
             t = out[0] if isinstance(out, tuple | list) else out
             self.maps[i] = t.detach()
+
         return hook
 
     def close(self) -> None:
@@ -166,7 +170,12 @@ def convcam_image(
         c, h, w = a.shape
         cols, rows = _grid(c, h, w, aspect)
         pad = np.zeros((rows * cols - c, h, w), dtype=np.float32)
-        t = np.concatenate([a, pad]).reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
+        t = (
+            np.concatenate([a, pad])
+            .reshape(rows, cols, h, w)
+            .transpose(0, 2, 1, 3)
+            .reshape(rows * h, cols * w)
+        )
         tiles.append(t)
     if len(tiles) == 1:
         img = np.repeat(tiles[0][:, :, None], 3, axis=2) * 255.0
@@ -175,12 +184,20 @@ def convcam_image(
         if len(colors) < len(tiles):
             raise ValueError(f"{len(tiles)} backbones need {len(tiles)} colours, got {len(colors)}")
         if len({t.shape for t in tiles}) == 1:
-            img = sum(t[:, :, None] * np.asarray(col, np.float32) for t, col in zip(tiles, colors, strict=False))
+            img = sum(
+                t[:, :, None] * np.asarray(col, np.float32) for t, col in zip(tiles, colors, strict=False)
+            )
         else:
             hmax = max(t.shape[0] for t in tiles)
             img = np.concatenate(
-                [np.pad(t[:, :, None] * np.asarray(col, np.float32), ((0, hmax - t.shape[0]), (0, 0), (0, 0)))
-                 for t, col in zip(tiles, colors, strict=False)], axis=1)
+                [
+                    np.pad(
+                        t[:, :, None] * np.asarray(col, np.float32), ((0, hmax - t.shape[0]), (0, 0), (0, 0))
+                    )
+                    for t, col in zip(tiles, colors, strict=False)
+                ],
+                axis=1,
+            )
     out = np.clip(img, 0, 255).astype(np.uint8)
     if scale > 1:
         out = out.repeat(scale, axis=0).repeat(scale, axis=1)

@@ -26,8 +26,9 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from charles.model.config import HISTORY_FIELDS, ModelConfig
 from torch import Tensor
+
+from charles.model.config import HISTORY_FIELDS, ModelConfig
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -83,16 +84,22 @@ def frames_to_input(
         # On CPU, resize while still uint8: its antialiased channels_last kernel is ~20x faster than the float
         # one. CUDA has no uint8 kernel, and there the float resize is cheap anyway.
         x = x if x.device.type == "cpu" else x.to(dtype)
-        x = F.interpolate(x, size=(cfg.height, cfg.width), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(cfg.height, cfg.width), mode="bilinear", antialias=True, align_corners=False
+        )
     return torch.addcmul(shift, x.to(dtype), scale)
 
 
 def history_to_input(history: Tensor, cfg: ModelConfig) -> Tensor:
     """[B, T, 5] raw history -> [B, history_length, len(history_fields)] scaled (the newest rows are kept)."""
     if history.dim() != 3 or history.shape[2] != len(HISTORY_FIELDS):
-        raise ValueError(f"history is [B, T, {len(HISTORY_FIELDS)}] ({', '.join(HISTORY_FIELDS)}), got {tuple(history.shape)}")
+        raise ValueError(
+            f"history is [B, T, {len(HISTORY_FIELDS)}] ({', '.join(HISTORY_FIELDS)}), got {tuple(history.shape)}"
+        )
     if history.shape[1] < cfg.history_length:
-        raise ValueError(f"{cfg.name} reads {cfg.history_length} history rows, the batch has {history.shape[1]}")
+        raise ValueError(
+            f"{cfg.name} reads {cfg.history_length} history rows, the batch has {history.shape[1]}"
+        )
     h = history[:, history.shape[1] - cfg.history_length :]
     cols = [_scale_column(h[..., HISTORY_FIELDS.index(f)], f, cfg) for f in cfg.history_fields]
     return torch.stack(cols, dim=-1)
@@ -166,20 +173,30 @@ def prepare_batch(
     return out
 
 
-def example_batch(cfg: ModelConfig, batch_size: int = 2, *, seed: int = 0, history_rows: int | None = None) -> dict[str, np.ndarray]:
+def example_batch(
+    cfg: ModelConfig, batch_size: int = 2, *, seed: int = 0, history_rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Random raw samples shaped for ``cfg`` (tests, benchmarks, warm-up passes)."""
     rng = np.random.default_rng(seed)
     h, w, b = cfg.height, cfg.width, batch_size
     t = history_rows or cfg.history_length
     hist = np.stack(
-        [rng.uniform(-1, 1, (b, t)), rng.uniform(-1, 1, (b, t)), rng.uniform(0, 30, (b, t)),
-         rng.uniform(-math.pi, math.pi, (b, t)), rng.uniform(0, 500, (b, t))], axis=-1
+        [
+            rng.uniform(-1, 1, (b, t)),
+            rng.uniform(-1, 1, (b, t)),
+            rng.uniform(0, 30, (b, t)),
+            rng.uniform(-math.pi, math.pi, (b, t)),
+            rng.uniform(0, 500, (b, t)),
+        ],
+        axis=-1,
     ).astype(np.float32)
     return {
         "frame": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8),
         "stack": rng.integers(0, 256, (b, max(cfg.frames - 1, 0), h, w, 3), dtype=np.uint8),
         "history": hist,
         "speed": rng.uniform(0, 30, b).astype(np.float32),
-        "purpose": np.stack([rng.uniform(-math.pi, math.pi, b), rng.uniform(0, 500, b)], axis=1).astype(np.float32),
+        "purpose": np.stack([rng.uniform(-math.pi, math.pi, b), rng.uniform(0, 500, b)], axis=1).astype(
+            np.float32
+        ),
         "previous": rng.uniform(-1, 1, (b, 2)).astype(np.float32),
     }

@@ -22,8 +22,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from charles.outputs import OutputKind, OutputSpec
 from torch import Tensor
+
+from charles.outputs import OutputKind, OutputSpec
 
 DELTA_DECIMALS = 1e6
 """Delta targets are rounded to 1e-6 before binning (float subtraction is never exactly 0.1)."""
@@ -38,8 +39,10 @@ def _bin_tables(spec: OutputSpec, device: torch.device) -> tuple[Tensor, Tensor,
         return torch.tensor(xs, dtype=dtype, device=device)
 
     return (
-        t([v for v, _ in exact], torch.float64), t([i for _, i in exact], torch.long),
-        t([lo for lo, _, _ in ranges], torch.float64), t([hi for _, hi, _ in ranges], torch.float64),
+        t([v for v, _ in exact], torch.float64),
+        t([i for _, i in exact], torch.long),
+        t([lo for lo, _, _ in ranges], torch.float64),
+        t([hi for _, hi, _ in ranges], torch.float64),
         t([i for _, _, i in ranges], torch.long),
     )
 
@@ -49,7 +52,9 @@ def bin_indices(values: Tensor, spec: OutputSpec) -> Tensor:
     # Compare in the values' own precision: a float32 label that was exactly an edge (0.1) in the balancer's
     # float64 stays on that edge instead of landing a hair above it.
     dtype = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float64
-    ev, ei, lo, hi, ri = (t.to(dtype) if t.is_floating_point() else t for t in _bin_tables(spec, values.device))
+    ev, ei, lo, hi, ri = (
+        t.to(dtype) if t.is_floating_point() else t for t in _bin_tables(spec, values.device)
+    )
     x = values.to(dtype).unsqueeze(-1)
     out = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
     if lo.numel():
@@ -84,7 +89,9 @@ def encode_targets(
         v = v.reshape(-1)
         if spec.kind is OutputKind.DELTA:
             if previous is None or spec.name not in previous:
-                raise ValueError(f"output {spec.name!r} is a delta output: its target needs previous[{spec.name!r}]")
+                raise ValueError(
+                    f"output {spec.name!r} is a delta output: its target needs previous[{spec.name!r}]"
+                )
             v = v.to(torch.float64) - previous[spec.name].reshape(-1).to(device=v.device, dtype=torch.float64)
             # 0.3 - 0.2 is 0.09999999999999998: round so changes land in exact delta bins such as 0.1
             v = torch.round(v * DELTA_DECIMALS) / DELTA_DECIMALS
@@ -162,8 +169,14 @@ def decode(
     res: dict[str, np.ndarray] = {}
     for spec in specs:
         raw = outputs[spec.name]
-        arr = raw.detach().float().cpu().numpy() if isinstance(raw, Tensor) else np.asarray(raw, dtype=np.float64)
+        arr = (
+            raw.detach().float().cpu().numpy()
+            if isinstance(raw, Tensor)
+            else np.asarray(raw, dtype=np.float64)
+        )
         arr = arr.reshape(arr.shape[0], -1) if arr.ndim > 1 else arr.reshape(1, -1)
-        prev = np.broadcast_to(np.asarray((previous or {}).get(spec.name, 0.0), dtype=np.float64), (arr.shape[0],))
+        prev = np.broadcast_to(
+            np.asarray((previous or {}).get(spec.name, 0.0), dtype=np.float64), (arr.shape[0],)
+        )
         res[spec.name] = np.array([spec.decode(row, float(p)) for row, p in zip(arr, prev, strict=True)])
     return res

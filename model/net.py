@@ -31,9 +31,10 @@ from pathlib import Path
 
 import timm
 import torch
+from torch import Tensor, nn
+
 from charles.model.config import ModelConfig
 from charles.outputs import OutputSpec
-from torch import Tensor, nn
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -45,7 +46,9 @@ class DenseStack(nn.Sequential):
     """Linear + activation (+ dropout) per width. Works on [B, F] and, per step, on [B, T, F] — which is all
     a Keras ``TimeDistributed(Dense)`` is."""
 
-    def __init__(self, in_features: int, widths: Sequence[int], activation: str = "relu", dropout: float = 0.0):
+    def __init__(
+        self, in_features: int, widths: Sequence[int], activation: str = "relu", dropout: float = 0.0
+    ):
         layers: list[nn.Module] = []
         for w in widths:
             layers += [nn.Linear(in_features, w), _ACTIVATIONS[activation]()]
@@ -108,7 +111,9 @@ class HistoryEncoder(nn.Module):
             if self.mode == "td_lstm":
                 self.dense = DenseStack(n_in, cfg.history_widths, cfg.activation)
                 n_in = self.dense.out_features
-            self.lstm = nn.LSTM(n_in, cfg.history_lstm_units, num_layers=cfg.history_lstm_layers, batch_first=True)
+            self.lstm = nn.LSTM(
+                n_in, cfg.history_lstm_units, num_layers=cfg.history_lstm_layers, batch_first=True
+            )
             out = cfg.history_lstm_units * (2 if self.thought else 1)
         self.post = DenseStack(out, cfg.history_post, cfg.activation)
         self.out_features = self.post.out_features
@@ -161,7 +166,10 @@ class CharlesNet(nn.Module):
         self.cfg = cfg
         n_branches = len(cfg.outputs) if cfg.backbone_per_output else 1
         self.backbones = nn.ModuleList(
-            [Backbone(cfg.backbone, cfg.in_chans, pretrained_file if cfg.pretrained else None) for _ in range(n_branches)]
+            [
+                Backbone(cfg.backbone, cfg.in_chans, pretrained_file if cfg.pretrained else None)
+                for _ in range(n_branches)
+            ]
             if cfg.backbone
             else []
         )
@@ -175,7 +183,10 @@ class CharlesNet(nn.Module):
         )
         trunk_out = self.trunks[0].out_features
         self.heads = nn.ModuleDict(
-            {o.name: Head(trunk_out, o, cfg.head_layers, cfg.head_divisor, cfg.activation) for o in cfg.outputs}
+            {
+                o.name: Head(trunk_out, o, cfg.head_layers, cfg.head_divisor, cfg.activation)
+                for o in cfg.outputs
+            }
         )
         # output name -> branch (backbone + trunk) that feeds it
         self._branch_of = {o.name: (i if cfg.backbone_per_output else 0) for i, o in enumerate(cfg.outputs)}
@@ -183,7 +194,9 @@ class CharlesNet(nn.Module):
         if cfg.freeze:
             self.freeze(cfg.freeze)
 
-    def forward(self, image: Tensor | None = None, history: Tensor | None = None, scalars: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, image: Tensor | None = None, history: Tensor | None = None, scalars: Tensor | None = None
+    ) -> dict[str, Tensor]:
         shared: list[Tensor] = []
         if self.history is not None:
             if history is None:
@@ -191,7 +204,9 @@ class CharlesNet(nn.Module):
             shared.append(self.history(history))
         if self.n_scalars:
             if scalars is None:
-                raise ValueError(f"{self.cfg.name} reads {self.cfg.scalar_names}: pass scalars=[B, {self.n_scalars}]")
+                raise ValueError(
+                    f"{self.cfg.name} reads {self.cfg.scalar_names}: pass scalars=[B, {self.n_scalars}]"
+                )
             shared.append(scalars)
         if self.backbones and image is None:
             raise ValueError(f"{self.cfg.name} reads frames: pass image=[B, {self.cfg.in_chans}, H, W]")
@@ -210,7 +225,11 @@ class CharlesNet(nn.Module):
         for top, module in self.named_children():
             if any(True for _ in module.parameters()):
                 names.append(top)
-                names += [f"{top}.{child}" for child, m in module.named_children() if any(True for _ in m.parameters())]
+                names += [
+                    f"{top}.{child}"
+                    for child, m in module.named_children()
+                    if any(True for _ in m.parameters())
+                ]
         return names
 
     def freeze(self, prefixes: Sequence[str]) -> list[str]:

@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
 from charles.model.config import ModelConfig
 from charles.model.convcam import ActivationTap, convcam_image
 from charles.model.inputs import prepare_batch
 from charles.model.losses import decode
 from charles.model.net import build_model, optimize_for_device
 from charles.model.weights import LoadedWeights, Source, load_weights, model_from_weights, unwrap
-from torch import nn
 
 
 class Predictor:
@@ -39,13 +40,19 @@ class Predictor:
             model = build_model(model)
         self.cfg: ModelConfig = unwrap(model).cfg
         self.device = torch.device(device)
-        self.model = optimize_for_device(model, self.device, channels_last=channels_last, compile=compile).eval()
+        self.model = optimize_for_device(
+            model, self.device, channels_last=channels_last, compile=compile
+        ).eval()
         # bf16 autocast pays on CUDA; on CPU it is slower than float32 for these nets, so off unless asked
         if autocast is True:
             autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.autocast: torch.dtype | None = autocast or None
         self._lock = threading.Lock()
-        self._tap = ActivationTap(unwrap(self.model), self.cfg.convcam_layer) if convcam and self.cfg.backbone else None
+        self._tap = (
+            ActivationTap(unwrap(self.model), self.cfg.convcam_layer)
+            if convcam and self.cfg.backbone
+            else None
+        )
 
     @classmethod
     def from_weights(cls, source: Source, expected_cfg: ModelConfig | None = None, **kwargs) -> Predictor:
@@ -71,8 +78,12 @@ class Predictor:
             batch["frame"] = torch.from_numpy(np.ascontiguousarray(frame))[None]
             if cfg.frames > 1:
                 if stack is None:
-                    raise ValueError(f"{cfg.name} stacks {cfg.frames} frames: pass stack= ({cfg.frames - 1} past frames)")
-                batch["stack"] = torch.from_numpy(np.ascontiguousarray(np.asarray(stack, dtype=np.uint8)))[None]
+                    raise ValueError(
+                        f"{cfg.name} stacks {cfg.frames} frames: pass stack= ({cfg.frames - 1} past frames)"
+                    )
+                batch["stack"] = torch.from_numpy(np.ascontiguousarray(np.asarray(stack, dtype=np.uint8)))[
+                    None
+                ]
         if cfg.history != "none":
             if history is None:
                 raise ValueError(f"{cfg.name} reads a history: pass history= float [T, 5]")
@@ -89,7 +100,9 @@ class Predictor:
                 out = self.model(**inputs)
             return {k: v[0].float().cpu().numpy() for k, v in out.items()}
 
-    def controls(self, raw: Mapping[str, np.ndarray], previous: Mapping[str, float] | None = None) -> dict[str, float]:
+    def controls(
+        self, raw: Mapping[str, np.ndarray], previous: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         """Raw outputs -> control values (delta outputs add to ``previous[name]``)."""
         dec = decode({k: np.asarray(v)[None] for k, v in raw.items()}, self.cfg.outputs, previous)
         return {k: float(v[0]) for k, v in dec.items()}

@@ -24,8 +24,9 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from charles.model.config import ModelConfig
 from torch import Tensor, nn
+
+from charles.model.config import ModelConfig
 
 CONFIG_KEY = "charles.model_config"
 FORMAT_KEY = "charles.weights_format"
@@ -33,7 +34,13 @@ FORMAT_VERSION = "1"
 MAX_HEADER = 64 * 1024 * 1024
 """A safetensors header larger than this is hostile or broken; we do not parse it."""
 
-PART_ALIASES = {"backbone": "backbones", "cnn": "backbones", "rnn": "history.lstm", "head": "heads", "trunk": "trunks"}
+PART_ALIASES = {
+    "backbone": "backbones",
+    "cnn": "backbones",
+    "rnn": "history.lstm",
+    "head": "heads",
+    "trunk": "trunks",
+}
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | Mapping[str, Tensor]
 
@@ -127,11 +134,19 @@ def _check_header(head: bytes, size: int, label: str) -> tuple[int, dict[str, st
     framed = 2 <= n <= MAX_HEADER and 8 + n <= size and len(head) >= 8 + n and head[8:9] == b"{"
     if not framed:
         if head[:4] == b"PK\x03\x04":
-            raise WeightsError("pickle", f"{label} is a zip archive (torch.save's format) holding a pickle, which "
-                                         "can run code when loaded; Charles only loads safetensors")
+            raise WeightsError(
+                "pickle",
+                f"{label} is a zip archive (torch.save's format) holding a pickle, which "
+                "can run code when loaded; Charles only loads safetensors",
+            )
         if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-            raise WeightsError("pickle", f"{label} is a pickle, which can run code when loaded; Charles only loads safetensors")
-        raise WeightsError("not_safetensors", f"{label} ({size} bytes) does not start with a safetensors header")
+            raise WeightsError(
+                "pickle",
+                f"{label} is a pickle, which can run code when loaded; Charles only loads safetensors",
+            )
+        raise WeightsError(
+            "not_safetensors", f"{label} ({size} bytes) does not start with a safetensors header"
+        )
     try:
         header = json.loads(head[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -139,12 +154,16 @@ def _check_header(head: bytes, size: int, label: str) -> tuple[int, dict[str, st
     if not isinstance(header, dict):
         raise WeightsError("not_safetensors", f"{label}: header is not a JSON object")
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
         raise WeightsError("not_safetensors", f"{label}: metadata must map strings to strings")
     return n, meta
 
 
-def read_weights(source: Source, expected_cfg: ModelConfig | None = None, *, check_finite: bool = True) -> LoadedWeights:
+def read_weights(
+    source: Source, expected_cfg: ModelConfig | None = None, *, check_finite: bool = True
+) -> LoadedWeights:
     """Parse safetensors bytes or a file; refuse pickles, corrupt data, non-finite weights and — when
     ``expected_cfg`` is given — files without a config or claiming a different model (compared by
     ``ModelConfig.identity``, so training-only fields such as dropout or freeze may differ)."""
@@ -178,7 +197,9 @@ def read_weights(source: Source, expected_cfg: ModelConfig | None = None, *, che
             raise WeightsError("bad_config", f"{label} carries a model config we cannot read: {e}") from None
     if expected_cfg is not None:
         if cfg is None:
-            raise WeightsError("no_config", f"{label} does not say which model it belongs to (no {CONFIG_KEY} metadata)")
+            raise WeightsError(
+                "no_config", f"{label} does not say which model it belongs to (no {CONFIG_KEY} metadata)"
+            )
         diff = expected_cfg.differences(cfg)
         if diff:
             shown = ", ".join(f"{k}: expected {a!r}, file has {b!r}" for k, (a, b) in list(diff.items())[:4])
@@ -200,7 +221,11 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str =
     own = unwrap(model).state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or extra or shapes:
         parts = []
         if missing:
@@ -213,7 +238,11 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str =
 
 
 def load_weights(
-    source: Source, expected_cfg: ModelConfig | None = None, *, into: nn.Module | None = None, check_finite: bool = True
+    source: Source,
+    expected_cfg: ModelConfig | None = None,
+    *,
+    into: nn.Module | None = None,
+    check_finite: bool = True,
 ) -> LoadedWeights:
     """``read_weights``, and with ``into`` also load them into that model (strict: all or nothing).
 
@@ -230,7 +259,9 @@ def load_weights(
     return w
 
 
-def model_from_weights(source: Source, expected_cfg: ModelConfig | None = None) -> tuple[nn.Module, LoadedWeights]:
+def model_from_weights(
+    source: Source, expected_cfg: ModelConfig | None = None
+) -> tuple[nn.Module, LoadedWeights]:
     """Build the model a weights file describes and load it (a fresh player, a resumed trainer)."""
     from charles.model.net import build_model
 
@@ -254,7 +285,11 @@ def resolve_part(model: nn.Module, part: str) -> str:
     name = PART_ALIASES.get(part, part)
     modules = dict(model.named_modules())
     if not name or name not in modules:
-        known = model.part_names() if hasattr(model, "part_names") else sorted(k for k in modules if k.count(".") < 2)
+        known = (
+            model.part_names()
+            if hasattr(model, "part_names")
+            else sorted(k for k in modules if k.count(".") < 2)
+        )
         raise ValueError(f"model has no part {part!r}; parts: {', '.join(known)} (aliases: {PART_ALIASES})")
     return name
 
@@ -337,7 +372,9 @@ def load_parts(
                     problems.append(f"{part}: {sk} missing in {label}")
                 continue
             if state[sk].shape != own[k].shape:
-                problems.append(f"{part}: {sk} is {tuple(state[sk].shape)} in {label}, the model has {tuple(own[k].shape)}")
+                problems.append(
+                    f"{part}: {sk} is {tuple(state[sk].shape)} in {label}, the model has {tuple(own[k].shape)}"
+                )
                 continue
             mapping[k] = state[sk]
             used.setdefault(label, set()).add(sk)
@@ -352,7 +389,9 @@ def load_parts(
         for prefix, label, src_prefix, mapping, _ in plan:
             for k, v in mapping.items():
                 own[k].copy_(v.to(own[k].dtype))
-            report.loaded.append(PartLoad(prefix, label, src_prefix, len(mapping), sum(v.numel() for v in mapping.values())))
+            report.loaded.append(
+                PartLoad(prefix, label, src_prefix, len(mapping), sum(v.numel() for v in mapping.values()))
+            )
     for _, label, _, _, candidates in plan:
         rest = sorted(set(candidates) - used.get(label, set()))
         if rest:
@@ -365,6 +404,8 @@ def load_parts(
         if t not in report.untouched and t not in prefixes:
             for child, m in getattr(target, t).named_children():
                 full = f"{t}.{child}"
-                if any(True for _ in m.parameters()) and not any(p == full or p.startswith(full + ".") or full.startswith(p + ".") for p in prefixes):
+                if any(True for _ in m.parameters()) and not any(
+                    p == full or p.startswith(full + ".") or full.startswith(p + ".") for p in prefixes
+                ):
                     report.untouched.append(full)
     return report

@@ -171,7 +171,10 @@ def _frame_in(h: Any, blobs: Sequence) -> Frame:
         raise ProtocolError(e.reason, str(e)) from None
     data = _blob(blobs, h.get("blob"))
     if codec == "raw" and len(data) != shape[0] * shape[1] * shape[2]:
-        raise ProtocolError("size_mismatch", f"raw frame {shape} needs {shape[0] * shape[1] * shape[2]} bytes, got {len(data)}")
+        raise ProtocolError(
+            "size_mismatch",
+            f"raw frame {shape} needs {shape[0] * shape[1] * shape[2]} bytes, got {len(data)}",
+        )
     if len(data) == 0:
         raise ProtocolError("size_mismatch", "empty frame")
     return Frame(codec, shape, data)
@@ -260,7 +263,11 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         if pv.__class__ is not list or len(pv) != 2:
             return None
         p0, p1 = pv
-        if p0.__class__ not in _NUM or p1.__class__ not in _NUM or not (-1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0):
+        if (
+            p0.__class__ not in _NUM
+            or p1.__class__ not in _NUM
+            or not (-1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0)
+        ):
             return None
         pv = (float(p0), float(p1))
     data = blobs[i]
@@ -323,12 +330,17 @@ def _sample_in(b: dict, blobs: Sequence) -> Sample:
             or shape[1] != len(HISTORY_FIELDS)
             or not 0 <= shape[0] <= MAX_HISTORY
         ):
-            raise ProtocolError("bad_shape", f"history shape must be [T<= {MAX_HISTORY}, {len(HISTORY_FIELDS)}], got {shape!r}")
+            raise ProtocolError(
+                "bad_shape",
+                f"history shape must be [T<= {MAX_HISTORY}, {len(HISTORY_FIELDS)}], got {shape!r}",
+            )
         if h.get("dtype") != "float32":
             raise ProtocolError("bad_field", "history dtype must be float32")
         raw = _blob(blobs, h.get("blob"))
         if len(raw) != shape[0] * shape[1] * 4:
-            raise ProtocolError("size_mismatch", f"history {shape} needs {shape[0] * shape[1] * 4} bytes, got {len(raw)}")
+            raise ProtocolError(
+                "size_mismatch", f"history {shape} needs {shape[0] * shape[1] * 4} bytes, got {len(raw)}"
+            )
         history = np.frombuffer(raw, dtype=np.float32).reshape(shape)
         if not np.isfinite(history).all():
             raise ProtocolError("nan", "history holds NaN or infinity")
@@ -455,7 +467,13 @@ def _game_frame_in(b: dict, blobs: Sequence) -> GameFrame:
 
 
 def _action_out(a: Action, blobs: _Blobs) -> dict:
-    return {"seq": a.seq, "steering": a.steering, "throttle": a.throttle, "brake": a.brake, "target": a.target}
+    return {
+        "seq": a.seq,
+        "steering": a.steering,
+        "throttle": a.throttle,
+        "brake": a.brake,
+        "target": a.target,
+    }
 
 
 def _action_in(b: dict, blobs: Sequence) -> Action:
@@ -469,7 +487,11 @@ def _action_in(b: dict, blobs: Sequence) -> Action:
 
 
 def _console_out(c: Console, blobs: _Blobs) -> dict:
-    return {"service": c.service, "state": c.state, "images": {k: _frame_out(f, blobs) for k, f in c.images.items()}}
+    return {
+        "service": c.service,
+        "state": c.state,
+        "images": {k: _frame_out(f, blobs) for k, f in c.images.items()},
+    }
 
 
 def _console_in(b: dict, blobs: Sequence) -> Console:
@@ -484,7 +506,13 @@ def _console_in(b: dict, blobs: Sequence) -> Console:
 
 
 def _heartbeat_out(h: Heartbeat, blobs: _Blobs) -> dict:
-    return {"service": h.service, "instance": h.instance, "state": h.state, "uptime": h.uptime, "info": h.info}
+    return {
+        "service": h.service,
+        "instance": h.instance,
+        "state": h.state,
+        "uptime": h.uptime,
+        "info": h.info,
+    }
 
 
 def _heartbeat_in(b: dict, blobs: Sequence) -> Heartbeat:
@@ -546,7 +574,14 @@ def encode(topic: str, msg: Any, sender: str, kind: str | None = None) -> list:
     blobs = _Blobs()
     body = _CODECS[kind][1](msg, blobs)
     header = msgpack.packb(
-        {"v": SCHEMA_VERSION, "kind": kind, "sender": sender, "t": time.monotonic(), "wall": time.time(), "body": body},
+        {
+            "v": SCHEMA_VERSION,
+            "kind": kind,
+            "sender": sender,
+            "t": time.monotonic(),
+            "wall": time.time(),
+            "body": body,
+        },
         use_bin_type=True,
     )
     return [topic.encode("ascii"), header, *blobs.items]
@@ -639,6 +674,11 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
         and -1e15 < t < 1e15
         and -1e15 < wall < 1e15
     ):
-        sender, t, wall, body = _str(header, "sender"), _num(header, "t"), _num(header, "wall"), _map(header, "body")
+        sender, t, wall, body = (
+            _str(header, "sender"),
+            _num(header, "t"),
+            _num(header, "wall"),
+            _map(header, "body"),
+        )
     msg = codec[2](body, blobs)
     return Envelope(topic, kind, sender, t, wall, msg, nbytes)

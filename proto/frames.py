@@ -57,7 +57,9 @@ class Frame:
         h, w, c = self.shape
         if self.codec == "raw":
             if len(self.data) != h * w * c:
-                raise FrameError("size_mismatch", f"raw frame {self.shape} needs {h * w * c} bytes, got {len(self.data)}")
+                raise FrameError(
+                    "size_mismatch", f"raw frame {self.shape} needs {h * w * c} bytes, got {len(self.data)}"
+                )
             return np.frombuffer(self.data, dtype=np.uint8).reshape(h, w, c)
         if self.codec not in CODECS:
             raise FrameError("bad_codec", f"unknown frame codec {self.codec!r}")
@@ -70,7 +72,9 @@ class Frame:
         else:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if img.shape != (h, w, c):
-            raise FrameError("shape_mismatch", f"header says {self.shape}, {self.codec} data decodes to {img.shape}")
+            raise FrameError(
+                "shape_mismatch", f"header says {self.shape}, {self.codec} data decodes to {img.shape}"
+            )
         return img
 
     @property
@@ -96,5 +100,7 @@ class Frame:
             raise FrameError("bad_shape", f"frame shape must be [height, width, channels], got {shape!r}")
         hgt, wid, ch = shape
         if not (0 < hgt <= MAX_SIDE and 0 < wid <= MAX_SIDE and ch in (1, 3)):
-            raise FrameError("bad_shape", f"frame shape {shape} out of range (sides 1..{MAX_SIDE}, 1 or 3 channels)")
+            raise FrameError(
+                "bad_shape", f"frame shape {shape} out of range (sides 1..{MAX_SIDE}, 1 or 3 channels)"
+            )
         return codec, (hgt, wid, ch)

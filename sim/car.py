@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from charles.sim.town import Boxes, oriented_rect
 
 DT = 1.0 / 30.0

@@ -34,6 +34,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
+
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
 from charles.sim.npc import Npc
 from charles.sim.session import DriveSession
@@ -229,6 +230,7 @@ def evaluate_gym(
     mean absolute difference between their actions on the policy's own states (what DAgger labels).
     """
     import gymnasium as gym
+
     from charles.sim import gym_env
 
     gym_env.register()

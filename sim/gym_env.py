@@ -23,10 +23,11 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium import spaces
+
 from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.world import SimWorld
-from gymnasium import spaces
 
 ENV_ID = "Charles/Drive-v0"
 

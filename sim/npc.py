@@ -21,6 +21,7 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from charles.sim import car as carmod
 from charles.sim.config import NpcConfig
 from charles.sim.town import LANE_STEP, ROAD, WATER, sample_curve

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
 from charles.sim.config import WEATHERS
 from charles.sim.town import SEA, Boxes, Town
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from charles.sim.config import UnstuckConfig
 from charles.sim.unstuck import Unstuck, UnstuckStep
 from charles.sim.world import SimWorld, StepInfo

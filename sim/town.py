@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
 from charles.sim.config import SimConfig
 
 # Surface classes of the class map.

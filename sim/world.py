@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from charles.sim import render
 from charles.sim.car import DT, Car
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import pytest
+
 from charles import config
 from charles.agents import capture
 from charles.agents.common import Pacer, check_bus, load_agent_config
@@ -41,6 +42,7 @@ from charles.agents.deepgtav import (
 from charles.agents.devices import PadState
 from charles.proto import GameFrame, Sample
 from charles.runtime import Service
+
 from tests_support import counter_value, wait_for
 
 PAD_BYTE = 0xAB

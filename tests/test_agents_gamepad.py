@@ -13,11 +13,13 @@ import time
 import urllib.request
 
 import pytest
+
 from charles import config
 from charles.agents import gamepad
 from charles.proto import Action
 from charles.proto.codec import Envelope
 from charles.runtime import Service
+
 from tests_support import counter_value, wait_for
 
 

@@ -11,12 +11,13 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from charles.balancer.balancer import Balancer
 from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import samples_from_labels
 from charles.outputs import default_bins
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 # Coarse bins so that a few hundred random samples complete sets often enough to test their contents.
 COARSE = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from charles.balancer.balancer import EVICT_BIN_FULL, EVICT_TIMEOUT, Balancer
 from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import samples_from_labels, synthetic_labels

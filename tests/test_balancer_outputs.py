@@ -7,6 +7,9 @@ from dataclasses import fields
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from charles.balancer.balancer import (
     _SIGNAL_CODE,
     REJECT_NAN,
@@ -19,8 +22,6 @@ from charles.balancer.config import DELTA_BINS, BalancerConfig, help_lines
 from charles.balancer.synthetic import samples_from_labels
 from charles.outputs import BinIndex, OutputKind, OutputSpec, default_bins, parse_bins, signals_from
 from charles.proto.messages import Sample
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 NEVER = 1e9
 

@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from charles.balancer.balancer import Balancer
 from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
 from charles.balancer.plot import histogram_png, histograms, main, plot_histograms
 from charles.balancer.synthetic import samples_from_labels, synthetic_labels
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from charles.collector.capture import (
     Capture,
     FrameStack,

@@ -18,9 +18,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+
 from charles import config
 from charles.collector.service import CollectorService, acquire_config, make_source, run_config, serve
 from charles.proto import Frame, GameFrame
+
 from tests_support import counter_value, wait_for
 
 SMALL_SIM = {"blocks": 3, "traffic": 1}  # a town that builds in a fraction of a second
@@ -320,7 +322,9 @@ def test_collector_process_is_healthy_emits_and_stops_promptly_on_sigterm(broker
         rc = proc.wait(timeout=10)
         out = proc.stdout.read().decode()
         assert rc == 0, out
-        assert time.monotonic() - t0 < 5, out
+        # rc 0 already says it stopped by itself inside service.shutdown_s (the watchdog would exit 1);
+        # the wall clock adds interpreter teardown, slow on a loaded 2-core box
+        assert time.monotonic() - t0 < 10, out
         assert "sent" in out and "dropped" in out
     finally:
         if proc.poll() is None:

@@ -8,7 +8,11 @@ from charles import config
 def test_sources_in_order_file_env_override(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("run: from-file\nbus:\n  host: filehost\n  connect_timeout_s: 3\n")
-    cfg = config.load(f, environ={"CHARLES__BUS__HOST": "envhost", "CHARLES__SERVICE__LOG_LEVEL": "DEBUG"}, overrides=["bus.connect_timeout_s=7.5"])
+    cfg = config.load(
+        f,
+        environ={"CHARLES__BUS__HOST": "envhost", "CHARLES__SERVICE__LOG_LEVEL": "DEBUG"},
+        overrides=["bus.connect_timeout_s=7.5"],
+    )
     assert cfg.run == "from-file"
     assert cfg.bus.host == "envhost"
     assert cfg.service.log_level == "DEBUG"
@@ -16,7 +20,13 @@ def test_sources_in_order_file_env_override(tmp_path):
 
 
 def test_env_values_are_typed():
-    cfg = config.load(environ={"CHARLES__BROKER__SECURE": "true", "CHARLES__SERVICE__HTTP_PORT": "9200", "CHARLES_CONFIG": ""})
+    cfg = config.load(
+        environ={
+            "CHARLES__BROKER__SECURE": "true",
+            "CHARLES__SERVICE__HTTP_PORT": "9200",
+            "CHARLES_CONFIG": "",
+        }
+    )
     assert cfg.broker.secure is True and cfg.service.http_port == 9200
 
 

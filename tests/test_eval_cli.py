@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from charles.cli import main as cli
 
 KEYS = {"km", "km_between_unstucks", "on_road_fraction", "collisions_per_km", "mean_speed_kmh"}

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from charles.proto import registry
+
 from tests_support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,30 +72,60 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
     reg = registry()
     ports = [*reg.ports.values(), *(s.http_port for s in reg.services.values()), 9202]
     if not all(_port_free(p) for p in ports):
-        pytest.skip("the registry's ports are taken (is `make run` going?); this test uses them as Prometheus does")
+        pytest.skip(
+            "the registry's ports are taken (is `make run` going?); this test uses them as Prometheus does"
+        )
     prometheus = shutil.which("prometheus")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(FAST))
     logs = tmp_path / "logs"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "charles.launcher", "--collectors", "2", "--config", str(cfg),
-         "--run-dir", str(tmp_path / "runs"), "--logs", str(logs), "--plain"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "charles.launcher",
+            "--collectors",
+            "2",
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(tmp_path / "runs"),
+            "--logs",
+            str(logs),
+            "--plain",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "CHARLES_HTTP_EPHEMERAL": "0"},
     )
     prom = None
     try:
-        wait_for(lambda: (logs / "pids.json").is_file() and len(json.loads((logs / "pids.json").read_text())) >= 7, 30, "launcher never started its processes")
+        wait_for(
+            lambda: (logs / "pids.json").is_file() and len(json.loads((logs / "pids.json").read_text())) >= 7,
+            30,
+            "launcher never started its processes",
+        )
         pids = json.loads((logs / "pids.json").read_text())
-        assert set(pids) == {"broker", "collector-1", "collector-2", "balancer", "trainer", "player", "viewer"}
+        assert set(pids) == {
+            "broker",
+            "collector-1",
+            "collector-2",
+            "balancer",
+            "trainer",
+            "player",
+            "viewer",
+        }
 
         # every service answers /healthz on the registry's port
         http = {s.name: s.http_port for s in reg.services.values()}
+
         def all_healthy():
             try:
                 return all(_get_json(f"http://127.0.0.1:{port}/healthz")["healthy"] for port in http.values())
             except OSError:
                 return False
+
         wait_for(all_healthy, 90, "not every service became healthy")
 
         if prometheus:
@@ -106,27 +138,39 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
                 s.bind(("127.0.0.1", 0))
                 prom_port = s.getsockname()[1]
             prom = subprocess.Popen(
-                [prometheus, f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    prometheus,
+                    f"--config.file={tmp_path / 'prom.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             want = {"broker", "balancer", "trainer", "player", "viewer"}
 
             def scraped():
                 try:
-                    targets = _get_json(f"http://127.0.0.1:{prom_port}/api/v1/targets")["data"]["activeTargets"]
+                    targets = _get_json(f"http://127.0.0.1:{prom_port}/api/v1/targets")["data"][
+                        "activeTargets"
+                    ]
                 except OSError:
                     return False
                 up = {t["labels"]["job"] for t in targets if t["health"] == "up"}
-                collectors_up = sum(1 for t in targets if t["labels"]["job"] == "collector" and t["health"] == "up")
+                collectors_up = sum(
+                    1 for t in targets if t["labels"]["job"] == "collector" and t["health"] == "up"
+                )
                 return want <= up and collectors_up == 2
 
             wait_for(scraped, 60, "Prometheus did not see every service up")
 
         # trained weights arrive at the player (a batch above zero, published by the trainer)
         player_port = http["player"]
-        wait_for(lambda: (_metric(player_port, "charles_player_weights_batch") or 0) > 0, 240,
-                 "the player never received trained weights")
+        wait_for(
+            lambda: (_metric(player_port, "charles_player_weights_batch") or 0) > 0,
+            240,
+            "the player never received trained weights",
+        )
     finally:
         launcher.send_signal(signal.SIGINT)
         try:

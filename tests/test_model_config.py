@@ -8,14 +8,24 @@ import subprocess
 import sys
 
 import pytest
+
 from charles.model.config import HISTORY_FIELDS, ModelConfig, field_help
 from charles.model.presets import get_config, list_presets
 from charles.outputs import OutputKind, default_outputs
 
 SEED_LINES = [
-    "model_0001_xception", "model_0002_xception", "model_0003_xception", "model_0004_inceptionresnetv2",
-    "model_0005_inceptionresnetv2", "model_0006_inceptionresnetv2", "model_0007_inceptionresnetv2",
-    "model_0008_irv2_data_td", "model_0009_irv2_cr_tl", "model_0010_irv2_tcb", "model_0011_x_tcb", "model_0012_regnet",
+    "model_0001_xception",
+    "model_0002_xception",
+    "model_0003_xception",
+    "model_0004_inceptionresnetv2",
+    "model_0005_inceptionresnetv2",
+    "model_0006_inceptionresnetv2",
+    "model_0007_inceptionresnetv2",
+    "model_0008_irv2_data_td",
+    "model_0009_irv2_cr_tl",
+    "model_0010_irv2_tcb",
+    "model_0011_x_tcb",
+    "model_0012_regnet",
 ]
 
 
@@ -46,8 +56,11 @@ def test_every_field_has_a_one_line_help():
 
 def test_lists_and_tuples_build_equal_configs():
     a = ModelConfig(common_widths=(512, 256), history_fields=("steering", "speed"))
-    b = ModelConfig(common_widths=[512, 256], history_fields=["steering", "speed"],
-                    outputs=[o.to_dict() for o in default_outputs(3)])
+    b = ModelConfig(
+        common_widths=[512, 256],
+        history_fields=["steering", "speed"],
+        outputs=[o.to_dict() for o in default_outputs(3)],
+    )
     assert a == b and hash(a) == hash(b)
 
 
@@ -89,7 +102,9 @@ def test_from_dict_refuses_unknown_keys_and_garbage():
 
 def test_identity_ignores_how_a_model_is_initialised_or_trained():
     cfg = get_config("model_0009_irv2_cr_tl")
-    trained = cfg.replace(freeze=("backbones",), dropout=0.3, pretrained=True, transfer=(), convcam_layer="repeat_2")
+    trained = cfg.replace(
+        freeze=("backbones",), dropout=0.3, pretrained=True, transfer=(), convcam_layer="repeat_2"
+    )
     assert trained != cfg
     assert trained.same_weights(cfg) and not trained.differences(cfg)
     other = cfg.replace(history_lstm_units=64)
@@ -128,7 +143,9 @@ def test_history_fields_agree_with_the_wire_contract():
 
 def test_config_module_does_not_import_torch():
     # collectors and the balancer read the model config; they must not pay for torch
-    code = ("import sys; import charles.model.config, charles.model.presets; "
-            "from charles.model import ModelConfig, get_config; print('torch' in sys.modules)")
+    code = (
+        "import sys; import charles.model.config, charles.model.presets; "
+        "from charles.model import ModelConfig, get_config; print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

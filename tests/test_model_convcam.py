@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from charles.model.convcam import ActivationTap, convcam_image, convcam_layers, feature_maps
 from charles.model.inputs import example_batch, prepare_batch
 from charles.model.losses import decode
@@ -79,8 +80,16 @@ def test_two_backbones_share_one_grid_in_two_colours():
 
 
 def test_predictor_matches_the_batch_path_and_decodes():
-    cfg = get_config("tiny", **SMALL, history="lstm", history_length=6, history_lstm_units=8, use_speed=True,
-                     use_purpose=True, frames=2)
+    cfg = get_config(
+        "tiny",
+        **SMALL,
+        history="lstm",
+        history_length=6,
+        history_lstm_units=8,
+        use_speed=True,
+        use_purpose=True,
+        frames=2,
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     batch = example_batch(cfg, 1, seed=3)
@@ -88,8 +97,13 @@ def test_predictor_matches_the_batch_path_and_decodes():
         ref = model(**prepare_batch(batch, cfg))
     p = Predictor(model, convcam=True)
     assert p.convcam() is None
-    raw = p.predict(batch["frame"][0], speed=float(batch["speed"][0]), purpose=batch["purpose"][0],
-                    history=batch["history"][0], stack=batch["stack"][0])
+    raw = p.predict(
+        batch["frame"][0],
+        speed=float(batch["speed"][0]),
+        purpose=batch["purpose"][0],
+        history=batch["history"][0],
+        stack=batch["stack"][0],
+    )
     for k, v in ref.items():
         np.testing.assert_allclose(raw[k], v[0].numpy(), rtol=1e-5, atol=1e-6)
     controls = p.controls(raw)
@@ -115,9 +129,13 @@ def test_predictor_swaps_weights_and_refuses_foreign_ones():
     p.swap_weights(save_weights(newer, cfg))
     with torch.no_grad():
         want = newer(**prepare_batch({"frame": frame[None]}, cfg))
-    np.testing.assert_allclose(p.predict(frame)["steering"], want["steering"][0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        p.predict(frame)["steering"], want["steering"][0].numpy(), rtol=1e-5, atol=1e-6
+    )
     p2 = Predictor.from_weights(save_weights(newer, cfg), cfg)
-    np.testing.assert_allclose(p2.predict(frame)["steering"], want["steering"][0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        p2.predict(frame)["steering"], want["steering"][0].numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_compiled_models_predict_the_same_and_save_plain_keys():
@@ -132,4 +150,3 @@ def test_compiled_models_predict_the_same_and_save_plain_keys():
     newer, _ = built(seed=2)
     p.swap_weights(save_weights(newer, cfg))
     assert not np.allclose(p.predict(frame)["steering"], plain["steering"])
-

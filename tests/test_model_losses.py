@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from charles.model.losses import bin_indices, compute_loss, compute_metrics, decode, encode_targets
 from charles.outputs import OutputKind, OutputSpec, default_bins, parse_bins
 
@@ -27,8 +28,31 @@ BIN_SETS = {
     "delta": list(DELTA_BINS),
     "ranges_only": parse_bins([[-1.0, 0.0], [0.0, 1.0]]),
 }
-PROBES = [-1.5, -1.0, -0.99, -0.6, -0.3, -0.2, -0.1, -0.05, -0.03, 0.0, 1e-9, 0.03, 0.1, 0.2, 0.2000001, 0.3,
-          0.5, 0.6, 0.8, 0.95, 1.0, 1.2, math.nan]
+PROBES = [
+    -1.5,
+    -1.0,
+    -0.99,
+    -0.6,
+    -0.3,
+    -0.2,
+    -0.1,
+    -0.05,
+    -0.03,
+    0.0,
+    1e-9,
+    0.03,
+    0.1,
+    0.2,
+    0.2000001,
+    0.3,
+    0.5,
+    0.6,
+    0.8,
+    0.95,
+    1.0,
+    1.2,
+    math.nan,
+]
 
 
 @pytest.mark.parametrize("bins", list(BIN_SETS.values()), ids=list(BIN_SETS))
@@ -41,10 +65,16 @@ def test_bin_indices_on_tensors_agree_with_the_balancers_bin_index(bins):
 
 
 def test_encode_targets_per_kind():
-    reg, cls, dlt = spec("steering", "regression"), spec("throttle_brake", "classification"), \
-        OutputSpec("throttle", OutputKind.DELTA, DELTA_BINS)
-    t = {"steering": torch.tensor([0.25, math.nan]), "throttle_brake": torch.tensor([1.0, 0.05]),
-         "throttle": torch.tensor([0.5, 0.2])}
+    reg, cls, dlt = (
+        spec("steering", "regression"),
+        spec("throttle_brake", "classification"),
+        OutputSpec("throttle", OutputKind.DELTA, DELTA_BINS),
+    )
+    t = {
+        "steering": torch.tensor([0.25, math.nan]),
+        "throttle_brake": torch.tensor([1.0, 0.05]),
+        "throttle": torch.tensor([0.5, 0.2]),
+    }
     # float32 labels: 0.5f - 0.4f is 0.09999999; rounding puts it in the exact 0.1 bin
     enc = encode_targets(t, [reg, cls, dlt], previous={"throttle": torch.tensor([0.4, 0.5])})
     assert enc["steering"][0] == 0.25 and torch.isnan(enc["steering"][1])
@@ -52,7 +82,10 @@ def test_encode_targets_per_kind():
     # 0.5 - 0.4 = 0.1 (exact bin), 0.2 - 0.5 = -0.3 (exact bin)
     assert enc["throttle"].tolist() == [DELTA_BINS.index(parse_bins([0.1])[0]), 0]
     # ready-made class indices pass through
-    assert encode_targets({"throttle_brake": torch.tensor([3, 4])}, [cls])["throttle_brake"].tolist() == [3, 4]
+    assert encode_targets({"throttle_brake": torch.tensor([3, 4])}, [cls])["throttle_brake"].tolist() == [
+        3,
+        4,
+    ]
     with pytest.raises(ValueError, match="needs previous"):
         encode_targets({"throttle": torch.tensor([0.5])}, [dlt])
 
@@ -87,8 +120,12 @@ def test_classification_loss_is_cross_entropy_over_the_bins():
 def test_delta_loss_bins_the_change_from_previous():
     s = OutputSpec("steering", OutputKind.DELTA, DELTA_BINS)
     logits = torch.randn(2, s.width)
-    total, _ = compute_loss({"steering": logits}, {"steering": torch.tensor([0.13, -0.2])}, [s],
-                            previous={"steering": torch.tensor([0.1, 0.1])})
+    total, _ = compute_loss(
+        {"steering": logits},
+        {"steering": torch.tensor([0.13, -0.2])},
+        [s],
+        previous={"steering": torch.tensor([0.1, 0.1])},
+    )
     want_idx = s.bin_index().indices(np.array([0.03, -0.3]))  # the changes, as the balancer bins them
     assert (want_idx >= 0).all()
     assert total.item() == pytest.approx(F.cross_entropy(logits, torch.tensor(want_idx)).item(), rel=1e-6)
@@ -97,7 +134,9 @@ def test_delta_loss_bins_the_change_from_previous():
 def test_all_labels_missing_gives_zero_not_nan():
     specs = [spec("steering", "regression"), spec("throttle_brake", "classification")]
     out = {"steering": torch.randn(2, 1), "throttle_brake": torch.randn(2, specs[1].width)}
-    total, per = compute_loss(out, {"steering": torch.full((2,), math.nan), "throttle_brake": torch.full((2,), 7.0)}, specs)
+    total, per = compute_loss(
+        out, {"steering": torch.full((2,), math.nan), "throttle_brake": torch.full((2,), 7.0)}, specs
+    )
     assert total.item() == 0.0 and all(v.item() == 0.0 for v in per.values())
 
 
@@ -137,7 +176,9 @@ def test_decode_table(kind, raw, previous, expected):
         row = np.full(s.width, -3.0)
         row[[str(b) for b in s.bins].index(target)] = 3.0
         raw = row
-    got = decode({"steering": torch.tensor(np.array([raw]), dtype=torch.float32)}, [s], previous={"steering": previous})
+    got = decode(
+        {"steering": torch.tensor(np.array([raw]), dtype=torch.float32)}, [s], previous={"steering": previous}
+    )
     assert got["steering"].shape == (1,)
     assert got["steering"][0] == pytest.approx(expected)
     assert got["steering"][0] == pytest.approx(s.decode(np.asarray(raw), previous))

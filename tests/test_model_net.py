@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from charles.model.config import ModelConfig
 from charles.model.inputs import example_batch, image_stats, prepare_batch
 from charles.model.losses import compute_loss
@@ -47,18 +48,28 @@ HISTORY_VARIANTS = {
     "mlp": dict(history="mlp", history_length=10, history_widths=(32, 16)),
     "td_lstm": dict(history="td_lstm", history_length=10, history_widths=(16,), history_lstm_units=8),
     "lstm_prediction": dict(history="lstm", history_length=10, history_lstm_units=8, history_lstm_layers=2),
-    "lstm_thought": dict(history="lstm", history_length=10, history_lstm_units=8, history_output="thought",
-                         history_post=(8, 8)),
-    "fields_subset": dict(history="lstm", history_length=5, history_fields=("steering", "speed"), history_lstm_units=4),
+    "lstm_thought": dict(
+        history="lstm", history_length=10, history_lstm_units=8, history_output="thought", history_post=(8, 8)
+    ),
+    "fields_subset": dict(
+        history="lstm", history_length=5, history_fields=("steering", "speed"), history_lstm_units=4
+    ),
     "scalars": dict(use_speed=True, use_purpose=True, use_previous=True),
     "stacked_frames": dict(frames=3),
     "two_backbones": dict(backbone_per_output=True),
-    "three_outputs": dict(outputs=tuple(default_outputs(1)) + (OutputSpec("brake", bins=tuple(parse_bins([0.0, [0.0, 1.0]]))),)),
-    "history_only": dict(backbone="", history="lstm", history_length=10, history_lstm_units=8, use_purpose=True),
+    "three_outputs": dict(
+        outputs=tuple(default_outputs(1)) + (OutputSpec("brake", bins=tuple(parse_bins([0.0, [0.0, 1.0]]))),)
+    ),
+    "history_only": dict(
+        backbone="", history="lstm", history_length=10, history_lstm_units=8, use_purpose=True
+    ),
     "no_common_layers": dict(common_widths=(), head_layers=1),
-    "classification_and_delta": dict(outputs=(
-        OutputSpec("steering", OutputKind.CLASSIFICATION, tuple(default_outputs(3)[0].bins)),
-        OutputSpec("throttle_brake", OutputKind.DELTA, tuple(parse_bins([-0.1, 0.0, 0.1]))))),
+    "classification_and_delta": dict(
+        outputs=(
+            OutputSpec("steering", OutputKind.CLASSIFICATION, tuple(default_outputs(3)[0].bins)),
+            OutputSpec("throttle_brake", OutputKind.DELTA, tuple(parse_bins([-0.1, 0.0, 0.1]))),
+        )
+    ),
 }
 
 
@@ -137,8 +148,13 @@ def test_history_and_scalars_are_scaled_and_trimmed_to_the_newest_rows():
     hist = np.zeros((1, 5, 5), np.float32)
     hist[0, :, 0] = [0.1, 0.2, 0.3, 0.4, 0.5]  # steering, oldest first
     hist[0, -1, 2:] = [cfg.speed_scale, math.pi, cfg.distance_scale]
-    batch = {**example_batch(cfg, 1), "history": hist, "speed": np.array([15.0]), "purpose": np.array([[-math.pi / 2, 0.0]]),
-             "previous": np.array([[0.25, -1.0]])}
+    batch = {
+        **example_batch(cfg, 1),
+        "history": hist,
+        "speed": np.array([15.0]),
+        "purpose": np.array([[-math.pi / 2, 0.0]]),
+        "previous": np.array([[0.25, -1.0]]),
+    }
     out = prepare_batch(batch, cfg)
     assert out["history"].shape == (1, 3, 5)
     assert out["history"][0, :, 0].tolist() == pytest.approx([0.3, 0.4, 0.5])
@@ -154,11 +170,14 @@ def test_history_and_scalars_are_scaled_and_trimmed_to_the_newest_rows():
         ({}, {"frame": None}, "missing"),
         ({}, {"frame": np.zeros((1, 36, 64, 3), np.float32)}, "uint8"),
         ({"frames": 3}, {"stack": np.zeros((1, 1, 36, 64, 3), np.uint8)}, "stacks 3 frames"),
-        ({"history": "mlp", "history_length": 10}, {"history": np.zeros((1, 5, 5), np.float32)}, "reads 10 history rows"),
+        (
+            {"history": "mlp", "history_length": 10},
+            {"history": np.zeros((1, 5, 5), np.float32)},
+            "reads 10 history rows",
+        ),
         ({"history": "mlp"}, {"history": np.zeros((1, 60, 4), np.float32)}, r"\[B, T, 5\]"),
     ],
 )
-
 def test_prepare_batch_refuses_malformed_batches(cfg_changes, batch_changes, message):
     cfg = tiny(**cfg_changes)
     batch = example_batch(cfg, 1)
@@ -172,7 +191,9 @@ def test_prepare_batch_refuses_malformed_batches(cfg_changes, batch_changes, mes
 
 
 def test_forward_works_under_bf16_autocast_and_channels_last():
-    cfg = tiny(history="lstm", history_length=10, history_lstm_units=8, history_output="thought", use_speed=True)
+    cfg = tiny(
+        history="lstm", history_length=10, history_lstm_units=8, history_output="thought", use_speed=True
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     inputs = prepare_batch(example_batch(cfg, 2), cfg)
@@ -205,7 +226,9 @@ def test_frozen_parts_neither_learn_nor_update_batch_norm_statistics():
     opt.step()
     assert all(torch.equal(v, model.backbones.state_dict()[k]) for k, v in frozen_before.items())
     assert not all(torch.equal(v, model.heads.state_dict()[k]) for k, v in heads_before.items())
-    assert count_parameters(model, trainable_only=True) == count_parameters(model.trunks) + count_parameters(model.heads)
+    assert count_parameters(model, trainable_only=True) == count_parameters(model.trunks) + count_parameters(
+        model.heads
+    )
     with pytest.raises(ValueError, match="no part"):
         build_model(tiny(freeze=("cnn_layers",)))
 
@@ -233,7 +256,11 @@ def synthetic(cfg: ModelConfig, kind: str, n: int, rng: np.random.Generator):
     frames[..., 1] = 127 + 120 * code[:, 1, None, None]
     batch = {"frame": frames.astype(np.uint8), "previous": prev.astype(np.float32)}
     names = cfg.output_names
-    return batch, {k: torch.tensor(values[:, i]) for i, k in enumerate(names)}, {k: torch.tensor(prev[:, i]) for i, k in enumerate(names)}
+    return (
+        batch,
+        {k: torch.tensor(values[:, i]) for i, k in enumerate(names)},
+        {k: torch.tensor(prev[:, i]) for i, k in enumerate(names)},
+    )
 
 
 @pytest.mark.slow
@@ -253,8 +280,12 @@ def test_each_output_kind_learns_a_synthetic_task(kind):
     for _ in range(30):
         idx = rng.choice(64, 16, replace=False)
         out = model(**prepare_batch({k: v[idx] for k, v in batch.items()}, cfg))
-        loss, per = compute_loss(out, {k: v[idx] for k, v in targets.items()}, cfg.outputs,
-                                 previous={k: v[idx] for k, v in previous.items()})
+        loss, per = compute_loss(
+            out,
+            {k: v[idx] for k, v in targets.items()},
+            cfg.outputs,
+            previous={k: v[idx] for k, v in previous.items()},
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

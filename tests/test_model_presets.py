@@ -6,6 +6,7 @@ import gc
 
 import pytest
 import torch
+
 from charles.model.inputs import example_batch, prepare_batch
 from charles.model.losses import compute_loss
 from charles.model.net import build_model, count_parameters, torch_threads

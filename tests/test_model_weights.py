@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+
 from charles.model.inputs import example_batch, prepare_batch
 from charles.model.net import build_model, torch_threads
 from charles.model.presets import get_config
@@ -183,7 +184,10 @@ def test_load_parts_takes_the_cnn_from_one_run_and_the_lstm_from_another():
     rnn_only, rnn_cfg = tiny(seed=2, backbone="", **MEMORY)
     combined, cfg = tiny(seed=3, **MEMORY)
     initial = {k: v.clone() for k, v in combined.state_dict().items()}
-    report = load_parts(combined, {"backbone": save_weights(cnn_only, cnn_cfg), "history.lstm": save_weights(rnn_only, rnn_cfg)})
+    report = load_parts(
+        combined,
+        {"backbone": save_weights(cnn_only, cnn_cfg), "history.lstm": save_weights(rnn_only, rnn_cfg)},
+    )
     state = combined.state_dict()
     for k, v in state.items():
         if k.startswith("backbones."):
@@ -219,7 +223,9 @@ def test_load_parts_is_strict_and_all_or_nothing():
 
 def test_imagenet_style_timm_file_loads_as_the_backbone_without_a_hub(tmp_path):
     torch.manual_seed(11)
-    reference = timm.create_model("regnetx_002", num_classes=1000)  # stands in for downloaded ImageNet weights
+    reference = timm.create_model(
+        "regnetx_002", num_classes=1000
+    )  # stands in for downloaded ImageNet weights
     path = tmp_path / "regnetx_002.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     cfg = get_config("tiny", **SMALL, pretrained=True)

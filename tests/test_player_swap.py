@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from charles.model.weights import WeightsError
 from charles.player.swap import Swapper, WeightsMeta
 

@@ -97,21 +97,40 @@ def test_frames_are_not_copied_on_decode():
 
 
 def test_every_other_kind_round_trips():
-    ss = SampleSet(outputs=["steering"], version=3, samples=[sample(), sample("png")], labels_kept=["steering", "throttle_brake"])
+    ss = SampleSet(
+        outputs=["steering"],
+        version=3,
+        samples=[sample(), sample("png")],
+        labels_kept=["steering", "throttle_brake"],
+    )
     got = roundtrip("set.steering", ss).msg
     assert got.outputs == ["steering"] and got.version == 3 and len(got.samples) == 2
     assert got.samples[1].frame.codec == "png" and got.labels_kept == ["steering", "throttle_brake"]
 
     w = Weights("model_x", "model_x_v1", 42, {"backbone": "tiny"}, b"\x00" * 1000, created=1.5)
     got = roundtrip("weights.model_x", w).msg
-    assert (got.model, got.run, got.batch, got.config, bytes(got.payload)) == ("model_x", "model_x_v1", 42, {"backbone": "tiny"}, w.payload)
+    assert (got.model, got.run, got.batch, got.config, bytes(got.payload)) == (
+        "model_x",
+        "model_x_v1",
+        42,
+        {"backbone": "tiny"},
+        w.payload,
+    )
 
     got = roundtrip("config", ConfigReply({"run": "r", "trainer": {"lr": 0.1}})).msg
     assert got.config == {"run": "r", "trainer": {"lr": 0.1}} and got.error == ""
 
-    g = GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "jpeg"), 5.0, (1.0, 2.0, 3.0), 0.5, (0.1, 10.0), (-0.5, 1.0))
+    g = GameFrame(
+        "pc1", 3, 0.1, Frame.encode(IMG, "jpeg"), 5.0, (1.0, 2.0, 3.0), 0.5, (0.1, 10.0), (-0.5, 1.0)
+    )
     got = roundtrip("game.pc1", g).msg
-    assert (got.position, got.heading, got.purpose, got.speed, got.controls) == ((1.0, 2.0, 3.0), 0.5, (0.1, 10.0), 5.0, (-0.5, 1.0))
+    assert (got.position, got.heading, got.purpose, got.speed, got.controls) == (
+        (1.0, 2.0, 3.0),
+        0.5,
+        (0.1, 10.0),
+        5.0,
+        (-0.5, 1.0),
+    )
 
     got = roundtrip("action.pad1", Action(9, -1.0, 0.25, 0.0, "pad1")).msg
     assert (got.seq, got.steering, got.throttle, got.brake, got.target) == (9, -1.0, 0.25, 0.0, "pad1")
@@ -121,7 +140,13 @@ def test_every_other_kind_round_trips():
     assert got.state == {"fps": 30.0, "model": "m"} and got.images["hood"].decode().shape == IMG.shape
 
     got = roundtrip("heartbeat.b1", Heartbeat("broker", "b1", "ok", 3.0, {"n": 1})).msg
-    assert (got.service, got.instance, got.state, got.uptime, got.info) == ("broker", "b1", "ok", 3.0, {"n": 1})
+    assert (got.service, got.instance, got.state, got.uptime, got.info) == (
+        "broker",
+        "b1",
+        "ok",
+        3.0,
+        {"n": 1},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- rejects
@@ -202,7 +227,12 @@ _GOOD = [
 _GOOD = [[bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in m] for m in _GOOD]
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=16),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=16),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=8,
 )
@@ -235,7 +265,16 @@ def _decode_is_contained(frames) -> None:
     except ProtocolError as e:
         assert e.reason in REASONS
         return
-    assert env.kind in {"sample", "sample_set", "weights", "action", "console", "config", "game_frame", "heartbeat"}
+    assert env.kind in {
+        "sample",
+        "sample_set",
+        "weights",
+        "action",
+        "console",
+        "config",
+        "game_frame",
+        "heartbeat",
+    }
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,6 +7,7 @@ import logging
 import urllib.request
 
 from charles.proto import Heartbeat
+
 from tests_support import wait_for
 
 
@@ -29,7 +30,9 @@ def test_metrics_health_and_extra_routes_over_http(broker):
         sub = svc.subscriber(["heartbeat"], late_join=False)
         code, body = _get(svc.http_port, "/healthz")
         health = json.loads(body)
-        assert code == 200 and health["status"] == "starting" and health["topics"]["heartbeat"]["alive"] is False
+        assert (
+            code == 200 and health["status"] == "starting" and health["topics"]["heartbeat"]["alive"] is False
+        )
         svc.ready()
         svc.reject("nan", "a test reject")
         code, body = _get(svc.http_port, "/metrics")

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig, help_lines
 from charles.sim.evaluate import evaluate
 from charles.sim.session import DriveSession

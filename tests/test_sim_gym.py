@@ -5,10 +5,11 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
+
 from charles.sim.config import SimConfig
 from charles.sim.evaluate import evaluate_gym
 from charles.sim.gym_env import ENV_ID, DrivingEnv, register
-from gymnasium.utils.env_checker import check_env
 
 SMALL = SimConfig(blocks=3, traffic=1)
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.town import ROAD, WATER

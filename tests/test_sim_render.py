@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from charles.sim.config import SimConfig
 from charles.sim.render import Lighting
 from charles.sim.world import SimWorld

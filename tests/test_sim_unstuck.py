@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from charles.sim.config import UnstuckConfig
-from charles.sim.unstuck import Phase, Unstuck
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from charles.sim.config import UnstuckConfig
+from charles.sim.unstuck import Phase, Unstuck
 
 DT = 1 / 30
 CFG = UnstuckConfig(

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from charles.sim.car import DT, Car
 from charles.sim.config import SimConfig
 from charles.sim.town import BUILDING, ROAD, WATER

@@ -24,6 +24,7 @@ import threading
 import time
 
 import pytest
+
 from charles.model.net import build_model
 from charles.model.presets import get_config
 from charles.model.weights import load_weights
@@ -32,6 +33,7 @@ from charles.trainer.checkpoint import list_checkpoints, read_checkpoint
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import Storage, StorageConfig
 from charles.trainer.synthetic import make_frames, make_sample, make_set
+
 from conftest import free_ports
 from survive_support import ForkServer, overrides, running, wait_for
 

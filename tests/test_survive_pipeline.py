@@ -32,9 +32,11 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+
 from charles.proto import Console, Frame, Heartbeat, Sample, SampleSet, Weights, encode
 from charles.proto.messages import ConfigReply
 from charles.trainer.checkpoint import list_checkpoints
+
 from survive_support import Pipeline, Probe, rss_mb, running, wait_for
 
 pytestmark = pytest.mark.slow

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from charles import config
 from charles.model.net import build_model
 from charles.model.presets import get_config
@@ -31,6 +32,7 @@ from charles.model.weights import save_weights
 from charles.proto import Action, Frame, GameFrame, Weights
 from charles.runtime import Service
 from charles.tools import make_keys
+
 from conftest import free_ports
 from survive_support import kill9, overrides, running, scrape, service_env, start_service, stop, wait_for
 

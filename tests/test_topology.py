@@ -13,10 +13,11 @@ import subprocess
 
 import pytest
 import yaml
-from charles import topology as t
-from charles.proto import registry
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from charles import topology as t
+from charles.proto import registry
 
 ROOT = t.ROOT
 COMPOSE = ROOT / "docker-compose.yml"

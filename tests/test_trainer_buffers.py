@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+
 from charles.proto.frames import Frame
 from charles.trainer.buffers import BufferConfig, Buffers, buffer_key, buffer_names, valid_labels
 from charles.trainer.synthetic import make_sample, make_set

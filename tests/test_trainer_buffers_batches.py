@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
 from charles.proto.frames import Frame
 from charles.trainer.batches import (
     BatchAssembler,

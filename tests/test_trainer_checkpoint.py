@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from charles import config
 from charles.model.net import torch_threads
 from charles.trainer import checkpoint as ck

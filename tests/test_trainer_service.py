@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 import torch
+
 from charles.model.net import torch_threads
 from charles.model.weights import model_from_weights
 from charles.proto import Weights
@@ -26,6 +27,7 @@ from charles.trainer.runs import RunDir, open_run
 from charles.trainer.service import TrainerService
 from charles.trainer.storage import Storage, StorageConfig
 from charles.trainer.synthetic import make_frames, make_sample, make_set
+
 from tests_support import counter_value, wait_for
 
 H, W = 36, 64

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from charles.proto.frames import Frame
 from charles.trainer.buffers import BufferConfig, Buffers, Entry
 from charles.trainer.storage import (
@@ -25,8 +28,6 @@ from charles.trainer.storage import (
     open_buffers,
 )
 from charles.trainer.synthetic import make_sample, make_set, road_image
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 SMALL = Frame.encode(road_image(0, 36, 64), "jpeg")
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from charles.balancer.balancer import Balancer, BalancerStats
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from charles.balancer.balancer import Balancer, BalancerStats
 
 PREFIX = "charles_balancer"
 

@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 import prometheus_client as prom
+
 from charles.balancer.balancer import REJECT_NAN, REJECT_NO_BIN, REJECT_NO_PREVIOUS, Balancer, BalancerStats
 from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics

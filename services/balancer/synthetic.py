@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
 from charles.proto.frames import Frame
 from charles.proto.messages import Sample
 

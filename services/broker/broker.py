@@ -17,6 +17,7 @@ With ``broker.secure`` a second set of endpoints speaks CURVE, with an allow-lis
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -68,12 +69,18 @@ class Broker:
         self.served_config = served_config
         self.lvc = LastValues(self.cfg.snapshot_hwm)
         r = svc.metrics.registry
-        self.m_lvc = prom.Gauge("charles_broker_last_value_topics", "Topics held in the last-value cache", registry=r)
+        self.m_lvc = prom.Gauge(
+            "charles_broker_last_value_topics", "Topics held in the last-value cache", registry=r
+        )
         self.m_auth = prom.Counter(
             "charles_broker_auth_failures_total", "Refused CURVE handshakes by event", ["event"], registry=r
         )
-        self.m_requests = prom.Counter("charles_broker_requests_total", "Control-port requests by verb", ["verb"], registry=r)
-        self.m_snapshot = prom.Counter("charles_broker_snapshot_messages_total", "Last values served to late joiners", registry=r)
+        self.m_requests = prom.Counter(
+            "charles_broker_requests_total", "Control-port requests by verb", ["verb"], registry=r
+        )
+        self.m_snapshot = prom.Counter(
+            "charles_broker_snapshot_messages_total", "Last values served to late joiners", registry=r
+        )
         self._threads: list[threading.Thread] = []
         self._proxy_controls: list[zmq.Socket] = []
         self._auth: ThreadAuthenticator | None = None
@@ -154,7 +161,9 @@ class Broker:
         if not (keys / "broker.key_secret").is_file():
             raise FileNotFoundError(f"{keys / 'broker.key_secret'} is missing: run `make keys` first")
         if not allowed.is_dir():
-            raise FileNotFoundError(f"{allowed} is missing: run `make keys` (it holds the allowed clients' public keys)")
+            raise FileNotFoundError(
+                f"{allowed} is missing: run `make keys` (it holds the allowed clients' public keys)"
+            )
         public, secret = zmq.auth.load_certificate(keys / "broker.key_secret")
         self._auth = ThreadAuthenticator(self.svc.ctx)
         self._auth.start()
@@ -188,7 +197,9 @@ class Broker:
         self._start_proxy("secure-in", sec_xsub, bridge_in, None)
         self._start_proxy("secure-out", bridge_out, sec_xpub, None)
 
-    def _start_proxy(self, name: str, front: zmq.Socket, back: zmq.Socket, capture: zmq.Socket | None) -> None:
+    def _start_proxy(
+        self, name: str, front: zmq.Socket, back: zmq.Socket, capture: zmq.Socket | None
+    ) -> None:
         ctl_addr = f"inproc://proxy-control-{name}"
         ctl = self.svc.socket(zmq.PAIR)
         ctl.bind(ctl_addr)
@@ -265,7 +276,9 @@ class Broker:
         name = _AUTH_EVENTS.get(evt["event"])
         if name:
             self.m_auth.labels(name).inc()
-            self.svc.reject("unauthenticated", f"CURVE handshake refused ({name}) from {evt.get('endpoint', b'')!r}")
+            self.svc.reject(
+                "unauthenticated", f"CURVE handshake refused ({name}) from {evt.get('endpoint', b'')!r}"
+            )
 
     def serve(self) -> None:
         """The broker's Python loop (control requests, last values, counting) until the service stops."""
@@ -303,10 +316,8 @@ class Broker:
 
     def close(self) -> None:
         for ctl in self._proxy_controls:
-            try:
+            with contextlib.suppress(zmq.ZMQError):  # a proxy already gone needs no telling
                 ctl.send(b"TERMINATE", flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
         for t in self._threads:
             t.join(timeout=2)
         if self._auth is not None:

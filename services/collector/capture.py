@@ -26,6 +26,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
+
 from charles.proto import Frame
 from charles.proto.messages import HISTORY_FIELDS
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
 from charles.collector.capture import (
     FrameStack,
     History,

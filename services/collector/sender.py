@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from charles.collector.capture import Image, Pending, SampleShape, fit_frame
 from charles.proto import Frame, Sample
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+
 from charles.collector.capture import TICK_HZ, Capture
 from charles.proto import GameFrame
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
@@ -243,6 +244,7 @@ class GymSource:
 
     def __init__(self, env_id: str, expert: str, seed: int = 0, env_kwargs: dict | None = None):
         import gymnasium as gym
+
         from charles.sim import gym_env
         from charles.sim.evaluate import load_callable
 

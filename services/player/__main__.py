@@ -13,9 +13,15 @@ from charles.runtime import Service, run_service
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles player", description=__doc__)
     ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting")
-    ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>, sample.<id>); default: player-<hostname>")
-    ap.add_argument("--preset", help="model line to drive (overrides model.preset; the trainer must run the same)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
+    )
+    ap.add_argument(
+        "--id", help="instance id (heartbeat.<id>, console.<id>, sample.<id>); default: player-<hostname>"
+    )
+    ap.add_argument(
+        "--preset", help="model line to drive (overrides model.preset; the trainer must run the same)"
+    )
     ap.add_argument("--seed", type=int, help="sim seed (overrides player.seed)")
     args = ap.parse_args(argv)
     overrides = list(args.set)

@@ -22,27 +22,40 @@ class PlayerConfig:
     """The player: which game it drives, when new weights swap in, what it shows."""
 
     source: Literal["sim", "remote"] = knob(
-        "sim", "sim: drive the built-in sim; remote: GameFrames from a capture agent in, Actions to a gamepad agent out"
+        "sim",
+        "sim: drive the built-in sim; remote: GameFrames from a capture agent in, Actions to a gamepad agent out",
     )
     source_id: str = knob("", "remote: capture agent to drive (game.<id>); empty: the first one heard")
     target: str = knob("", "remote: gamepad agent the actions are for (action.<id>); empty: the source's id")
-    seed: int = knob(0, "sim: town and traffic seed (the launcher passes --seed); the run's sim section sets the rest")
-    realtime: bool = knob(True, "sim: pace the drive at 30 Hz of wall clock (off: as fast as it can, benchmarks)")
+    seed: int = knob(
+        0, "sim: town and traffic seed (the launcher passes --seed); the run's sim section sets the rest"
+    )
+    realtime: bool = knob(
+        True, "sim: pace the drive at 30 Hz of wall clock (off: as fast as it can, benchmarks)"
+    )
 
     swap: Literal["unstuck", "immediate", "every_s"] = knob(
         "unstuck", "When new weights take over: at the next Unstuck (the seed's way), immediately, or every_s"
     )
     swap_every_s: float = knob(30.0, "every_s: at most one swap per this many seconds", min=0.0)
     swap_max_wait_s: float = knob(
-        0.0, "unstuck: also swap once new weights have waited this long (s) for an Unstuck; 0: wait for one", min=0.0
+        0.0,
+        "unstuck: also swap once new weights have waited this long (s) for an Unstuck; 0: wait for one",
+        min=0.0,
     )
     before_weights: Literal["brake", "npc"] = knob(
         "brake", "Until the first weights arrive: stand on the brake, or (sim) let the NPC drive"
     )
 
-    deadzone_steering: float = knob(0.0, "Game's stick dead zone: |x| below it is ignored, so x maps to dz + (1-dz)|x|", min=0.0, max=0.95)
-    deadzone_throttle: float = knob(0.0, "Game's right-trigger (throttle) dead zone, as for steering", min=0.0, max=0.95)
-    deadzone_brake: float = knob(0.0, "Game's left-trigger (brake) dead zone, as for steering", min=0.0, max=0.95)
+    deadzone_steering: float = knob(
+        0.0, "Game's stick dead zone: |x| below it is ignored, so x maps to dz + (1-dz)|x|", min=0.0, max=0.95
+    )
+    deadzone_throttle: float = knob(
+        0.0, "Game's right-trigger (throttle) dead zone, as for steering", min=0.0, max=0.95
+    )
+    deadzone_brake: float = knob(
+        0.0, "Game's left-trigger (brake) dead zone, as for steering", min=0.0, max=0.95
+    )
 
     device: str = knob("auto", "Inference device: auto (cuda when available), cpu, cuda, cuda:1")
     compile: bool = knob(False, "torch.compile the model (minutes of start-up for IRv2; pays on a GPU)")
@@ -50,19 +63,26 @@ class PlayerConfig:
     convcam: bool = knob(True, "Capture the Convcam during each prediction (no extra forward pass)")
     convcam_layer: str = knob("", "Backbone layer the Convcam shows; empty: the last feature map")
 
-    console_hz: float = knob(5.0, "Player Console updates per second for the viewer (0: none)", min=0.0, max=10.0)
-    console_width: int = knob(640, "sim: width of the cinematic image in the console (16:9, JPEG)", min=64, max=1920)
+    console_hz: float = knob(
+        5.0, "Player Console updates per second for the viewer (0: none)", min=0.0, max=10.0
+    )
+    console_width: int = knob(
+        640, "sim: width of the cinematic image in the console (16:9, JPEG)", min=64, max=1920
+    )
     jpeg_quality: int = knob(80, "JPEG quality of the console images", min=10, max=100)
     terminal: bool = knob(True, "Draw a live view on stdout when stdout is a terminal")
 
     dagger: bool = knob(
-        False, "sim: label the frames the player drives with the NPC expert and publish them as samples (source dagger)"
+        False,
+        "sim: label the frames the player drives with the NPC expert and publish them as samples (source dagger)",
     )
 
     def __post_init__(self) -> None:
         if self.source == "remote":
             if self.dagger:
-                raise ValueError("player.dagger needs the sim (its NPC is the expert); set player.source: sim")
+                raise ValueError(
+                    "player.dagger needs the sim (its NPC is the expert); set player.source: sim"
+                )
             if self.before_weights == "npc":
                 raise ValueError("player.before_weights npc needs the sim; a remote game can only brake")
         if self.swap == "every_s" and self.swap_every_s <= 0:
@@ -71,4 +91,8 @@ class PlayerConfig:
     @property
     def deadzones(self) -> dict[str, float]:
         """Dead zone per gamepad axis."""
-        return {"steering": self.deadzone_steering, "throttle": self.deadzone_throttle, "brake": self.deadzone_brake}
+        return {
+            "steering": self.deadzone_steering,
+            "throttle": self.deadzone_throttle,
+            "brake": self.deadzone_brake,
+        }

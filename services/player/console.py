@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from charles.model.predictor import Predictor
 from charles.proto import Console, Frame
 from charles.runtime import Publisher, Service
@@ -28,7 +29,12 @@ class ConsolePainter:
     """``# <= console_hz -> console.<instance>``: Convcam, JPEGs and the publish, off the drive loop."""
 
     def __init__(
-        self, svc: Service, quality: int = 80, max_width: int = 640, pub: Publisher | None = None, terminal: bool = False
+        self,
+        svc: Service,
+        quality: int = 80,
+        max_width: int = 640,
+        pub: Publisher | None = None,
+        terminal: bool = False,
     ):
         self.svc = svc
         self.quality = quality
@@ -66,7 +72,9 @@ class ConsolePainter:
 
     def paint(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> Console:
         frames = {
-            name: Frame.encode(self._fit(img), "jpeg", self.quality) for name, img in images.items() if img is not None
+            name: Frame.encode(self._fit(img), "jpeg", self.quality)
+            for name, img in images.items()
+            if img is not None
         }
         if predictor is not None:
             cam = predictor.convcam()
@@ -87,7 +95,9 @@ class ConsolePainter:
         h, w = img.shape[:2]
         if w <= self.max_width:
             return img
-        return cv2.resize(img, (self.max_width, max(1, round(h * self.max_width / w))), interpolation=cv2.INTER_AREA)
+        return cv2.resize(
+            img, (self.max_width, max(1, round(h * self.max_width / w))), interpolation=cv2.INTER_AREA
+        )
 
     def close(self, timeout_s: float = 1.0) -> None:
         self._stop.set()

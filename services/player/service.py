@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import prometheus_client as prom
 import torch
+
 from charles.collector.policy import ModelPolicy
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
@@ -59,15 +60,30 @@ class PlayerMetrics:
 
     def __init__(self, registry: prom.CollectorRegistry):
         r = registry
-        self.predictions = prom.Counter("charles_player_predictions_total", "Predictions made (frames the model drove)", registry=r)
+        self.predictions = prom.Counter(
+            "charles_player_predictions_total", "Predictions made (frames the model drove)", registry=r
+        )
         self.fps = prom.Gauge("charles_player_fps", "Hood camera frames in per second", registry=r)
         self.pps = prom.Gauge("charles_player_pps", "Predictions out per second", registry=r)
-        self.batch = prom.Gauge("charles_player_weights_batch", "Trainer batch of the weights being driven (-1: none yet)", registry=r)
-        self.lag = prom.Gauge("charles_player_policy_lag_batches", "Batches the driven weights trail the newest loaded", registry=r)
-        self.swaps = prom.Counter("charles_player_swaps_total", "Weight swaps (after the first weights)", registry=r)
+        self.batch = prom.Gauge(
+            "charles_player_weights_batch",
+            "Trainer batch of the weights being driven (-1: none yet)",
+            registry=r,
+        )
+        self.lag = prom.Gauge(
+            "charles_player_policy_lag_batches",
+            "Batches the driven weights trail the newest loaded",
+            registry=r,
+        )
+        self.swaps = prom.Counter(
+            "charles_player_swaps_total", "Weight swaps (after the first weights)", registry=r
+        )
         self.unstucks = prom.Counter("charles_player_unstucks_total", "Unstuck manoeuvres", registry=r)
         self.latency = prom.Histogram(
-            "charles_player_latency_seconds", "Frame ready to action decided", buckets=LATENCY_BUCKETS, registry=r
+            "charles_player_latency_seconds",
+            "Frame ready to action decided",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch.set(-1)
 
@@ -102,7 +118,9 @@ class PlayerService:
         config: PlayerConfig = run.player
         self.config = config
         model_cfg = model_cfg or run.model.resolve()
-        self.cfg = model_cfg.replace(convcam_layer=config.convcam_layer) if config.convcam_layer else model_cfg
+        self.cfg = (
+            model_cfg.replace(convcam_layer=config.convcam_layer) if config.convcam_layer else model_cfg
+        )
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
@@ -224,11 +242,21 @@ class PlayerService:
             self.last_raw = raw
         self.last_pad = pad if view.driving else BRAKE_PAD
         meta = self.swapper.meta
-        self.recent.append(TickRecord(view.seq, meta.batch if raw is not None and meta else -1, raw is not None, executed, time.perf_counter()))
+        self.recent.append(
+            TickRecord(
+                view.seq,
+                meta.batch if raw is not None and meta else -1,
+                raw is not None,
+                executed,
+                time.perf_counter(),
+            )
+        )
         self._count()
         if self.painter is not None and now >= self._next_console:
             self._next_console = now + 1.0 / self.config.console_hz
-            self.painter.submit(self.state(), {"cinematic": self.source.cinematic(), "hood": view.frame}, predictor)
+            self.painter.submit(
+                self.state(), {"cinematic": self.source.cinematic(), "hood": view.frame}, predictor
+            )
         if now >= self._next_refresh:
             self.refresh(now)
         self._loop_time.observe(time.perf_counter() - t0)
@@ -297,7 +325,9 @@ class PlayerService:
         self.metrics.pps.set(self.pps)
         meta = self.swapper.meta
         info: dict[str, Any] = {
-            "model_batch": meta.batch if meta is not None else -1,  # -1 before the first weights, as the gauge
+            "model_batch": meta.batch
+            if meta is not None
+            else -1,  # -1 before the first weights, as the gauge
             "fps": round(self.fps, 1),
             "pps": round(self.pps, 1),
             "swaps": self.swapper.swaps,
@@ -319,7 +349,9 @@ class PlayerService:
             "status": self._status,
             "source": self.source.name,
             "model": meta.run if meta is not None else "waiting for weights",
-            "raw": {k: (float(v[0]) if v.size == 1 else [float(x) for x in v]) for k, v in self.last_raw.items()},
+            "raw": {
+                k: (float(v[0]) if v.size == 1 else [float(x) for x in v]) for k, v in self.last_raw.items()
+            },
             "controls": self.last_pad.as_dict(),
             "fps": round(self.fps, 1),
             "pps": round(self.pps, 1),
@@ -339,7 +371,10 @@ class PlayerService:
         if pending is not None:
             state["pending_batch"] = pending.batch
         if lat is not None:
-            state["latency_ms"] = {"p50": round(float(np.percentile(lat, 50)), 2), "p99": round(float(np.percentile(lat, 99)), 2)}
+            state["latency_ms"] = {
+                "p50": round(float(np.percentile(lat, 50)), 2),
+                "p99": round(float(np.percentile(lat, 99)), 2),
+            }
         if self.feed.last_error:
             state["weights_error"] = self.feed.last_error
         if self.config.dagger:
@@ -352,4 +387,6 @@ class PlayerService:
             self.painter.close()
         self.source.close()
         self.refresh(time.monotonic())
-        self.svc.log.info(f"stopped after {self.frames} frames, {self.predictions} predictions, {self.swapper.swaps} swaps")
+        self.svc.log.info(
+            f"stopped after {self.frames} frames, {self.predictions} predictions, {self.swapper.swaps} swaps"
+        )

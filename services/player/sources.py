@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from charles.collector.capture import History, clean_purpose, clean_speed
 from charles.model.config import ModelConfig
 from charles.player.config import PlayerConfig
@@ -147,8 +148,15 @@ class SimSource:
         self._expert = None
         self.seq += 1
         return View(
-            self.seq, obs.frame, clean_speed(obs.speed), clean_purpose(obs.purpose), _wire_history(obs.history),
-            self.previous, obs.unstuck, obs.game_time, time.perf_counter(),
+            self.seq,
+            obs.frame,
+            clean_speed(obs.speed),
+            clean_purpose(obs.purpose),
+            _wire_history(obs.history),
+            self.previous,
+            obs.unstuck,
+            obs.game_time,
+            time.perf_counter(),
         )
 
     def expert(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
@@ -197,7 +205,9 @@ class RemoteSource:
         self.svc = svc
         self.source_id = config.source_id
         self.target = config.target
-        self.sub = sub or svc.subscriber([f"game.{self.source_id}" if self.source_id else "game."], late_join=False)
+        self.sub = sub or svc.subscriber(
+            [f"game.{self.source_id}" if self.source_id else "game."], late_join=False
+        )
         self.pub = pub or svc.publisher("action")
         self.unstuck = Unstuck(unstuck or UnstuckConfig())
         self.history = History(history_rows(cfg))
@@ -245,7 +255,10 @@ class RemoteSource:
             self.svc.reject(e.reason, f"game frame {gf.source}#{gf.seq}: {e}")
             return None
         if frame.shape[2] != 3:
-            self.svc.reject("channels", f"game frame {gf.source}#{gf.seq} has {frame.shape[2]} channel(s); the model takes RGB")
+            self.svc.reject(
+                "channels",
+                f"game frame {gf.source}#{gf.seq} has {frame.shape[2]} channel(s); the model takes RGB",
+            )
             return None
         if gf.position is not None:
             u = self.unstuck.update(gf.game_time, position=gf.position)
@@ -253,15 +266,23 @@ class RemoteSource:
             u = self.unstuck.update(gf.game_time, speed=gf.speed)
         if u.teleport:
             self._warn.warn(
-                "teleport", "Unstuck: the car made no progress; braking while the capture agent's Unstuck moves it"
+                "teleport",
+                "Unstuck: the car made no progress; braking while the capture agent's Unstuck moves it",
             )
             for hook in self.teleport_hooks:
                 hook()
         purpose = clean_purpose(tuple(gf.purpose)) if gf.purpose is not None else (0.0, 0.0)
         self.seq += 1
         view = View(
-            self.seq, frame, clean_speed(gf.speed), purpose, self.history.copy(), self.previous,
-            u, float(gf.game_time), arrived,
+            self.seq,
+            frame,
+            clean_speed(gf.speed),
+            purpose,
+            self.history.copy(),
+            self.previous,
+            u,
+            float(gf.game_time),
+            arrived,
         )
         self._last = view
         return view

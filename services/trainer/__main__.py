@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Heavy imports after the configuration is known to be good: torch, timm and the model.
     import torch
+
     from charles.trainer.checkpoint import CheckpointError, code_version
     from charles.trainer.console import TerminalConsole
     from charles.trainer.runs import RunError, open_run

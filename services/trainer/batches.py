@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
+
 from charles.outputs import SIGNALS, signals_from
 from charles.proto.frames import Frame, FrameError
 from charles.proto.messages import HISTORY_FIELDS

@@ -37,9 +37,10 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch import Tensor, nn
+
 from charles.model.config import ModelConfig
 from charles.model.weights import WeightsError, check_state_dict, read_weights, save_weights
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

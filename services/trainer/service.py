@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client as prom
+
 from charles.config import Config
 from charles.proto import Console, Heartbeat, SampleSet, Weights
 from charles.runtime import Publisher, Service, Subscriber

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+
 from charles.proto.frames import Frame, FrameError
 from charles.proto.messages import HISTORY_FIELDS, Sample
 from charles.trainer.buffers import BufferConfig, Buffers, Entry

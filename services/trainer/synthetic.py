@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
 from charles.proto.frames import Frame
 from charles.proto.messages import HISTORY_FIELDS, Sample, SampleSet
 

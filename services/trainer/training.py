@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from charles.model.config import ModelConfig
 from charles.model.inputs import prepare_batch
 from charles.model.losses import compute_loss, compute_metrics
@@ -34,7 +36,6 @@ from charles.outputs import OutputKind
 from charles.trainer.batches import previous_of, targets_of
 from charles.trainer.checkpoint import LoadedCheckpoint, apply_checkpoint, save_checkpoint
 from charles.trainer.config import TrainerConfig
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

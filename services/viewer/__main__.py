@@ -15,11 +15,22 @@ from charles.viewer.web import Viewer
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles viewer", description=__doc__)
     ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
+    )
     ap.add_argument("--id", help="instance id (default: viewer-<host>-<pid>-<random>)")
-    ap.add_argument("--port", type=int, default=None, help="page port (default: service.http_port, else the registry's 9105)")
-    ap.add_argument("--stale-s", type=float, default=120.0, help="forget an instance silent this long (seconds)")
-    ap.add_argument("--max-instances", type=int, default=64, help="keep at most this many instances' consoles")
+    ap.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="page port (default: service.http_port, else the registry's 9105)",
+    )
+    ap.add_argument(
+        "--stale-s", type=float, default=120.0, help="forget an instance silent this long (seconds)"
+    )
+    ap.add_argument(
+        "--max-instances", type=int, default=64, help="keep at most this many instances' consoles"
+    )
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config, overrides=args.set)
     setup_logging(cfg.service.log_level, cfg.service.log_format)

@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from charles.proto import Console, Frame
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -121,7 +122,8 @@ class Board:
             self._seq += 1
             seq = self._seq
             images = {
-                str(name): Picture(Frame(f.codec, tuple(f.shape), bytes(f.data)), seq) for name, f in console.images.items()
+                str(name): Picture(Frame(f.codec, tuple(f.shape), bytes(f.data)), seq)
+                for name, f in console.images.items()
             }
             state = console.state if isinstance(console.state, dict) else {}
             entry = Entry(
@@ -196,7 +198,8 @@ class Board:
                     "updates": e.updates,
                     "state": e.json_state,
                     "images": {
-                        n: {"seq": p.seq, "codec": p.frame.codec, "shape": list(p.frame.shape)} for n, p in e.images.items()
+                        n: {"seq": p.seq, "codec": p.frame.codec, "shape": list(p.frame.shape)}
+                        for n, p in e.images.items()
                     },
                 }
                 for e in sorted(self._entries.values(), key=lambda e: (e.service, e.instance))

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import prometheus_client as prom
+
 from charles.proto import registry
 from charles.runtime import RateLimitedLog, Service
 from charles.viewer.board import ROLES, Board
@@ -80,15 +81,27 @@ class Clients:
 class ViewerMetrics:
     def __init__(self, svc: Service):
         r = svc.metrics.registry
-        self.requests = prom.Counter("charles_viewer_requests_total", "HTTP requests by route", ["route"], registry=r)
-        self.clients_seen = prom.Counter("charles_viewer_clients_seen_total", "Distinct page clients served since start", registry=r)
+        self.requests = prom.Counter(
+            "charles_viewer_requests_total", "HTTP requests by route", ["route"], registry=r
+        )
+        self.clients_seen = prom.Counter(
+            "charles_viewer_clients_seen_total", "Distinct page clients served since start", registry=r
+        )
         self.clients = prom.Gauge("charles_viewer_clients", "Pages polling right now (last 10 s)", registry=r)
-        self.images = prom.Counter("charles_viewer_images_served_total", "Images sent (not counting 204 unchanged)", registry=r)
+        self.images = prom.Counter(
+            "charles_viewer_images_served_total", "Images sent (not counting 204 unchanged)", registry=r
+        )
         self.image_bytes = prom.Counter("charles_viewer_image_bytes_total", "Image bytes sent", registry=r)
-        self.unchanged = prom.Counter("charles_viewer_images_unchanged_total", "Image polls answered 204 (nothing new)", registry=r)
+        self.unchanged = prom.Counter(
+            "charles_viewer_images_unchanged_total", "Image polls answered 204 (nothing new)", registry=r
+        )
         self.instances = prom.Gauge("charles_viewer_instances", "Console instances held", registry=r)
-        self.errors = prom.Counter("charles_viewer_errors_total", "Requests that failed inside the viewer (500)", registry=r)
-        self.busy = prom.Counter("charles_viewer_busy_total", "Requests refused because too many were in flight", registry=r)
+        self.errors = prom.Counter(
+            "charles_viewer_errors_total", "Requests that failed inside the viewer (500)", registry=r
+        )
+        self.busy = prom.Counter(
+            "charles_viewer_busy_total", "Requests refused because too many were in flight", registry=r
+        )
 
 
 class _Server(ThreadingHTTPServer):
@@ -105,7 +118,9 @@ class _Server(ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             self.viewer.metrics.busy.inc()
             with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n")
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
+                )
             self.shutdown_request(request)
             return
         try:
@@ -255,7 +270,9 @@ class Viewer:
             srv = _Server((host, 0), self)
         self._http = srv
         self.port = srv.server_address[1]
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="viewer-http", daemon=True).start()
+        threading.Thread(
+            target=srv.serve_forever, kwargs={"poll_interval": 0.2}, name="viewer-http", daemon=True
+        ).start()
         log.info(f"stream page on http://{host}:{self.port}/ (also /metrics, /healthz)")
         return self.port
 
