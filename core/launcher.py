@@ -23,6 +23,9 @@ from pathlib import Path
 
 from charles.proto import registry
 
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
+"""`make run`'s configuration when none is given: the repo's CPU demo (a checkout; an installed package has none)."""
+
 
 @dataclass
 class Proc:
@@ -61,11 +64,20 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _write_json(path: Path, obj: object) -> None:
+    """Replace the file whole (temp file + rename): a reader polling it never sees it half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 def plan(args: argparse.Namespace) -> list[Proc]:
     """The process table: which services run, with which ids and seeds."""
     procs = [Proc("broker", "broker")]
     for i in range(1, args.collectors + 1):
-        procs.append(Proc(f"collector-{i}", "collector", ["--id", f"collector-{i}", "--seed", str(args.seed + i)]))
+        procs.append(
+            Proc(f"collector-{i}", "collector", ["--id", f"collector-{i}", "--seed", str(args.seed + i)])
+        )
     procs.append(Proc("balancer", "balancer"))
     procs.append(Proc("trainer", "trainer", ["--preset", args.preset]))
     if not args.no_player:
@@ -125,17 +137,24 @@ class Launcher:
         module = registry().services[p.service].module
         p.log = self.logs_dir / f"{p.name}.log"
         out = open(p.log, "ab")  # noqa: SIM115 - handed to the child; closed when we are
-        p.popen = subprocess.Popen([sys.executable, "-m", module, *p.args], env=self._env(p), stdout=out, stderr=subprocess.STDOUT)
+        p.popen = subprocess.Popen(
+            [sys.executable, "-m", module, *p.args], env=self._env(p), stdout=out, stderr=subprocess.STDOUT
+        )
         out.close()
         # every child's pid, for people and tests checking that nothing is left behind
         pids = {q.name: q.popen.pid for q in self.procs if q.popen is not None}
-        (self.logs_dir / "pids.json").write_text(json.dumps(pids))
+        _write_json(self.logs_dir / "pids.json", pids)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         skipped = [s for s in registry().services if not _built(s)]
         print(f"charles up: {len(self.procs)} processes, logs in {self.logs_dir}/", flush=True)
+        if self.args.config:
+            print(f"  run configuration: {self.args.config}", flush=True)
+        # where everything listens (with --random-ports nobody else can know): tools and benches attach here
+        ports = {"bus": self.bus_ports, "http": self.http_ports}
+        _write_json(self.logs_dir / "ports.json", ports)
         if skipped:
             print(f"  not built yet, skipped: {', '.join(skipped)}", flush=True)
         for p in self.procs:
@@ -165,7 +184,10 @@ class Launcher:
                 rc = p.popen.returncode
                 p.restarts += 1
                 delay = min(30.0, 2.0 ** min(p.restarts, 5))
-                print(f"charles up: {p.name} exited ({rc}); restart #{p.restarts} in {delay:.0f}s — see {p.log}", flush=True)
+                print(
+                    f"charles up: {p.name} exited ({rc}); restart #{p.restarts} in {delay:.0f}s — see {p.log}",
+                    flush=True,
+                )
                 p.popen = None
                 p.next_start = now + delay
             if p.popen is None and now >= p.next_start and not self.stopping:
@@ -193,21 +215,34 @@ class Launcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="charles up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--collectors", type=int, default=2, help="sim collectors to run (default 2)")
-    ap.add_argument("--preset", default="tiny", help="model preset for trainer and player (default: tiny, CPU-friendly)")
+    ap.add_argument(
+        "--preset", default="tiny", help="model preset for trainer and player (default: tiny, CPU-friendly)"
+    )
     ap.add_argument("--minutes", type=float, default=0, help="stop after this long (0: until Ctrl-C)")
     ap.add_argument("--seed", type=int, default=0, help="base sim seed; collector i uses seed+i")
-    ap.add_argument("--config", help="run configuration file for every service")
-    ap.add_argument("--run-dir", default="runs", help="checkpoints, storage and TensorBoard logs (default: runs/)")
+    ap.add_argument(
+        "--config",
+        help=f"run configuration file for every service (default: $CHARLES_CONFIG, else {DEMO_CONFIG} if it exists)",
+    )
+    ap.add_argument(
+        "--run-dir", default="runs", help="checkpoints, storage and TensorBoard logs (default: runs/)"
+    )
     ap.add_argument("--logs", default="runs/logs", help="one log file per process (default: runs/logs/)")
     ap.add_argument("--no-player", action="store_true", help="do not start the player")
     ap.add_argument("--no-viewer", action="store_true", help="do not start the viewer")
-    ap.add_argument("--random-ports", action="store_true", help="pick free ports instead of the registry's (tests)")
+    ap.add_argument(
+        "--random-ports", action="store_true", help="pick free ports instead of the registry's (tests)"
+    )
     ap.add_argument("--plain", action="store_true", help="log lines instead of a redrawn console")
     args = ap.parse_args(argv)
     if args.collectors < 0:
         ap.error("--collectors must be >= 0")
+    if args.config is None and not os.environ.get("CHARLES_CONFIG") and DEMO_CONFIG.is_file():
+        args.config = str(DEMO_CONFIG)  # the CPU demo: first trained weights at the player in ~2 minutes
     if shutil.which("nvidia-smi") is None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     return Launcher(args).run()

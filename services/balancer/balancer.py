@@ -11,7 +11,8 @@ Groups and cells
       brake = 9 x 5 x 5 = 225 cells with the seed's three outputs, 81 with steering x throttle_brake).
     - v2: one group per output; cells are that output's bins; sets carry only that output's label
       (``labels_kept``), as the seed's per-output buffers did.
-    - v3: as v2, but every sample keeps all labels, so all outputs train on the same images.
+    - v3: as v2, but every sample keeps all labels, so all outputs train on the same images
+      (``keep_labels`` adds labels that travel without being balanced).
     - v4: as v3, and when a bin holds several candidates the one chosen is the one whose *other*
       outputs' bins are rarest so far in this group's emitted sets (greedy sub-balancing).
 
@@ -52,6 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from charles.balancer.config import BalancerConfig
 from charles.outputs import OutputKind, OutputSpec
 from charles.proto.messages import Sample, SampleSet
@@ -272,7 +274,7 @@ class Balancer:
             return [self._group("+".join(everyone), everyone, everyone, positions, self._reachable_cells())]
         groups = []
         for i, name in enumerate(self.names):
-            kept = [name] if self.version == 2 else everyone
+            kept = [name] if self.version == 2 else everyone + list(self.config.keep_labels)
             groups.append(self._group(name, [name], kept, (i,), None))
         return groups
 

@@ -53,6 +53,11 @@ class BalancerConfig:
         "Outputs to balance, by signal name: steering, throttle_brake, throttle, brake.",
         factory=lambda: ("steering", "throttle_brake"),
     )
+    keep_labels: tuple[str, ...] = _help(
+        "v3/v4: labels every set carries besides the balanced outputs' (outputs the model learns on the "
+        "balanced images without balancing them, e.g. throttle_brake while only steering is balanced).",
+        factory=tuple,
+    )
     kinds: dict[str, str] = _help(
         "Per-output type (regression, classification, delta); unnamed outputs are regression.", factory=dict
     )
@@ -81,6 +86,9 @@ class BalancerConfig:
         if isinstance(self.outputs, str):
             self.outputs = tuple(s.strip() for s in self.outputs.split(",") if s.strip())
         self.outputs = tuple(self.outputs)
+        if isinstance(self.keep_labels, str):
+            self.keep_labels = tuple(s.strip() for s in self.keep_labels.split(",") if s.strip())
+        self.keep_labels = tuple(self.keep_labels)
         self.kinds = {str(k): str(v) for k, v in dict(self.kinds).items()}
         self.bins = {str(k): list(v) for k, v in dict(self.bins).items()}
         self.cap_per_bin = int(self.cap_per_bin)
@@ -99,6 +107,15 @@ class BalancerConfig:
         for name in self.outputs:
             if name not in SIGNALS:
                 raise ValueError(f"outputs: unknown output {name!r}; choose from {sorted(SIGNALS)}")
+        for name in self.keep_labels:
+            if name not in SIGNALS:
+                raise ValueError(f"keep_labels: unknown label {name!r}; choose from {sorted(SIGNALS)}")
+            if name in self.outputs:
+                raise ValueError(f"keep_labels: {name!r} is balanced already (it is in outputs)")
+        if self.keep_labels and self.version not in (3, 4):
+            raise ValueError(
+                "keep_labels needs version 3 or 4 (v1 keeps its joint outputs, v2 one label per set)"
+            )
         for name, kind in self.kinds.items():
             if name not in self.outputs:
                 raise ValueError(f"kinds: {name!r} is not one of the balanced outputs {list(self.outputs)}")
@@ -134,6 +151,7 @@ class BalancerConfig:
         """Plain JSON/msgpack-able values (saved with checkpoints, served by the broker)."""
         d = asdict(self)
         d["outputs"] = list(self.outputs)
+        d["keep_labels"] = list(self.keep_labels)
         return d
 
     @classmethod

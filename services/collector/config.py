@@ -47,6 +47,14 @@ class CollectorConfig:
         False,
         "sim/gym: pace game time to the wall clock (30 samples/s); false runs as fast as the CPU allows",
     )
+    pace: float = knob(
+        1.0,
+        "realtime: game seconds per wall-clock second (30 x pace samples/s); >1 drives faster than real "
+        "time, for a demo that needs more data than one real-time car makes and has no cores to spare for "
+        "flat-out collectors",
+        min=0.01,
+        max=100.0,
+    )
     look: Literal["seed", "config"] = knob(
         "seed",
         "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import prometheus_client as prom
+
 from charles import config as config_mod
 from charles.collector.capture import TICK_HZ, Capture, SampleBuilder, SampleShape, Source
 from charles.collector.config import CollectorConfig
@@ -234,7 +235,11 @@ class CollectorService:
             f"{self.shape.frames} frame(s) every {self.shape.frame_stride}, {self.shape.history_rows} history rows, "
             f"{self.config.codec}"
             + (" q" + str(self.config.quality) if self.config.codec == "jpeg" else "")
-            + (", real time" if self.config.realtime and not self.source.paced else "")
+            + (
+                f", paced at {self.config.pace:g}x real time"
+                if self.config.realtime and not self.source.paced
+                else ""
+            )
         )
         try:
             while self.svc.running:
@@ -266,7 +271,7 @@ class CollectorService:
         return cap
 
     def _pace(self) -> None:
-        """Sleep until this tick's slot on a 30 Hz wall-clock grid; record how late it starts."""
+        """Sleep until this tick's slot on a 30 Hz x ``collector.pace`` wall-clock grid; record how late it starts."""
         now = time.monotonic()
         if self._due is None or now - self._due > BEHIND_S:
             self._due = now
@@ -275,7 +280,7 @@ class CollectorService:
             self.svc.stop_event.wait(wait)
             now = time.monotonic()
         self.m_jitter.observe(max(0.0, now - self._due))
-        self._due += 1.0 / TICK_HZ
+        self._due += 1.0 / (TICK_HZ * self.config.pace)
 
     # -- what people see -------------------------------------------------------------------------------------
 

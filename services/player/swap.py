@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
 from charles.model.weights import WeightsError
@@ -51,15 +52,23 @@ class WeightsMeta:
 def check_weights(w: Weights, cfg: ModelConfig) -> None:
     """The message's own claims against the model we run; raises WeightsError (cheap: no payload parsed)."""
     if w.model != cfg.name:
-        raise WeightsError("wrong_model", f"weights of run {w.run!r} are for model line {w.model!r}; this player runs {cfg.name!r}")
+        raise WeightsError(
+            "wrong_model",
+            f"weights of run {w.run!r} are for model line {w.model!r}; this player runs {cfg.name!r}",
+        )
     try:
         theirs = ModelConfig.from_dict(w.config)
     except ValueError as e:
-        raise WeightsError("bad_config", f"weights of run {w.run!r} carry a model config we cannot read: {e}") from None
+        raise WeightsError(
+            "bad_config", f"weights of run {w.run!r} carry a model config we cannot read: {e}"
+        ) from None
     diff = cfg.differences(theirs)
     if diff:
         shown = ", ".join(f"{k}: ours {a!r}, theirs {b!r}" for k, (a, b) in list(diff.items())[:4])
-        raise WeightsError("config_mismatch", f"weights of run {w.run!r} batch {w.batch} are for a different network ({shown})")
+        raise WeightsError(
+            "config_mismatch",
+            f"weights of run {w.run!r} batch {w.batch} are for a different network ({shown})",
+        )
 
 
 class Swapper:
@@ -120,14 +129,19 @@ class Swapper:
     def load(self, payload: bytes | memoryview, meta: WeightsMeta) -> None:
         """Load into a predictor the loop is not using; raises WeightsError (nothing changes then)."""
         with self._lock:
+            since = None
             if self._ready is not None:
-                target, self._ready = self._ready[0], None  # newer weights replace the not-yet-swapped ones
+                # newer weights replace the not-yet-swapped ones, and inherit their wait (swap_max_wait_s
+                # bounds how long the car drives stale weights, however often new ones arrive)
+                target, since, self._ready = self._ready[0], self._ready[2], None
             else:
                 target = self._free.pop()
         try:
             ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
             with ctx:
-                target.swap_weights(payload)  # checks the safetensors header, the config inside and every shape
+                target.swap_weights(
+                    payload
+                )  # checks the safetensors header, the config inside and every shape
             if self._stream is not None:
                 self._stream.synchronize()  # the copies are done before the loop may use them
         except BaseException:
@@ -135,7 +149,7 @@ class Swapper:
                 self._free.append(target)
             raise
         with self._lock:
-            self._ready = (target, meta, self.clock())
+            self._ready = (target, meta, self.clock() if since is None else since)
             self.newest = meta
 
     # -- the drive loop -------------------------------------------------------------------------------
@@ -237,7 +251,9 @@ class WeightsFeed:
         except WeightsError as e:
             self.refused += 1
             self.last_error = str(e)
-            self.svc.reject(e.reason, f"weights {w.run} batch {w.batch} refused, still driving on what we have: {e}")
+            self.svc.reject(
+                e.reason, f"weights {w.run} batch {w.batch} refused, still driving on what we have: {e}"
+            )
             return False
         self.loaded += 1
         self.svc.log.info(f"weights {w.run} batch {w.batch} loaded; swap policy: {self.swapper.policy}")

@@ -1,0 +1,404 @@
+"""The learning proof: the whole pipeline trains live, then the newest weights drive unseen towns.
+
+    python bench/e2e.py [--quick] [--minutes 20] [--collectors 2] [--dagger] [--eval-minutes 5]
+    make bench-e2e                       # the same, 20 minutes
+
+1. ``charles up`` (the launcher) with ``--random-ports``, a fresh temporary run directory and the CPU demo
+   configuration (``deploy/demo.yaml``; ``--set section.field=value`` and ``--dagger`` go on top, into a
+   copy in the temporary directory): a broker, K sim collectors (seeds 1..K), the balancer, the trainer,
+   the player (seed 1000). No viewer: nobody watches, and its core share goes to training.
+2. While it trains, the bench listens on the bus like any other subscriber (heartbeats, the trainer's
+   console) and prints a progress line every ~30 s: batches, loss, buffer fill, samples in and out.
+   ``first_weights_s`` is the time from the launcher's start to the first heartbeat in which the player
+   drives *trained* weights (``model_batch`` > 0).
+3. After ``--minutes`` the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
+   newest checkpoint's weights (``charles.trainer.runs.newest_weights``) are evaluated with ``charles eval``
+   on held-out towns (``--eval-seeds``, 9001-9003 by default: towns no collector and no player drove),
+   ``--eval-minutes`` of game time per seed, against the NPC (noise off) and the random policy on the
+   same seeds, with the same sim, NPC and Unstuck settings.
+
+Pooling: per policy, ``km`` and ``unstucks`` are summed over the seeds and ``km_between_unstucks`` is
+``km / max(1, unstucks)`` of the sums; ``collisions_per_km`` likewise; ``on_road_fraction`` is the mean
+over seeds (same game time each); ``mean_speed_kmh`` is the pooled km over the pooled driving time. The NPC
+is rarely ever stuck, so its figure is close to all the km it drives in the budget (about 0.67 km per
+minute): the player reaches half of it only by driving about as far with at most one Unstuck per
+15 minutes of game time. The ratios are in ``player_vs_npc`` and ``player_vs_random``.
+
+``--quick``: 1 minute of training, 0.25 minutes per eval seed (about 2 minutes in all; a smoke run, not a
+proof). The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import report  # noqa: E402
+
+DEMO = ROOT / "deploy" / "demo.yaml"
+EVAL_SEEDS = (9001, 9002, 9003)
+"""Towns nobody drove while training: collectors use seed 1..K, the player 1000 (launcher --seed 0)."""
+PROGRESS_S = 30.0
+STOP_TIMEOUT_S = 120.0
+KEYS = ("km", "km_between_unstucks", "on_road_fraction", "collisions_per_km", "mean_speed_kmh")
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def run_config(base: Path, overrides: list[str], dagger: bool) -> dict:
+    """The demo configuration with the bench's overrides on top (values parsed as YAML, as --set does)."""
+    data = yaml.safe_load(base.read_text()) if base.is_file() else {}
+    data = data or {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"e2e: --set {item!r} must look like section.field=value")
+        k, v = item.split("=", 1)
+        _set_path(data, k.strip(), yaml.safe_load(v) if v else "")
+    _set_path(data, "player.dagger", bool(dagger))
+    return data
+
+
+# ---- watching the run -------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Heartbeats and the trainer's console off the bus: what the progress lines and the JSON report."""
+
+    def __init__(self, bus_ports: dict[str, int], t0: float):
+        from charles import config
+        from charles.runtime import Service
+
+        cfg = config.load(data={"bus": {"host": "127.0.0.1", "ports": bus_ports}}, environ={})
+        self.svc = Service("e2e", cfg, instance="e2e-bench", http=False, signals=False)
+        # the trainer's console carries samples trained and per-output losses (its heartbeat only scalars)
+        self.sub = self.svc.subscriber(["heartbeat.", "console.trainer"], late_join=False)
+        self.t0 = t0
+        self.beats: dict[str, Any] = {}
+        self.trainer: dict[str, Any] = {}
+        self.first_weights_s: float | None = None
+        self.first_batch: int | None = None
+
+    def poll(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            env = self.sub.recv(max(1, int(min(left, 0.2) * 1000)))
+            if env is None:
+                continue
+            msg = env.msg
+            if env.topic.startswith("heartbeat."):
+                self.beats[msg.instance] = msg
+                if msg.service == "player" and self.first_weights_s is None:
+                    batch = msg.info.get("model_batch", -1)
+                    if isinstance(batch, int) and batch > 0:
+                        self.first_weights_s = time.monotonic() - self.t0
+                        self.first_batch = batch
+            elif getattr(msg, "service", "") == "trainer":
+                self.trainer = dict(msg.state)
+
+    def of(self, service: str) -> list[dict]:
+        return [hb.info for hb in self.beats.values() if hb.service == service]
+
+    def counts(self) -> dict[str, Any]:
+        collectors = self.of("collector")
+        balancer = (self.of("balancer") or [{}])[0]
+        player = (self.of("player") or [{}])[0]
+        tr = self.trainer
+        return {
+            "samples_collected": sum(int(c.get("samples", 0)) for c in collectors),
+            "collector_km": round(sum(float(c.get("km", 0.0)) for c in collectors), 2),
+            "samples_arrived": int(balancer.get("arrived", 0)),
+            "samples_balanced": int(balancer.get("emitted", 0)),
+            "samples_dagger": int(player.get("dagger_samples", 0)),
+            "samples_dagger_balanced": int(balancer.get("emitted_dagger", 0)),
+            "batches": int(tr.get("batch", 0)),
+            "samples_trained": int(tr.get("samples", 0)),
+            "player_batch": player.get("model_batch", -1),
+            "player_unstucks": player.get("unstucks", 0),
+        }
+
+    def line(self) -> str:
+        tr = self.trainer
+        c = self.counts()
+        fills = " ".join(
+            f"{name.split('_')[0][:5]} {b['fill'] / max(1, b['capacity']):.2f}"
+            for name, b in (tr.get("buffers") or {}).items()
+        )
+        loss = tr.get("loss") or {}
+        losses = " ".join(f"{k[:5]} {v:.4f}" for k, v in loss.items())
+        first = f"{self.first_weights_s:.0f}s" if self.first_weights_s is not None else "not yet"
+        return (
+            f"[{time.monotonic() - self.t0:5.0f}s] {tr.get('status', 'starting')}: batch {c['batches']}"
+            f" ({tr.get('batches_per_s', 0):.2f}/s, data wait {tr.get('data_wait', 0):.0%})  loss {losses or '-'}"
+            f"  fill {fills or '-'}"
+            f"  collected {c['samples_collected']}  balanced {c['samples_balanced']}"
+            f"  trained {c['samples_trained']}"
+            + (f"  dagger {c['samples_dagger']}" if c["samples_dagger"] else "")
+            + f"  player batch {c['player_batch']} (first trained weights: {first})"
+        )
+
+    def close(self) -> None:
+        self.svc.close()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+
+
+def eval_one(policy: str, seed: int, minutes: float, config: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "charles.cli",
+        "eval",
+        "--policy",
+        policy,
+        "--seed",
+        str(seed),
+        "--minutes",
+        str(minutes),
+        "--config",
+        str(config),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(
+            f"charles eval {policy} seed {seed} failed ({out.returncode}): {out.stderr[-2000:]}"
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def pooled(results: list[dict]) -> dict:
+    """One policy's figures over all seeds (see the module docstring)."""
+    km = sum(r["km"] for r in results)
+    unstucks = sum(r["unstucks"] for r in results)
+    collisions = sum(r["collisions"] for r in results)
+    hours = sum(r["km"] / r["mean_speed_kmh"] for r in results if r["mean_speed_kmh"] > 0)
+    return {
+        "km": round(km, 3),
+        "km_between_unstucks": round(km / max(1, unstucks), 4),
+        "on_road_fraction": round(sum(r["on_road_fraction"] for r in results) / len(results), 4),
+        "collisions_per_km": round(collisions / max(km, 0.1), 3),
+        "mean_speed_kmh": round(km / hours, 2) if hours > 0 else 0.0,
+        "unstucks": unstucks,
+        "collisions": collisions,
+        "targets_reached": sum(r.get("targets_reached", 0) for r in results),
+        "per_seed_km_between_unstucks": [round(r["km_between_unstucks"], 3) for r in results],
+    }
+
+
+def evaluate(weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int) -> dict:
+    policies = {"npc": "npc", "random": "random"}
+    if weights is not None:
+        policies["player"] = f"weights:{weights}"
+    work = [(name, pol, s) for name, pol in policies.items() for s in seeds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config)), work))
+    out: dict[str, Any] = {"player": None}
+    for name in policies:
+        out[name] = pooled([r for n, r in done if n == name])
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+def stop(launcher: subprocess.Popen) -> str:
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGINT)
+    try:
+        out, _ = launcher.communicate(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        out, _ = launcher.communicate()
+    return out or ""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="1 minute of training, 0.25 min per eval seed (smoke)"
+    )
+    ap.add_argument("--minutes", type=float, default=None, help="live training time (default 20; quick 1)")
+    ap.add_argument("--collectors", type=int, default=2, help="sim collectors (default 2)")
+    ap.add_argument(
+        "--dagger",
+        action="store_true",
+        help="player.dagger: the player's frames, labelled by the NPC, train too",
+    )
+    ap.add_argument(
+        "--eval-minutes",
+        type=float,
+        default=None,
+        help="game minutes per policy and seed (default 5; quick 0.25)",
+    )
+    ap.add_argument(
+        "--eval-seeds", default=",".join(map(str, EVAL_SEEDS)), help="held-out towns, comma-separated"
+    )
+    ap.add_argument(
+        "--eval-jobs", type=int, default=2, help="evaluations run side by side (default 2: the cores)"
+    )
+    ap.add_argument("--config", default=str(DEMO), help="base run configuration (default deploy/demo.yaml)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
+    )
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the temporary run directory (logs, checkpoints)"
+    )
+    args = ap.parse_args()
+    minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 20.0)
+    eval_minutes = args.eval_minutes if args.eval_minutes is not None else (0.25 if args.quick else 5.0)
+    seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
+
+    tmp = Path(tempfile.mkdtemp(prefix="charles-e2e-"))
+    cfg_path = tmp / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_config(Path(args.config), args.set, args.dagger), sort_keys=False))
+    runs, logs = tmp / "runs", tmp / "logs"
+    print(
+        f"e2e: {minutes:g} min of live training, {args.collectors} collectors, dagger {args.dagger}; "
+        f"config {args.config} (+ {args.set or 'no overrides'}); run dir {tmp}",
+        flush=True,
+    )
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CHARLES_CONFIG", None)
+    t0 = time.monotonic()
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charles.launcher",
+            "--collectors",
+            str(args.collectors),
+            "--config",
+            str(cfg_path),
+            "--run-dir",
+            str(runs),
+            "--logs",
+            str(logs),
+            "--random-ports",
+            "--plain",
+            "--no-viewer",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=str(tmp),
+    )
+    watcher = None
+    launcher_out = ""
+    try:
+        ports_file = logs / "ports.json"
+        while not ports_file.is_file():
+            if launcher.poll() is not None or time.monotonic() - t0 > 30:
+                raise RuntimeError(f"the launcher did not start: {stop(launcher)[-3000:]}")
+            time.sleep(0.1)
+        watcher = Watcher(json.loads(ports_file.read_text())["bus"], t0)
+        deadline = t0 + minutes * 60
+        next_line = t0 + PROGRESS_S
+        while (now := time.monotonic()) < deadline:
+            if launcher.poll() is not None:
+                raise RuntimeError(f"the launcher stopped early: {stop(launcher)[-3000:]}")
+            watcher.poll(min(1.0, deadline - now))
+            if time.monotonic() >= next_line:
+                next_line += PROGRESS_S
+                print(watcher.line(), flush=True)
+        trained_s = time.monotonic() - t0
+        watcher.poll(0.5)
+        counts = watcher.counts()
+        print(watcher.line(), flush=True)
+        print("e2e: stopping the pipeline (the trainer writes its final checkpoint)", flush=True)
+        launcher_out = stop(launcher)
+    finally:
+        if launcher.poll() is None:
+            stop(launcher)
+        if watcher is not None:
+            watcher.close()
+
+    from charles.trainer.runs import list_runs
+
+    run = (list_runs(runs) or [None])[-1]
+    weights = run.newest_weights() if run is not None else None
+    manifest = run.manifest if run is not None else None
+    if manifest is not None:  # the final checkpoint's counters: exact, after the last heartbeat
+        counts["batches"] = max(counts["batches"], int(manifest.batch))
+        counts["samples_trained"] = max(counts["samples_trained"], int(manifest.samples))
+    print(
+        f"e2e: evaluating {weights.parent.name if weights else 'no weights'} against npc and random on seeds {seeds}, "
+        f"{eval_minutes:g} game minutes each",
+        flush=True,
+    )
+    t_eval = time.monotonic()
+    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs))
+    player, npc, rnd = ev["player"], ev["npc"], ev["random"]
+    figures = {
+        "minutes_trained": round(trained_s / 60, 2),
+        "batches": counts["batches"],
+        "samples_collected": counts["samples_collected"],
+        "samples_balanced": counts["samples_balanced"],
+        "samples_trained": counts["samples_trained"],
+        "samples_dagger": counts["samples_dagger"],
+        "samples_dagger_balanced": counts["samples_dagger_balanced"],
+        "first_weights_s": round(watcher.first_weights_s, 1) if watcher.first_weights_s is not None else None,
+        "dagger": args.dagger,
+        "collectors": args.collectors,
+        "collector_km": counts["collector_km"],
+        "weights": str(weights.parent.name) if weights else None,
+        "eval": {
+            "seeds": seeds,
+            "minutes_per_seed": eval_minutes,
+            "wall_s": round(time.monotonic() - t_eval, 1),
+        },
+        "player": player,
+        "npc": npc,
+        "random": rnd,
+        "player_vs_npc": round(player["km_between_unstucks"] / max(npc["km_between_unstucks"], 1e-9), 3)
+        if player
+        else None,
+        "player_vs_random": round(player["km_between_unstucks"] / max(rnd["km_between_unstucks"], 1e-9), 1)
+        if player
+        else None,
+        "quick": args.quick,
+        "config": str(args.config),
+        "overrides": args.set,
+    }
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        figures["run_dir"] = str(tmp)
+    if "all stopped" not in launcher_out:
+        print(f"e2e: the launcher did not report a clean stop:\n{launcher_out[-2000:]}", file=sys.stderr)
+    report(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
