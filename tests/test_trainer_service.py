@@ -28,6 +28,7 @@ from charles.trainer.service import TrainerService
 from charles.trainer.storage import Storage, StorageConfig
 from charles.trainer.synthetic import make_frames, make_sample, make_set
 
+from conftest import free_ports
 from tests_support import counter_value, wait_for
 
 H, W = 36, 64
@@ -326,6 +327,8 @@ out = {
     "version": d.broadcast_int(7 if d.rank == 0 else 0),
 }
 json.dump(out, open(sys.argv[1] + f"/rank{d.rank}.json", "w"))
+asm.close()
+t.close()  # as the service does: DDP let go of before the group is destroyed (or the exit may abort)
 d.close()
 """
 
@@ -334,19 +337,24 @@ d.close()
 def test_torchrun_ranks_step_together_on_their_own_data(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Everything on loopback by address: a CI box's hostname need not resolve, and torchrun would
+    # otherwise hand the workers that name as MASTER_ADDR (and gloo would look it up for its device).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    (port,) = free_ports(1)
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--local-addr=127.0.0.1",
         str(script),
         str(tmp_path),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, "torchrun failed:\n" + (done.stdout + done.stderr)[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["sums"][0] == r0["sums"][1] == r1["sums"][0], (
         "every rank holds the same weights after each step"

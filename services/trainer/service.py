@@ -601,6 +601,7 @@ class TrainerService:
                 self.tb.close()
             if self.assembler is not None:
                 self.assembler.close()
+            self.trainer.close()
             self.log.info(
                 f"stopped {self.run_dir.name} at batch {self.trainer.batch} in {time.monotonic() - t0:.1f}s "
                 f"({self.published} weight updates sent)"
