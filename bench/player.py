@@ -25,6 +25,11 @@ whatever the box.
 sim's own work is part of every frame; ``sim_ms_per_frame`` says how much, ``ratio_inprocess_excl_sim``
 leaves it out. Latency there is frame ready (rendered) -> action decided.
 
+The player folds batch norm into the convolutions when it loads weights (``bn_folded``; the same outputs
+to float rounding, one op less per layer). ``bare_pps`` is the network as built, unfolded: what a plain timm
+forward costs. ``bare_folded_pps`` is the player's folded net run bare, so ``ratio_to_bare_folded`` is the
+loop's own overhead, whatever folding bought.
+
 In the same run the same model's bare forward (batch 1, ``torch.inference_mode``, the same input size and
 the channels_last layout the player feeds it) gives ``bare_pps``; ``ratio_to_bare = pps / bare_pps`` (goal
 >= 0.9). Windows of the three alternate (the sim agent is paused with SIGSTOP while the others run) and
@@ -153,11 +158,13 @@ def loop_window(service, timed: Timed, frames: int) -> dict:
     }
 
 
-def bare_window(service, n: int, channels_last: bool = True) -> tuple[float, float]:
-    """The same model's plain forward: batch 1, inference mode, the player's input size.
+def bare_window(service, n: int, channels_last: bool = True, folded: bool = False) -> tuple[float, float]:
+    """The same model's plain forward: batch 1, inference mode, the player's input size. The network as
+    timm and CharlesNet build it (``folded``: the player's own, batch norm folded into the convolutions).
 
     Returns (forwards per second of wall clock, CPU ms per forward of this process)."""
-    model, cfg, dev = service.swapper.active.model, service.cfg, service.swapper.active.device
+    active = service.swapper.active
+    model, cfg, dev = (active.net if folded else active.model), service.cfg, active.device
     x = torch.randn(1, cfg.in_chans, cfg.height, cfg.width, device=dev)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -513,12 +520,13 @@ def run(
         if prof:
             profile(service, frames)
         stack.window(1.0)  # the remote player's first predictions and console pictures
-        remotes, loops, bares, bares_nchw = [], [], [], []
+        remotes, loops, bares, bares_nchw, bares_folded = [], [], [], [], []
         for _ in range(repeats):
             remotes.append(stack.window(seconds))
             loops.append(loop_window(service, timed, frames))
             bares.append(bare_window(service, frames))
             bares_nchw.append(bare_window(service, frames, channels_last=False))
+            bares_folded.append(bare_window(service, frames, folded=True))
         remote = max(remotes, key=lambda r: r["pps"])
         best = max(loops, key=lambda r: r["pps"])
         bare = max(b[0] for b in bares)
@@ -551,6 +559,9 @@ def run(
             "ratio_inprocess_excl_sim": round(player_pps / bare, 3),
             "predicted_fraction_inprocess": round(best["predicted"], 3),
             "bare_pps_nchw": round(max(b[0] for b in bares_nchw), 1),
+            "bn_folded": service.swapper.active.fold_bn,
+            "bare_folded_pps": round(folded := max(b[0] for b in bares_folded), 1),
+            "ratio_to_bare_folded": round(remote["pps"] / folded, 3),
             "preset": preset,
             "input": [service.cfg.width, service.cfg.height],
             "device": str(service.swapper.active.device),
@@ -592,7 +603,7 @@ def main() -> None:
     print(
         f"tiny {out['input'][0]}x{out['input'][1]} on {out['device']}, player as a process: {out['pps']} pps, "
         f"latency p50 {out['latency_p50_ms']} ms p99 {out['latency_p99_ms']} ms; bare forward {out['bare_pps']}/s "
-        f"-> ratio {out['ratio_to_bare']}; CPU per frame: player {out['player_cpu_ms_per_frame']} ms "
+        f"-> ratio {out['ratio_to_bare']} (folded bare {out['bare_folded_pps']}/s -> {out['ratio_to_bare_folded']}); CPU per frame: player {out['player_cpu_ms_per_frame']} ms "
         f"(bare {out['bare_cpu_ms']} ms, ratio {out['ratio_to_bare_cpu']}), sim agent "
         f"{out['sim_agent_cpu_ms_per_frame']} ms, broker {out['broker_cpu_ms_per_frame']} ms. In process: "
         f"{out['pps_inprocess']} pps (ratio {out['ratio_inprocess']}; sim {out['sim_ms_per_frame']} ms + player "

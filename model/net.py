@@ -295,6 +295,71 @@ def optimize_for_device(
     return model
 
 
+# --- inference: batch norm folded into the convolutions --------------------------------------------------
+
+
+def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and isinstance(bn, nn.BatchNorm2d)
+        and bn.track_running_stats
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv' = bn(conv(x)) for eval-mode statistics: per output channel, w' = w * g and b' = (b - mean) * g +
+    beta with g = gamma / sqrt(var + eps). Done in float64 so the folded weights round once."""
+    with torch.no_grad():
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        g = (bn.weight.double() if bn.affine else torch.ones_like(var)) / torch.sqrt(var + bn.eps)
+        beta = bn.bias.double() if bn.affine else torch.zeros_like(var)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+        w = conv.weight
+        conv.weight = nn.Parameter(
+            (w.double() * g.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype), requires_grad=False
+        )  # an elementwise op keeps the weight's memory format (channels_last stays channels_last)
+        conv.bias = nn.Parameter(((b - mean) * g + beta).to(w.dtype), requires_grad=False)
+
+
+def _after_fold(bn: nn.BatchNorm2d) -> nn.Module:
+    """What stays of a folded norm layer: nothing, or the activation timm's BatchNormAct2d applies after it."""
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if isinstance(act, nn.Module):
+        return nn.Sequential(drop, act) if isinstance(drop, nn.Module) else act
+    return nn.Identity()
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Inference only, in place: every BatchNorm2d applied right after a Conv2d becomes part of that conv's
+    weights and bias, so conv -> bn -> act runs as conv' -> act (one op and one pass over the activations less
+    per layer; ~10-20 % of a batch-1 CPU forward for RegNet/ResNet-style backbones).
+
+    Pairs found by structure: ``conv``/``bn`` and ``convN``/``bnN`` children (timm's ConvNormAct, IRv2's
+    BasicConv2d, ResNet blocks) and consecutive Conv2d, BatchNorm2d in a Sequential. The names do not prove the
+    order of the forward pass: check the folded model against the original before using it (the Predictor
+    does, and keeps the original where they differ). Returns how many norms were folded."""
+    n = 0
+    for parent in list(model.modules()):
+        kids = dict(parent.named_children())
+        pairs: list[tuple[str, str]] = []
+        if isinstance(parent, nn.Sequential):
+            names = list(kids)
+            pairs += list(zip(names, names[1:], strict=False))
+        for name in kids:
+            if name.startswith("conv") and (name[4:] == "" or name[4:].isdigit()):
+                pairs.append((name, "bn" + name[4:]))
+        for conv_name, bn_name in pairs:
+            conv, bn = kids.get(conv_name), kids.get(bn_name)
+            if _foldable(conv, bn):
+                _fold_pair(conv, bn)  # type: ignore[arg-type]
+                kids[bn_name] = _after_fold(bn)  # type: ignore[arg-type]
+                setattr(parent, bn_name, kids[bn_name])
+                n += 1
+    return n
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run with ``n`` intra-op CPU threads, then restore. On a CPU shared with other busy processes, OpenMP
