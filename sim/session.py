@@ -73,6 +73,16 @@ class DriveSession:
         self._pending: UnstuckStep | None = None
         self._teleported = False
 
+    def restart(self) -> None:
+        """Put the car at rest on a random road now: a new start, not a recovery (no fade, and Unstuck's
+        count stays). Call between two ticks (before ``observe``)."""
+        if self._pending is not None:
+            raise RuntimeError("restart() between ticks: after step(), before observe()")
+        self.world.teleport()
+        for hook in self.teleport_hooks:
+            hook()
+        self.unstuck.reset()
+
     def observe(self, frame: bool = True, marker: bool | None = None) -> Observation:
         """This tick's view; runs Unstuck (and its teleport) once per tick."""
         w = self.world

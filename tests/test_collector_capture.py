@@ -216,3 +216,21 @@ def test_gym_source_drives_the_env_with_the_expert():
     assert samples[41].history[:-1].sum() == 0, "a new episode starts with an empty history"
     enc = Encoder("gym", SampleShape(160, 90, history_rows=10)).sample(samples[5])
     assert enc.frame.shape == (90, 160, 3)
+
+
+def test_restarts_put_the_car_at_rest_elsewhere_on_time_and_are_not_unstucks():
+    src = SimSource(seed=4, width=W, height=H, sim=SMALL, restart_s=4.0)
+    poses, speeds_after = [], []
+    for _ in range(30 * 13):  # 13 s of game time: restarts at 4, 8 and 12 s
+        before = src.restarts
+        c = src.next()
+        if src.restarts != before:
+            poses.append((src.world.player.x, src.world.player.y))
+            speeds_after.append(c.speed)
+            assert c.driving, "a restart is a new start, driven at once (no fade like Unstuck's)"
+    assert src.restarts == 3 and src.unstucks == 0
+    assert speeds_after == [0.0, 0.0, 0.0], "every restart starts from standstill"
+    assert len({(round(x), round(y)) for x, y in poses}) == 3, "each restart is somewhere else"
+    assert src.info()["restarts"] == 3
+    # the NPC drives off from each of them: the stream holds starts from standstill, labelled
+    assert src.world.player.speed > 1.0

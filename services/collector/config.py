@@ -55,6 +55,13 @@ class CollectorConfig:
         min=0.01,
         max=100.0,
     )
+    restart_s: float = knob(
+        0.0,
+        "sim: every this many game seconds, put the car at rest on a random road (0 = never). A driving "
+        "stream almost never shows a start from standstill (under 1 % of samples below 0.5 m/s), and a model "
+        "that never saw one stops at a junction and stays there",
+        min=0.0,
+    )
     look: Literal["seed", "config"] = knob(
         "seed",
         "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "

@@ -24,6 +24,7 @@ import numpy as np
 from charles.collector.capture import TICK_HZ, Capture
 from charles.proto import GameFrame
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.unstuck import Phase
 
 WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
 """How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""
@@ -69,6 +70,7 @@ class SimSource:
         look: str = "seed",
         render_idle: bool = False,
         history_len: int = 0,
+        restart_s: float = 0.0,
     ):
         from charles.sim.npc import Npc
         from charles.sim.session import DriveSession
@@ -89,12 +91,21 @@ class SimSource:
         """Render frames Unstuck fades too (a stacked model sees them in its past frames)."""
         self.name = "sim"
         self.seed = seed
+        self.restart_s = restart_s
+        """Every this many game seconds the car starts again at rest somewhere else (0 = never)."""
+        self.restarts = 0
+        self._next_restart = restart_s
 
     @property
     def unstucks(self) -> int:
         return self.session.unstuck.unstucks
 
     def next(self, timeout_s: float = 0.0) -> Capture:
+        if self.restart_s > 0 and self.world.time >= self._next_restart:
+            self._next_restart = self.world.time + self.restart_s
+            if self.session.unstuck.phase is Phase.DRIVE:  # not in the middle of an Unstuck recovery
+                self.session.restart()
+                self.restarts += 1
         obs = self.session.observe(frame=False)
         driving = obs.driving
         image = self.world.hood_frame(fade=obs.unstuck.fade) if driving or self.render_idle else None
@@ -118,7 +129,10 @@ class SimSource:
 
     def info(self) -> dict:
         c = self.sim_cfg
-        return {"seed": self.seed, "weather": c.weather, "hour": c.time_of_day, "unstucks": self.unstucks}
+        info = {"seed": self.seed, "weather": c.weather, "hour": c.time_of_day, "unstucks": self.unstucks}
+        if self.restart_s > 0:
+            info["restarts"] = self.restarts
+        return info
 
     def close(self) -> None:
         pass
