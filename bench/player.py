@@ -1,22 +1,26 @@
 """Benchmark the player's frame-to-action loop: predictions per second and latency, against a bare forward.
 
-    python bench/player.py [--quick] [--profile] [--strict]
+    python bench/player.py [--quick] [--profile] [--strict] [--inflight N]
 
 **Headline: the player as a process of its own** (``pps``, ``latency_p50_ms``, ``latency_p99_ms``,
 ``ratio_to_bare``). A broker, the built-in sim as a game process (``python -m charles.sim.agent
---lockstep --ahead``) and the player in remote mode (``player.source: remote``, as against GTA V) run as
+--lockstep --ahead --inflight 2``) and the player in remote mode (``player.source: remote``, as against GTA V) run as
 separate processes: tiny preset at 160x90, one torch thread each, the Player Console at its normal 5 Hz.
-Lockstep: the next frame goes out the moment the action for the last one is in, so the player is never
-idle for want of a frame, and never finds two waiting. ``--ahead``: the sim agent moves its world and
-draws that next frame while the player thinks (as a game on its own machine does), so the game's work is
-off the loop wherever the box has a core for it; ``--strict`` puts it back on (frame -> player ->
-action -> world step and drawing -> next frame).
+Lockstep with two frames in flight (``--inflight 2``): the game sends the next frame the moment an action
+is in, and keeps two out unanswered, so the player finds the next frame waiting when it finishes one (never
+idle for want of a frame) and the round trip through the broker is off its loop, as a game that does not
+wait for the pad is. Each action says which frame it answers (``Action.frame_seq``), so latency is exact;
+the player takes the newest frame it has and may skip one (``unanswered_frames``). ``--strict``: one frame
+in flight and the game's own work on the loop too (frame -> player -> action -> step -> next frame).
+``--ahead`` (on unless ``--strict``): the sim agent moves its world and draws the next frame while the
+player thinks (as a game on its own machine does), so the game's work is off the loop wherever the box
+has a core for it.
 
 The bench listens on the bus: ``pps`` is actions per second; latency is from a GameFrame's send (its
 header's monotonic ``t``, comparable between processes on one host) to the Action for it arriving
 (``latency_p50_to_send_ms``: to the Action's send); ``player_latency_ms`` is the player's own (frame
-received -> action decided, from its console); ``loop_ms`` = 1000 / ``pps`` against ``bare_ms``. ``*_cpu_ms_per_frame`` is each process's CPU time per frame
-(all its threads, from /proc), which other load on a shared box inflates far less than wall time:
+received -> action decided, from its console); ``loop_ms`` = 1000 / ``pps`` against ``bare_ms``. ``*_cpu_ms_per_frame`` is each process's CPU time
+per answered frame (all its threads, from /proc), which other load on a shared box inflates far less than wall time:
 ``ratio_to_bare_cpu`` = bare forward CPU time / player process CPU time per frame, the player's own cost
 whatever the box.
 
@@ -224,8 +228,9 @@ class Observer(threading.Thread):
         super().__init__(name="observer", daemon=True)
         self.cfg, self.game_id, self.player_id = cfg, game_id, player_id
         self.lock = threading.Lock()
-        self.records: list[tuple[str, float, float]] = []
-        """(kind, sender's t, our receipt), in arrival order; cleared by take()."""
+        self.records: list[tuple[str, float, float, int | None]] = []
+        """(kind, sender's t, our receipt, frame seq), in arrival order; cleared by take(). The frame seq of
+        an action is the frame it answers (Action.frame_seq)."""
         self.console: dict = {}
         self.subscribed = threading.Event()
         self.stopping = threading.Event()
@@ -249,12 +254,13 @@ class Observer(threading.Thread):
                 if env.kind == "console":
                     self.console = env.msg.state
                     continue
+                seq = env.msg.seq if env.kind == "game_frame" else env.msg.frame_seq
                 with self.lock:
-                    self.records.append((env.kind, env.t, now))
+                    self.records.append((env.kind, env.t, now, seq))
         finally:
             svc.close()
 
-    def take(self) -> list[tuple[str, float, float]]:
+    def take(self) -> list[tuple[str, float, float, int | None]]:
         with self.lock:
             out, self.records = self.records, []
         return out
@@ -265,26 +271,36 @@ class Observer(threading.Thread):
 
 
 def match_latencies(
-    records: list[tuple[str, float, float]],
+    records: list[tuple[str, float, float, int | None]],
 ) -> tuple[list[float], list[float], list[float], int]:
-    """Each action matched to the frame it answers: in lockstep, the one frame sent and not yet answered.
+    """Each action paired with the frame it answers: the one its ``frame_seq`` names (else, as in plain
+    lockstep, the newest frame sent and not yet answered).
 
     Returns (action receipt times, frame sent -> action received, frame sent -> action sent) in seconds, and
-    how many frames went unanswered (the sim agent's lockstep timed out). An action with no frame waiting
-    (its frame was sent before the window) is left out.
+    how many frames the player did not answer (skipped for a newer one, or given up by the sim agent). An
+    action whose frame was sent before the window is left out.
     """
-    waiting: float | None = None
+    sent_at: dict[int, float] = {}
+    answered: set[int] = set()
+    newest: int | None = None
     arrivals, received, sent = [], [], []
-    unanswered = 0
-    for kind, t, now in records:
+    for kind, t, now, seq in records:
         if kind == "game_frame":
-            unanswered += waiting is not None
-            waiting = t
-        elif kind == "action" and waiting is not None:
-            arrivals.append(now)
-            received.append(now - waiting)
-            sent.append(t - waiting)
-            waiting = None
+            if seq is not None:
+                sent_at[seq] = t
+                newest = seq
+            continue
+        if kind != "action":
+            continue
+        frame = seq if seq is not None else newest
+        if frame is None or frame not in sent_at or frame in answered:
+            continue
+        answered.add(frame)
+        arrivals.append(now)
+        received.append(now - sent_at[frame])
+        sent.append(t - sent_at[frame])
+    last = max(answered, default=-1)
+    unanswered = sum(1 for f in sent_at if f < last and f not in answered)
     return arrivals, received, sent, unanswered
 
 
@@ -299,12 +315,14 @@ class RemoteStack:
         model_cfg,
         *,
         ahead: bool = True,
+        inflight: int = 2,
         console_hz: float = 5.0,
         threads: int = 1,
         player_profile: str | None = None,
     ):
         self.preset, self.device, self.payload, self.model_cfg = preset, device, payload, model_cfg
         self.ahead = ahead
+        self.inflight = inflight
         self.tmp = tempfile.TemporaryDirectory(prefix="charles-bench-player-")
         names = ["publish", "subscribe", "control"]
         ports = free_ports(6)
@@ -380,7 +398,8 @@ class RemoteStack:
 
         The game starts last so that its first frame finds the player listening: a lockstep frame nobody
         answers costs the whole timeout, and an answer after the timeout would put the loop one frame
-        ahead of the player for good (actions do not say which frame they answer).
+        ahead of the player for good (with one frame in flight; the player's actions say which frame they
+        answer, but an answer after a timeout still finds a newer frame out).
         """
         from charles import config
         from charles.proto import Weights
@@ -419,6 +438,8 @@ class RemoteStack:
                 "--timeout",
                 "5",
                 *(["--ahead"] if self.ahead else []),
+                "--inflight",
+                str(self.inflight),
             ],
         )
 
@@ -470,7 +491,7 @@ class RemoteStack:
         records = self.observer.take()
         self.pause()
         arrivals, received, sent, unanswered = match_latencies(records)
-        n_frames = sum(1 for k, _, _ in records if k == "game_frame")
+        n_frames = sum(1 for r in records if r[0] == "game_frame")
         n = len(arrivals)
         pps = (n - 1) / (arrivals[-1] - arrivals[0]) if n > 1 and arrivals[-1] > arrivals[0] else 0.0
         rec = np.asarray(received) * 1000.0
@@ -483,7 +504,8 @@ class RemoteStack:
             "frames": n_frames,
             "actions": n,
             "unanswered": unanswered,
-            "cpu_ms": {k: (c1[k] - c0[k]) / max(1, n_frames) * 1000.0 for k in pids},
+            # per answered frame: what one prediction costs each process (skipped frames cost the game too)
+            "cpu_ms": {k: (c1[k] - c0[k]) / max(1, n) * 1000.0 for k in pids},
         }
         lat = self.observer.console.get("latency_ms")
         if lat:
@@ -502,6 +524,7 @@ def run(
     seconds: float,
     ahead: bool = True,
     prof: bool = False,
+    inflight: int = 2,
 ) -> dict:
     from charles.model.weights import save_weights
 
@@ -510,7 +533,9 @@ def run(
         str(Path(tempfile.gettempdir()) / f"charles-bench-player-{os.getpid()}.prof") if prof else None
     )
     payload = save_weights(service.swapper.predictors[0].model, service.cfg, half=True)
-    stack = RemoteStack(preset, device, payload, service.cfg, ahead=ahead, player_profile=prof_path)
+    stack = RemoteStack(
+        preset, device, payload, service.cfg, ahead=ahead, inflight=inflight, player_profile=prof_path
+    )
     try:
         stack.spawn()  # they start up while this process warms up its own player
         timed = Timed(service.source)
@@ -539,7 +564,7 @@ def run(
             "latency_p99_ms": round(remote["p99"], 2),
             "ratio_to_bare": round(remote["pps"] / bare, 3),
             "bare_pps": round(bare, 1),
-            "game": "lockstep, ahead" if ahead else "lockstep",
+            "game": "lockstep" + (", ahead" if ahead else "") + f", {inflight} in flight",
             "loop_ms": round(1000.0 / remote["pps"], 3) if remote["pps"] else None,
             "bare_ms": round(1000.0 / bare, 3),
             "unanswered_frames": sum(r["unanswered"] for r in remotes),
@@ -590,16 +615,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="finish in under 30 seconds")
     ap.add_argument("--profile", action="store_true", help="print cProfiles of both loops to stderr")
     ap.add_argument(
-        "--strict", action="store_true", help="the sim agent's world step and drawing on the loop too"
+        "--strict",
+        action="store_true",
+        help="plain lockstep: one frame in flight, the sim agent's world step and drawing on the loop too",
+    )
+    ap.add_argument(
+        "--inflight", type=int, default=2, help="frames the game has out unanswered at once (default 2)"
     )
     args = ap.parse_args()
+    inflight = 1 if args.strict else args.inflight
     torch.set_num_threads(1)
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     frames, repeats, seconds = (120, 4, 1.0) if args.quick else (600, 5, 4.0)
     t0 = time.perf_counter()
-    out = run("tiny", "cpu", frames, repeats, seconds, not args.strict, args.profile)
+    out = run("tiny", "cpu", frames, repeats, seconds, not args.strict, args.profile, inflight)
     print(
         f"tiny {out['input'][0]}x{out['input'][1]} on {out['device']}, player as a process: {out['pps']} pps, "
         f"latency p50 {out['latency_p50_ms']} ms p99 {out['latency_p99_ms']} ms; bare forward {out['bare_pps']}/s "
@@ -617,6 +648,7 @@ def main() -> None:
             "cuda",
             *((150, 2, 2.0) if args.quick else (600, 3, 4.0)),
             not args.strict,
+            inflight=inflight,
         )
         gpu["p99_goal_met"] = gpu["latency_p99_ms"] <= 33.0
         out["gpu"] = gpu

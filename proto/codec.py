@@ -467,13 +467,16 @@ def _game_frame_in(b: dict, blobs: Sequence) -> GameFrame:
 
 
 def _action_out(a: Action, blobs: _Blobs) -> dict:
-    return {
+    out = {
         "seq": a.seq,
         "steering": a.steering,
         "throttle": a.throttle,
         "brake": a.brake,
         "target": a.target,
     }
+    if a.frame_seq is not None:
+        out["frame_seq"] = a.frame_seq
+    return out
 
 
 def _action_in(b: dict, blobs: Sequence) -> Action:
@@ -483,6 +486,7 @@ def _action_in(b: dict, blobs: Sequence) -> Action:
         throttle=_num(b, "throttle", 0.0, 1.0),
         brake=_num(b, "brake", 0.0, 1.0),
         target=_str(b, "target") if "target" in b else "",
+        frame_seq=_int(b, "frame_seq") if "frame_seq" in b else None,
     )
 
 

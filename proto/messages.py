@@ -128,6 +128,9 @@ class Action:
     """Left trigger in [0, 1]."""
     target: str = ""
     """Which gamepad agent should apply it (empty: any)."""
+    frame_seq: int | None = None
+    """The ``seq`` of the GameFrame this action answers (None: not said). Lets a game with several frames in
+    flight, and anyone measuring latency, pair each action with its frame."""
 
 
 @dataclass(slots=True)

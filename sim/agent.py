@@ -27,11 +27,15 @@ the next frame's drawing are then on that loop too; ``--ahead`` takes them off i
 machine does: the world moves on and the next frame is drawn while the player thinks about this one, and
 goes out the moment the action is in (the action lands one step later). A frame not answered within
 ``--timeout`` is given up (``charles_drops_total{cause="lockstep_timeout"}``) and the game goes on.
+``--inflight N`` lets N frames be out unanswered (default 1): the next frame is already waiting when the
+player finishes one, so the round trip through the broker is off its loop too (a game does not wait for
+the pad either). The player takes the newest frame it has, so it may skip one.
 
 Frame-to-action latency (frame published -> its action received here) is
-``charles_agent_action_latency_seconds`` and ``latency_p50_ms``/``latency_p99_ms`` in the heartbeat: an
-action answers the newest frame not yet answered (in lockstep the only one; paced, the player always
-takes the newest frame it has).
+``charles_agent_action_latency_seconds`` and ``latency_p50_ms``/``latency_p99_ms`` in the heartbeat. An
+action that says which frame it answers (``Action.frame_seq``, as the player's does) is paired with that
+frame, and frames before it that it skipped count as answered; one that does not answers the newest frame
+not yet answered (in lockstep the only one; paced, the player always takes the newest frame it has).
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class SimAgent:
         lockstep: bool = False,
         timeout_s: float = 0.5,
         ahead: bool = False,
+        inflight: int = 1,
         allowed_senders: list[str] | None = None,
         deadman_s: float = 0.5,
         sub: Subscriber | None = None,
@@ -115,6 +120,8 @@ class SimAgent:
     ):
         if fps <= 0 or timeout_s <= 0:
             raise ValueError("fps and timeout_s must be > 0")
+        if inflight < 1:
+            raise ValueError("inflight must be >= 1")
         self.svc = svc
         self.id = agent_id
         self.topic = f"game.{agent_id}"
@@ -134,6 +141,7 @@ class SimAgent:
         self.lockstep = lockstep
         self.timeout_s = timeout_s
         self.ahead = ahead and lockstep
+        self.inflight = inflight if lockstep else 1
 
         self.pad = SimPad()
         # What the gamepad agent does with an action (target, sender, order, clamps, dead-man), on our pad.
@@ -177,8 +185,8 @@ class SimAgent:
         """Actions applied to the pad."""
         self.timeouts = 0
         self.latencies: collections.deque[float] = collections.deque(maxlen=RECENT)
-        self.waiting: float | None = None
-        """Send time (monotonic) of the newest frame no action has answered yet."""
+        self.unanswered: collections.OrderedDict[int, float] = collections.OrderedDict()
+        """seq -> send time (monotonic) of the frames no action has answered yet, oldest first."""
         self.executed: tuple[float, float] | None = None
         """What the car got on the step into the current frame (GameFrame.controls)."""
         self._held: GameFrame | None = None
@@ -241,9 +249,16 @@ class SimAgent:
             controls=self.executed,
         )
 
+    @property
+    def waiting(self) -> float | None:
+        """Send time of the newest frame not answered yet (None: all are)."""
+        return next(reversed(self.unanswered.values())) if self.unanswered else None
+
     def send(self, gf: GameFrame) -> None:
         self._held = None
-        self.waiting = time.monotonic()
+        self.unanswered[gf.seq] = time.monotonic()
+        while len(self.unanswered) > max(self.inflight, 1) + 1:  # paced: a slow player never grows it
+            self.unanswered.popitem(last=False)
         if self.pub.send(self.topic, gf):
             self.m_sent.labels("game").inc()
         self.seq += 1
@@ -270,17 +285,18 @@ class SimAgent:
             self.gamepad.check_deadman()
 
     def wait_lockstep(self) -> None:
-        """Until the action for the frame just sent is in; after ``timeout_s`` the frame is given up."""
-        while self.svc.running and self.waiting is not None:
-            remaining = self.waiting + self.timeout_s - time.monotonic()
+        """Until fewer than ``inflight`` frames are unanswered; after ``timeout_s`` the oldest is given up."""
+        while self.svc.running and len(self.unanswered) >= self.inflight:
+            oldest = next(iter(self.unanswered.values()))
+            remaining = oldest + self.timeout_s - time.monotonic()
             # look at what has arrived before giving up: this process may have been descheduled (or
             # stopped) past the deadline while the answer sat in the socket
             self.receive(min(max(0.0, remaining), WAIT_S))
             self.gamepad.check_deadman()
-            if self.waiting is not None and remaining <= 0:
-                # An answer that still comes will be taken for the next frame's: the loop then runs one
-                # frame ahead of the player. Keep the timeout well above the player's slowest frame.
-                self.waiting = None
+            if len(self.unanswered) >= self.inflight and remaining <= 0:
+                # An answer without frame_seq that still comes will be taken for the next frame's: the loop
+                # then runs one frame ahead of the player. Keep the timeout well above its slowest frame.
+                self.unanswered.popitem(last=False)
                 self.timeouts += 1
                 self._timeouts.inc()
 
@@ -299,9 +315,20 @@ class SimAgent:
             return 0
         now = time.monotonic()
         self.actions += 1
-        if self.waiting is not None:
-            lat = now - self.waiting
-            self.waiting = None
+        frame_seq = env.msg.frame_seq
+        sent = None
+        if frame_seq is None:
+            if self.unanswered:  # the newest frame (and, unsaid, every one before it)
+                sent = self.waiting
+                self.unanswered.clear()
+        elif frame_seq in self.unanswered:
+            while self.unanswered:  # the frames before it were skipped: answered by this one
+                seq, t = self.unanswered.popitem(last=False)
+                if seq == frame_seq:
+                    sent = t
+                    break
+        if sent is not None:
+            lat = now - sent
             self.m_latency.observe(lat)
             self.latencies.append(lat)
         return 1
@@ -333,7 +360,8 @@ class SimAgent:
     def mode(self) -> str:
         if not self.lockstep:
             return f"{1 / self.period:g} Hz"
-        return f"lockstep{', ahead' if self.ahead else ''}, {self.timeout_s:g} s timeout"
+        inflight = f", {self.inflight} in flight" if self.inflight > 1 else ""
+        return f"lockstep{', ahead' if self.ahead else ''}{inflight}, {self.timeout_s:g} s timeout"
 
     def run(self) -> None:
         log.info(
@@ -382,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         help="lockstep: draw the next frame while the player thinks (off its loop)",
     )
     ap.add_argument(
+        "--inflight",
+        type=int,
+        default=1,
+        help="lockstep: frames out unanswered at once (2: the next one waits while the player thinks)",
+    )
+    ap.add_argument(
         "--timeout", type=float, default=0.5, help="lockstep: give a frame up after this many seconds"
     )
     ap.add_argument(
@@ -394,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.ahead and not args.lockstep:
         print("python -m charles.sim.agent: --ahead goes with --lockstep", file=sys.stderr)
         return 2
-    if args.fps <= 0 or args.timeout <= 0 or args.deadman <= 0:
+    if args.inflight != 1 and not args.lockstep:
+        print("python -m charles.sim.agent: --inflight goes with --lockstep", file=sys.stderr)
+        return 2
+    if args.fps <= 0 or args.timeout <= 0 or args.deadman <= 0 or args.inflight < 1:
         print(
-            "python -m charles.sim.agent: --fps, --timeout and --deadman must be > 0",
+            "python -m charles.sim.agent: --fps, --timeout, --deadman and --inflight must be > 0",
             file=sys.stderr,
         )
         return 2
@@ -427,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             lockstep=args.lockstep,
             timeout_s=args.timeout,
             ahead=args.ahead,
+            inflight=args.inflight,
             allowed_senders=args.allow,
             deadman_s=args.deadman,
         )

@@ -272,6 +272,8 @@ def test_remote_game_frames_in_actions_out(player, trainer, client_factory):
     assert len(got) >= 30, f"only {len(got)} actions"
     seqs = [a.seq for a in got]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    answered = [a.frame_seq for a in got]  # each action says which game frame it answers
+    assert all(f is not None and 0 <= f < 400 for f in answered) and answered == sorted(set(answered))
     assert all(a.target == "agent-1" and -1 <= a.steering <= 1 and a.brake == 0.0 for a in got)
     assert got[-1].throttle == pytest.approx(0.1 + 0.9 * 0.6, abs=1e-3)  # 0.6 past a 0.1 dead zone
     rows = service.source.history.rows

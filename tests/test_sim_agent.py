@@ -62,10 +62,15 @@ class Outbox:
 
 
 def action(
-    seq: int, steering: float = 0.0, throttle: float = 0.0, brake: float = 0.0, sender: str = "player-1"
+    seq: int,
+    steering: float = 0.0,
+    throttle: float = 0.0,
+    brake: float = 0.0,
+    sender: str = "player-1",
+    frame_seq: int | None = None,
 ):
     """An action as it arrives off the wire (encoded and validated like any other)."""
-    return decode(encode(f"action.{GAME}", Action(seq, steering, throttle, brake, GAME), sender))
+    return decode(encode(f"action.{GAME}", Action(seq, steering, throttle, brake, GAME, frame_seq), sender))
 
 
 def make_agent(data: dict | None = None, **kw) -> tuple[SimAgent, Inbox, Outbox]:
@@ -172,6 +177,31 @@ def test_lockstep_waits_for_the_action_then_gives_the_frame_up(agents):
         agent.tick()
     assert time.monotonic() - t0 < 0.25 * 5 and agent.timeouts == 1 and agent.actions == 10
     assert len(outbox.sent) == 11
+
+
+def test_inflight_keeps_two_frames_out_and_pairs_each_action_with_its_frame(agents):
+    agent, inbox, outbox = agents(lockstep=True, timeout_s=0.3, inflight=2)
+    t0 = time.monotonic()
+    agent.tick()  # frame 0 out: one unanswered, below the window: no wait
+    assert time.monotonic() - t0 < 0.2 and list(agent.unanswered) == [0] and agent.timeouts == 0
+    agent.tick()  # frame 1 out: two unanswered, so it waits, then gives the oldest (0) up
+    assert agent.timeouts == 1 and list(agent.unanswered) == [1]
+    # an answer to frame 2 skips 1 (the player takes the newest frame it has): both answered
+    inbox.q.append(action(0, throttle=1.0, frame_seq=2))
+    agent.tick()  # frame 2 out, [1, 2] -> the answer -> []
+    assert agent.actions == 1 and not agent.unanswered and len(agent.latencies) == 1
+    t0 = time.monotonic()
+    agent.tick()  # frame 3 out: below the window again, no wait
+    assert time.monotonic() - t0 < 0.2 and list(agent.unanswered) == [3] and agent.timeouts == 1
+    # an answer to the older of two frames out: paired with that one, the newer stays out
+    inbox.q.append(action(1, frame_seq=3))
+    agent.tick()  # frame 4 out, [3, 4] -> [4]
+    assert agent.actions == 2 and list(agent.unanswered) == [4]
+    # an action that does not say which frame answers the newest (the old lockstep rule)
+    inbox.q.append(action(2))
+    agent.tick()  # frame 5 out, [4, 5] -> []
+    assert agent.actions == 3 and not agent.unanswered and len(agent.latencies) == 3
+    assert [gf.seq for _, gf in outbox.sent] == [0, 1, 2, 3, 4, 5] and agent.timeouts == 1
 
 
 def test_ahead_draws_the_next_frame_before_the_action_lands(agents):

@@ -219,6 +219,8 @@ class RemoteSource:
         self.previous: tuple[float, float] = (0.0, 0.0)
         self.late = 0
         self._last: View | None = None
+        self._last_game_seq: int | None = None
+        """The capture agent's seq of the frame in ``_last``: the action says which frame it answers."""
         self._warn = RateLimitedLog(log, 60.0)
 
     @property
@@ -285,6 +287,7 @@ class RemoteSource:
             arrived,
         )
         self._last = view
+        self._last_game_seq = gf.seq
         return view
 
     def expert(self) -> None:
@@ -301,7 +304,8 @@ class RemoteSource:
         if not view.driving:
             pad, (steering, throttle_brake) = BRAKE_PAD, BRAKE
         target = self.target or self.source_id
-        self.pub.send(f"action.{target}", Action(self.actions, pad.steering, pad.throttle, pad.brake, target))
+        action = Action(self.actions, pad.steering, pad.throttle, pad.brake, target, self._last_game_seq)
+        self.pub.send(f"action.{target}", action)
         self.actions += 1
         self.previous = (steering, throttle_brake)
         self.history.push(self.previous, view.speed, view.purpose)
