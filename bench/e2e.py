@@ -1,10 +1,10 @@
 """The learning proof: the whole pipeline trains live, then the newest weights drive unseen towns.
 
-    python bench/e2e.py [--quick] [--minutes 20] [--collectors 2] [--dagger] [--eval-minutes 5]
+    python bench/e2e.py [--quick] [--minutes 20] [--collectors 2] [--[no-]dagger] [--eval-minutes 5]
     make bench-e2e                       # the same, 20 minutes
 
 1. ``charles up`` (the launcher) with ``--random-ports``, a fresh temporary run directory and the CPU demo
-   configuration (``deploy/demo.yaml``; ``--set section.field=value`` and ``--dagger`` go on top, into a
+   configuration (``deploy/demo.yaml``; ``--set section.field=value`` and ``--[no-]dagger`` go on top, into a
    copy in the temporary directory): a broker, K sim collectors (seeds 1..K), the balancer, the trainer,
    the player (seed 1000). No viewer: nobody watches, and its core share goes to training.
 2. While it trains, the bench listens on the bus like any other subscriber (heartbeats, the trainer's
@@ -67,7 +67,7 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def run_config(base: Path, overrides: list[str], dagger: bool) -> dict:
+def run_config(base: Path, overrides: list[str], dagger: bool | None) -> dict:
     """The demo configuration with the bench's overrides on top (values parsed as YAML, as --set does)."""
     data = yaml.safe_load(base.read_text()) if base.is_file() else {}
     data = data or {}
@@ -76,7 +76,8 @@ def run_config(base: Path, overrides: list[str], dagger: bool) -> dict:
             raise SystemExit(f"e2e: --set {item!r} must look like section.field=value")
         k, v = item.split("=", 1)
         _set_path(data, k.strip(), yaml.safe_load(v) if v else "")
-    _set_path(data, "player.dagger", bool(dagger))
+    if dagger is not None:  # else what the configuration says (the demo: on)
+        _set_path(data, "player.dagger", bool(dagger))
     return data
 
 
@@ -250,8 +251,9 @@ def main() -> int:
     ap.add_argument("--collectors", type=int, default=2, help="sim collectors (default 2)")
     ap.add_argument(
         "--dagger",
-        action="store_true",
-        help="player.dagger: the player's frames, labelled by the NPC, train too",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="player.dagger: the player's frames, labelled by the NPC, train too (default: the config's)",
     )
     ap.add_argument(
         "--eval-minutes",
@@ -279,10 +281,12 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="charles-e2e-"))
     cfg_path = tmp / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(run_config(Path(args.config), args.set, args.dagger), sort_keys=False))
+    run_data = run_config(Path(args.config), args.set, args.dagger)
+    dagger = bool(run_data.get("player", {}).get("dagger", False))
+    cfg_path.write_text(yaml.safe_dump(run_data, sort_keys=False))
     runs, logs = tmp / "runs", tmp / "logs"
     print(
-        f"e2e: {minutes:g} min of live training, {args.collectors} collectors, dagger {args.dagger}; "
+        f"e2e: {minutes:g} min of live training, {args.collectors} collectors, dagger {dagger}; "
         f"config {args.config} (+ {args.set or 'no overrides'}); run dir {tmp}",
         flush=True,
     )
@@ -368,7 +372,7 @@ def main() -> int:
         "samples_dagger": counts["samples_dagger"],
         "samples_dagger_balanced": counts["samples_dagger_balanced"],
         "first_weights_s": round(watcher.first_weights_s, 1) if watcher.first_weights_s is not None else None,
-        "dagger": args.dagger,
+        "dagger": dagger,
         "collectors": args.collectors,
         "collector_km": counts["collector_km"],
         "weights": str(weights.parent.name) if weights else None,

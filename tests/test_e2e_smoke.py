@@ -40,6 +40,7 @@ def test_e2e_bench_runs_end_to_end_and_reports_every_figure():
         "9001",
         "--collectors",
         "1",
+        "--dagger",
     ]
     for item in FAST:
         cmd += ["--set", item]
@@ -64,7 +65,7 @@ def test_e2e_bench_runs_end_to_end_and_reports_every_figure():
         figures["samples_collected"] >= figures["samples_balanced"] / 2 > 0
     )  # v3: a sample may go in both sets
     assert isinstance(figures["first_weights_s"], int | float), "trained weights never reached the player"
-    assert figures["dagger"] is False
+    assert figures["dagger"] is True and figures["samples_dagger"] > 0, "the player's frames never trained"
     for policy in ("player", "npc", "random"):
         assert {
             "km",
