@@ -257,7 +257,7 @@ class SimAgent:
     def send(self, gf: GameFrame) -> None:
         self._held = None
         self.unanswered[gf.seq] = time.monotonic()
-        while len(self.unanswered) > max(self.inflight, 1) + 1:  # paced: a slow player never grows it
+        while len(self.unanswered) > self.inflight + 1:  # paced: a slow player never grows it
             self.unanswered.popitem(last=False)
         if self.pub.send(self.topic, gf):
             self.m_sent.labels("game").inc()
