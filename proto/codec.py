@@ -207,18 +207,19 @@ def _sample_out(s: Sample, blobs: _Blobs) -> dict:
     return body
 
 
-_NUM = (float, int)
+_float, _int_t, _str_t = float, int, str
 _NFIELDS = len(HISTORY_FIELDS)
 _CODEC_NAMES = frozenset(("raw", "jpeg", "png"))
 
 
 def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
-    """The common sample (frame, optional history, no stack) checked in one pass; None sends it to the
-    precise path.
+    """The common sample (float fields, frame, optional history, no stack) checked in one pass; None
+    sends it to the precise path.
 
     Chained comparisons reject NaN (every comparison with NaN is false) and infinity (bounded ranges),
-    so one expression checks range and finiteness. Anything unusual falls back to ``_sample_in``, which
-    names the reason.
+    so one expression checks range and finiteness. Numbers must be floats here (what every sender
+    writes), so nothing needs converting; an integer, like anything else unusual, falls back to
+    ``_sample_in``, which accepts it or names the reason.
     """
     try:
         f = b["frame"]
@@ -238,38 +239,45 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         return None
     pv = b.get("previous")
     src = b.get("source", "npc")
-    if (
-        st.__class__ not in _NUM
-        or tb.__class__ not in _NUM
-        or sp.__class__ not in _NUM
-        or gt.__class__ not in _NUM
-        or pa.__class__ not in _NUM
-        or pd.__class__ not in _NUM
-        or seq.__class__ is not int
-        or col.__class__ is not str
-        or src.__class__ is not str
-        or not (-1.0 <= st <= 1.0 and -1.0 <= tb <= 1.0 and 0.0 <= sp <= 200.0 and 0.0 <= gt <= 1e12)
-        or not (-_PI <= pa <= _PI and 0.0 <= pd <= 1e7 and 0 <= seq < 2**63)
-        or len(col) > 256
-        or len(src) > 32
-        or codec not in _CODEC_NAMES
-        or h.__class__ is not int
-        or w.__class__ is not int
-        or i.__class__ is not int
-        or not (0 < h <= 4096 and 0 < w <= 4096 and (c == 3 or c == 1) and 0 <= i < len(blobs))
+    if not (
+        st.__class__ is _float
+        and tb.__class__ is _float
+        and sp.__class__ is _float
+        and gt.__class__ is _float
+        and pa.__class__ is _float
+        and pd.__class__ is _float
+        and seq.__class__ is _int_t
+        and col.__class__ is _str_t
+        and src.__class__ is _str_t
+        and -1.0 <= st <= 1.0
+        and -1.0 <= tb <= 1.0
+        and 0.0 <= sp <= 200.0
+        and 0.0 <= gt <= 1e12
+        and -_PI <= pa <= _PI
+        and 0.0 <= pd <= 1e7
+        and 0 <= seq < 2**63
+        and len(col) <= 256
+        and len(src) <= 32
+        and codec.__class__ is _str_t
+        and codec in _CODEC_NAMES
+        and h.__class__ is _int_t
+        and w.__class__ is _int_t
+        and i.__class__ is _int_t
+        and 0 < h <= 4096
+        and 0 < w <= 4096
+        and (c == 3 or c == 1)
+        and 0 <= i < len(blobs)
     ):
         return None
     if pv is not None:
         if pv.__class__ is not list or len(pv) != 2:
             return None
         p0, p1 = pv
-        if (
-            p0.__class__ not in _NUM
-            or p1.__class__ not in _NUM
-            or not (-1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0)
+        if not (
+            p0.__class__ is _float and p1.__class__ is _float and -1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0
         ):
             return None
-        pv = (float(p0), float(p1))
+        pv = (p0, p1)
     data = blobs[i]
     n = len(data)
     if n == 0 or (codec == "raw" and n != h * w * c):
@@ -296,20 +304,7 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         # one reduction: a NaN or an infinity anywhere makes the sum non-finite
         if rows and not math.isfinite(float(history.sum(dtype=np.float64))):
             return None
-    return Sample(
-        col,
-        seq,
-        float(gt),
-        Frame(codec, (h, w, c), data),
-        float(st),
-        float(tb),
-        float(sp),
-        (float(pa), float(pd)),
-        history,
-        [],
-        pv,
-        src,
-    )
+    return Sample(col, seq, gt, Frame(codec, (h, w, c), data), st, tb, sp, (pa, pd), history, [], pv, src)
 
 
 def _sample_in(b: dict, blobs: Sequence) -> Sample:
@@ -606,6 +601,11 @@ def decode(frames: Sequence, *, control: bool = False) -> Envelope:
     ``control`` decodes the broker's control-port messages, whose first frame is a verb, not a topic.
     """
     try:
+        if not control:
+            # the common message, checked inline (a function call per layer costs ~0.07 us here)
+            env = _decode_fast(frames)
+            if env is not None:
+                return env
         return _decode(frames, control)
     except ProtocolError:
         raise
@@ -616,6 +616,78 @@ def decode(frames: Sequence, *, control: bool = False) -> Envelope:
 _TOPIC_CACHE = 4096
 _TOPICS: dict[bytes, tuple[str, Any]] = {}
 """Known topic bytes -> (name, registry entry); bounded so a flood of made-up topics cannot grow it."""
+
+
+def _decode_fast(frames: Sequence) -> Envelope | None:
+    """A well-formed message on a known topic from zmq.Frames, or None: ``_decode`` then says why not.
+
+    Nothing is rejected here; anything unusual (an unseen topic, plain bytes, a bad envelope) goes the
+    precise way, so the two paths cannot disagree on what is valid, only on how fast they say so.
+    """
+    n = len(frames)
+    if n < 3:
+        return None
+    f0 = frames[0]
+    f1 = frames[1]
+    if f0.__class__ is not _ZFrame or f1.__class__ is not _ZFrame:
+        return None
+    known = _TOPICS.get(f0.bytes)
+    if known is None:
+        return None
+    topic, entry = known
+    header_b = f1.buffer
+    hn = len(header_b)
+    nbytes = len(f0.bytes) + hn
+    if n == 3:
+        f2 = frames[2]
+        if f2.__class__ is not _ZFrame:
+            return None
+        b2 = f2.buffer
+        nbytes += len(b2)
+        blobs = [b2]
+    else:
+        blobs = []
+        for f in frames[2:]:
+            if f.__class__ is not _ZFrame:
+                return None
+            b = f.buffer
+            nbytes += len(b)
+            blobs.append(b)
+    if entry is None or nbytes > entry.max_bytes or hn > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = _unpackb(header_b)
+        v = header["v"]
+        kind = header["kind"]
+        sender = header["sender"]
+        t = header["t"]
+        wall = header["wall"]
+        body = header["body"]
+    except Exception:  # noqa: BLE001 - the precise path names it
+        return None
+    if not (
+        v == SCHEMA_VERSION
+        and v.__class__ is int
+        and kind == entry.kind
+        and sender.__class__ is str
+        and len(sender) <= 256
+        and t.__class__ is float
+        and wall.__class__ is float
+        and body.__class__ is dict
+        and -1e15 < t < 1e15
+        and -1e15 < wall < 1e15
+    ):
+        return None
+    if kind == "sample":
+        msg = _sample_in_fast(body, blobs)
+        if msg is None:
+            return None
+    else:
+        codec = _CODECS.get(kind)
+        if codec is None:
+            return None
+        msg = codec[2](body, blobs)
+    return Envelope(topic, kind, sender, t, wall, msg, nbytes)
 
 
 def _decode(frames: Sequence, control: bool) -> Envelope:
@@ -665,24 +737,11 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
         raise ProtocolError("unknown_kind", f"kind {kind!r}")
     if entry is not None and entry.kind != kind:
         raise ProtocolError("kind_mismatch", f"topic {entry.family!r} carries {entry.kind}, got {kind}")
-    sender = header.get("sender")
-    t = header.get("t")
-    wall = header.get("wall")
-    body = header.get("body")
-    if not (
-        sender.__class__ is str
-        and len(sender) <= 256
-        and t.__class__ is float
-        and wall.__class__ is float
-        and body.__class__ is dict
-        and -1e15 < t < 1e15
-        and -1e15 < wall < 1e15
-    ):
-        sender, t, wall, body = (
-            _str(header, "sender"),
-            _num(header, "t"),
-            _num(header, "wall"),
-            _map(header, "body"),
-        )
+    sender, t, wall, body = (
+        _str(header, "sender"),
+        _num(header, "t"),
+        _num(header, "wall"),
+        _map(header, "body"),
+    )
     msg = codec[2](body, blobs)
     return Envelope(topic, kind, sender, t, wall, msg, nbytes)

@@ -7,6 +7,7 @@ import math
 import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from charles.proto import (
     decode,
     encode,
 )
+from charles.proto import codec as codec_module
 
 RNG = np.random.default_rng(0)
 # smooth, with a pure red block, so JPEG stays close and a swapped channel order would show
@@ -309,3 +311,80 @@ def test_fuzz_flipped_header_bytes_never_escape(which, pos, byte):
     h[pos % len(h)] = byte
     frames[1] = bytes(h)
     _decode_is_contained(frames)
+
+
+def _outcome(fn, frames):
+    """What a decode says: the reason it rejects, or the decoded message's fields."""
+    try:
+        env = fn(frames)
+    except ProtocolError as e:
+        return ("rejected", e.reason)
+    m = env.msg
+    if isinstance(m, Sample):
+        return (
+            env.topic,
+            env.kind,
+            env.sender,
+            env.t,
+            env.wall,
+            env.nbytes,
+            m.collector,
+            m.seq,
+            m.game_time,
+            m.frame.codec,
+            m.frame.shape,
+            bytes(m.frame.data),
+            m.steering,
+            m.throttle_brake,
+            m.speed,
+            m.purpose,
+            None if m.history is None else m.history.tobytes(),
+            len(m.stack),
+            m.previous,
+            m.source,
+        )
+    return (env.topic, env.kind, env.sender, env.nbytes, type(m).__name__)
+
+
+def _precise(frames):
+    """decode with both fast paths switched off: every field through the named checks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(codec_module, "_decode_fast", lambda frames: None)
+        mp.setattr(codec_module, "_sample_in_fast", lambda b, blobs: None)
+        return decode(frames)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.integers(0, 2),
+    path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
+    value=_values,
+    cut=st.integers(0, 3),
+)
+def test_fuzz_fast_paths_agree_with_the_precise_one(which, path, value, cut):
+    """Samples as a subscriber receives them (zmq.Frame, the fast path) decode exactly as the precise
+    path decodes them: the same fields, or a rejection for the same reason."""
+    frames = list(_GOOD[which])
+    header = msgpack.unpackb(frames[1])
+    frames[1] = msgpack.packb(_mutate(header, path, value))
+    if cut == 1 and len(frames) > 2:
+        frames = frames[:-1]
+    elif cut == 2 and len(frames) > 2:
+        frames[-1] = frames[-1][: len(frames[-1]) // 2]
+    decode([zmq.Frame(f) for f in _GOOD[which]])  # the topic is known: the fast path is taken
+    fast = _outcome(decode, [zmq.Frame(f) for f in frames])
+    assert fast == _outcome(_precise, [zmq.Frame(f) for f in frames])
+    assert fast == _outcome(decode, frames)  # plain bytes: the other way in
+
+
+def test_fast_path_is_taken_for_received_samples():
+    frames = [zmq.Frame(f) for f in _GOOD[1]]
+    decode(frames)
+    env = codec_module._decode_fast(frames)
+    assert env is not None and env.kind == "sample" and env.msg.seq == 7
+    # an integer where senders write floats is valid, but left to the precise path
+    header = msgpack.unpackb(_GOOD[1][1])
+    header["body"]["speed"] = 12
+    odd = [zmq.Frame(_GOOD[1][0]), zmq.Frame(msgpack.packb(header)), zmq.Frame(_GOOD[1][2])]
+    assert codec_module._decode_fast(odd) is None
+    assert decode(odd).msg.speed == 12.0 and isinstance(decode(odd).msg.speed, float)
