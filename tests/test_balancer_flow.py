@@ -24,7 +24,7 @@ def starved_stream(n: int, seed: int = 0) -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize("version", [1, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_memory_stays_bounded_when_a_bin_starves(version):
     cap = 8
     b = Balancer(BalancerConfig(version=version, cap_per_bin=cap, set_timeout_s=NEVER))
