@@ -161,7 +161,7 @@ def _blob(blobs: Sequence, index: Any) -> memoryview:
 
 
 def _frame_out(f: Frame, blobs: _Blobs) -> dict:
-    return {"codec": f.codec, "shape": list(f.shape), "blob": blobs.add(f.data)}
+    return {"codec": f.codec, "shape": list(f.shape), "dtype": "uint8", "blob": blobs.add(f.data)}
 
 
 def _frame_in(h: Any, blobs: Sequence) -> Frame:
@@ -265,8 +265,10 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         and i.__class__ is _int_t
         and 0 < h <= 4096
         and 0 < w <= 4096
+        and c.__class__ is _int_t
         and (c == 3 or c == 1)
         and 0 <= i < len(blobs)
+        and f.get("dtype", "uint8") == "uint8"
     ):
         return None
     if pv is not None:

@@ -66,14 +66,14 @@ class Frame:
         flag = cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR
         img = cv2.imdecode(np.frombuffer(self.data, dtype=np.uint8), flag)
         if img is None:
-            raise FrameError("undecodable", f"{self.codec} frame of {len(self.data)} bytes does not decode")
+            raise FrameError("size_mismatch", f"{self.codec} frame of {len(self.data)} bytes does not decode")
         if c == 1:
             img = img[:, :, None]
         else:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if img.shape != (h, w, c):
             raise FrameError(
-                "shape_mismatch", f"header says {self.shape}, {self.codec} data decodes to {img.shape}"
+                "size_mismatch", f"header says {self.shape}, {self.codec} data decodes to {img.shape}"
             )
         return img
 
@@ -82,14 +82,16 @@ class Frame:
         return len(self.data)
 
     def header(self) -> dict:
-        return {"codec": self.codec, "shape": list(self.shape)}
+        return {"codec": self.codec, "shape": list(self.shape), "dtype": "uint8"}
 
     @staticmethod
     def check_header(h: object) -> tuple[str, tuple[int, int, int]]:
         """Validate a frame's header dict; returns (codec, shape) or raises FrameError."""
         if not isinstance(h, dict):
-            raise FrameError("bad_type", "a frame header is a map with codec and shape")
+            raise FrameError("bad_field", "a frame header is a map with codec, shape and blob")
         codec, shape = h.get("codec"), h.get("shape")
+        if h.get("dtype", "uint8") != "uint8":
+            raise FrameError("bad_field", f"frame dtype must be uint8, got {h.get('dtype')!r}")
         if codec not in CODECS:
             raise FrameError("bad_codec", f"unknown frame codec {codec!r}; use one of {CODECS}")
         if (

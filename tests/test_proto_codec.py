@@ -28,6 +28,7 @@ from charles.proto import (
     encode,
 )
 from charles.proto import codec as codec_module
+from charles.proto.frames import FrameError
 
 RNG = np.random.default_rng(0)
 # smooth, with a pure red block, so JPEG stays close and a swapped channel order would show
@@ -194,6 +195,13 @@ def reason(frames) -> str:
         (lambda: frames_of({"frame": {"codec": "raw", "shape": [0, 48, 3], "blob": 0}}), "bad_shape"),
         (lambda: frames_of({"frame": {"codec": "webp", "shape": [27, 48, 3], "blob": 0}}), "bad_codec"),
         (lambda: frames_of({"frame": {"codec": "raw", "shape": [28, 48, 3], "blob": 0}}), "size_mismatch"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [27, 48, 3.0], "blob": 0}}), "bad_shape"),
+        (lambda: frames_of({"frame": {"codec": "raw", "shape": [27, 48, True], "blob": 0}}), "bad_shape"),
+        (
+            lambda: frames_of({"frame": {"codec": "raw", "shape": [27, 48, 3], "dtype": "f4", "blob": 0}}),
+            "bad_field",
+        ),
+        (lambda: frames_of({"frame": 5}), "bad_field"),
         (lambda: frames_of({"history": {"shape": [60, 4], "dtype": "float32", "blob": 1}}), "bad_shape"),
         (lambda: frames_of({"history": {"shape": [61, 5], "dtype": "float32", "blob": 1}}), "size_mismatch"),
     ],
@@ -202,6 +210,27 @@ def test_each_bad_input_has_its_named_reason(frames, expected):
     frames = frames() if callable(frames) else frames
     assert reason(frames) == expected
     assert expected in REASONS
+
+
+def test_pixel_decode_errors_use_the_contracts_reasons():
+    """A frame whose bytes pass the codec but not the pixel decode fails with a reason from REASONS."""
+    bad = [
+        Frame("jpeg", (27, 48, 3), b"\xff\xd8 not a jpeg"),
+        Frame("png", (30, 48, 3), Frame.encode(IMG, "png").data),  # decodes, to another shape
+        Frame("raw", (27, 48, 3), b"\x00" * 10),
+    ]
+    for f in bad:
+        with pytest.raises(FrameError) as e:
+            f.decode()
+        assert e.value.reason == "size_mismatch"
+    for h in (
+        5,
+        {"codec": "raw", "shape": [1, 1, 3], "dtype": "float32"},
+        {"codec": "gif", "shape": [1, 1, 3]},
+    ):
+        with pytest.raises(FrameError) as e:
+            Frame.check_header(h)
+        assert e.value.reason in REASONS
 
 
 def test_nan_in_history_is_rejected():
@@ -240,19 +269,21 @@ _values = st.recursive(
 )
 
 
-def _mutate(obj, path_choices, value):
-    """Replace one nested field (chosen by the path indices) with an arbitrary value."""
+def _mutate(obj, path_choices, value, whole=False):
+    """Replace one nested field (chosen by the path indices) with an arbitrary value; ``whole`` replaces
+    the map or list the path ends on instead of descending to a leaf."""
     cur = obj
-    for choice in path_choices:
+    for depth, choice in enumerate(path_choices):
+        last = whole and depth == len(path_choices) - 1
         if isinstance(cur, dict) and cur:
             key = sorted(cur, key=str)[choice % len(cur)]
-            if not isinstance(cur[key], dict | list) or not cur[key]:
+            if last or not isinstance(cur[key], dict | list) or not cur[key]:
                 cur[key] = value
                 return obj
             cur = cur[key]
         elif isinstance(cur, list) and cur:
             i = choice % len(cur)
-            if not isinstance(cur[i], dict | list) or not cur[i]:
+            if last or not isinstance(cur[i], dict | list) or not cur[i]:
                 cur[i] = value
                 return obj
             cur = cur[i]
@@ -291,11 +322,12 @@ def test_fuzz_random_frames_never_escape(frames):
     path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
     value=_values,
     cut=st.integers(0, 3),
+    whole=st.booleans(),
 )
-def test_fuzz_mutated_headers_never_escape(which, path, value, cut):
+def test_fuzz_mutated_headers_never_escape(which, path, value, cut, whole):
     frames = list(_GOOD[which])
     header = msgpack.unpackb(frames[1])
-    frames[1] = msgpack.packb(_mutate(header, path, value))
+    frames[1] = msgpack.packb(_mutate(header, path, value, whole))
     if cut == 1 and len(frames) > 2:
         frames = frames[:-1]  # a missing blob
     elif cut == 2 and len(frames) > 2:
@@ -360,13 +392,14 @@ def _precise(frames):
     path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
     value=_values,
     cut=st.integers(0, 3),
+    whole=st.booleans(),
 )
-def test_fuzz_fast_paths_agree_with_the_precise_one(which, path, value, cut):
+def test_fuzz_fast_paths_agree_with_the_precise_one(which, path, value, cut, whole):
     """Samples as a subscriber receives them (zmq.Frame, the fast path) decode exactly as the precise
     path decodes them: the same fields, or a rejection for the same reason."""
     frames = list(_GOOD[which])
     header = msgpack.unpackb(frames[1])
-    frames[1] = msgpack.packb(_mutate(header, path, value))
+    frames[1] = msgpack.packb(_mutate(header, path, value, whole))
     if cut == 1 and len(frames) > 2:
         frames = frames[:-1]
     elif cut == 2 and len(frames) > 2:

@@ -258,7 +258,7 @@ class RemoteSource:
             return None
         if frame.shape[2] != 3:
             self.svc.reject(
-                "channels",
+                "bad_shape",
                 f"game frame {gf.source}#{gf.seq} has {frame.shape[2]} channel(s); the model takes RGB",
             )
             return None

@@ -144,7 +144,7 @@ def decode_into(frame: Frame, out: np.ndarray, fast_downscale: bool = True) -> N
     oh, ow, oc = out.shape
     h, w, c = frame.shape
     if c != oc:
-        raise FrameError("channels", f"frame has {c} channels, the model takes {oc}")
+        raise FrameError("bad_shape", f"frame has {c} channels, the model takes {oc}")
     if frame.codec == "raw":
         img = frame.decode()  # checks the size; a view, no copy
     else:
@@ -157,10 +157,10 @@ def decode_into(frame: Frame, out: np.ndarray, fast_downscale: bool = True) -> N
             flags = _REDUCED[r] if r > 1 else cv2.IMREAD_COLOR
         img = cv2.imdecode(np.frombuffer(frame.data, dtype=np.uint8), flags)
         if img is None:
-            raise FrameError("undecodable", f"{frame.codec} frame of {frame.nbytes} bytes does not decode")
+            raise FrameError("size_mismatch", f"{frame.codec} frame of {frame.nbytes} bytes does not decode")
         if img.shape[:2] != (math.ceil(h / r), math.ceil(w / r)):
             raise FrameError(
-                "shape_mismatch", f"header says {frame.shape}, data decodes to {img.shape} at 1/{r}"
+                "size_mismatch", f"header says {frame.shape}, data decodes to {img.shape} at 1/{r}"
             )
         if c == 3 and _RGB is None:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -311,7 +311,7 @@ class BatchAssembler:
             for i in range(lo, hi):
                 try:
                     decode_into(frames[i], arr[i], fast)
-                except (FrameError, cv2.error) as e:
+                except Exception as e:  # noqa: BLE001 - one bad frame must not end the batch thread
                     log.debug("frame %d does not decode: %s", i, e)
                     arr[i] = 0
                     failed.append(i)
