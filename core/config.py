@@ -67,7 +67,16 @@ class BrokerConfig:
     secure: bool = knob(False, "Also open the CURVE endpoints for remote agents")
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
     count_topics: bool = knob(True, "Count messages and bytes per topic family (a capture socket; cheap)")
-    snapshot_hwm: int = knob(64, "Last-value cache: at most this many topics kept", min=1)
+    snapshot_hwm: int = knob(
+        64,
+        "Last-value cache: at most this many topics kept per topic family (weights, config, console)",
+        min=1,
+    )
+    snapshot_max_bytes: int = knob(
+        2_000_000_000,
+        "Last-value cache: at most this many bytes kept in all (the least recently updated topic goes first)",
+        min=1,
+    )
     hwm: int = knob(
         1000,
         "Messages queued per peer inside the broker before it drops (0: unbounded; benchmarks only)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +17,19 @@ import numpy as np
 import pytest
 import zmq
 
-from charles.proto import Action, Console, Frame, GameFrame, Heartbeat, Sample, SampleSet, Weights, encode
+from charles.broker.broker import LastValues
+from charles.proto import (
+    Action,
+    Console,
+    Frame,
+    GameFrame,
+    Heartbeat,
+    Sample,
+    SampleSet,
+    Weights,
+    encode,
+)
+from charles.proto.codec import kind_of
 
 from tests_support import counter_value, wait_for
 
@@ -71,8 +85,87 @@ def test_every_message_kind_crosses_the_broker(client_factory):
         if env is not None:
             seen[env.topic] = env
     assert set(seen) == set(msgs)
-    assert seen["set.steering"].msg.samples[1].seq == 2
-    assert bytes(seen["weights.m"].msg.payload) == b"\x01" * 5000
+    for topic, msg in msgs.items():
+        got = seen[topic]
+        assert got.kind == kind_of(msg) and got.sender.startswith("sender")
+        assert _plain(got.msg) == _plain(msg), topic  # every field, frames and arrays byte for byte
+
+
+def _plain(obj):
+    """A message as plain data: dataclass fields, frames and arrays as bytes, tuples as lists."""
+    if isinstance(obj, Frame):
+        return ["frame", obj.codec, list(obj.shape), bytes(obj.data)]
+    if isinstance(obj, Weights):
+        d = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "sha256"}
+        return {**d, "sha256": obj.sha256 or hashlib.sha256(obj.payload).hexdigest()}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, np.ndarray):
+        return ["array", str(obj.dtype), list(obj.shape), obj.tobytes()]
+    if isinstance(obj, memoryview | bytearray):
+        return bytes(obj)
+    if isinstance(obj, list | tuple):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def test_a_late_joiner_gets_the_run_configuration(broker, client_factory):
+    b, _ = broker
+    sub = client_factory("late").subscriber(["config"])
+    env = sub.recv(2000)
+    assert env is not None and env.kind == "config"
+    assert env.msg.config == b.served_config and env.msg.config["bus"]["host"] == "127.0.0.1"
+
+
+def test_last_values_are_bounded_per_family_and_in_bytes():
+    evicted = []
+    lv = LastValues(max_topics=3, max_bytes=1000, on_evict=lambda f, c: evicted.append((f, c)))
+    lv.put("weights.model_a", [b"w", b"h", b"x" * 300])
+    lv.put("config", [b"c", b"h"])
+    for i in range(10):  # a flood of console topics evicts only console topics
+        lv.put(f"console.player-{i}", [b"c", b"h", b"x" * 10])
+    assert "weights.model_a" in lv.items and "config" in lv.items
+    assert [t for t in lv.items if t.startswith("console.")] == [f"console.player-{i}" for i in (7, 8, 9)]
+    assert evicted == [("console", "topics")] * 7 and lv.evicted["console", "topics"] == 7
+    lv.put("weights.model_b", [b"w", b"h", b"y" * 700])  # over 1000 bytes: the least recent goes
+    assert "weights.model_a" not in lv.items and "weights.model_b" in lv.items
+    assert lv.nbytes == sum(len(f) for frames in lv.items.values() for f in frames) <= 1000
+    assert evicted[-1] == ("weights", "bytes")
+    lv.put("weights.model_b", [b"w", b"h", b"z" * 5000])  # alone over the cap: still the newest is kept
+    assert list(lv.items) == ["weights.model_b"]
+
+
+def test_console_flood_never_evicts_the_weights(broker, client_factory):
+    b, _ = broker
+    pub = client_factory("trainer").publisher()
+    wait_for(
+        lambda: (
+            pub.send("weights.model_c", Weights("model_c", "r", 1, {}, b"w"))
+            and "weights.model_c" in b.lvc.items
+        ),
+        5,
+        "weights not cached",
+    )
+    n = b.cfg.snapshot_hwm + 20
+    for i in range(n):
+        pub.send(f"console.p{i}", Console("player", {"i": i}))
+    reg = b.svc.metrics.registry
+    wait_for(
+        lambda: (
+            counter_value(
+                reg, "charles_broker_last_value_evictions_total", {"family": "console", "cause": "topics"}
+            )
+            >= 20
+        ),
+        5,
+        "console evictions not counted",
+    )
+    assert "weights.model_c" in b.lvc.items and "config" in b.lvc.items
+    sub = client_factory("player").subscriber(["weights.model_c"])
+    env = sub.recv(2000)
+    assert env is not None and env.msg.model == "model_c"
 
 
 def test_late_subscriber_gets_the_newest_weights_at_once(broker, client_factory):

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +44,48 @@ _AUTH_EVENTS = {
 
 
 class LastValues:
-    """Newest validated message per topic, bounded (least recently updated topic evicted, counted)."""
+    """Newest validated message per topic, bounded in topics per family and in bytes overall.
 
-    def __init__(self, max_topics: int):
+    A family's topics evict only each other (``max_topics`` per family, least recently updated first), so
+    a flood of console topics can never push out the newest weights or the config. Over ``max_bytes`` the
+    least recently updated topic of any family goes, never the one just stored. Every eviction is
+    counted by family and cause (``topics`` or ``bytes``) and reported to ``on_evict``.
+    """
+
+    def __init__(
+        self, max_topics: int, max_bytes: int, on_evict: Callable[[str, str], None] | None = None
+    ) -> None:
         self.max_topics = max_topics
+        self.max_bytes = max_bytes
         self.items: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
-        self.evicted = 0
+        """topic -> frames, least recently updated first"""
+        self.nbytes = 0
+        self.per_family: collections.Counter[str] = collections.Counter()
+        self.evicted: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._on_evict = on_evict
+        self._family = registry().family
 
     def put(self, topic: str, frames: list[bytes]) -> None:
-        self.items.pop(topic, None)
+        family = self._family(topic)
+        old = self.items.pop(topic, None)
+        if old is not None:
+            self.nbytes -= sum(len(f) for f in old)
+            self.per_family[family] -= 1
         self.items[topic] = frames
-        while len(self.items) > self.max_topics:
-            self.items.popitem(last=False)
-            self.evicted += 1
+        self.nbytes += sum(len(f) for f in frames)
+        self.per_family[family] += 1
+        if self.per_family[family] > self.max_topics:
+            self._evict(next(t for t in self.items if self._family(t) == family), "topics")
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            self._evict(next(iter(self.items)), "bytes")
+
+    def _evict(self, topic: str, cause: str) -> None:
+        family = self._family(topic)
+        self.nbytes -= sum(len(f) for f in self.items.pop(topic))
+        self.per_family[family] -= 1
+        self.evicted[family, cause] += 1
+        if self._on_evict is not None:
+            self._on_evict(family, cause)
 
     def matching(self, prefix: str) -> list[list[bytes]]:
         return [f for t, f in self.items.items() if t.startswith(prefix)]
@@ -67,10 +97,23 @@ class Broker:
         self.cfg = svc.cfg.broker
         self.reg = registry()
         self.served_config = served_config
-        self.lvc = LastValues(self.cfg.snapshot_hwm)
         r = svc.metrics.registry
         self.m_lvc = prom.Gauge(
             "charles_broker_last_value_topics", "Topics held in the last-value cache", registry=r
+        )
+        self.m_lvc_bytes = prom.Gauge(
+            "charles_broker_last_value_bytes", "Bytes held in the last-value cache", registry=r
+        )
+        self.m_lvc_evicted = prom.Counter(
+            "charles_broker_last_value_evictions_total",
+            "Topics dropped from the last-value cache, by family and cause (topics: the family's cap; bytes)",
+            ["family", "cause"],
+            registry=r,
+        )
+        self.lvc = LastValues(
+            self.cfg.snapshot_hwm,
+            self.cfg.snapshot_max_bytes,
+            lambda family, cause: self.m_lvc_evicted.labels(family=family, cause=cause).inc(),
         )
         self.m_auth = prom.Counter(
             "charles_broker_auth_failures_total", "Refused CURVE handshakes by event", ["event"], registry=r
@@ -143,10 +186,9 @@ class Broker:
             self.cap_sub.connect(_INPROC_CAPTURE)
 
         cfg_frames = encode("config", ConfigReply(self.served_config), self.svc.instance)
-        # kept apart from the cache too, which evicts its oldest topic once snapshot_hwm others are newer
+        # kept apart from the cache too (the config request is answered from here, whatever the cache holds)
         self.config_frames = [bytes(f) for f in cfg_frames]
-        self.lvc.put("config", self.config_frames)
-        self.m_lvc.set(len(self.lvc.items))
+        self._cache("config", self.config_frames)
         del ctx
         self.bound.set()
         self.svc.log.info(
@@ -229,8 +271,12 @@ class Broker:
             # not cached: a late joiner must never be handed a message that fails validation
             self.svc.reject(e.reason, f"not caching a bad last value: {e}")
             return
-        self.lvc.put(env.topic, [bytes(f.buffer) for f in frames])
+        self._cache(env.topic, [bytes(f.buffer) for f in frames])
+
+    def _cache(self, topic: str, frames: list[bytes]) -> None:
+        self.lvc.put(topic, frames)
         self.m_lvc.set(len(self.lvc.items))
+        self.m_lvc_bytes.set(self.lvc.nbytes)
 
     def _on_capture(self, frames: list) -> None:
         first = frames[0].bytes
