@@ -371,7 +371,9 @@ def test_listed_player_metrics_are_what_the_player_exposes():
 # ---------------------------------------------------------------------------------------------- process
 
 
-def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broker, trainer):
+def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broker, trainer, tmp_path):
+    """The player process takes the run's configuration from the broker: its own file names another model
+    line, yet it drives the broker's (tiny), on the trainer's weights."""
     from conftest import free_ports
 
     _, data = broker
@@ -383,7 +385,19 @@ def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broke
         "CHARLES__SERVICE__HTTP_PORT": str(http_port),
         "CHARLES__PLAYER__THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "charles.player", "--preset", "tiny", "--seed", "3", "--id", "player-smoke"]
+    own = tmp_path / "player.yaml"
+    own.write_text("model:\n  preset: model_0012_regnet\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "charles.player",
+        "--config",
+        str(own),
+        "--seed",
+        "3",
+        "--id",
+        "player-smoke",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"
 

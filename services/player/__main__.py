@@ -31,13 +31,29 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"player.seed={args.seed}")
     try:
         cfg = config_mod.load(args.config, overrides=overrides)
-        model_cfg = cfg.model.resolve()
+        cfg.model.resolve()
     except ValueError as e:  # ConfigError and the player section's own checks
         print(f"charles player: configuration error: {e}", file=sys.stderr)
         return 2
     instance = args.id or f"player-{socket.gethostname()}"
 
     def body(svc: Service) -> None:
+        from charles.collector.service import acquire_config, run_config
+
+        # the run's configuration from the broker, as collectors take it: the model line the trainer
+        # trains is the one this player drives; --preset, --seed, --set and CHARLES__* still win
+        served = acquire_config(svc, "player")
+        if served is None:
+            return  # stopped while waiting
+        try:
+            run = run_config(cfg, served, overrides)
+            model_cfg = run.model.resolve()
+        except ValueError as e:
+            svc.log.error(f"the run configuration does not fit this player: {e}")
+            raise SystemExit(2) from None
+        svc.cfg = run
+        svc.log.info(f"run configuration from the broker: model {run.model.preset}")
+
         from charles.player.service import PlayerService  # torch and timm: after the config is known good
 
         service = PlayerService(svc, model_cfg)
