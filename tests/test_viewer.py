@@ -388,6 +388,18 @@ def test_page_in_a_browser_shows_placeholders_then_every_tile_live(client_factor
         classes = re.search(rf'<section class="([^"]*)" id="tile-{tile}"', dom)
         assert classes and "live" in classes.group(1).split(), f"tile {tile} is still waiting"
     assert "model_0004_inceptionresnetv2_v3" in dom and "training" in dom and "player-1" in dom
+    # the cinematic tile's corner: the model's name and its creation time (local, as viewer.js prints it)
+    cinematic = dom.split('id="tile-cinematic"', 1)[1].split("</section>", 1)[0]
+    badge = re.search(
+        r'class="caption bottom-right" id="model-badge">'
+        r'<div class="model-name">([^<]*)</div><div class="model-meta">([^<]*)<',
+        cinematic,
+    )
+    assert badge, f"no model badge in the cinematic tile: {cinematic}"
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(ALL["player-1"].state["model_created"]))
+    assert badge.group(1) == "model_0004_inceptionresnetv2_v3"
+    # published 600 s before: "10m 3s ago", or hours in a long test session
+    assert re.search(rf"created {created} \(\d+[mh] \d+[sm] ago\)", badge.group(2)), badge.group(2)
 
     for tile in TILES:  # content, not a flat colour, and not the placeholder it was
         std = float(_region(img, tile).std())
