@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),
     "balance-plot": ("charles.balancer.plot", "histograms of the raw and balanced streams as PNG"),
     "models": ("charles.trainer.models_list", "list model lines, versions, batches and periods"),
+    "model": ("charles.model.__main__", "the presets: show one, list every model field, measure them here"),
+    "validate": ("charles.validate", "check compose, k8s and Prometheus files against the topic registry"),
+    "sim-agent": ("charles.sim.agent", "the sim as a remote game: frames out, gamepad actions in"),
+    "capture-agent": ("charles.agents.capture", "(Windows) capture a game window and its telemetry"),
+    "gamepad-agent": ("charles.agents.gamepad", "(Windows) apply the player's actions to a virtual gamepad"),
 }
 
 
