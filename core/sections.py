@@ -21,12 +21,26 @@ class ModelSection:
 
     preset: str = knob("tiny", "Model line preset (charles models lists them); tiny is the CPU demo line")
     overrides: dict = knob({}, "ModelConfig fields to change, e.g. {width: 320, height: 180, history: mlp}")
+    # Where a *new* run's weights come from (the trainer reads these; a resumed run continues its checkpoint).
+    pretrained_file: str = knob(
+        "",
+        "Local timm ImageNet .safetensors file for a new run's backbone(s); lines with pretrained: true "
+        "(model_0005) need one. Nothing is ever downloaded",
+    )
+    transfer: dict = knob(
+        {},
+        "Parts a new run starts from our runs: part -> weights .safetensors or checkpoint folder, e.g. "
+        "{backbones: runs/a/batch_000752000, history.lstm: runs/b/batch_000250000} (model_0009 needs both)",
+    )
 
     def __post_init__(self) -> None:
         from charles.model.presets import list_presets
 
         if self.preset not in list_presets():
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {list_presets()}")
+        for part, path in self.transfer.items():
+            if not (isinstance(part, str) and part and isinstance(path, str) and path):
+                raise ConfigError(f"model.transfer: maps a part name to a file path, got {part!r}: {path!r}")
 
     def resolve(self) -> Any:
         """The full ModelConfig (charles.model.config) of this run."""

@@ -60,7 +60,7 @@ class ModelConfig:
         False, "One backbone (with its own dense trunk) per output: the seed's 'tcb' lines."
     )
     pretrained: bool = _f(
-        False, "Start the backbone from ImageNet weights (a local file given to build_model).", identity=False
+        False, "Start the backbone from ImageNet weights (the run's model.pretrained_file).", identity=False
     )
     width: int = _f(480, "Input frame width in pixels; frames of another size are resized on the device.")
     height: int = _f(270, "Input frame height in pixels.")
@@ -114,7 +114,7 @@ class ModelConfig:
     )
     transfer: tuple[str, ...] = _f(
         (),
-        "Parts this line starts from other checkpoints; the trainer asks for a file per part.",
+        "Parts this line starts from other runs' weights; the run names a file per part (model.transfer).",
         identity=False,
     )
     convcam_layer: str = _f(

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         service.run()
     except KeyboardInterrupt:
         pass
-    except CheckpointError as e:  # a run that cannot resume: say why, no traceback
+    except (CheckpointError, config_mod.ConfigError) as e:  # cannot resume, or start: say why, no traceback
         svc.log.error(f"cannot train {run.name}: {e}")
         return 2
     except Exception:

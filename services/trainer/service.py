@@ -42,6 +42,7 @@ from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import Buffers, buffer_names
 from charles.trainer.checkpoint import CheckpointError, clean_temp, code_version, load_latest, prune
 from charles.trainer.console import LossHistory, TerminalConsole, heartbeat_info
+from charles.trainer.initial import fresh_start
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import open_buffers
 from charles.trainer.training import Distributed, StepResult, Trainer, resolve_device
@@ -323,6 +324,12 @@ class TrainerService:
                 "put a good checkpoint back, or train a new version (--new-version)",
             )
         if loaded is None:
+            # a new run: its configured files, if any (a resumed one continues its checkpoint instead)
+            started = fresh_start(
+                self.trainer.module, self.mcfg, self.cfg.model.pretrained_file, self.cfg.model.transfer
+            )
+            if self.main:
+                self.log.info(f"{self.run_dir.name} is a new run: {started}")
             return
         self.trainer.restore(loaded)
         self.resumed_from = loaded.path

@@ -189,7 +189,9 @@ class Trainer:
         self._deltas = any(o.kind is OutputKind.DELTA for o in model_cfg.outputs)
         cuda = self.device.type == "cuda"
         channels_last = {"auto": cuda, "on": True, "off": False}[cfg.channels_last]
-        net = model if model is not None else build_model(model_cfg)
+        # Random init: a fresh run's files (ImageNet, transferred parts) are loaded by the service once it
+        # knows there is no checkpoint to resume (charles.trainer.initial), so none is needed to build it.
+        net = model if model is not None else build_model(model_cfg.replace(pretrained=False))
         self.module: nn.Module = optimize_for_device(
             net, self.device, channels_last=channels_last, compile=False
         )
