@@ -25,12 +25,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 
 # ---------------------------------------------------------------------------------------------- deps
-# Dependencies before code, so editing a .py file does not reinstall torch. The pins come from
-# pyproject.toml (one place): torch and torchvision go to torch.txt (their index differs per image), the
-# rest to requirements.txt.
+# Dependencies before code, so editing a .py file does not reinstall torch. What to install comes from
+# pyproject.toml: torch and torchvision go to torch.txt (their index differs per image), the rest to
+# requirements.txt. Which exact versions comes from constraints.txt (`-c`), so a rebuild gets the same
+# packages as the last one.
 FROM base AS deps
 RUN python -m venv /opt/venv
-COPY pyproject.toml /src/pyproject.toml
+COPY pyproject.toml constraints.txt /src/
 RUN python - <<'PY'
 import tomllib
 deps = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]
@@ -41,10 +42,11 @@ open("/src/requirements.txt", "w").write("\n".join(d for d in deps if d not in t
 PY
 
 # CPU: torch's CPU wheels from the PyTorch CPU index (~200 MB) instead of PyPI's CUDA build (~3 GB of
-# CUDA libraries nobody on this image would use). "torch==X" matches the index's "X+cpu".
+# CUDA libraries nobody on this image would use). "torch==X" matches the index's "X+cpu". Only those two
+# come from there (--no-deps): everything else, torch's own dependencies included, is PyPI's pinned version.
 FROM deps AS deps-cpu
-RUN pip install --index-url https://download.pytorch.org/whl/cpu -r /src/torch.txt \
- && pip install -r /src/requirements.txt
+RUN pip install --no-deps --index-url https://download.pytorch.org/whl/cpu -r /src/torch.txt \
+ && pip install -c /src/constraints.txt -r /src/torch.txt -r /src/requirements.txt
 
 # GPU: PyPI's torch wheel, CUDA included. torch 2.14.1 from PyPI is built for CUDA 13.0, which needs an
 # NVIDIA driver of the 580 series or newer on the host. For an older driver, take the wheels of an older
@@ -52,8 +54,10 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu -r /src/torch.t
 #   docker build --target gpu --build-arg GPU_TORCH_INDEX=https://download.pytorch.org/whl/cu126 -t charles:gpu .
 FROM deps AS deps-gpu
 ARG GPU_TORCH_INDEX=
-RUN pip install ${GPU_TORCH_INDEX:+--index-url "$GPU_TORCH_INDEX"} -r /src/torch.txt \
- && pip install -r /src/requirements.txt
+# As on the CPU image, only torch and torchvision come from that index; their dependencies come from PyPI
+# (the CUDA wheels of another CUDA are other packages than constraints.txt pins, and resolve unpinned).
+RUN pip install --no-deps ${GPU_TORCH_INDEX:+--index-url "$GPU_TORCH_INDEX"} -r /src/torch.txt \
+ && pip install -c /src/constraints.txt -r /src/torch.txt -r /src/requirements.txt
 
 # ---------------------------------------------------------------------------------------------- code
 # Charles itself, without dependencies (they are in the layer above). .dockerignore keeps .venv, runs/,

@@ -6,9 +6,13 @@ dev extra), so there every check runs; on a laptop without them the checks skip 
 
 from __future__ import annotations
 
+import re
 import shutil
+import tomllib
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from charles import validate
 from charles.topology import ROOT
@@ -75,3 +79,51 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
     )
     results = _run("k8s", tmp_path)
     assert any(r.status == "fail" and r.name.startswith("kubernetes-validate") for r in results), results
+
+
+# ---------------------------------------------------------------------------------------------- pins
+
+
+def _pins() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version.strip(), f"constraints.txt: {line!r} is not an exact pin (name==version)"
+        assert canonicalize_name(name) not in pins, f"constraints.txt pins {name} twice"
+        pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_every_dependency_has_an_exact_pin_inside_its_range():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # the agents extra is the Windows game PC's, installed there by hand; no image or CI installs it
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    pins = _pins()
+    problems = []
+    for spec in wanted:
+        req = Requirement(spec)
+        pin = pins.get(canonicalize_name(req.name))
+        if pin is None:
+            problems.append(f"{req.name}: no pin in constraints.txt")
+        elif not req.specifier.contains(pin, prereleases=True):
+            problems.append(f"{req.name}=={pin} is outside pyproject's {req.specifier}")
+    assert not problems, "\n".join(problems)
+
+
+def test_images_and_make_install_use_the_pins():
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(r"^COPY .*\bconstraints\.txt\b.* /src/$", dockerfile, re.M), "constraints.txt not copied"
+    installs = re.findall(r"pip install ([^&\n]*)", dockerfile)
+    assert installs
+    # an install that resolves dependencies takes the pins; a --no-deps one installs only exact pins
+    # (torch.txt, from pyproject's ==) or Charles itself
+    for args in installs:
+        if "--no-deps" in args:
+            assert args.split()[-1] in ("/src/torch.txt", "/src/charles"), args
+        else:
+            assert "-c /src/constraints.txt" in args, f"pip install without the pins: {args}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"pip install .*-c constraints\.txt .*-e '\.\[dev\]'", makefile)
