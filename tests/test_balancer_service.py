@@ -1,7 +1,8 @@
 """The balancer service on real loopback sockets: collector -> broker -> balancer -> a trainer-like subscriber.
 
 Each test runs :class:`BalancerService` in a thread of this process (``svc.stop`` is exactly what SIGTERM
-calls); the subprocess test runs the real entry point.
+calls); the subprocess test runs the real entry point. Most tests feed it from a plain publisher, so the
+stream is exact; one runs a real collector service (sim source) in front of it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from charles.balancer.balancer import Balancer
 from charles.balancer.config import BalancerConfig
 from charles.balancer.service import BalancerService, SeqGaps, set_topic
+from charles.outputs import BinIndex, parse_bins
 from charles.proto import Frame, Sample, SampleSet, encode
 
 from tests_support import counter_value, wait_for
@@ -35,6 +37,12 @@ STEER = (-0.6, 0.0, 0.6)
 TB = (-0.5, 0.0, 0.7)
 BINS = {"steering": [[-1.0, -0.2], [-0.2, 0.2], [0.2, 1.0]], "throttle_brake": [[-1.0, 0.0], 0.0, [0.0, 1.0]]}
 V3 = {"version": 3, "bins": BINS, "cap_per_bin": 8, "set_timeout_s": 60.0, "picture_s": 0}
+# Bins an NPC in the small town fills within a second or two of driving: it mostly steers a little left,
+# and its pedal is never exactly 0.
+SIM_BINS = {
+    "steering": [[-1.0, -0.02], [-0.02, 0.02], [0.02, 1.0]],
+    "throttle_brake": [[-1.0, 0.0], [0.0, 0.5], [0.5, 1.0]],
+}
 
 
 def sample(collector: str, seq: int, steering: float, tb: float, frame: Frame = FRAME) -> Sample:
@@ -131,6 +139,43 @@ def test_v3_sets_arrive_with_exactly_the_promised_composition(bus):
         assert values == sorted(STEER if s.outputs == ["steering"] else TB), "one sample per bin"
     assert sets.recv(300) is None, "nothing more than the logic emitted"
     assert service.sets_sent == len(expected)
+
+
+def test_a_real_collectors_samples_leave_in_sets_of_one_per_bin_with_every_label(bus, broker):
+    from charles import config
+    from charles.collector.service import serve
+    from charles.runtime import Service
+
+    service, _, sets = bus(bins=SIM_BINS)
+    _, data = broker
+    local = config.load(data=data, environ={})
+    collector = Service("collector", local, "collector-e2e", http=False, signals=False)
+    small_town = ["sim.blocks=3", "sim.traffic=1"]  # builds in a fraction of a second
+    t = threading.Thread(target=serve, args=(collector, local, small_town, 7, {}), daemon=True)
+    t.start()
+    got: dict[str, list[SampleSet]] = {"set.steering": [], "set.throttle_brake": []}
+    deadline = time.monotonic() + 15
+    try:
+        while any(len(v) < 3 for v in got.values()) and time.monotonic() < deadline:
+            env = sets.recv(100)
+            if env is not None and env.topic in got:
+                got[env.topic].append(env.msg)
+    finally:
+        collector.stop()
+        t.join(5)
+        collector.close()
+    assert all(len(v) >= 3 for v in got.values()), {k: len(v) for k, v in got.items()}
+    for topic, received in got.items():
+        output = topic.removeprefix("set.")
+        bins = BinIndex(parse_bins(SIM_BINS[output]))
+        for s in received:
+            assert s.version == 3 and s.outputs == [output]
+            assert s.labels_kept == ["steering", "throttle_brake"], "v3 keeps every label"
+            assert sorted(bins.index(getattr(x, output)) for x in s.samples) == [0, 1, 2], "one per bin"
+            assert all(x.collector == "collector-e2e" for x in s.samples), "straight from the collector"
+            assert all(-1.0 <= x.steering <= 1.0 and -1.0 <= x.throttle_brake <= 1.0 for x in s.samples)
+            assert all(x.frame.shape == (90, 160, 3) for x in s.samples), "the served model's frames"
+    assert service.balancer.rejected["no_bin"] == 0
 
 
 def test_sequence_gaps_are_counted_and_odd_frames_still_accepted(bus):
