@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from charles.balancer.balancer import Balancer
+from charles.balancer.balancer import Balancer, BalancerStats
 from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
 from charles.balancer.plot import histogram_png, histograms, main, plot_histograms
@@ -79,6 +79,17 @@ def test_main_draws_recorded_labels_and_refuses_bad_files(tmp_path, capsys):
     assert main(["--labels", str(bad), "--out", str(tmp_path / "x.png")]) == 2
     assert "steering and throttle_brake" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_stats_survive_json_and_draw_the_same_picture(balancer):
+    # what /histogram.json serves and `balance-plot --from` reads back
+    st = balancer.stats(mark=False)
+    back = BalancerStats.from_dict(json.loads(json.dumps(st.to_dict())))
+    assert back.label_errors == st.label_errors and back.sets == st.sets and back.emit_rate == st.emit_rate
+    assert (
+        back.groups["steering"].fill["steering"].tolist() == st.groups["steering"].fill["steering"].tolist()
+    )
+    assert histogram_png(back) == histogram_png(st)
 
 
 def test_prometheus_view_matches_the_stats(balancer):

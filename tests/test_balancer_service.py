@@ -23,6 +23,8 @@ import pytest
 
 from charles.balancer.balancer import Balancer
 from charles.balancer.config import BalancerConfig
+from charles.balancer.plot import histogram_png
+from charles.balancer.plot import main as balance_plot
 from charles.balancer.service import BalancerService, SeqGaps, set_topic
 from charles.outputs import BinIndex, parse_bins
 from charles.proto import Frame, Sample, SampleSet, encode
@@ -176,6 +178,31 @@ def test_a_real_collectors_samples_leave_in_sets_of_one_per_bin_with_every_label
             assert all(-1.0 <= x.steering <= 1.0 and -1.0 <= x.throttle_brake <= 1.0 for x in s.samples)
             assert all(x.frame.shape == (90, 160, 3) for x in s.samples), "the served model's frames"
     assert service.balancer.rejected["no_bin"] == 0
+
+
+def test_balance_plot_draws_a_running_balancers_live_counts(bus, tmp_path, capsys):
+    from conftest import free_ports
+
+    service, pub, _ = bus()
+    url = f"http://127.0.0.1:{service.svc.start_http()}"
+    stream = grid_stream(60, seed=3)
+    for x in stream:
+        pub.send(f"sample.{x.collector}", x)
+    wait_for(lambda: service.latest.arrived == len(stream), 5, "no refresh counted the samples")
+    out = tmp_path / "live.png"
+    assert balance_plot(["--from", url, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["from"] == url and summary["version"] == 3 and summary["samples"] == len(stream)
+    assert summary["sets"] == service.latest.sets and summary["sets"]["complete"] > 0
+    assert out.read_bytes() == histogram_png(service.latest), "the picture the balancer would draw"
+
+    (dead,) = free_ports(1)
+    nowhere = tmp_path / "nowhere.png"
+    assert balance_plot(["--from", f"127.0.0.1:{dead}", "--out", str(nowhere)]) == 2
+    assert f"cannot reach a balancer at http://127.0.0.1:{dead}/histogram.json" in capsys.readouterr().err
+    assert balance_plot(["--from", url + "/elsewhere", "--out", str(nowhere)]) == 2
+    assert "answered HTTP 404" in capsys.readouterr().err
+    assert not nowhere.exists()
 
 
 def test_sequence_gaps_are_counted_and_odd_frames_still_accepted(bus):

@@ -50,7 +50,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -160,6 +161,23 @@ class GroupStats:
     emitted: dict[str, np.ndarray]
     """Per output (all of them), per bin: samples emitted in this group's sets so far."""
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values; :meth:`from_dict` reads them back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**d, "fill": _lists(self.fill), "emitted": _lists(self.emitted)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroupStats:
+        return cls(**{**d, "fill": _arrays(d["fill"]), "emitted": _arrays(d["emitted"])})
+
+
+def _lists(counts: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    return {k: v.tolist() for k, v in counts.items()}
+
+
+def _arrays(counts: dict[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.int64) for k, v in counts.items()}
+
 
 @dataclass
 class BalancerStats:
@@ -208,6 +226,27 @@ class BalancerStats:
             for outcome, n in g.sets.items():
                 out[outcome] += n
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the service's ``/histogram.json``; ``balance-plot --from`` reads them back)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {
+            **d,
+            "label_errors": [[output, reason, n] for (output, reason), n in self.label_errors.items()],
+            "arrivals": _lists(self.arrivals),
+            "groups": {name: g.to_dict() for name, g in self.groups.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BalancerStats:
+        return cls(
+            **{
+                **d,
+                "label_errors": {(output, reason): n for output, reason, n in d["label_errors"]},
+                "arrivals": _arrays(d["arrivals"]),
+                "groups": {name: GroupStats.from_dict(g) for name, g in d["groups"].items()},
+            }
+        )
 
     def balanced_group(self, output: str) -> GroupStats:
         """The group whose sets balance ``output`` (the joint group in v1)."""

@@ -2,7 +2,8 @@
 
 The seed judged its balancing v1/v2/v3 by exactly this picture; here it is made on request
 (``charles balance-plot``), for the viewer (:func:`histogram_png`), and from any label stream, live or
-recorded. The same counts go to Prometheus (:mod:`charles.balancer.metrics`) for Grafana.
+recorded, or from a running balancer's own counts (``--from URL``: its ``/histogram.json``). The same
+counts go to Prometheus (:mod:`charles.balancer.metrics`) for Grafana.
 
 Figures are built on matplotlib's Agg canvas without pyplot, so drawing in a service thread never
 touches a GUI or pyplot's global state.
@@ -14,6 +15,8 @@ import argparse
 import io
 import json
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ from charles.balancer.synthetic import RATE_HZ, load_labels, samples_from_labels
 RAW_COLOUR = "#8c8c8c"
 EMITTED_COLOUR = "#1f77b4"
 CROSS_COLOUR = "#2ca02c"
+LIVE_PATH = "/histogram.json"
+"""Where a running balancer serves its counts (next to ``/histogram.png`` on its HTTP port)."""
 
 
 @dataclass
@@ -157,6 +162,27 @@ def histogram_png(stats_or_counts: Plottable) -> bytes:
     return buf.getvalue()
 
 
+def fetch_stats(url: str, timeout_s: float = 5.0) -> BalancerStats:
+    """A running balancer's counts as of its last refresh (about once a second), from its HTTP port."""
+    if "://" not in url:
+        url = "http://" + url
+    url = url.rstrip("/")
+    if not url.endswith(LIVE_PATH):
+        url += LIVE_PATH
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{url} answered HTTP {e.code}: is this a balancer's HTTP port?") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise OSError(f"cannot reach a balancer at {url}: {reason}") from None
+    try:
+        return BalancerStats.from_dict(json.loads(body))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{url} did not answer with a balancer's counts ({e!r})") from None
+
+
 def _parse_kinds(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -167,13 +193,38 @@ def _parse_kinds(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _run(args: argparse.Namespace) -> BalancerStats:
+    """The command line's balancer over its label stream (recorded or synthetic)."""
+    config = BalancerConfig(
+        version=args.version,
+        outputs=args.outputs,
+        kinds=_parse_kinds(args.kind),
+        cap_per_bin=args.cap,
+        set_timeout_s=args.timeout,
+        timeout_policy=args.policy,
+    )
+    labels = load_labels(args.labels) if args.labels else synthetic_labels(args.synthetic, args.seed)
+    balancer = Balancer(config)
+    samples = samples_from_labels(labels)
+    run_stream(balancer, samples, times(len(samples), args.rate))
+    return balancer.stats()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``charles balance-plot``: run a label stream through a balancer and draw what it did."""
+    """``charles balance-plot``: run a label stream through a balancer, or ask a running one, and draw what it did."""
     defaults = BalancerConfig()
     p = argparse.ArgumentParser(prog="charles balance-plot", description=main.__doc__)
     p.add_argument("--out", default="balance.png", help="PNG to write")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--labels", help="recorded labels: .npy (N x 2) or CSV with steering,throttle_brake columns"
+    )
+    source.add_argument(
+        "--from",
+        dest="from_url",
+        metavar="URL",
+        help="a running balancer's HTTP address (http://host:port): draw its live counts; the balancing "
+        "options below are then its own, not these",
     )
     p.add_argument("--synthetic", type=int, default=30_000, help="synthetic NPC samples when no --labels")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic stream")
@@ -191,26 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
-        config = BalancerConfig(
-            version=args.version,
-            outputs=args.outputs,
-            kinds=_parse_kinds(args.kind),
-            cap_per_bin=args.cap,
-            set_timeout_s=args.timeout,
-            timeout_policy=args.policy,
-        )
-        labels = load_labels(args.labels) if args.labels else synthetic_labels(args.synthetic, args.seed)
+        stats = fetch_stats(args.from_url) if args.from_url else _run(args)
     except (ValueError, OSError, argparse.ArgumentTypeError) as e:
         print(f"balance-plot: {e}", file=sys.stderr)
         return 2
-    balancer = Balancer(config)
-    samples = samples_from_labels(labels)
-    run_stream(balancer, samples, times(len(samples), args.rate))
-    stats = balancer.stats()
     path = plot_histograms(stats, args.out)
     summary = {
         "png": str(path),
-        "version": config.version,
+        **({"from": args.from_url} if args.from_url else {}),
+        "version": stats.version,
         "samples": stats.arrived,
         "sets": stats.sets,
         "emit_rate": round(stats.emit_rate, 4),

@@ -6,6 +6,7 @@ refuses into counted rejects, exports the balancer's counts to Prometheus, keeps
 ``info`` current, and hands a histogram picture to the viewer (``console.<instance>`` and
 ``/histogram.png``). On SIGTERM each group's set is flushed as it stands (one sample per filled bin, as a
 timeout would); what that leaves held is counted as ``charles_drops_total{cause="shutdown"}``.
+``/histogram.json`` serves the counts behind the picture (``charles balance-plot --from URL`` draws them).
 
 Threads: the loop owns the balancer and every bus socket. Drawing the picture takes matplotlib about a
 second, so a painter thread draws from a stats snapshot (a copy) and the loop publishes the result.
@@ -13,6 +14,7 @@ second, so a painter thread draws from a stats snapshot (a copy) and the loop pu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -188,7 +190,10 @@ class BalancerService:
         self._rejected_seen = dict(self.balancer.rejected)
 
         self.painter = Painter(svc.log) if config.picture_s > 0 else None
+        self.latest: BalancerStats = self.balancer.stats(mark=False)
+        """The newest refresh's snapshot (a copy); the HTTP thread reads it (one reference swap, no lock)."""
         svc.http_routes["/histogram.png"] = self._histogram_route
+        svc.http_routes["/histogram.json"] = self._histogram_json_route
         self._next_refresh = 0.0
         self._next_picture = 0.0  # the first picture as soon as the loop runs: a restarted viewer wants one
 
@@ -278,6 +283,7 @@ class BalancerService:
         """~1 Hz: metrics snapshot, heartbeat info, and now and then a picture for the viewer."""
         self._next_refresh = now + REFRESH_S
         stats = self.balancer.stats(now)  # marks: sets/s covers the time since the previous refresh
+        self.latest = stats
         self.metrics.refresh(stats=stats)
         state = self.state(stats)
         self.svc.info = state  # a new dict, never mutated: the heartbeat thread reads it
@@ -343,3 +349,7 @@ class BalancerService:
         if png is None:
             return b"no histogram drawn yet (balancer.picture_s sets how often)\n", "text/plain"
         return png, "image/png"
+
+    def _histogram_json_route(self) -> tuple[bytes, str]:
+        # as of the last refresh (REFRESH_S): the loop owns the balancer, this runs on the HTTP thread
+        return json.dumps(self.latest.to_dict()).encode(), "application/json"
