@@ -295,6 +295,7 @@ def test_console_lines_and_heartbeat_info():
             "steering": {"fill": 90, "capacity": 100},
             "throttle_brake": {"fill": 45, "capacity": 100},
         },
+        "reused": {"steering": 1200, "throttle_brake": 0},
         "samples_per_s": 12.5,
         "batches_per_s": 0.4,
         "loss": {"steering": 0.1, "throttle_brake": 0.2},
@@ -311,6 +312,7 @@ def test_console_lines_and_heartbeat_info():
         "batch   1,250" in text and "steering" in text and "ready" in text and "collectors 2: c1, c2" in text
     )
     assert "3 updates sent, last at batch 1,250 (5s ago)" in text
+    assert "reused  steering 1,200   throttle_brake 0" in text
     assert all(len(line) <= 80 for line in render_lines(state, 80))
     info = heartbeat_info(state)
     assert info == {

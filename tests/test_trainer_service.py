@@ -221,6 +221,29 @@ def test_sets_of_another_balancing_are_rejected_and_counted(trainers, client_fac
     assert not list(service.run_dir.checkpoints.iterdir()), "nothing trained, nothing to checkpoint"
 
 
+def test_samples_drawn_again_are_counted_per_output(trainers, client_factory):
+    # each sample may serve two batches; 12 per buffer, training from 8: the buffers stop serving only once
+    # samples were drawn twice (the ratio's credit is spent, or used-up samples left fewer than 8)
+    service, t = trainers(buffer={"capacity": 32, "start_fraction": 0.25, "samples_per_insert": 2.0})
+    pub = connected_publisher(client_factory, service)
+    for s in sets(0, 12):
+        assert pub.send(f"set.{s.outputs[0]}", s)
+    reg = service.svc.metrics.registry
+    outputs = ("steering", "throttle_brake")
+
+    def exported() -> dict[str, float]:
+        return {o: counter_value(reg, "charles_trainer_samples_reused_total", {"output": o}) for o in outputs}
+
+    def settled() -> bool:
+        counted = {o: b["reused"] for o, b in service.buffers.stats()["buffers"].items()}
+        shown = service.state.get("reused")
+        return service.trainer.batch > 0 and not service.buffers.ready(2) and exported() == counted == shown
+
+    wait_for(settled, 30, "training from the 12 samples never settled (metric, console and buffers)")
+    assert sum(exported().values()) > 0
+    stop(service, t)
+
+
 @pytest.mark.slow
 def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(broker, tmp_path):
     from conftest import free_ports

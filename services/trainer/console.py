@@ -92,6 +92,9 @@ def render_lines(state: dict[str, Any], width: int = 80, now: float | None = Non
         frac = b.get("fill", 0) / cap
         mark = " ready" if frac >= state.get("start_fraction", 0.9) else ""
         out.append(f"  {name[:14]:<14} {_bar(frac, bar_w)} {b.get('fill', 0):>6}/{cap:<6}{mark}"[:w])
+    reused = state.get("reused") or {}
+    if any(reused.values()):
+        out.append(("reused  " + "   ".join(f"{k} {v:,}" for k, v in reused.items()))[:w])
     losses = state.get("loss") or {}
     if losses:
         parts = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())

@@ -178,6 +178,12 @@ class TrainerMetrics:
         self.loss = prom.Gauge(
             "charles_trainer_loss", "Loss of the last batch per output (and total)", ["output"], registry=r
         )
+        self.reused = prom.Counter(
+            "charles_trainer_samples_reused_total",
+            "Draws of a sample already trained on (buffer.samples_per_insert > 1), per balanced output",
+            ["output"],
+            registry=r,
+        )
         self.wait = prom.Gauge(
             "charles_trainer_data_wait_fraction",
             "Share of recent wall time the step waited for a batch",
@@ -294,6 +300,7 @@ class TrainerService:
         self.data_wait = 0.0
         self._rates: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=RATE_WINDOW)
         self._drops_seen: dict[str, int] = {}
+        self._reused_seen: dict[str, int] = {}
         self.tb = self._tensorboard() if self.main else None
         self.assembler: BatchAssembler | None = None
         self.prefetcher: Prefetcher | None = None
@@ -435,6 +442,8 @@ class TrainerService:
         tb.add_scalar("data/wait_fraction", self.data_wait, b)
         for name, s in self.buffers.sizes().items():
             tb.add_scalar(f"buffer/{name}", s / self.tcfg.buffer.capacity, b)
+        for name, n in self._reused_seen.items():
+            tb.add_scalar(f"reused/{name}", n, b)
 
     # -- weights and checkpoints --------------------------------------------------------------------------------
 
@@ -505,6 +514,9 @@ class TrainerService:
         m = self.metrics
         for n, s in stats["buffers"].items():
             m.fill.labels(n).set(s["fill"])
+            if s["reused"] > self._reused_seen.get(n, 0):
+                m.reused.labels(n).inc(s["reused"] - self._reused_seen.get(n, 0))
+            self._reused_seen[n] = s["reused"]
         m.wait.set(self.data_wait)
         m.batches_per_s.set(self.batches_per_s)
         m.samples_per_s.set(self.samples_per_s)
@@ -522,6 +534,7 @@ class TrainerService:
             "batch": self.trainer.batch,
             "samples": self.trainer.samples,
             "buffers": buffers,
+            "reused": dict(self._reused_seen),
             "start_fraction": self.tcfg.buffer.start_fraction,
             "samples_per_s": round(self.samples_per_s, 2),
             "batches_per_s": round(self.batches_per_s, 3),
