@@ -9,9 +9,12 @@
     real assembled batch (prepare_batch, forward, per-output losses, backward, clipping, AdamW). The goal
     is assembly >= 2x the step: on a CPU-only box the two share the cores, so assembly must cost well
     under half the CPU time per image. The top-level keys report the worse of the two sizes.
-(b) GPU, only with CUDA: inception_resnet_v2 at 480x270 trained by our loop (nvJPEG decode, prefetch
-    thread, channels_last, bf16 autocast) against a plain fp32 loop (CPU decode in the training thread,
-    no prefetch), with each loop's data-wait fraction.
+(b) GPU, only with CUDA: the model_0004 preset (inception_resnet_v2 at 480x270) trained by our
+    ``Trainer`` as the service runs it (nvJPEG decode on the prefetch thread, channels_last, bf16 autocast,
+    fused AdamW, clipping, per-output losses) against a plain fp32 PyTorch loop on the same timm backbone
+    (its classifier as the outputs, MSE, NCHW, CPU decode in the training thread, no prefetch), in one run,
+    with each loop's data-wait fraction. Hidden ``--b-device cpu --b-preset tiny`` runs the same code on a
+    CPU (a smoke test of the code path, not a measurement).
 (c) Storage: write and refill samples/s of the SQLite store against a minimal segment-file baseline
     (length-prefixed records appended to one file), same records, same process.
 
@@ -82,6 +85,18 @@ def normalise(frame: torch.Tensor) -> torch.Tensor:
     return frame.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
+def batch_config(cfg, batch: int, **kw) -> BatchConfig:
+    """Batches shaped for a model line, as the trainer service assembles them (``cfg``: a ModelConfig)."""
+    return BatchConfig(
+        batch_size=batch,
+        outputs=cfg.output_names,
+        image_size=(cfg.height, cfg.width),
+        stack_len=cfg.frames - 1,
+        history_len=cfg.history_length if cfg.history != "none" else 0,
+        **kw,
+    )
+
+
 def step_rate(preset: str, size: tuple[int, int], batch: int, steps: int, repeats: int) -> float:
     """Images/s of the trainer's step on CPU for a ``charles.model`` preset at ``size`` (best block)."""
     from charles.model.presets import get_config
@@ -93,14 +108,7 @@ def step_rate(preset: str, size: tuple[int, int], batch: int, steps: int, repeat
     frames = make_frames(8, height=size[0], width=size[1])
     asm = BatchAssembler(
         filled_buffers(frames, batch, history_len=cfg.history_length),
-        BatchConfig(
-            batch_size=batch,
-            outputs=cfg.output_names,
-            image_size=size,
-            stack_len=cfg.frames - 1,
-            history_len=cfg.history_length if cfg.history != "none" else 0,
-            decode_threads=1,
-        ),
+        batch_config(cfg, batch, decode_threads=1),
     )
     b = asm.next_batch(timeout=1)
     asm.close()
@@ -154,72 +162,86 @@ def part_a(args: argparse.Namespace) -> dict:
     }
 
 
-# ---- (b) GPU: our loop vs a plain fp32 loop ------------------------------------------------------------
-# Runs only where CUDA is; on CPU it prints a note and reports {"skipped": ...}.
+# ---- (b) GPU: our Trainer vs a plain fp32 loop ---------------------------------------------------------
+# Runs only where CUDA is; on CPU it prints a note and reports {"skipped": ...} (unless --b-device cpu).
 
 
 def part_b(args: argparse.Namespace) -> dict:
-    if not torch.cuda.is_available():
+    dev = torch.device(args.b_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         print("(b) skipped: no CUDA here (the GPU comparison needs a GPU)")
         return {"skipped": "no CUDA"}
     import timm
 
-    dev = torch.device("cuda")
+    from charles.model.presets import get_config
+    from charles.trainer.config import TrainerConfig
+    from charles.trainer.training import Trainer
+
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True
+    cfg = get_config(args.b_preset)
     batch, steps = 32, (8 if args.quick else 30)
     frames = make_frames(64 if args.quick else 200)
     per_buffer = batch // 2 * (steps + 4)
+    hist = cfg.history_length
+    results: dict = {}
 
-    def make_model(channels_last: bool):
-        m = timm.create_model("inception_resnet_v2", pretrained=False, num_classes=len(OUTPUTS)).to(dev)
-        if channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        return m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-
-    def train_step(model, opt, b: dict, bf16: bool) -> None:
-        x = normalise(b["frame"].to(dev, non_blocking=True))
-        y = b["labels"].to(dev, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.mse_loss(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    results = {}
-    # ours: GPU decode on the prefetch thread's stream, channels_last, bf16
-    model, opt = make_model(channels_last=True)
-    asm = BatchAssembler(filled_buffers(frames, per_buffer), BatchConfig(batch_size=batch), device=dev)
+    # ours: the trainer's own step (bf16 autocast and channels_last on CUDA, fused AdamW, clipping, the
+    # per-output losses) fed as the service feeds it: decode (nvJPEG on CUDA) on the prefetch thread
+    tcfg = TrainerConfig(lr=1e-4)
+    trainer = Trainer(cfg, tcfg, dev)
+    asm = BatchAssembler(
+        filled_buffers(frames, per_buffer, history_len=hist),
+        batch_config(cfg, batch, gpu_decode=tcfg.gpu_decode, prefetch=tcfg.prefetch),
+        device=dev,
+    )
     with Prefetcher(asm) as pf:
         for _ in range(3):
-            train_step(model, opt, pf.get(timeout=30), bf16=True)
-        torch.cuda.synchronize()
+            trainer.step(pf.get(timeout=30))
+        sync()
         wait0, t0 = pf.wait_s, time.perf_counter()
         for _ in range(steps):
-            train_step(model, opt, pf.get(timeout=30), bf16=True)
-        torch.cuda.synchronize()
+            trainer.step(pf.get(timeout=30))
+        sync()
         dt = time.perf_counter() - t0
         results["ours"] = {
             "images_per_s": round(steps * batch / dt, 1),
             "data_wait_fraction": round((pf.wait_s - wait0) / dt, 3),
         }
     asm.close()
-    del model, opt
-    torch.cuda.empty_cache()
-    # plain: CPU decode in the training thread, fp32, NCHW
-    model, opt = make_model(channels_last=False)
+    del trainer
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # plain: the same timm backbone with its classifier as the outputs, fp32, NCHW, MSE, CPU decode in the
+    # training thread
+    model = timm.create_model(cfg.backbone, pretrained=False, num_classes=len(cfg.outputs)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)
+
+    def plain_step(b: dict) -> None:
+        x = normalise(b["frame"].to(dev, non_blocking=True))
+        y = b["labels"].to(dev, non_blocking=True)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     asm = BatchAssembler(
-        filled_buffers(frames, per_buffer), BatchConfig(batch_size=batch, pin_memory=False), device="cpu"
+        filled_buffers(frames, per_buffer),
+        batch_config(cfg.replace(history="none"), batch, pin_memory=False),
+        device="cpu",
     )
     for _ in range(3):
-        train_step(model, opt, asm.next_batch(timeout=1), bf16=False)
-    torch.cuda.synchronize()
+        plain_step(asm.next_batch(timeout=1))
+    sync()
     wait, t0 = 0.0, time.perf_counter()
     for _ in range(steps):
         t1 = time.perf_counter()
         b = asm.next_batch(timeout=1)
         wait += time.perf_counter() - t1
-        train_step(model, opt, b, bf16=False)
-    torch.cuda.synchronize()
+        plain_step(b)
+    sync()
     dt = time.perf_counter() - t0
     results["plain_fp32"] = {
         "images_per_s": round(steps * batch / dt, 1),
@@ -227,8 +249,9 @@ def part_b(args: argparse.Namespace) -> dict:
     }
     asm.close()
     results["speedup"] = round(results["ours"]["images_per_s"] / results["plain_fp32"]["images_per_s"], 2)
-    results["device"] = torch.cuda.get_device_name()
-    print(f"(b) inception_resnet_v2 480x270 b{batch}: {results}")
+    results["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    results["preset"] = cfg.name
+    print(f"(b) {cfg.name} ({cfg.backbone}) {cfg.width}x{cfg.height} b{batch}: {results}")
     return results
 
 
@@ -317,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "--step-model", default="tiny", help="charles.model preset for the CPU training step of part (a)"
     )
     p.add_argument("--threads", type=int, default=0, help="decode threads (0: min(4, cores))")
+    # part (b) on another line or device: a CPU smoke test of its code path (--b-device cpu --b-preset tiny)
+    p.add_argument("--b-preset", default="model_0004_inceptionresnetv2", help=argparse.SUPPRESS)
+    p.add_argument("--b-device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default=None, help="folder for the storage files of part (c)")
     args = p.parse_args(argv)
     parts = set(args.part.split(","))
