@@ -441,6 +441,8 @@ def _game_frame_out(g: GameFrame, blobs: _Blobs) -> dict:
         body["purpose"] = list(g.purpose)
     if g.controls is not None:
         body["controls"] = list(g.controls)
+    if g.recovering is not None:
+        body["recovering"] = g.recovering
     return body
 
 
@@ -450,6 +452,9 @@ def _game_frame_in(b: dict, blobs: Sequence) -> GameFrame:
         if pos.__class__ is not list or len(pos) != 3:
             raise ProtocolError("bad_field", "position must be [x, y, z]")
         pos = tuple(_num({"position": v}, "position", -1e7, 1e7) for v in pos)
+    recovering = b.get("recovering")
+    if "recovering" in b and recovering.__class__ is not bool:
+        raise ProtocolError("bad_field", "recovering must be true or false")
     return GameFrame(
         source=_str(b, "source"),
         seq=_int(b, "seq"),
@@ -460,6 +465,7 @@ def _game_frame_in(b: dict, blobs: Sequence) -> GameFrame:
         heading=_num(b, "heading", -1e3, 1e3) if "heading" in b else None,
         purpose=_pair(b, "purpose", (-_PI, 0.0), (_PI, 1e7)) if "purpose" in b else None,
         controls=_pair(b, "controls", (-1.0, -1.0), (1.0, 1.0)) if "controls" in b else None,
+        recovering=recovering,
     )
 
 

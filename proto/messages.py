@@ -113,6 +113,9 @@ class GameFrame:
     controls: tuple[float, float] | None = None
     """(steering, throttle_brake) the game's driver applied on this frame (its NPC, or a human's pad):
     present when a collector turns game frames into samples."""
+    recovering: bool | None = None
+    """True while the sender's own Unstuck recovers the car (fading, teleporting, settling): not driving, so
+    no training sample. None: the sender does not say (the receiver may watch the telemetry itself)."""
 
 
 @dataclass(slots=True)

@@ -245,6 +245,23 @@ def test_weights_checksum_is_verified():
     assert reason([frames[0], frames[1], b"abd"]) == "bad_checksum"
 
 
+@pytest.mark.parametrize("recovering", [True, False, None])
+def test_game_frame_recovering_round_trips_and_absent_means_not_said(recovering):
+    g = GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "raw"), 5.0, controls=(0.0, 1.0), recovering=recovering)
+    frames = encode("game.pc1", g, "t")
+    assert ("recovering" in msgpack.unpackb(frames[1])["body"]) == (recovering is not None)
+    assert roundtrip("game.pc1", g).msg.recovering is recovering
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None, [True]])
+def test_game_frame_recovering_that_is_not_a_bool_is_a_bad_field(value):
+    frames = encode("game.pc1", GameFrame("pc1", 3, 0.1, Frame.encode(IMG, "raw"), 5.0), "t")
+    header = msgpack.unpackb(frames[1])
+    header["body"]["recovering"] = value
+    blobs = [bytes(memoryview(f).cast("B")) for f in frames[2:]]
+    assert reason([b"game.pc1", msgpack.packb(header), *blobs]) == "bad_field"
+
+
 # ---------------------------------------------------------------------------------------------- fuzzing
 
 _GOOD = [
