@@ -1,10 +1,13 @@
-"""Shared fixtures: free loopback ports, an in-process broker, a config pointing at it."""
+"""Shared fixtures: free loopback ports, an in-process broker, a config pointing at it; the switch that
+turns a missing system tool from a skip into a failure in CI."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
+from typing import NoReturn
 
 import pytest
 
@@ -12,6 +15,25 @@ os.environ.setdefault("CHARLES_HTTP_EPHEMERAL", "1")  # never collide with a run
 # One OpenMP thread per process: on a 2-core box spinning OpenMP workers of parallel test processes
 # (trainer, player, sim subprocesses) slow everything several-fold. Children inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REQUIRE_TOOLS = os.environ.get("CHARLES_REQUIRE_TOOLS") == "1"
+"""Set by .ci/run, which installs every system tool the tests drive: a missing one fails there instead of
+skipping, so a green CI means the checks that need them ran."""
+
+
+def missing_tool(what: str) -> NoReturn:
+    """Skip a test whose system tool is not installed (fail under CHARLES_REQUIRE_TOOLS=1)."""
+    if REQUIRE_TOOLS:
+        pytest.fail(f"{what}; CHARLES_REQUIRE_TOOLS=1 says it must be here", pytrace=False)
+    pytest.skip(what)
+
+
+def require_tool(*names: str, install: str) -> str:
+    """The path of the first of names on PATH; missing_tool() when none is, saying how to install it."""
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    missing_tool(f"{' or '.join(names)} is not installed; install it with {install}")
 
 
 def free_ports(n: int) -> list[int]:

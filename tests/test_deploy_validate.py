@@ -1,11 +1,13 @@
 """`make validate` as tests: the real tools on the real deployment files (skipped where a tool is absent).
 
-CI installs the tools (apt-get install -y docker-compose kubectl prometheus; kubernetes-validate is in the
-dev extra), so there every check runs; on a laptop without them the checks skip and say how to install.
+CI installs the tools (.ci/run: Debian's docker-compose and prometheus, kubectl; kubernetes-validate is in
+the dev extra) and sets CHARLES_REQUIRE_TOOLS=1, so there every check runs and a missing tool fails; on a
+laptop without them the checks skip and say how to install.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import tomllib
@@ -16,6 +18,8 @@ from packaging.utils import canonicalize_name
 
 from charles import validate
 from charles.topology import ROOT
+
+from conftest import missing_tool, require_tool
 
 
 def _run(group: str, root=ROOT) -> list[validate.Result]:
@@ -30,7 +34,7 @@ def test_validate_group(group):
     assert not failed, "\n".join(failed)
     missing = [d for r in results if r.status == "missing" for d in r.details]
     if missing:
-        pytest.skip("; ".join(sorted(set(missing))))
+        missing_tool("; ".join(sorted(set(missing))))
 
 
 def test_main_exit_status_and_summary(capsys):
@@ -47,11 +51,8 @@ def test_a_missing_tool_fails_and_says_how_to_install(monkeypatch, capsys):
     assert "MISSING" in out and "apt-get install -y docker-compose kubectl prometheus" in out
 
 
-@pytest.mark.skipif(
-    shutil.which("docker-compose") is None,
-    reason="docker-compose not installed (apt-get install -y docker-compose)",
-)
 def test_docker_compose_rejects_a_broken_file(tmp_path):
+    require_tool("docker-compose", install=validate.TOOLS["docker-compose"])
     for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
@@ -63,14 +64,12 @@ def test_docker_compose_rejects_a_broken_file(tmp_path):
     assert any(r.status == "fail" and "docker-compose config" in r.name for r in results), results
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl not installed (apt-get install -y kubectl)"
-)
 def test_kubernetes_validate_rejects_an_unknown_field(tmp_path):
-    pytest.importorskip(
-        "kubernetes_validate",
-        reason="kubernetes-validate not installed (.venv/bin/pip install kubernetes-validate)",
-    )
+    require_tool("kubectl", install=validate.TOOLS["kubectl"])
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        missing_tool(
+            f"kubernetes-validate is not installed; install it with {validate.TOOLS['kubernetes-validate']}"
+        )
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
     shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     viewer = tmp_path / "k8s" / "base" / "viewer.yaml"

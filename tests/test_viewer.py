@@ -1,5 +1,5 @@
 """The viewer: the board's bounds, its HTTP routes fed through a real broker, its process, and the page in
-a real browser (Debian's chromium, headless; skipped only when it is not installed)."""
+a real browser (Debian's chromium, headless; skipped only when it is not installed, and never in CI)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from charles.viewer.app import serve
 from charles.viewer.board import Board, jsonable
 from charles.viewer.web import Viewer
 
+from conftest import require_tool
 from tests_support import counter_value, wait_for
 
 CINEMATIC_RGB = (200, 40, 160)
@@ -334,10 +334,12 @@ def test_viewer_process_serves_the_page_and_stops_on_sigterm(broker):
 
 # ---------------------------------------------------------------------------------------------- browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
-)
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's chromium; the browser tests skip without it (and fail in CI, which installs it)."""
+    return require_tool("chromium", "chromium-browser", install="apt-get install -y chromium")
+
 
 # tile -> (x0, y0, x1, y1) of its picture/console area on the 1920x1080 stage, below the title bar
 TILES = {
@@ -350,11 +352,11 @@ TILES = {
 }
 
 
-def _browse(url: str, tmp_path) -> tuple[np.ndarray, str]:
+def _browse(chromium: str, url: str, tmp_path) -> tuple[np.ndarray, str]:
     """Load the page in headless chromium for a few seconds of page time; the screenshot (RGB) and the DOM."""
     shot = tmp_path / "viewer.png"
     cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
         "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1920,1080",
         "--virtual-time-budget=3000", f"--screenshot={shot}", "--dump-dom", url,
@@ -371,15 +373,16 @@ def _region(img: np.ndarray, tile: str) -> np.ndarray:
     return img[y0:y1, x0:x1].astype(np.float32)
 
 
-@needs_chromium
-def test_page_in_a_browser_shows_placeholders_then_every_tile_live(client_factory, viewer, tmp_path):
+def test_page_in_a_browser_shows_placeholders_then_every_tile_live(
+    chromium, client_factory, viewer, tmp_path
+):
     url = f"http://127.0.0.1:{viewer.port}/"
-    empty, dom = _browse(url, tmp_path / "empty")
+    empty, dom = _browse(chromium, url, tmp_path / "empty")
     assert dom.count("waiting for the player…") == 4 and dom.count("waiting for the trainer…") == 2
     assert " src=" not in dom.split("<script")[0]  # no <img> without a loaded picture: no broken icons
 
     _publish_until_shown(client_factory, viewer, ALL)
-    img, dom = _browse(url, tmp_path / "live")
+    img, dom = _browse(chromium, url, tmp_path / "live")
     (tmp_path / "viewer_live.png").write_bytes(
         cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes()
     )
@@ -419,8 +422,7 @@ def test_page_in_a_browser_shows_placeholders_then_every_tile_live(client_factor
     assert "data-errors" not in dom
 
 
-@needs_chromium
-def test_page_tolerates_missing_and_odd_state(client_factory, viewer, tmp_path):
+def test_page_tolerates_missing_and_odd_state(chromium, client_factory, viewer, tmp_path):
     odd = {
         "player-1": Console("player", {"raw": [0.1, 0.9], "controls": "none", "fps": math.inf, "model": 7}),
         "trainer-1": Console(
@@ -429,7 +431,7 @@ def test_page_tolerates_missing_and_odd_state(client_factory, viewer, tmp_path):
         ),
     }
     _publish_until_shown(client_factory, viewer, odd)
-    _, dom = _browse(f"http://127.0.0.1:{viewer.port}/", tmp_path)
+    _, dom = _browse(chromium, f"http://127.0.0.1:{viewer.port}/", tmp_path)
     assert "data-errors" not in dom  # no tile's script failed on the odd values
     assert (
         "waiting for the player's cinematic picture…" in dom
