@@ -10,7 +10,9 @@ nearer this) and a raw 480x270 frame (389 KB, the broker bench's large one). For
 - bare_header: ``msgpack.unpackb`` of our header alone plus taking the frame's buffer (no validation),
   the floor for our layout.
 ``overhead`` = ours / bare at 40 KB (goal <= 1.5); ``overhead_sim`` and ``overhead_400k`` the same ratio
-for the other two frames; ``overhead_vs_header_only`` = ours / bare_header at 40 KB.
+for the other two frames; ``overhead_vs_header_only`` = ours / bare_header at 40 KB. ``fast_path`` says
+which decoder took the samples: ``c`` (proto/_fastcodec.c, built by the install where a C compiler is)
+or ``python`` (CHARLES_PURE_PYTHON=1, or no compiler).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import zmq
 
 from charles.proto import Frame, Sample, decode, encode
+from charles.proto.codec import FAST_PATH
 from charles.sim.world import SimWorld
 
 from _common import args, report
@@ -81,7 +84,8 @@ def main() -> None:
     pair = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     pair[0].bind("inproc://bench")
     pair[1].connect("inproc://bench")
-    figures: dict[str, float] = {}
+    figures: dict[str, float | str] = {"fast_path": FAST_PATH}
+    print(f"fast path: {FAST_PATH}")
     for name, frame in frames_to_measure().items():
         t = measure(frame, pair, n, rounds)
         ours, bare, bare_header = t["ours"], t["bare"], t["bare_header"]

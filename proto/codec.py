@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -212,6 +213,15 @@ _NFIELDS = len(HISTORY_FIELDS)
 _CODEC_NAMES = frozenset(("raw", "jpeg", "png"))
 
 
+def _history_of(blob: Any, rows: int) -> np.ndarray | None:
+    """A history blob as a [rows, 5] float32 view, or None when it holds NaN or infinity (one reduction:
+    a NaN or an infinity anywhere makes the sum non-finite)."""
+    history = np.frombuffer(blob, dtype=np.float32).reshape(rows, _NFIELDS)
+    if rows and not math.isfinite(float(history.sum(dtype=np.float64))):
+        return None
+    return history
+
+
 def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
     """The common sample (float fields, frame, optional history, no stack) checked in one pass; None
     sends it to the precise path.
@@ -294,6 +304,7 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
             return None
         if (
             rows.__class__ is not int
+            or cols.__class__ is not int
             or cols != _NFIELDS
             or not 0 <= rows <= MAX_HISTORY
             or hd.get("dtype") != "float32"
@@ -302,9 +313,8 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
             or len(blobs[hb]) != rows * _NFIELDS * 4
         ):
             return None
-        history = np.frombuffer(blobs[hb], dtype=np.float32).reshape(rows, _NFIELDS)
-        # one reduction: a NaN or an infinity anywhere makes the sum non-finite
-        if rows and not math.isfinite(float(history.sum(dtype=np.float64))):
+        history = _history_of(blobs[hb], rows)
+        if history is None:
             return None
     return Sample(col, seq, gt, Frame(codec, (h, w, c), data), st, tb, sp, (pa, pd), history, [], pv, src)
 
@@ -610,8 +620,9 @@ def decode(frames: Sequence, *, control: bool = False) -> Envelope:
     """
     try:
         if not control:
-            # the common message, checked inline (a function call per layer costs ~0.07 us here)
-            env = _decode_fast(frames)
+            # the common message, checked in one pass (in C where it compiled): what it does not take,
+            # the precise path does, or names why not
+            env = _fast(frames)
             if env is not None:
                 return env
         return _decode(frames, control)
@@ -622,8 +633,9 @@ def decode(frames: Sequence, *, control: bool = False) -> Envelope:
 
 
 _TOPIC_CACHE = 4096
-_TOPICS: dict[bytes, tuple[str, Any]] = {}
-"""Known topic bytes -> (name, registry entry); bounded so a flood of made-up topics cannot grow it."""
+_TOPICS: dict[bytes, tuple[str, Any, str, int]] = {}
+"""Known topic bytes -> (name, registry entry, its kind, its max_bytes); bounded so a flood of made-up
+topics cannot grow it. Read by the C fast path too."""
 
 
 def _decode_fast(frames: Sequence) -> Envelope | None:
@@ -642,7 +654,7 @@ def _decode_fast(frames: Sequence) -> Envelope | None:
     known = _TOPICS.get(f0.bytes)
     if known is None:
         return None
-    topic, entry = known
+    topic, entry, _, _ = known
     header_b = f1.buffer
     hn = len(header_b)
     nbytes = len(f0.bytes) + hn
@@ -714,9 +726,9 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
         if entry is None and not control:
             raise ProtocolError("unknown_topic", f"topic {topic[:64]!r} is not in the registry")
         if not control and len(_TOPICS) < _TOPIC_CACHE:
-            _TOPICS[topic_b] = (topic, entry)
+            _TOPICS[topic_b] = (topic, entry, entry.kind, entry.max_bytes)
     else:
-        topic, entry = known
+        topic, entry, _, _ = known
     header_b = _buf(frames[1])
     nbytes = len(topic_b) + len(header_b)
     blobs = []
@@ -753,3 +765,35 @@ def _decode(frames: Sequence, control: bool) -> Envelope:
     )
     msg = codec[2](body, blobs)
     return Envelope(topic, kind, sender, t, wall, msg, nbytes)
+
+
+def _use_c(enabled: bool = True) -> bool:
+    """Take the C fast path when it is built and ``enabled`` (CHARLES_PURE_PYTHON=1 turns it off at import);
+    returns whether it is now in use. Tests switch between the two to hold both to the precise path."""
+    global _fast
+    if enabled and _fastcodec is not None:
+        _fastcodec.configure(
+            _TOPICS,
+            _unpackb,
+            _ZFrame,
+            Sample,
+            Frame,
+            Envelope,
+            _CODECS,
+            _history_of,
+            SCHEMA_VERSION,
+            MAX_HEADER_BYTES,
+        )
+        _fast = _fastcodec.decode
+        return True
+    _fast = _decode_fast
+    return False
+
+
+try:
+    from charles.proto import _fastcodec
+except ImportError:  # not compiled here (no C compiler): the same checks, in Python
+    _fastcodec = None
+_fast: Callable[[Sequence], Envelope | None] = _decode_fast
+FAST_PATH = "c" if _use_c(os.environ.get("CHARLES_PURE_PYTHON", "") in ("", "0")) else "python"
+"""Which fast path decodes received samples: ``c`` or ``python``."""

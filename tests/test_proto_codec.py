@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import sys
 
 import msgpack
 import numpy as np
@@ -271,6 +275,7 @@ _GOOD = [
     encode("weights.m", Weights("m", "m_v1", 1, {"x": [1, 2]}, b"w" * 64), "t"),
     encode("action.p", Action(1, 0.5, 0.5, 0.0), "t"),
     encode("console.p", Console("p", {"a": 1}, {"hood": Frame.encode(IMG, "raw")}), "t"),
+    encode("sample.c", sample("jpeg", history=True, stack=0), "t"),  # history on the fast paths
 ]
 _GOOD = [[bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in m] for m in _GOOD]
 
@@ -396,24 +401,49 @@ def _outcome(fn, frames):
 
 
 def _precise(frames):
-    """decode with both fast paths switched off: every field through the named checks."""
+    """decode with every fast path switched off: every field through the named checks."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec_module, "_decode_fast", lambda frames: None)
+        mp.setattr(codec_module, "_fast", lambda frames: None)
         mp.setattr(codec_module, "_sample_in_fast", lambda b, blobs: None)
         return decode(frames)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST_PATHS = [
+    "python",
+    pytest.param(
+        "c", marks=pytest.mark.skipif(codec_module._fastcodec is None, reason="C fast path not built")
+    ),
+]
+
+
+@contextlib.contextmanager
+def fast_path(name: str):
+    """Decode received messages on the named fast path for a while."""
+    was = codec_module.FAST_PATH == "c"
+    assert codec_module._use_c(name == "c") == (name == "c")
+    try:
+        yield
+    finally:
+        codec_module._use_c(was)
+
+
+@pytest.mark.parametrize("path_name", FAST_PATHS)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    which=st.integers(0, 2),
+    which=st.integers(0, len(_GOOD) - 1),
     path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
     value=_values,
     cut=st.integers(0, 3),
     whole=st.booleans(),
 )
-def test_fuzz_fast_paths_agree_with_the_precise_one(which, path, value, cut, whole):
-    """Samples as a subscriber receives them (zmq.Frame, the fast path) decode exactly as the precise
-    path decodes them: the same fields, or a rejection for the same reason."""
+def test_fuzz_fast_paths_agree_with_the_precise_one(path_name, which, path, value, cut, whole):
+    """Messages as a subscriber receives them (zmq.Frame, a fast path, in C or in Python) decode exactly as
+    the precise path decodes them: the same fields, or a rejection for the same reason."""
+    with fast_path(path_name):
+        _agree(which, path, value, cut, whole)
+
+
+def _agree(which, path, value, cut, whole):
     frames = list(_GOOD[which])
     header = msgpack.unpackb(frames[1])
     frames[1] = msgpack.packb(_mutate(header, path, value, whole))
@@ -427,14 +457,70 @@ def test_fuzz_fast_paths_agree_with_the_precise_one(which, path, value, cut, who
     assert fast == _outcome(decode, frames)  # plain bytes: the other way in
 
 
-def test_fast_path_is_taken_for_received_samples():
-    frames = [zmq.Frame(f) for f in _GOOD[1]]
-    decode(frames)
-    env = codec_module._decode_fast(frames)
-    assert env is not None and env.kind == "sample" and env.msg.seq == 7
-    # an integer where senders write floats is valid, but left to the precise path
-    header = msgpack.unpackb(_GOOD[1][1])
-    header["body"]["speed"] = 12
-    odd = [zmq.Frame(_GOOD[1][0]), zmq.Frame(msgpack.packb(header)), zmq.Frame(_GOOD[1][2])]
-    assert codec_module._decode_fast(odd) is None
+@pytest.mark.parametrize("path_name", FAST_PATHS)
+def test_fast_path_is_taken_for_received_samples(path_name):
+    with fast_path(path_name):
+        fast = codec_module._fast
+        for good in (_GOOD[1], _GOOD[6]):
+            frames = [zmq.Frame(f) for f in good]
+            decode(frames)
+            env = fast(frames)
+            assert env is not None and env.kind == "sample" and env.msg.seq == 7
+            assert _outcome(lambda f, env=env: env, frames) == _outcome(_precise, frames)
+        assert env.msg.history.shape == (60, 5) and env.msg.stack == [] and env.msg.source == "npc"
+        # an integer where senders write floats is valid, but left to the precise path
+        header = msgpack.unpackb(_GOOD[1][1])
+        header["body"]["speed"] = 12
+        odd = [zmq.Frame(_GOOD[1][0]), zmq.Frame(msgpack.packb(header)), zmq.Frame(_GOOD[1][2])]
+        assert fast(odd) is None
+        assert fast([bytes(f) for f in _GOOD[1]]) is None  # plain bytes: not a received message
     assert decode(odd).msg.speed == 12.0 and isinstance(decode(odd).msg.speed, float)
+
+
+_EDGES = [
+    -2.0, -1.0000001, -1.0, -0.0, 0.0, 0.5, 1.0, 1.0000001, 2.0, 3.0, 5.0, 200.0, 200.0001, math.pi,
+    math.pi + 2e-6, -math.pi - 2e-6, 1e7, 1e7 + 1, 1e12, 1.1e12, 1e16, math.nan, math.inf, -math.inf,
+    -1, 0, 1, 2, 3, 5, 4096, 4097, 2**63 - 1, 2**63, True, False, None,
+    "", "x", "raw", "jpeg", "uint8", "float32", "a" * 33, "a" * 257, [], [1.0, 2.0], {}, b"x",
+]  # fmt: skip
+_FIELDS = [
+    ("v",), ("sender",), ("t",), ("wall",), ("kind",),
+    *(("body", k) for k in ("steering", "throttle_brake", "speed", "game_time", "seq", "collector", "source")),
+    ("body", "purpose", 0), ("body", "purpose", 1), ("body", "previous", 0), ("body", "previous", 1),
+    ("body", "purpose"), ("body", "previous"), ("body", "frame"), ("body", "history"), ("body", "stack"),
+    *(("body", "frame", k) for k in ("codec", "dtype", "blob", "shape")),
+    ("body", "frame", "shape", 0), ("body", "frame", "shape", 1), ("body", "frame", "shape", 2),
+    *(("body", "history", k) for k in ("dtype", "blob", "shape")),
+    ("body", "history", "shape", 0), ("body", "history", "shape", 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path_name", FAST_PATHS)
+@pytest.mark.parametrize("good", [1, 6])
+def test_fast_paths_agree_on_every_field_at_its_edges(path_name, good):
+    """Each field of a received sample set to each edge value (just inside and outside its range, NaN,
+    the wrong type): the fast path and the precise one give the same fields or the same reason."""
+    with fast_path(path_name):
+        decode([zmq.Frame(f) for f in _GOOD[good]])
+        for path in _FIELDS:
+            for value in _EDGES:
+                header = msgpack.unpackb(_GOOD[good][1])
+                cur = header
+                for k in path[:-1]:
+                    cur = cur[k] if isinstance(cur, list) or k in cur else cur.setdefault(k, {})
+                cur[path[-1]] = value
+                frames = [_GOOD[good][0], msgpack.packb(header), *_GOOD[good][2:]]
+                zf = [zmq.Frame(f) for f in frames]
+                assert _outcome(decode, zf) == _outcome(_precise, zf), (path, value)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux"
+    or shutil.which("cc") is None
+    or os.environ.get("CHARLES_PURE_PYTHON", "") not in ("", "0"),
+    reason="the C fast path is built where a C compiler is (and not switched off)",
+)
+def test_the_c_fast_path_is_built_and_used_where_a_compiler_is():
+    assert codec_module._fastcodec is not None, "make install did not build proto/_fastcodec.c"
+    assert codec_module.FAST_PATH == "c"
+    assert codec_module._fastcodec.direct() == {"Sample": True, "Frame": True, "Envelope": True}
