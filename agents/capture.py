@@ -9,8 +9,10 @@ it (the mod's autopilot, or a person's pad), and publishes:
   human). Unstuck (``charles.sim.unstuck``, the same state machine as the sim collectors) watches the
   position; when it says teleport, the agent rebuilds the mod's scenario at a new location. No samples
   are sent while Unstuck recovers (the car is being moved, the labels mean nothing).
-* **play** mode: a :class:`~charles.proto.GameFrame` on ``game.<id>`` for the player, with speed,
-  position, heading, purpose and the controls the game applied.
+* **play** mode: a :class:`~charles.proto.GameFrame` on ``game.<id>`` for the player (or a collector),
+  with speed, position, heading, purpose and the controls the game applied. Frames keep coming while
+  Unstuck recovers the car, marked ``recovering`` (a collector takes no sample of them and counts one
+  unstuck per recovery); ``recovering`` is false on every frame when this agent runs no Unstuck.
 
 Pictures come from dxcam (``frames: dxcam``, paced by the monotonic clock: tick k is due at start + k/fps,
 missed ticks are skipped and counted) or from the mod itself (``frames: deepgtav``: one tick per frame the
@@ -430,6 +432,7 @@ class CaptureAgent:
                 heading=heading,
                 purpose=purpose,
                 controls=controls,
+                recovering=not driving,
             )
             sent = True
         elif driving:

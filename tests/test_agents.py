@@ -481,6 +481,47 @@ def test_unstuck_asks_the_mod_for_a_new_location(broker, mod):
         run.close()
 
 
+FAST_UNSTUCK = {
+    "window_s": 0.3,
+    "min_distance_m": 1.0,
+    "fade_out_s": 0.1,
+    "settle_s": 0.1,
+    "fade_in_s": 0.1,
+    "grace_s": 0.1,
+}
+
+
+def test_play_mode_marks_the_frames_of_an_unstuck_recovery(broker, mod):
+    # a collector reading game.<id> must know which frames are the car being moved, not driving
+    srv = mod(moving=False)
+    _, data = broker
+    s = _settings(srv, mode="play", unstuck=True, unstuck_config=FAST_UNSTUCK)
+    run = Running(data, s, "game.")
+    try:
+        wait_for(lambda: srv.messages("config"), 5, "no teleport asked of the mod")
+        run.collect(90)  # 1.5 s at 60 fps: stuck after 0.3 s, recovered 0.3 s later
+    finally:
+        run.close()
+    marks = [m.recovering for _, m in run.got]
+    assert set(marks) == {True, False}, "driving frames say false, the recovery's frames true"
+    assert marks.index(True) > 0, "the car drives before it is found stuck"
+    # the recovery lasts fade out + settle + fade in (0.3 s of game time), then the car drives again
+    first = marks.index(True)
+    last = first + marks[first:].index(False) - 1
+    assert run.got[last][1].game_time - run.got[first][1].game_time == pytest.approx(0.3, abs=0.1)
+
+
+def test_play_mode_without_unstuck_says_it_is_not_recovering(broker, mod):
+    srv = mod()
+    _, data = broker
+    run = Running(data, _settings(srv, mode="play"), "game.")
+    try:
+        got = run.collect(5)
+    finally:
+        run.close()
+    assert all(m.recovering is False for _, m in got)
+
+
 def test_play_mode_publishes_game_frames_from_dxcam_at_a_steady_rate(broker, mod):
     srv = mod()
     _, data = broker
