@@ -6,8 +6,4 @@ and ``charles.proto.codec`` runs the same checks in Python.
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension("charles.proto._fastcodec", ["proto/_fastcodec.c"], optional=True)
-    ]
-)
+setup(ext_modules=[Extension("charles.proto._fastcodec", ["proto/_fastcodec.c"], optional=True)])
