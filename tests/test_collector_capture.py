@@ -173,9 +173,11 @@ class FakeSub:
         )
 
 
-def game_frame(seq: int, t: float, controls=(0.25, -0.5)) -> GameFrame:
+def game_frame(seq: int, t: float, controls=(0.25, -0.5), **kw) -> GameFrame:
     img = Frame.encode(np.full((H, W, 3), seq, np.uint8), "jpeg")
-    return GameFrame("agent-1", seq, t, img, 12.0, purpose=(0.3, 80.0), controls=controls)
+    return GameFrame(
+        "agent-1", seq, t, img, kw.pop("speed", 12.0), purpose=(0.3, 80.0), controls=controls, **kw
+    )
 
 
 def test_game_source_labels_with_controls_rejects_unlabelled_and_keeps_30_hz():
@@ -197,6 +199,58 @@ def test_game_source_labels_with_controls_rejects_unlabelled_and_keeps_30_hz():
     )
     assert caps[3] is None and rejects == ["no_controls"]
     assert caps[4] is None
+
+
+def drain(src: GameSource, n: int) -> list[Capture]:
+    return [c for _ in range(n) if (c := src.next(0.01)) is not None]
+
+
+def test_game_source_takes_no_sample_of_the_agents_recovery_and_counts_each_once():
+    # 60 fps with the odd frames a little early: they fall between two 30 Hz ticks and are skipped; the
+    # second recovery starts on such a frame (31), and the capture after it says so
+    marks = [False] * 6 + [True] * 12 + [False] * 13 + [True] * 6 + [False] * 3
+    frames = [game_frame(i, 10 + i / 60 - 0.004 * (i % 2), recovering=m) for i, m in enumerate(marks)]
+    frames[10] = game_frame(10, 10 + 10 / 60, None, recovering=True)  # no label needed while recovering
+    src = GameSource("agent-1", FakeSub(frames), lambda reason, detail: pytest.fail(reason))
+    caps = drain(src, len(frames))
+    ticked = [round(c.game_time * 60) for c in caps]
+    assert ticked == list(range(0, 40, 2)) and src.skipped == 20
+    assert [c.driving for c in caps] == [not marks[i] for i in ticked]
+    starts = [i for i, c in zip(ticked, caps, strict=True) if c.unstuck]
+    assert starts == [6, 32], "once per recovery, at its first tick"
+    assert src.unstucks == 2 and src.info()["unstucks"] == 2
+    for c in caps:
+        if not c.driving:
+            assert c.executed == c.label == (0.0, -1.0) and c.distance_m == 0.0 and c.image is not None
+    builder = SampleBuilder(SampleShape(W, H, history_rows=4))
+    samples = [p for c in caps if (p := builder.push(c)) is not None]
+    assert len(samples) == sum(c.driving for c in caps), "recovery frames are not training samples"
+
+
+def test_game_source_runs_the_shared_unstuck_when_the_sender_does_not_say():
+    cfg = UnstuckConfig(window_s=1.0, min_distance_m=2.0, fade_out_s=0.2, settle_s=0.2, fade_in_s=0.2)
+    parked = [game_frame(i, i / 30, position=(5.0, 5.0, 0.0)) for i in range(75)]
+    src = GameSource("agent-1", FakeSub(parked), unstuck=cfg)
+    caps = drain(src, 75)
+    idle = [i for i, c in enumerate(caps) if not c.driving]
+    assert idle[0] == 30, "stuck after 1 s without moving 2 m"
+    assert idle == list(range(30, 30 + len(idle))) and 17 <= len(idle) <= 21, "0.6 s of recovery"
+    assert src.unstucks == 1 and sum(c.unstuck for c in caps) == 1
+    # no position: the speed is the odometer; a moving car is never stuck
+    rolling = [game_frame(i, i / 30, speed=3.0) for i in range(90)]
+    src = GameSource("agent-1", FakeSub(rolling), unstuck=cfg)
+    assert all(c.driving for c in drain(src, 90)) and src.unstucks == 0
+    stopped = [game_frame(i, i / 30, speed=0.0) for i in range(45)]
+    src = GameSource("agent-1", FakeSub(stopped), unstuck=cfg)
+    assert not drain(src, 45)[-1].driving and src.unstucks == 1
+
+
+def test_game_source_takes_the_agents_word_over_its_own_watch():
+    # an agent saying "not recovering" about a parked car is believed: its Unstuck is the one that acts
+    parked = [game_frame(i, i / 30, position=(5.0, 5.0, 0.0), recovering=False) for i in range(90)]
+    cfg = UnstuckConfig(window_s=1.0, min_distance_m=2.0)
+    src = GameSource("agent-1", FakeSub(parked), unstuck=cfg)
+    assert all(c.driving for c in drain(src, 90)) and src.unstucks == 0
 
 
 def test_gym_source_drives_the_env_with_the_expert():

@@ -208,6 +208,52 @@ def test_remote_game_frames_become_samples_labelled_with_their_controls(served_b
     assert [x.seq for x in got] == list(range(got[0].seq, got[0].seq + len(got)))
 
 
+def test_remote_game_recovery_is_no_sample_counts_an_unstuck_and_game_time_jitter_is_recorded(
+    served_broker, collectors, clients
+):
+    data = served_broker(collector={"console_s": 0.2})
+    sub = clients("trainer").subscriber(["sample.collector-r"], late_join=False)
+    svc = collectors(data, "collector-r", None, "collector.source=game:agent-2")
+    wait_for(lambda: svc.status == "ok", 5, "collector never ran")
+    agent = clients("capture_agent").publisher("game")
+    img = Frame.encode(np.zeros((108, 192, 3), np.uint8), "jpeg")
+    t = 50.0
+    k = 0
+
+    def send(controls, recovering=False, dt=1 / 30):
+        nonlocal t, k
+        t += dt
+        k += 1
+        agent.send(
+            "game.agent-2",
+            GameFrame("agent-2", k, t, img, 8.0, controls=controls, recovering=recovering),
+        )
+        time.sleep(0.005)
+
+    deadline = time.monotonic() + 6
+    while sub.recv(0) is None and time.monotonic() < deadline:  # until the path is open end to end
+        send((0.1, 0.5))
+        time.sleep(0.03)
+    reg = svc.metrics.registry
+    jitter_before = counter_value(reg, "charles_collector_jitter_seconds_sum")
+    for _ in range(5):
+        send((0.1, 0.5))
+    for _ in range(15):  # the agent's Unstuck fades, teleports and settles the car
+        send((0.9, 0.9), recovering=True)
+    send((0.2, 0.5), dt=0.05)  # a late frame: 1/60 s off the 30 Hz grid
+    for _ in range(10):
+        send((0.2, 0.5))
+    got = [e.msg for _, e in receive(sub, 2.0, until=lambda g: len(g) >= 15)]
+    assert len(got) >= 12, "driving frames after the recovery became samples"
+    assert all(s.steering != 0.9 for s in got), "no frame of the recovery is a training sample"
+    assert counter_value(reg, "charles_collector_unstucks_total") == 1
+    assert counter_value(reg, "charles_collector_jitter_seconds_count") >= 30
+    assert counter_value(reg, "charles_collector_jitter_seconds_sum") - jitter_before == pytest.approx(
+        1 / 60, abs=1e-3
+    )
+    wait_for(lambda: svc.info.get("unstucks") == 1, 3, "the console does not show the unstuck")
+
+
 class SlowPub:
     """A bus that takes 20 ms per message."""
 

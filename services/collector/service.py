@@ -107,7 +107,7 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
     shape = sample_shape(cfg)
     if kind == "game":
         sub = svc.subscriber([f"game.{arg}"], late_join=False)
-        return sources.GameSource(arg, sub, svc.reject)
+        return sources.GameSource(arg, sub, svc.reject, cfg.unstuck)
     if kind == "gym":
         return sources.GymSource(arg, c.expert, seed, c.gym_kwargs)
     return sources.SimSource(
@@ -186,7 +186,8 @@ class CollectorService:
         )
         self.m_jitter = prom.Histogram(
             "charles_collector_jitter_seconds",
-            "realtime: how late each tick started against its 30 Hz schedule",
+            "realtime sim/gym: how late each tick started against its 30 Hz schedule; game: how far each "
+            "tick's game-time interval from the one before strays from 1/30 s",
             buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.033, 0.1),
             registry=r,
         )
@@ -209,6 +210,7 @@ class CollectorService:
         self.unstucks = 0
         self.metres = 0.0
         self._due: float | None = None
+        self._last_game_time: float | None = None
         self._next_refresh = 0.0
         self._last_refresh: tuple[float, int] | None = None
         self.sps = 0.0
@@ -258,6 +260,8 @@ class CollectorService:
         cap = self.source.next(MAX_IDLE_WAIT_S)
         if cap is not None:
             self.ticks += 1
+            if self.source.paced:
+                self._game_jitter(cap.game_time)
             pending = self.builder.push(cap)
             if pending is not None:
                 self.sender.offer(pending)  # never blocks: a full queue drops and counts
@@ -282,6 +286,13 @@ class CollectorService:
             now = time.monotonic()
         self.m_jitter.observe(max(0.0, now - self._due))
         self._due += 1.0 / (TICK_HZ * self.config.pace)
+
+    def _game_jitter(self, game_time: float) -> None:
+        """A game keeps its own clock: record how far its tick intervals stray from one 30 Hz step (a lost
+        or late frame shows here as a long interval)."""
+        last, self._last_game_time = self._last_game_time, game_time
+        if last is not None and game_time > last:  # an earlier time: the game restarted its clock
+            self.m_jitter.observe(abs(game_time - last - 1.0 / TICK_HZ))
 
     # -- what people see -------------------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ Each is a :class:`~charles.collector.capture.Source`: one :class:`Capture` per 3
 - :class:`GameSource` turns ``game.<source>`` GameFrames from a capture agent into captures; the label is
   the controls the game's driver applied (its NPC or a human's pad). The game keeps its own clock; ticks
   closer than one 30 Hz step of game time are skipped (a 60 FPS agent gives 30 samples/s, not 60).
+  Unstuck: the agent's own (it moves the car) marks its recovery frames ``recovering``; a sender that
+  does not say gets the same Unstuck run here on its telemetry (position, else speed). Either way a
+  recovery's frames are not driving and each recovery counts one unstuck.
 - :class:`GymSource` steps any Gymnasium env with image observations and a continuous action space,
   driven by an expert (``module:callable`` factory, called with the env, returning ``act(obs, info)``).
 """
@@ -24,7 +27,7 @@ import numpy as np
 from charles.collector.capture import TICK_HZ, Capture
 from charles.proto import GameFrame
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
-from charles.sim.unstuck import Phase
+from charles.sim.unstuck import Phase, Unstuck
 
 WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
 """How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""
@@ -141,24 +144,36 @@ class SimSource:
 # ---------------------------------------------------------------------------------------------- remote game
 
 
+BRAKE = (0.0, -1.0)
+"""What a recovering car gets (Capture.executed), as the sim's session and the player record it."""
+
+
 class GameSource:
     """GameFrames with controls from a capture agent (``game.<source id>``) as captures.
 
     ``sub`` is a charles.runtime.Subscriber on ``game.<source id>``; ``reject(reason, detail)`` counts what
-    is refused (a frame without controls cannot be labelled).
+    is refused (a frame without controls cannot be labelled). ``unstuck`` configures the Unstuck that
+    watches senders which do not say whether they are recovering.
     """
 
     paced = True
 
-    def __init__(self, source_id: str, sub: Any, reject: Any = None):
+    def __init__(self, source_id: str, sub: Any, reject: Any = None, unstuck: UnstuckConfig | None = None):
         self.name = f"game:{source_id}"
         self.sub = sub
         self.reject = reject or (lambda reason, detail: None)
+        self.watch = Unstuck(unstuck or UnstuckConfig())
+        """Runs only on frames whose sender does not say (``recovering`` absent): one verdict per frame."""
         self.t0: float | None = None
         self.last_tick: int | None = None
         self.skipped = 0
         """GameFrames dropped because they came closer than one 30 Hz step of game time."""
         self.frames = 0
+        self.recovering = False
+        self.unstucks = 0
+        """Recoveries seen start (the agent's, or this source's own Unstuck's)."""
+        self._unstuck_due = False
+        """A recovery started on a frame that became no capture: the next capture carries it."""
 
     def next(self, timeout_s: float) -> Capture | None:
         env = self.sub.recv(int(timeout_s * 1000))
@@ -166,35 +181,59 @@ class GameSource:
             return None
         g: GameFrame = env.msg
         self.frames += 1
-        if g.controls is None:
+        if self.t0 is None or g.game_time < self.t0:
+            self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
+            self.watch.reset()
+        t = g.game_time - self.t0
+        recovering = self._recovering(g, t)
+        if recovering and not self.recovering:
+            self.unstucks += 1
+            self._unstuck_due = True
+        self.recovering = recovering
+        if g.controls is None and not recovering:
             self.reject(
                 "no_controls", f"GameFrame {g.source}#{g.seq} has no controls: nothing to label it with"
             )
             return None
-        if self.t0 is None or g.game_time < self.t0:
-            self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
-        t = g.game_time - self.t0
         tick = math.floor(t * TICK_HZ + 0.5)
         if self.last_tick is not None and tick <= self.last_tick:
             self.skipped += 1
             return None
         steps = 1 if self.last_tick is None else tick - self.last_tick
         self.last_tick = tick
-        controls = (float(g.controls[0]), float(g.controls[1]))
+        unstuck, self._unstuck_due = self._unstuck_due, False
+        speed = abs(float(g.speed))
+        # while recovering the frame still enters the history and the stack (as the player sees it), braking
+        controls = BRAKE if recovering else (float(g.controls[0]), float(g.controls[1]))
         return Capture(
             game_time=t,
             image=g.frame,
             label=controls,
             executed=controls,
-            speed=abs(float(g.speed)),
+            speed=speed,
             purpose=tuple(g.purpose) if g.purpose is not None else (0.0, 0.0),
-            driving=True,
+            driving=not recovering,
             source="npc",
-            distance_m=abs(float(g.speed)) * steps / TICK_HZ,
+            distance_m=0.0 if recovering else speed * steps / TICK_HZ,
+            unstuck=unstuck,
         )
 
+    def _recovering(self, g: GameFrame, t: float) -> bool:
+        """The sender's word when it gives one (its Unstuck moves the car); else the shared Unstuck's."""
+        if g.recovering is not None:
+            self.watch.reset()  # should the sender stop saying, the watch starts afresh
+            return g.recovering
+        pos = g.position
+        step = self.watch.update(t, position=pos, speed=None if pos is not None else g.speed)
+        return not step.driving
+
     def info(self) -> dict:
-        return {"game_frames": self.frames, "skipped": self.skipped}
+        return {
+            "game_frames": self.frames,
+            "skipped": self.skipped,
+            "unstucks": self.unstucks,
+            "recovering": self.recovering,
+        }
 
     def close(self) -> None:
         pass
