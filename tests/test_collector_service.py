@@ -208,6 +208,31 @@ def test_remote_game_frames_become_samples_labelled_with_their_controls(served_b
     assert [x.seq for x in got] == list(range(got[0].seq, got[0].seq + len(got)))
 
 
+def test_default_seeds_are_the_replicas_own_and_reported_on_the_console(served_broker, collectors, clients):
+    # seed=None is what compose and k8s run: each replica derives its seed from its own id
+    from charles.collector.sources import replica_seed
+
+    data = served_broker(sim={**SMALL_SIM, "seed": 7})
+    sub = clients("viewer").subscriber(["console.collector-", "sample.collector-"], late_join=False)
+    collectors(data, "collector-a")
+    collectors(data, "collector-b")
+    seeds: dict = {}
+    senders: set = set()
+
+    def both(got):
+        for _, e in got:
+            if e.topic.startswith("console."):
+                seeds[e.sender] = e.msg.state.get("seed")
+            else:
+                senders.add(e.msg.collector)
+        return len(seeds) == 2 and None not in seeds.values() and len(senders) == 2
+
+    receive(sub, 10, until=both)
+    assert set(seeds) == senders == {"collector-a", "collector-b"}
+    assert seeds["collector-a"] != seeds["collector-b"]
+    assert seeds == {k: replica_seed(k, 7) for k in seeds}
+
+
 def test_remote_game_recovery_is_no_sample_counts_an_unstuck_and_game_time_jitter_is_recorded(
     served_broker, collectors, clients
 ):
