@@ -272,7 +272,10 @@ def main() -> int:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
     )
     ap.add_argument(
-        "--keep", action="store_true", help="keep the temporary run directory (logs, checkpoints)"
+        "--keep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the temporary run directory (logs, checkpoints); default: kept for runs over 3 minutes",
     )
     args = ap.parse_args()
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 20.0)
@@ -394,7 +397,8 @@ def main() -> int:
         "config": str(args.config),
         "overrides": args.set,
     }
-    if not args.keep:
+    keep = args.keep if args.keep is not None else minutes > 3
+    if not keep:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         figures["run_dir"] = str(tmp)
