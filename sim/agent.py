@@ -247,6 +247,7 @@ class SimAgent:
             heading=wrap_angle(p.heading),
             purpose=(wrap_angle(obs.purpose[0]), min(1e7, max(0.0, float(obs.purpose[1])))),
             controls=self.executed,
+            recovering=not obs.driving,  # Unstuck runs here: collectors and the player take its word
         )
 
     @property

@@ -282,6 +282,28 @@ def test_remote_game_frames_in_actions_out(player, trainer, client_factory):
     )
     assert service.predictions >= 30
 
+    # the agent's Unstuck has the car (recovering): the player brakes and keeps no watch of its own
+    def actions_for(recovering: bool, start: int) -> list:
+        out = []
+        for k in range(start, start + 200):
+            img = rng.integers(0, 255, (180, 320, 3), np.uint8)
+            gf = GameFrame(
+                "agent-1", k, k / 30, Frame.encode(img, "jpeg"), 0.0, (0.0, 0.0, 0.0), 0.0, (0.1, 50.0)
+            )
+            gf.recovering = recovering
+            agent.send("game.agent-1", gf)
+            while (env := pad.recv(5)) is not None:
+                out.append(env.msg)
+            if sum(a.frame_seq is not None and a.frame_seq >= start + 5 for a in out) >= 10:
+                return [a for a in out if a.frame_seq is not None and a.frame_seq >= start + 5]
+            time.sleep(0.01)
+        raise AssertionError(f"only {len(out)} actions while recovering={recovering}")
+
+    held = actions_for(True, 1000)
+    assert all(a.throttle == 0.0 and a.brake > 0.0 for a in held)
+    assert service.source.unstuck.unstucks == 0
+    assert any(a.throttle > 0.0 for a in actions_for(False, 2000))
+
 
 def test_dagger_samples_are_labelled_by_the_npc_and_counted(player, trainer, client_factory):
     trainer(weights(blob(*W1), batch=1))

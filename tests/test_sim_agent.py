@@ -128,6 +128,11 @@ def test_game_frames_carry_the_models_picture_and_the_cars_telemetry(agents):
     assert frames[0].controls is None and gf.controls == (0.0, 0.0)  # what the car got on the step before
     again = decode(encode(f"game.{GAME}", gf, GAME)).msg  # valid on the wire
     assert again.frame.shape == gf.frame.shape and again.seq == 2
+    assert [f.recovering for f in frames] == [False] * 3 and again.recovering is False
+    agent.session.unstuck.trigger()  # Unstuck takes the car: the frames say so
+    inbox.q.append(action(3))
+    agent.tick()
+    assert outbox.sent[-1][1].recovering is True
 
 
 def test_actions_drive_the_car_as_the_gamepad_agent_applies_them(agents):
