@@ -184,6 +184,8 @@ METRICS: dict[str, Metric] = {
         Metric("charles_trainer_data_wait_fraction", "gauge", (), "trainer"),
         Metric("charles_trainer_weights_published_total", "counter", (), "trainer"),
         Metric("charles_trainer_publish_seconds", "histogram", (), "trainer"),
+        Metric("charles_trainer_samples_reused_total", "counter", ("output",), "trainer"),
+        Metric("charles_broker_last_value_evictions_total", "counter", ("family", "cause"), "broker"),
         Metric("charles_player_predictions_total", "counter", (), "player"),
         Metric("charles_player_fps", "gauge", (), "player"),
         Metric("charles_player_pps", "gauge", (), "player"),

@@ -395,3 +395,12 @@ def test_broker_process_serves_health_and_stops_promptly_on_sigterm(bus_ports, t
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_listed_broker_metrics_are_what_the_broker_exposes(broker):
+    from test_topology import _assert_listed_as_exposed, _exposed
+
+    b, _ = broker
+    for i in range(b.cfg.snapshot_hwm + 1):  # one eviction: the counter's first series
+        b.lvc.put(f"console.c{i}", [b"c", b"h"])
+    _assert_listed_as_exposed("broker", _exposed(b.svc.metrics.registry))
