@@ -377,3 +377,28 @@ def render(cfg: Config | Any, *, comments: bool = True) -> str:
     else:
         emit(cfg, 0)
     return "\n".join(lines) + "\n"
+
+
+LOCAL_SECTIONS = ("bus", "service", "broker")
+"""This process's own facts (how it reaches the broker, where it serves /metrics): never the broker's."""
+
+
+def run_config(
+    local: Config,
+    served: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """The broker's configuration, with what is this process's own on top.
+
+    The broker's sections are the run's truth (every collector feeds the same model line). This process
+    keeps its own ``bus``, ``service`` and ``broker`` sections, and its environment (``CHARLES__*``) and
+    command line (``--set``) win over the broker: they are explicit per-process choices.
+    """
+    known = {f.name for f in dataclasses.fields(RunConfig)} | set(SECTIONS)
+    data = {k: v for k, v in served.items() if k in known and k not in LOCAL_SECTIONS}
+    mine = local.to_dict()
+    data.update({k: mine[k] for k in LOCAL_SECTIONS})
+    env = dict(os.environ if environ is None else environ)
+    env.pop("CHARLES_CONFIG", None)  # the file was read for `local`; the broker's values replace it
+    return load(None, environ=env, overrides=overrides, data=data)

@@ -30,6 +30,9 @@ from charles.config import Config
 from charles.proto import Heartbeat, ProtocolError, decode, encode, registry
 from charles.proto.codec import Envelope
 
+_FETCH_SLICE_S = 0.5
+"""A configuration request waits at most this long before looking at SIGTERM again."""
+
 log = logging.getLogger("charles")
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -470,6 +473,35 @@ class Service:
                     raise RuntimeError(f"broker refused the configuration request: {env.msg.error}")
                 return env.msg.config
         raise RuntimeError("broker sent no configuration")
+
+    def acquire_config(self, role: str | None = None) -> dict | None:
+        """The run configuration from the broker; retries until it comes. None when stopped while waiting.
+
+        Each try waits up to ``bus.connect_timeout_s`` (in short requests, so SIGTERM is noticed within half a
+        second); every failed try is logged with where we looked.
+        """
+        self.status = "waiting"
+        tries = 0
+        while self.running:
+            tries += 1
+            deadline = time.monotonic() + self.cfg.bus.connect_timeout_s
+            error: Exception | None = None
+            while self.running and time.monotonic() < deadline:
+                try:
+                    return self.fetch_config(
+                        role, timeout_s=min(_FETCH_SLICE_S, max(0.05, deadline - time.monotonic()))
+                    )
+                except TimeoutError as e:
+                    error = e
+                except RuntimeError as e:  # the broker answered but refused: worth a pause, not a spin
+                    error = e
+                    self.stop_event.wait(1.0)
+            if self.running:
+                self.log.warning(
+                    f"no run configuration from the broker at {self.endpoints['control']} after "
+                    f"{self.cfg.bus.connect_timeout_s:g}s (try {tries}: {error}); still trying"
+                )
+        return None
 
     def snapshot(self, prefixes: Iterable[str], timeout_s: float = 2.0) -> list[Envelope]:
         """The broker's newest message of each last-value topic matching the prefixes."""

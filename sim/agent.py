@@ -383,7 +383,6 @@ class SimAgent:
 
 def main(argv: list[str] | None = None) -> int:
     from charles.agents.common import agent_service
-    from charles.collector.service import acquire_config, run_config
     from charles.runtime import setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m charles.sim.agent", description=__doc__.split("\n\n")[0])
@@ -448,11 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     agent = None
     try:
         svc.start_heartbeat()  # "waiting" on the consoles while the broker is not there yet
-        served = acquire_config(svc, SERVICE)
+        served = svc.acquire_config(SERVICE)
         if served is None:
             return 0  # stopped while waiting
         try:
-            cfg = run_config(local, served, args.set)
+            cfg = config_mod.run_config(local, served, args.set)
         except ValueError as e:
             log.error(f"configuration error: {e}")
             return 2

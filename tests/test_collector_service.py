@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from charles import config
-from charles.collector.service import CollectorService, acquire_config, make_source, run_config, serve
+from charles.collector.service import CollectorService, make_source, serve
+from charles.config import run_config
 from charles.proto import Frame, GameFrame
 
 from tests_support import counter_value, wait_for
@@ -113,7 +114,7 @@ def test_configuration_waits_for_the_broker_and_stops_on_sigterm(bus_ports, capl
     data = {"bus": {"host": "127.0.0.1", "ports": bus_ports, "connect_timeout_s": 0.3}}
     svc = Service("collector", config.load(data=data, environ={}), "collector-w", http=False, signals=False)
     result = []
-    t = threading.Thread(target=lambda: result.append(acquire_config(svc)), daemon=True)
+    t = threading.Thread(target=lambda: result.append(svc.acquire_config("collector")), daemon=True)
     with caplog.at_level(logging.WARNING, logger="charles.collector"):
         t.start()
         wait_for(lambda: "no run configuration from the broker" in caplog.text, 3, "no waiting log")

@@ -15,8 +15,6 @@ sender sends what is queued, and the socket lingers ``collector.linger_s`` for i
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,10 +28,6 @@ from charles.collector.sender import Encoder, Sender
 from charles.proto import Console, Sample
 from charles.runtime import Publisher, Service
 
-LOCAL_SECTIONS = ("bus", "service", "broker")
-"""This process's own facts (how it reaches the broker, where it serves /metrics): never the broker's."""
-FETCH_SLICE_S = 0.5
-"""A configuration request waits at most this long before looking at SIGTERM again."""
 MAX_IDLE_WAIT_S = 0.1
 """Longest wait for a remote game's frame: SIGTERM only sets a flag, so the loop looks at it this often."""
 BEHIND_S = 0.5
@@ -41,57 +35,6 @@ BEHIND_S = 0.5
 
 
 # ---------------------------------------------------------------------------------------------- config
-
-
-def acquire_config(svc: Service, role: str = "collector") -> dict | None:
-    """The run configuration from the broker; retries until it comes. None when stopped while waiting.
-
-    Each try waits up to ``bus.connect_timeout_s`` (in short requests, so SIGTERM is noticed within half a
-    second); every failed try is logged with where we looked.
-    """
-    svc.status = "waiting"
-    tries = 0
-    while svc.running:
-        tries += 1
-        deadline = time.monotonic() + svc.cfg.bus.connect_timeout_s
-        error: Exception | None = None
-        while svc.running and time.monotonic() < deadline:
-            try:
-                return svc.fetch_config(
-                    role, timeout_s=min(FETCH_SLICE_S, max(0.05, deadline - time.monotonic()))
-                )
-            except TimeoutError as e:
-                error = e
-            except RuntimeError as e:  # the broker answered but refused: worth a pause, not a spin
-                error = e
-                svc.stop_event.wait(1.0)
-        if svc.running:
-            svc.log.warning(
-                f"no run configuration from the broker at {svc.endpoints['control']} after "
-                f"{svc.cfg.bus.connect_timeout_s:g}s (try {tries}: {error}); still trying"
-            )
-    return None
-
-
-def run_config(
-    local: config_mod.Config,
-    served: Mapping[str, Any],
-    overrides: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
-) -> config_mod.Config:
-    """The broker's configuration, with what is this process's own on top.
-
-    The broker's sections are the run's truth (every collector feeds the same model line). This process
-    keeps its own ``bus``, ``service`` and ``broker`` sections, and its environment (``CHARLES__*``) and
-    command line (``--set``) win over the broker: they are explicit per-process choices.
-    """
-    known = {f.name for f in dataclasses.fields(config_mod.RunConfig)} | set(config_mod.SECTIONS)
-    data = {k: v for k, v in served.items() if k in known and k not in LOCAL_SECTIONS}
-    mine = local.to_dict()
-    data.update({k: mine[k] for k in LOCAL_SECTIONS})
-    env = dict(os.environ if environ is None else environ)
-    env.pop("CHARLES_CONFIG", None)  # the file was read for `local`; the broker's values replace it
-    return config_mod.load(None, environ=env, overrides=overrides, data=data)
 
 
 def sample_shape(cfg: config_mod.Config) -> SampleShape:
@@ -136,11 +79,11 @@ def serve(
     """
     from charles.collector.sources import replica_seed
 
-    served = acquire_config(svc, "collector")
+    served = svc.acquire_config("collector")
     if served is None:
         return  # stopped while waiting
     try:
-        cfg = run_config(local, served, overrides, environ)
+        cfg = config_mod.run_config(local, served, overrides, environ)
     except ValueError as e:
         svc.log.error(f"the run configuration does not fit this collector: {e}")
         raise SystemExit(2) from None

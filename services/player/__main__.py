@@ -38,15 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     instance = args.id or f"player-{socket.gethostname()}"
 
     def body(svc: Service) -> None:
-        from charles.collector.service import acquire_config, run_config
-
         # the run's configuration from the broker, as collectors take it: the model line the trainer
         # trains is the one this player drives; --preset, --seed, --set and CHARLES__* still win
-        served = acquire_config(svc, "player")
+        served = svc.acquire_config("player")
         if served is None:
             return  # stopped while waiting
         try:
-            run = run_config(cfg, served, overrides)
+            run = config_mod.run_config(cfg, served, overrides)
             model_cfg = run.model.resolve()
         except ValueError as e:
             svc.log.error(f"the run configuration does not fit this player: {e}")
