@@ -402,3 +402,14 @@ def run_config(
     env = dict(os.environ if environ is None else environ)
     env.pop("CHARLES_CONFIG", None)  # the file was read for `local`; the broker's values replace it
     return load(None, environ=env, overrides=overrides, data=data)
+
+
+def add_arguments(
+    ap: Any,
+    config_help: str = "run configuration file (default: $CHARLES_CONFIG)",
+    set_help: str = "override a setting",
+) -> None:
+    """``--config FILE`` and ``--set SECTION.FIELD=VALUE`` (repeatable): every entry point reads its
+    configuration the same way (``load(args.config, overrides=args.set)``)."""
+    ap.add_argument("--config", help=config_help)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help=set_help)

@@ -200,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, help="gym: run exactly this many episodes instead of --minutes")
     ap.add_argument("--noise", action="store_true", help="npc: keep the collectors' noise injection on")
     ap.add_argument("--device", default="cpu", help="weights: torch device (cpu, cuda)")
-    ap.add_argument("--config", help="configuration file for the sim, npc, unstuck and collector sections")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
-    )
+    config_mod.add_arguments(ap, "configuration file for the sim, npc, unstuck and collector sections")
     args = ap.parse_args(argv)
     if args.minutes <= 0 and args.episodes is None:
         ap.error("--minutes must be > 0")

@@ -19,8 +19,7 @@ def config_cmd(argv: list[str]) -> int:
         choices=["show", "check"],
         help="show: print it with every field's help; check: validate only",
     )
-    ap.add_argument("--config", help="configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    config_mod.add_arguments(ap, "configuration file (default: $CHARLES_CONFIG)")
     ap.add_argument("--plain", action="store_true", help="YAML without the help comments")
     args = ap.parse_args(argv)
     try:

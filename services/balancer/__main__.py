@@ -13,10 +13,7 @@ from charles.runtime import Service, run_service
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles balancer", description=__doc__)
-    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
-    )
+    config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>); default: balancer-<hostname>")
     args = ap.parse_args(argv)
     try:

@@ -12,10 +12,7 @@ from charles.runtime import Service, run_service
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles broker", description=__doc__)
-    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
-    )
+    config_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config, overrides=args.set)
 

@@ -16,13 +16,10 @@ from charles.runtime import Service, default_instance, run_service
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles collector", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG); the broker's wins")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a setting (wins over the broker's)",
+    config_mod.add_arguments(
+        ap,
+        "run configuration file (default: $CHARLES_CONFIG); the broker's wins",
+        set_help="override a setting (wins over the broker's)",
     )
     ap.add_argument("--id", help="instance id (sample.<id>, heartbeat.<id>); default: collector-<hostname>")
     ap.add_argument(

@@ -22,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="charles trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
-    )
+    config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>); default: trainer-<hostname>")
     ap.add_argument("--preset", help="model line to train (sets model.preset; `charles models` lists runs)")
     which = ap.add_mutually_exclusive_group()

@@ -14,10 +14,7 @@ from charles.viewer.web import Viewer
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles viewer", description=__doc__)
-    ap.add_argument("--config", help="run configuration file (default: $CHARLES_CONFIG)")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
-    )
+    config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (default: viewer-<host>-<pid>-<random>)")
     ap.add_argument(
         "--port",
