@@ -30,7 +30,7 @@ from charles.player.console import ConsolePainter, terminal_view
 from charles.player.service import PlayerMetrics, PlayerService
 from charles.proto import Frame, GameFrame, Weights
 
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, wait_for, weights_message
 
 torch.set_num_threads(1)
 
@@ -59,14 +59,7 @@ def blob(seed: int, throttle: float, cfg_json: str = TINY.to_json()) -> bytes:
 
 
 def weights(payload: bytes, batch: int, cfg=TINY, model: str = "tiny") -> Weights:
-    return Weights(
-        model=model,
-        run=f"{model}_v1",
-        batch=batch,
-        config=cfg.to_dict(),
-        payload=payload,
-        created=time.time(),
-    )
+    return weights_message(payload, batch, cfg, model)
 
 
 W1 = (1, 0.6)

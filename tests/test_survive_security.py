@@ -35,6 +35,7 @@ from charles.tools import make_keys
 
 from conftest import free_ports
 from survive_support import kill9, overrides, running, scrape, service_env, start_service, stop, wait_for
+from tests_support import weights_message
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +45,7 @@ PLAYER_ID, PAD_ID, GAME_ID = "player-e2e", "pad-1", "cap-1"
 
 
 def weights(batch: int, payload: bytes, model: str = "tiny", cfg=CFG) -> Weights:
-    return Weights(
-        model=model,
-        run=f"{model}_v1",
-        batch=batch,
-        config=cfg.to_dict(),
-        payload=payload,
-        created=time.time(),
-    )
+    return weights_message(payload, batch, cfg, model)
 
 
 def model_bytes(cfg=CFG, poison: bool = False) -> bytes:

@@ -24,3 +24,17 @@ def counter_value(registry, name: str, labels: dict[str, str] | None = None) -> 
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
+
+
+def weights_message(payload: bytes, batch: int, cfg, model: str = "tiny"):
+    """A weights announcement as a trainer publishes it: the model line's config and a payload."""
+    from charles.proto import Weights
+
+    return Weights(
+        model=model,
+        run=f"{model}_v1",
+        batch=batch,
+        config=cfg.to_dict(),
+        payload=payload,
+        created=time.time(),
+    )
