@@ -322,6 +322,26 @@ def test_dagger_samples_are_labelled_by_the_npc_and_counted(player, trainer, cli
     assert counter_value(reg, "charles_messages_total", {"direction": "out", "topic": "sample"}) >= 20
 
 
+def test_dagger_skips_a_standing_car_the_expert_would_keep_standing(player, trainer, client_factory):
+    """The NPC has no reverse: stopped, with "stand still firmly" as its label, it shows no way out, and
+    such frames would teach the model to wait for Unstuck. They are counted, not published."""
+    trainer(weights(blob(*W1), batch=1))
+    balancer = client_factory("balancer").subscriber(["sample."], late_join=False)
+    service = player(player={"dagger": True})
+    real = service.source.expert
+    service.source.expert = lambda: ((0.0, -1.0), (0.0, -1.0)) if real() is not None else None
+    samples = []
+    deadline = time.monotonic() + 20
+    while (service.dagger_skipped < 5 or len(samples) < 5) and time.monotonic() < deadline:
+        env = balancer.recv(100)
+        if env is not None:
+            samples.append(env.msg)
+    assert service.dagger_skipped >= 5, "the car never stood (it starts at rest)"
+    assert len(samples) >= 5, "the moving car's frames were not published"
+    assert all(s.speed >= 0.5 for s in samples)  # every stand-still label published was a moving car's
+    assert service.state()["dagger_skipped"] == service.dagger_skipped
+
+
 # ---------------------------------------------------------------------------------------------- console
 
 

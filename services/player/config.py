@@ -76,6 +76,11 @@ class PlayerConfig:
         False,
         "sim: label the frames the player drives with the NPC expert and publish them as samples (source dagger)",
     )
+    dagger_skip_standstill: bool = knob(
+        True,
+        "DAgger: no sample where the car stands and the expert says stand still (it has no reverse, so "
+        "that label shows no way out; it would teach the model to wait for Unstuck)",
+    )
 
     def __post_init__(self) -> None:
         if self.source == "remote":

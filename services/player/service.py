@@ -55,6 +55,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
+STANDSTILL_MPS = 0.5
+"""Below this speed the car stands (the NPC's own "stand still firmly" threshold)."""
+
+
 class PlayerMetrics:
     """The player's own families (charles.topology.METRICS lists exactly these)."""
 
@@ -162,6 +166,8 @@ class PlayerService:
         self.frames = 0
         self.predictions = 0
         self.dagger_samples = 0
+        self.dagger_skipped = 0
+        """DAgger frames not published: the car stood and the expert would have stood on the brake."""
         self.recent: collections.deque[TickRecord] = collections.deque(maxlen=RECENT)
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.last_raw: dict[str, Any] = {}
@@ -237,7 +243,10 @@ class PlayerService:
         executed = self.source.act(action[0], action[1], pad)
         self.frames += 1
         if label is not None:
-            self._publish_dagger(view, label, dagger_stack)
+            if self.config.dagger_skip_standstill and view.speed < STANDSTILL_MPS and label[1] <= -0.999:
+                self.dagger_skipped += 1  # stopped, and the expert would stay stopped: no demonstration
+            else:
+                self._publish_dagger(view, label, dagger_stack)
         if raw is not None:
             self.last_raw = raw
         self.last_pad = pad if view.driving else BRAKE_PAD
@@ -339,6 +348,7 @@ class PlayerService:
             info["model"] = meta.run
         if self.config.dagger:
             info["dagger_samples"] = self.dagger_samples
+            info["dagger_skipped"] = self.dagger_skipped
         self.svc.info = info  # a new dict, never mutated: the heartbeat thread reads it
 
     def state(self) -> dict[str, Any]:
@@ -379,6 +389,7 @@ class PlayerService:
             state["weights_error"] = self.feed.last_error
         if self.config.dagger:
             state["dagger_samples"] = self.dagger_samples
+            state["dagger_skipped"] = self.dagger_skipped
         return state
 
     def shutdown(self) -> None:
