@@ -129,6 +129,8 @@ class Broker:
         self._auth: ThreadAuthenticator | None = None
         self.bound = threading.Event()
         self.through = 0
+        self._through: dict[bytes, tuple[Any, Any]] = {}
+        """Topic bytes -> its family's (messages, bytes) counters, for the capture path."""
         self.ports: dict[str, int] = {}
 
     # -- endpoints -----------------------------------------------------------------------------------------
@@ -279,15 +281,21 @@ class Broker:
         self.m_lvc_bytes.set(self.lvc.nbytes)
 
     def _on_capture(self, frames: list) -> None:
+        # every message through the bus passes here: per-topic counters are looked up once, not per call
         first = frames[0].bytes
-        if first[:1] in (b"\x00", b"\x01") and len(frames) == 1:
+        if len(frames) == 1 and first[:1] in (b"\x00", b"\x01"):
             return  # a (un)subscription travelling upstream
-        fam = self.reg.family(first)
+        counters = self._through.get(first)
+        if counters is None:
+            fam = self.reg.family(first)
+            m = self.svc.metrics
+            counters = (m.messages.labels("through", fam), m.bytes.labels("through", fam))
+            if len(self._through) < 4096:  # bounded: made-up topics cannot grow it
+                self._through[first] = counters
         self.through += 1
         self.svc.info["through_msgs"] = self.through
-        m = self.svc.metrics
-        m.messages.labels("through", fam).inc()
-        m.bytes.labels("through", fam).inc(sum(len(f.buffer) for f in frames))
+        counters[0].inc()
+        counters[1].inc(sum(map(len, frames)))
 
     def _on_control(self, sock: zmq.Socket, frames: list) -> None:
         ident, rest = frames[0].bytes, frames[1:]
