@@ -17,9 +17,10 @@
 static PyObject *g_topics;    /* dict: topic bytes -> (topic str, Topic entry, kind str, max_bytes int) */
 static PyObject *g_unpackb;   /* msgpack.unpackb */
 static PyObject *g_zframe;    /* zmq.Frame */
-static PyObject *g_sample;    /* Sample */
-static PyObject *g_frame;     /* Frame */
-static PyObject *g_envelope;  /* Envelope */
+/* Sample, Frame and Envelope: held here so the builders below may point at them without a reference */
+static PyObject *g_sample;
+static PyObject *g_frame;
+static PyObject *g_envelope;
 static PyObject *g_codecs;    /* dict: kind -> (cls, out, in) */
 static PyObject *g_history;   /* callable(blob, rows) -> float32 array, or None if not finite */
 static long long g_version;
@@ -92,12 +93,10 @@ static PyObject *build(Builder *b, PyObject *const *values, Py_ssize_t n) {
 }
 
 /* An exact float within [lo, hi] (NaN fails every comparison, so it is out). */
-static int float_in(PyObject *o, double lo, double hi, double *out) {
+static int float_in(PyObject *o, double lo, double hi) {
     if (o == NULL || !PyFloat_CheckExact(o)) return 0;
     double v = PyFloat_AS_DOUBLE(o);
-    if (!(lo <= v && v <= hi)) return 0;
-    if (out) *out = v;
-    return 1;
+    return lo <= v && v <= hi;
 }
 
 /* An exact int within [lo, hi]. */
@@ -133,12 +132,12 @@ static PyObject *sample_in(PyObject *b, PyObject *blobs) {
     PyObject *sp = PyDict_GetItem(b, k_speed), *gt = PyDict_GetItem(b, k_game_time);
     PyObject *pur = PyDict_GetItem(b, k_purpose), *col = PyDict_GetItem(b, k_collector);
     PyObject *seq = PyDict_GetItem(b, k_seq);
-    if (!float_in(st, -1.0, 1.0, NULL) || !float_in(tb, -1.0, 1.0, NULL) || !float_in(sp, 0.0, 200.0, NULL) ||
-        !float_in(gt, 0.0, 1e12, NULL))
+    if (!float_in(st, -1.0, 1.0) || !float_in(tb, -1.0, 1.0) || !float_in(sp, 0.0, 200.0) ||
+        !float_in(gt, 0.0, 1e12))
         return NULL;
     if (pur == NULL || !PyList_CheckExact(pur) || PyList_GET_SIZE(pur) != 2) return NULL;
     PyObject *pa = PyList_GET_ITEM(pur, 0), *pd = PyList_GET_ITEM(pur, 1);
-    if (!float_in(pa, -PI_BOUND, PI_BOUND, NULL) || !float_in(pd, 0.0, 1e7, NULL)) return NULL;
+    if (!float_in(pa, -PI_BOUND, PI_BOUND) || !float_in(pd, 0.0, 1e7)) return NULL;
     if (!str_upto(col, 256) || !int_in(seq, 0, 0x7FFFFFFFFFFFFFFFLL, NULL)) return NULL;
     PyObject *src = PyDict_GetItem(b, k_source);
     if (src == NULL) src = s_npc;
@@ -160,7 +159,7 @@ static PyObject *sample_in(PyObject *b, PyObject *blobs) {
     if (pv == Py_None) pv = NULL;
     if (pv != NULL) {
         if (!PyList_CheckExact(pv) || PyList_GET_SIZE(pv) != 2 ||
-            !float_in(PyList_GET_ITEM(pv, 0), -1.0, 1.0, NULL) || !float_in(PyList_GET_ITEM(pv, 1), -1.0, 1.0, NULL))
+            !float_in(PyList_GET_ITEM(pv, 0), -1.0, 1.0) || !float_in(PyList_GET_ITEM(pv, 1), -1.0, 1.0))
             return NULL;
     }
     PyObject *data = PyList_GET_ITEM(blobs, i);

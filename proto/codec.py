@@ -208,7 +208,6 @@ def _sample_out(s: Sample, blobs: _Blobs) -> dict:
     return body
 
 
-_float, _int_t, _str_t = float, int, str
 _NFIELDS = len(HISTORY_FIELDS)
 _CODEC_NAMES = frozenset(("raw", "jpeg", "png"))
 
@@ -250,15 +249,15 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
     pv = b.get("previous")
     src = b.get("source", "npc")
     if not (
-        st.__class__ is _float
-        and tb.__class__ is _float
-        and sp.__class__ is _float
-        and gt.__class__ is _float
-        and pa.__class__ is _float
-        and pd.__class__ is _float
-        and seq.__class__ is _int_t
-        and col.__class__ is _str_t
-        and src.__class__ is _str_t
+        st.__class__ is float
+        and tb.__class__ is float
+        and sp.__class__ is float
+        and gt.__class__ is float
+        and pa.__class__ is float
+        and pd.__class__ is float
+        and seq.__class__ is int
+        and col.__class__ is str
+        and src.__class__ is str
         and -1.0 <= st <= 1.0
         and -1.0 <= tb <= 1.0
         and 0.0 <= sp <= 200.0
@@ -268,14 +267,14 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         and 0 <= seq < 2**63
         and len(col) <= 256
         and len(src) <= 32
-        and codec.__class__ is _str_t
+        and codec.__class__ is str
         and codec in _CODEC_NAMES
-        and h.__class__ is _int_t
-        and w.__class__ is _int_t
-        and i.__class__ is _int_t
+        and h.__class__ is int
+        and w.__class__ is int
+        and i.__class__ is int
         and 0 < h <= 4096
         and 0 < w <= 4096
-        and c.__class__ is _int_t
+        and c.__class__ is int
         and (c == 3 or c == 1)
         and 0 <= i < len(blobs)
         and f.get("dtype", "uint8") == "uint8"
@@ -285,9 +284,7 @@ def _sample_in_fast(b: dict, blobs: Sequence) -> Sample | None:
         if pv.__class__ is not list or len(pv) != 2:
             return None
         p0, p1 = pv
-        if not (
-            p0.__class__ is _float and p1.__class__ is _float and -1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0
-        ):
+        if not (p0.__class__ is float and p1.__class__ is float and -1.0 <= p0 <= 1.0 and -1.0 <= p1 <= 1.0):
             return None
         pv = (p0, p1)
     data = blobs[i]
@@ -654,26 +651,18 @@ def _decode_fast(frames: Sequence) -> Envelope | None:
     known = _TOPICS.get(f0.bytes)
     if known is None:
         return None
-    topic, entry, _, _ = known
+    topic, _, topic_kind, max_bytes = known
     header_b = f1.buffer
     hn = len(header_b)
     nbytes = len(f0.bytes) + hn
-    if n == 3:
-        f2 = frames[2]
-        if f2.__class__ is not _ZFrame:
+    blobs = []
+    for f in frames[2:]:
+        if f.__class__ is not _ZFrame:
             return None
-        b2 = f2.buffer
-        nbytes += len(b2)
-        blobs = [b2]
-    else:
-        blobs = []
-        for f in frames[2:]:
-            if f.__class__ is not _ZFrame:
-                return None
-            b = f.buffer
-            nbytes += len(b)
-            blobs.append(b)
-    if entry is None or nbytes > entry.max_bytes or hn > MAX_HEADER_BYTES:
+        b = f.buffer
+        nbytes += len(b)
+        blobs.append(b)
+    if nbytes > max_bytes or hn > MAX_HEADER_BYTES:
         return None
     try:
         header = _unpackb(header_b)
@@ -688,7 +677,7 @@ def _decode_fast(frames: Sequence) -> Envelope | None:
     if not (
         v == SCHEMA_VERSION
         and v.__class__ is int
-        and kind == entry.kind
+        and kind == topic_kind
         and sender.__class__ is str
         and len(sender) <= 256
         and t.__class__ is float

@@ -338,15 +338,17 @@ def test_fuzz_random_frames_never_escape(frames):
     _decode_is_contained(frames)
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+_MUTATIONS = dict(
     which=st.integers(0, len(_GOOD) - 1),
     path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
     value=_values,
     cut=st.integers(0, 3),
     whole=st.booleans(),
 )
-def test_fuzz_mutated_headers_never_escape(which, path, value, cut, whole):
+"""One good message, one field (or sub-map) replaced, and maybe a blob missing or truncated."""
+
+
+def _mutated(which, path, value, cut, whole) -> list[bytes]:
     frames = list(_GOOD[which])
     header = msgpack.unpackb(frames[1])
     frames[1] = msgpack.packb(_mutate(header, path, value, whole))
@@ -354,7 +356,13 @@ def test_fuzz_mutated_headers_never_escape(which, path, value, cut, whole):
         frames = frames[:-1]  # a missing blob
     elif cut == 2 and len(frames) > 2:
         frames[-1] = frames[-1][: len(frames[-1]) // 2]  # a truncated blob
-    _decode_is_contained(frames)
+    return frames
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**_MUTATIONS)
+def test_fuzz_mutated_headers_never_escape(which, path, value, cut, whole):
+    _decode_is_contained(_mutated(which, path, value, cut, whole))
 
 
 @settings(max_examples=1000, deadline=None)
@@ -429,13 +437,7 @@ def fast_path(name: str):
 
 @pytest.mark.parametrize("path_name", FAST_PATHS)
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    which=st.integers(0, len(_GOOD) - 1),
-    path=st.lists(st.integers(0, 50), min_size=1, max_size=5),
-    value=_values,
-    cut=st.integers(0, 3),
-    whole=st.booleans(),
-)
+@given(**_MUTATIONS)
 def test_fuzz_fast_paths_agree_with_the_precise_one(path_name, which, path, value, cut, whole):
     """Messages as a subscriber receives them (zmq.Frame, a fast path, in C or in Python) decode exactly as
     the precise path decodes them: the same fields, or a rejection for the same reason."""
@@ -444,13 +446,7 @@ def test_fuzz_fast_paths_agree_with_the_precise_one(path_name, which, path, valu
 
 
 def _agree(which, path, value, cut, whole):
-    frames = list(_GOOD[which])
-    header = msgpack.unpackb(frames[1])
-    frames[1] = msgpack.packb(_mutate(header, path, value, whole))
-    if cut == 1 and len(frames) > 2:
-        frames = frames[:-1]
-    elif cut == 2 and len(frames) > 2:
-        frames[-1] = frames[-1][: len(frames[-1]) // 2]
+    frames = _mutated(which, path, value, cut, whole)
     decode([zmq.Frame(f) for f in _GOOD[which]])  # the topic is known: the fast path is taken
     fast = _outcome(decode, [zmq.Frame(f) for f in frames])
     assert fast == _outcome(_precise, [zmq.Frame(f) for f in frames])
