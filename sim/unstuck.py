@@ -46,6 +46,11 @@ class UnstuckStep:
         return self.phase is Phase.DRIVE
 
 
+_SENDER_DRIVING = UnstuckStep(Phase.DRIVE, 1.0, False, 0.0)
+_SENDER_RECOVERING = UnstuckStep(Phase.SETTLE, 1.0, False, 0.0)
+"""What a sender's ``recovering`` says, as a step of this machine (the sender moves the car itself)."""
+
+
 class Unstuck:
     """A state machine fed once per step: ``update(t, position=...)`` or ``update(t, speed=...)``."""
 
@@ -76,6 +81,21 @@ class Unstuck:
         """Unstuck at the next update regardless of movement (e.g. the car is in water)."""
         if self.phase is Phase.DRIVE:
             self._force = True
+
+    def follow(
+        self,
+        t: float,
+        recovering: bool | None,
+        position: tuple[float, ...] | None = None,
+        speed: float | None = None,
+    ) -> UnstuckStep:
+        """A remote game's frame: the sender's word when it says whether its own Unstuck has the car
+        (``recovering``; this watch then starts afresh, so there is never a second one), else this watch
+        on its telemetry, the position or, lacking one, the speed."""
+        if recovering is not None:
+            self.reset()
+            return _SENDER_RECOVERING if recovering else _SENDER_DRIVING
+        return self.update(t, position=position, speed=None if position is not None else speed)
 
     def update(
         self, t: float, position: tuple[float, ...] | None = None, speed: float | None = None

@@ -27,6 +27,7 @@ import numpy as np
 from charles.collector.capture import TICK_HZ, Capture
 from charles.proto import GameFrame
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.session import BRAKE
 from charles.sim.unstuck import Phase, Unstuck
 
 WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
@@ -144,10 +145,6 @@ class SimSource:
 # ---------------------------------------------------------------------------------------------- remote game
 
 
-BRAKE = (0.0, -1.0)
-"""What a recovering car gets (Capture.executed), as the sim's session and the player record it."""
-
-
 class GameSource:
     """GameFrames with controls from a capture agent (``game.<source id>``) as captures.
 
@@ -185,7 +182,7 @@ class GameSource:
             self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
             self.watch.reset()
         t = g.game_time - self.t0
-        recovering = self._recovering(g, t)
+        recovering = not self.watch.follow(t, g.recovering, g.position, g.speed).driving
         if recovering and not self.recovering:
             self.unstucks += 1
             self._unstuck_due = True
@@ -217,15 +214,6 @@ class GameSource:
             distance_m=0.0 if recovering else speed * steps / TICK_HZ,
             unstuck=unstuck,
         )
-
-    def _recovering(self, g: GameFrame, t: float) -> bool:
-        """The sender's word when it gives one (its Unstuck moves the car); else the shared Unstuck's."""
-        if g.recovering is not None:
-            self.watch.reset()  # should the sender stop saying, the watch starts afresh
-            return g.recovering
-        pos = g.position
-        step = self.watch.update(t, position=pos, speed=None if pos is not None else g.speed)
-        return not step.driving
 
     def info(self) -> dict:
         return {

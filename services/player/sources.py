@@ -39,7 +39,7 @@ from charles.sim.car import DT
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
 from charles.sim.npc import Npc
 from charles.sim.session import BRAKE, DriveSession
-from charles.sim.unstuck import Phase, Unstuck, UnstuckStep
+from charles.sim.unstuck import Unstuck, UnstuckStep
 from charles.sim.world import SimWorld
 
 log = logging.getLogger("charles.player")
@@ -188,11 +188,6 @@ class SimSource:
 # ---------------------------------------------------------------------------------------------- remote
 
 
-_AGENT_DRIVING = UnstuckStep(Phase.DRIVE, 1.0, False, 0.0)
-_AGENT_RECOVERING = UnstuckStep(Phase.SETTLE, 1.0, False, 0.0)
-"""What a game frame's ``recovering`` says, as the player's Unstuck would say it (the agent moves the car)."""
-
-
 class RemoteSource:
     """``# 30 Hz <- game.<source>  -> action.<target>``: a capture agent's frames, a gamepad agent's pad."""
 
@@ -267,14 +262,7 @@ class RemoteSource:
                 f"game frame {gf.source}#{gf.seq} has {frame.shape[2]} channel(s); the model takes RGB",
             )
             return None
-        if gf.recovering is not None:
-            # the agent says whether its own Unstuck has the car: its word, not a second watch
-            self.unstuck.reset()
-            u = _AGENT_RECOVERING if gf.recovering else _AGENT_DRIVING
-        elif gf.position is not None:
-            u = self.unstuck.update(gf.game_time, position=gf.position)
-        else:
-            u = self.unstuck.update(gf.game_time, speed=gf.speed)
+        u = self.unstuck.follow(gf.game_time, gf.recovering, gf.position, gf.speed)
         if u.teleport:
             self._warn.warn(
                 "teleport",
