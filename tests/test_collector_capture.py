@@ -288,3 +288,47 @@ def test_restarts_put_the_car_at_rest_elsewhere_on_time_and_are_not_unstucks():
     assert src.info()["restarts"] == 3
     # the NPC drives off from each of them: the stream holds starts from standstill, labelled
     assert src.world.player.speed > 1.0
+
+
+def _hood_rgb(img: np.ndarray) -> np.ndarray:
+    """Mean colour of the hood: the bottom rows of the hood camera."""
+    return img[-2:].reshape(-1, 3).mean(0)
+
+
+def test_repaint_gives_the_car_a_new_paint_at_every_restart_and_unstuck_and_the_frames_show_it():
+    unstuck = UnstuckConfig(window_s=2.0, min_distance_m=500.0)  # Unstucks inside the run too
+    src = SimSource(4, W, H, SMALL, unstuck=unstuck, restart_s=5.0, repaint=True)
+    paints, hoods = [src.world.car_color], []
+    for _ in range(30 * 16):
+        restarts, unstucks = src.restarts, src.unstucks
+        c = src.next()
+        if src.restarts != restarts or src.unstucks != unstucks:
+            paints.append(src.world.car_color)
+            if c.image is not None:
+                hoods.append(_hood_rgb(c.image))
+    assert src.restarts >= 2 and src.unstucks >= 1
+    assert len(paints) == src.restarts + src.unstucks + 1
+    assert len(set(paints)) >= len(paints) - 1, "a new paint (nearly always a different one) each time"
+    assert src.world.player.color == src.world.car_color, "the car itself wears it, not only the record"
+    assert max(np.abs(a - b).max() for a, b in zip(hoods, hoods[1:], strict=False)) > 20, (
+        "the hood in the frames changes colour"
+    )
+    # the same seed paints the same sequence (a replica's stream is reproducible), another seed another
+    runs = {}
+    for seed in (4, 4, 5):
+        other = SimSource(seed=seed, width=W, height=H, sim=SMALL, restart_s=1.0, repaint=True)
+        seen = []
+        for _ in range(30 * 6):
+            other.next()
+            if not seen or seen[-1] != other.world.car_color:
+                seen.append(other.world.car_color)
+        runs.setdefault(seed, []).append(seen)
+    assert len(runs[4][0]) >= 5 and runs[4][0] == runs[4][1] and runs[5][0] != runs[4][0]
+
+
+def test_without_repaint_the_car_keeps_its_paint():
+    src = SimSource(seed=4, width=W, height=H, sim=SMALL, restart_s=2.0)
+    paint = src.world.car_color
+    for _ in range(30 * 7):
+        src.next()
+    assert src.restarts == 3 and src.world.car_color == paint

@@ -342,6 +342,34 @@ def test_dagger_skips_a_standing_car_the_expert_would_keep_standing(player, trai
     assert service.state()["dagger_skipped"] == service.dagger_skipped
 
 
+@pytest.mark.parametrize("repaint", [False, True])
+def test_player_repaints_its_car_at_each_unstuck_only_when_asked(repaint):
+    from charles.player.config import PlayerConfig
+    from charles.player.sources import SimSource
+    from charles.sim.config import SimConfig, UnstuckConfig
+
+    source = SimSource(
+        PlayerConfig(realtime=False, repaint=repaint, seed=7),
+        TINY,
+        SimConfig(blocks=3, traffic=0),
+        UnstuckConfig(window_s=1.0, min_distance_m=500.0, fade_out_s=0.1, settle_s=0.1, fade_in_s=0.1),
+    )
+    paints, hoods = [source.world.car_color], []
+    while source.unstucks < 3:
+        before = source.unstucks
+        view = source.next()
+        source.act(0.0, 0.5, None)
+        if source.unstucks != before:
+            paints.append(source.world.car_color)
+        if view.unstuck.driving and len(hoods) < len(paints):
+            hoods.append(view.frame[-2:].reshape(-1, 3).mean(0))
+    if repaint:
+        assert len(set(paints)) >= 3, "a new paint at each Unstuck"
+        assert max(np.abs(a - b).max() for a, b in zip(hoods, hoods[1:], strict=False)) > 20
+    else:
+        assert set(paints) == {paints[0]}
+
+
 # ---------------------------------------------------------------------------------------------- console
 
 

@@ -67,6 +67,11 @@ class CollectorConfig:
         "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "
         "replicas); config uses sim.weather, sim.time_of_day and sim.car_color as set",
     )
+    repaint: bool = knob(
+        False,
+        "sim: a new car paint (a palette colour, jittered) at every restart and Unstuck teleport. The hood "
+        "is in every frame: a model trained behind two paints drove 30x worse behind a third",
+    )
     send_queue: int = knob(
         64, "Samples waiting for the sender thread; past it new samples are dropped and counted", min=1
     )

@@ -63,6 +63,7 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
         look=c.look,
         render_idle=shape.frames > 1,
         restart_s=c.restart_s,
+        repaint=c.repaint,
     )
 
 

@@ -75,6 +75,7 @@ class SimSource:
         render_idle: bool = False,
         history_len: int = 0,
         restart_s: float = 0.0,
+        repaint: bool = False,
     ):
         from charles.sim.npc import Npc
         from charles.sim.session import DriveSession
@@ -91,6 +92,8 @@ class SimSource:
         # of the same rows too (the tests compare the two).
         self.session = DriveSession(self.world, unstuck or UnstuckConfig(), history_len=history_len)
         self.session.teleport_hooks.append(self.npc.reset)
+        if repaint:  # restarts run the teleport hooks too
+            self.session.teleport_hooks.append(self.world.repaint)
         self.render_idle = render_idle
         """Render frames Unstuck fades too (a stacked model sees them in its past frames)."""
         self.name = "sim"

@@ -76,6 +76,11 @@ class PlayerConfig:
         False,
         "sim: label the frames the player drives with the NPC expert and publish them as samples (source dagger)",
     )
+    repaint: bool = knob(
+        False,
+        "sim: a new car paint at every Unstuck teleport (as collector.repaint), so DAgger frames do not all "
+        "show the one hood colour of the player's town",
+    )
     dagger_skip_standstill: bool = knob(
         True,
         "DAgger: no sample where the car stands and the expert says stand still (it has no reverse, so "

@@ -116,6 +116,8 @@ class SimSource:
         self.npc = Npc(self.world, cfg=NpcConfig(noise_rate_hz=0.0)) if expert else None
         if self.npc is not None:
             self.teleport_hooks.append(self.npc.reset)
+        if config.repaint:
+            self.teleport_hooks.append(self.world.repaint)
         self.realtime = config.realtime
         self.name = f"sim-{config.seed}"
         self.seq = -1
