@@ -67,6 +67,19 @@ class BrokerConfig:
     secure: bool = knob(False, "Also open the CURVE endpoints for remote agents")
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
     count_topics: bool = knob(True, "Count messages and bytes per topic family (a capture socket; cheap)")
+    count_every_s: float = knob(
+        0.02,
+        "Per-topic counting reads the capture socket this often, everything queued at once: one wake-up "
+        "per period instead of one per message (0: at once)",
+        min=0.0,
+        max=1.0,
+    )
+    count_queue: int = knob(
+        10_000,
+        "Captured messages waiting to be counted; past it libzmq drops captures, never the bus's messages "
+        "(counted as drops{cause=capture_full}: the per-topic counts then run low)",
+        min=1,
+    )
     snapshot_hwm: int = knob(
         64,
         "Last-value cache: at most this many topics kept per topic family (weights, config, console)",

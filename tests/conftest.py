@@ -55,14 +55,16 @@ def bus_ports() -> dict[str, int]:
 
 
 @pytest.fixture
-def broker(bus_ports):
-    """A broker running in this process on random loopback ports; yields (broker, config data)."""
+def broker(bus_ports, request):
+    """A broker running in this process on random loopback ports; yields (broker, config data).
+
+    Parametrize it indirectly with a map to change its ``broker`` section."""
     from charles import config
     from charles.broker.broker import Broker
     from charles.runtime import Service
 
     data = {"bus": {"host": "127.0.0.1", "ports": bus_ports}, "service": {"http_port": 0, "shutdown_s": 2}}
-    cfg = config.load(data=data, environ={})
+    cfg = config.load(data={**data, "broker": getattr(request, "param", None) or {}}, environ={})
     svc = Service("broker", cfg, http=False, signals=False)
     b = Broker(svc, cfg.to_dict())
     b.start()

@@ -252,23 +252,53 @@ def test_subscriber_counts_bad_messages_and_keeps_going(client_factory):
     assert counter_value(reg, "charles_rejects_total", {"reason": "nan"}) == 1
 
 
-def test_broker_counts_messages_per_topic_family(broker, client_factory):
+def _through(b, metric: str = "charles_messages_total", topic: str = "action") -> float:
+    return counter_value(b.svc.metrics.registry, metric, {"direction": "through", "topic": topic})
+
+
+@pytest.mark.parametrize(
+    "broker", [{"count_every_s": 0.0}, {"count_every_s": 0.05}], indirect=True, ids=["polled", "batched"]
+)
+def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, client_factory):
+    b, _ = broker
+    sender = client_factory("sender")
+    pub = sender.publisher()
+    sub = client_factory("receiver").subscriber(["action"], late_join=False)
+    _connected(pub, sub, "action.p", Action(0, 0.0, 0.0, 0.0))
+    wait_for(lambda: _through(b) > 0, 5, "the probes were not counted")
+    time.sleep(0.2)  # the probes' counts settle
+    before, before_bytes = _through(b), _through(b, "charles_bytes_total")
+    msgs = [Action(i, 0.0, 0.5, 0.0) for i in range(200)]
+    size = sum(len(f) for m in msgs for f in encode("action.p", m, sender.instance))
+    for m in msgs:
+        pub.send("action.p", m)
+    wait_for(lambda: _through(b) >= before + 200, 5, "not counted")
+    time.sleep(0.2)
+    assert _through(b) == before + 200, "each message counted once"
+    assert _through(b, "charles_bytes_total") == before_bytes + size
+    assert counter_value(b.svc.metrics.registry, "charles_drops_total", {"cause": "capture_full"}) == 0
+
+
+@pytest.mark.parametrize("broker", [{"count_every_s": 0.5, "count_queue": 16}], indirect=True)
+def test_a_full_counting_queue_is_reported_and_the_bus_loses_nothing(broker, client_factory):
     b, _ = broker
     pub = client_factory("sender").publisher()
     sub = client_factory("receiver").subscriber(["action"], late_join=False)
     _connected(pub, sub, "action.p", Action(0, 0.0, 0.0, 0.0))
-    for i in range(20):
+    for i in range(300):  # far more than 16 inside one 0.5 s counting period
         pub.send("action.p", Action(i, 0.0, 0.5, 0.0))
+    got = []
+    while len(got) < 300:
+        env = sub.recv(2000)
+        assert env is not None, f"the bus lost messages: {len(got)} of 300 arrived"
+        got.append(env.msg.seq)
+    assert got == list(range(300))
     wait_for(
-        lambda: (
-            counter_value(
-                b.svc.metrics.registry, "charles_messages_total", {"direction": "through", "topic": "action"}
-            )
-            >= 20
-        ),
-        5,
-        "not counted",
+        lambda: counter_value(b.svc.metrics.registry, "charles_drops_total", {"cause": "capture_full"}) >= 1,
+        3,
+        "a full counting queue went unreported",
     )
+    assert _through(b) < 300, "captures were dropped, so the counts run low (and the drop says so)"
 
 
 # ---------------------------------------------------------------------------------------------- CURVE
