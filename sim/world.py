@@ -54,7 +54,7 @@ MARKER = (255, 40, 210)
 """Purpose beacon colour: a magenta nothing else in the town has."""
 
 # Random streams: one per purpose so, for example, rendering more frames never changes where a target lands.
-_TARGETS, _TELEPORT, _TRAFFIC, _LOOK, _PAINT = 1, 2, 3, 4, 5
+_TARGETS, _TELEPORT, _TRAFFIC, _LOOK, _PAINT, _DISPLACE = 1, 2, 3, 4, 5, 6
 
 
 def wrap_angle(a: float) -> float:
@@ -95,6 +95,7 @@ class SimWorld:
         )
         self.light = render.Lighting.of(self.cfg.weather, self.cfg.time_of_day)
         self._rng_paint = np.random.default_rng([self.cfg.seed, _PAINT])
+        self._rng_displace = np.random.default_rng([self.cfg.seed, _DISPLACE])
         self._static_lit: np.ndarray | None = None
         self.episode = -1
         self.reset(episode_seed)
@@ -172,6 +173,26 @@ class SimWorld:
         if car is self.player:
             self.teleports += 1
             self._colliding = False
+
+    def displace(self, max_turn_rad: float, max_offset_m: float, tries: int = 20) -> bool:
+        """Turn the player's car (at rest) up to ``max_turn_rad`` off its heading and shift it up to
+        ``max_offset_m`` sideways, to a pose clear of walls, water and cars: the odd poses a learning driver
+        stops in (nose to a kerb, across a lane), for a stream that should show how to start from them.
+        False (the car stays) when no clear pose was found in ``tries``."""
+        p = self.player
+        rng = self._rng_displace
+        for _ in range(tries):
+            heading = wrap_angle(p.heading + rng.uniform(-max_turn_rad, max_turn_rad))
+            off = rng.uniform(-max_offset_m, max_offset_m)
+            x, y = p.x - math.sin(p.heading) * off, p.y + math.cos(p.heading) * off
+            if (self.town.surface(*p.footprint(x, y, heading).T) >= WATER).any():
+                continue
+            ghost = Car(x, y, heading)
+            if any(_cars_overlap(ghost, c) for c in self.traffic):
+                continue
+            p.x, p.y, p.heading, p.speed, p.wheel = x, y, heading, 0.0, 0.0
+            return True
+        return False
 
     # --- stepping ---------------------------------------------------------------------------------------
     def step(self, steering: float, throttle_brake: float) -> StepInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -332,3 +333,28 @@ def test_without_repaint_the_car_keeps_its_paint():
     for _ in range(30 * 7):
         src.next()
     assert src.restarts == 3 and src.world.car_color == paint
+
+
+def test_turned_restarts_start_off_the_lane_and_the_npc_labels_a_way_out():
+    src = SimSource(4, W, H, SMALL, restart_s=3.0, restart_turn_deg=70.0, restart_offset_m=2.0)
+    town = src.world.town
+    turns, labels, moved = [], [], []
+    start = last = None
+    for _ in range(30 * 3 * 12 + 10):  # 12 restarts, 3 s of driving after each
+        before = src.restarts
+        c = src.next()
+        p = src.world.player
+        if src.restarts != before:
+            if start is not None:
+                moved.append(math.hypot(last[0] - start[0], last[1] - start[1]))
+            lane, idx, _ = town.nearest_lane(p.x, p.y)
+            off = (p.heading - town.lanes[lane].headings[idx]) % math.pi  # either way along the street
+            turns.append(min(off, math.pi - off))
+            labels.append(c.label)
+            start = (p.x, p.y)
+        last = (p.x, p.y)
+    assert src.restarts == 12 and src.unstucks == 0
+    assert max(turns) > math.radians(30), "restarts start turned off the lane"
+    assert all(tb > 0 for _, tb in labels), "from standstill the label drives off"
+    assert np.mean([abs(st) for st, _ in labels]) > 0.2, "...and steers back towards the lane"
+    assert np.mean([m > 5.0 for m in moved]) >= 0.8, "the NPC gets going from nearly all of them"

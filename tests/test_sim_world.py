@@ -144,3 +144,33 @@ def test_step_is_one_thirtieth_of_a_second(world):
     for _ in range(30):
         world.step(0.0, 0.0)
     assert world.time == pytest.approx(1.0) and pytest.approx(1 / 30) == DT
+
+
+def test_displace_turns_and_shifts_the_car_to_a_clear_pose_at_rest(world):
+    from charles.sim.world import wrap_angle
+
+    turns, offsets = [], []
+    for _ in range(40):
+        world.teleport()
+        p = world.player
+        x0, y0, h0 = p.x, p.y, p.heading
+        p.speed = 3.0
+        assert world.displace(math.radians(60), 2.0)
+        turn = wrap_angle(p.heading - h0)
+        side = -(p.x - x0) * math.sin(h0) + (p.y - y0) * math.cos(h0)
+        ahead = (p.x - x0) * math.cos(h0) + (p.y - y0) * math.sin(h0)
+        assert abs(turn) <= math.radians(60) + 1e-9 and abs(side) <= 2.0 + 1e-9 and abs(ahead) < 1e-6
+        assert p.speed == 0.0 and p.wheel == 0.0, "at rest, wheels straight"
+        surf = world.town.surface(*p.footprint().T)
+        assert (surf < WATER).all(), "never into a wall or the water"
+        turns.append(turn)
+        offsets.append(side)
+    assert max(map(abs, turns)) > math.radians(40) and max(map(abs, offsets)) > 1.5, "it uses its range"
+    assert min(turns) < 0 < max(turns), "both ways"
+
+
+def test_displace_gives_up_without_moving_the_car_when_no_pose_is_clear(world):
+    p = world.player
+    before = (p.x, p.y, p.heading)
+    assert not world.displace(math.radians(60), 2.0, tries=0)
+    assert (p.x, p.y, p.heading) == before

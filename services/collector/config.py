@@ -62,6 +62,19 @@ class CollectorConfig:
         "that never saw one stops at a junction and stays there",
         min=0.0,
     )
+    restart_turn_deg: float = knob(
+        0.0,
+        "sim: each restart also turns the car up to this many degrees off the lane (and up to "
+        "restart_offset_m sideways), so the stream shows starts from the odd poses a learning driver stops "
+        "in: nose to a kerb, across a lane (0: along the lane)",
+        min=0.0,
+        max=180.0,
+    )
+    restart_offset_m: float = knob(
+        0.0,
+        "sim: with restart_turn_deg, how far (m) off the lane's centre a restart may put the car",
+        min=0.0,
+    )
     look: Literal["seed", "config"] = knob(
         "seed",
         "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "

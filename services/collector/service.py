@@ -63,6 +63,8 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
         look=c.look,
         render_idle=shape.frames > 1,
         restart_s=c.restart_s,
+        restart_turn_deg=c.restart_turn_deg,
+        restart_offset_m=c.restart_offset_m,
         repaint=c.repaint,
     )
 

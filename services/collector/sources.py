@@ -76,6 +76,8 @@ class SimSource:
         history_len: int = 0,
         restart_s: float = 0.0,
         repaint: bool = False,
+        restart_turn_deg: float = 0.0,
+        restart_offset_m: float = 0.0,
     ):
         from charles.sim.npc import Npc
         from charles.sim.session import DriveSession
@@ -101,6 +103,9 @@ class SimSource:
         self.restart_s = restart_s
         """Every this many game seconds the car starts again at rest somewhere else (0 = never)."""
         self.restarts = 0
+        self.restart_turn = math.radians(restart_turn_deg)
+        """Restarts turn the car up to this (rad) off the lane, and shift it up to restart_offset_m."""
+        self.restart_offset_m = restart_offset_m
         self._next_restart = restart_s
 
     @property
@@ -112,6 +117,8 @@ class SimSource:
             self._next_restart = self.world.time + self.restart_s
             if self.session.unstuck.phase is Phase.DRIVE:  # not in the middle of an Unstuck recovery
                 self.session.restart()
+                if self.restart_turn > 0 or self.restart_offset_m > 0:
+                    self.world.displace(self.restart_turn, self.restart_offset_m)
                 self.restarts += 1
         obs = self.session.observe(frame=False)
         driving = obs.driving
