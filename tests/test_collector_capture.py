@@ -202,6 +202,17 @@ def test_game_source_labels_with_controls_rejects_unlabelled_and_keeps_30_hz():
     assert caps[4] is None
 
 
+def test_game_source_counts_frames_lost_on_the_way_but_not_an_agent_restart():
+    dropped = []
+    seqs = [0, 1, 2, 5, 6, 10, 0, 1, 3]  # 3, 4 and 7-9 lost; then the agent restarts (0) and 2 is lost
+    frames = [game_frame(q, 10 + i / 30) for i, q in enumerate(seqs)]
+    src = GameSource("agent-1", FakeSub(frames), drop=lambda cause, n: dropped.append((cause, n)))
+    caps = drain(src, len(frames))
+    assert len(caps) == len(frames), "every frame that arrived is a capture"
+    assert dropped == [("game_frame_lost", 2), ("game_frame_lost", 3), ("game_frame_lost", 1)]
+    assert src.lost == 6 and src.info()["lost"] == 6
+
+
 def drain(src: GameSource, n: int) -> list[Capture]:
     return [c for _ in range(n) if (c := src.next(0.01)) is not None]
 

@@ -342,6 +342,40 @@ def test_dagger_skips_a_standing_car_the_expert_would_keep_standing(player, trai
     assert service.state()["dagger_skipped"] == service.dagger_skipped
 
 
+def test_remote_source_counts_game_frames_lost_on_the_way(client_factory):
+    from charles.player.config import PlayerConfig
+    from charles.player.sources import RemoteSource
+    from charles.proto import Envelope
+
+    class Sub:  # what the bus delivered, two batches
+        def __init__(self) -> None:
+            self.batches: list[list] = []
+
+        def drain(self, n: int) -> list:
+            return self.batches.pop(0) if self.batches else []
+
+        def recv(self, timeout_ms: int) -> None:
+            return None
+
+    img = Frame.encode(np.zeros((TINY.height, TINY.width, 3), np.uint8), "jpeg")
+
+    def env(seq: int) -> Envelope:
+        gf = GameFrame("agent-1", seq, seq / 30, img, 5.0, (seq * 0.2, 0.0, 0.0), 0.0, (0.1, 50.0))
+        return Envelope("game.agent-1", "game_frame", "agent-1", 0.0, 0.0, gf, 0)
+
+    svc = client_factory("player")
+    sub = Sub()
+    sub.batches = [[env(0), env(1), env(4)], [env(5), env(9)], [env(0)]]  # lost: 2-3, 6-8; then a restart
+    src = RemoteSource(
+        svc, PlayerConfig(source="remote", source_id="agent-1"), TINY, sub=sub, pub=svc.publisher("action")
+    )
+    views = [src.next(0.01) for _ in range(3)]
+    assert [v.seq for v in views if v is not None] == [0, 1, 2]
+    reg = svc.metrics.registry
+    assert counter_value(reg, "charles_drops_total", {"cause": "game_frame_lost"}) == 5
+    assert counter_value(reg, "charles_drops_total", {"cause": "stale_frame"}) == 3
+
+
 @pytest.mark.parametrize("repaint", [False, True])
 def test_player_repaints_its_car_at_each_unstuck_only_when_asked(repaint):
     from charles.player.config import PlayerConfig

@@ -50,7 +50,10 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
     shape = sample_shape(cfg)
     if kind == "game":
         sub = svc.subscriber([f"game.{arg}"], late_join=False)
-        return sources.GameSource(arg, sub, svc.reject, cfg.unstuck)
+        drops = svc.metrics.drops
+        return sources.GameSource(
+            arg, sub, svc.reject, cfg.unstuck, drop=lambda cause, n: drops.labels(cause=cause).inc(n)
+        )
     if kind == "gym":
         return sources.GymSource(arg, c.expert, seed, c.gym_kwargs)
     return sources.SimSource(

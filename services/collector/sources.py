@@ -165,10 +165,22 @@ class GameSource:
 
     paced = True
 
-    def __init__(self, source_id: str, sub: Any, reject: Any = None, unstuck: UnstuckConfig | None = None):
+    def __init__(
+        self,
+        source_id: str,
+        sub: Any,
+        reject: Any = None,
+        unstuck: UnstuckConfig | None = None,
+        drop: Any = None,
+    ):
         self.name = f"game:{source_id}"
         self.sub = sub
         self.reject = reject or (lambda reason, detail: None)
+        self.drop = drop or (lambda cause, n: None)
+        """``drop(cause, n)``: counts GameFrames that never arrived (``game_frame_lost``)."""
+        self.last_seq: int | None = None
+        self.lost = 0
+        """GameFrames missing between two that arrived (gaps in the sender's ``seq``)."""
         self.watch = Unstuck(unstuck or UnstuckConfig())
         """Runs only on frames whose sender does not say (``recovering`` absent): one verdict per frame."""
         self.t0: float | None = None
@@ -188,6 +200,11 @@ class GameSource:
             return None
         g: GameFrame = env.msg
         self.frames += 1
+        if self.last_seq is not None and g.seq > self.last_seq + 1:
+            gap = g.seq - self.last_seq - 1  # lost on the way (a full queue, the network); a lower seq is
+            self.lost += gap  # a restarted agent, no loss
+            self.drop("game_frame_lost", gap)
+        self.last_seq = g.seq
         if self.t0 is None or g.game_time < self.t0:
             self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
             self.watch.reset()
@@ -228,6 +245,7 @@ class GameSource:
     def info(self) -> dict:
         return {
             "game_frames": self.frames,
+            "lost": self.lost,
             "skipped": self.skipped,
             "unstucks": self.unstucks,
             "recovering": self.recovering,
