@@ -22,8 +22,8 @@ help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # constraints.txt: the exact versions (the same the images get), so every fresh clone installs alike
-# setup.py and the C file: a changed fast path of the codec is compiled again
-$(STAMP): pyproject.toml constraints.txt setup.py proto/_fastcodec.c
+# setup.py and the C files: a changed codec fast path or broker proxy is compiled again
+$(STAMP): pyproject.toml constraints.txt setup.py proto/_fastcodec.c services/broker/_countproxy.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
@@ -81,4 +81,4 @@ images: ## build the CPU and GPU images
 	docker build --target gpu -t charles:gpu .
 
 clean: ## remove the virtual environment and caches (keeps runs/ and data/)
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis proto/_fastcodec*.so
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis proto/_fastcodec*.so services/broker/_countproxy*.so

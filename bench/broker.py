@@ -2,9 +2,10 @@
 
 Both middles run as their own process on loopback; one publisher and one subscriber (threads of this
 process) push N pre-encoded sample messages of ~40 KB and ~400 KB through each, alternating, best of
-``rounds``. Our broker runs with everything on (last-value cache, per-topic counting via the capture
-socket, control port). Figures: messages/s through each, and ``ratio_40k`` / ``ratio_400k`` = ours / bare
-(goal >= 0.9).
+``rounds``. Our broker runs with everything on (last-value cache, per-topic counting, control port).
+Figures: messages/s through each, ``ratio_40k`` / ``ratio_400k`` = ours / bare (goal >= 0.9), and
+``counting``: how ours counts per topic (``c``: its counting proxy; ``capture``: libzmq's proxy and a
+capture socket, where the C proxy is not built or ``CHARLES__BROKER__COUNT_WITH=capture`` is set).
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ def main() -> None:
         figures[f"bare_{label}_msgs"] = round(best["bare"])
         figures[f"ours_{label}_msgs"] = round(best["ours"])
         figures[f"ratio_{label}"] = round(ratio, 3)
+    from charles.broker.broker import counting_proxy
+
+    capture = os.environ.get("CHARLES__BROKER__COUNT_WITH") == "capture" or counting_proxy() is None
+    figures["counting"] = "capture" if capture else "c"
     report(figures)
 
 

@@ -31,6 +31,7 @@ from charles.proto import (
 )
 from charles.proto.codec import kind_of
 
+from conftest import missing_tool
 from tests_support import counter_value, wait_for
 
 IMG = np.full((18, 32, 3), 90, dtype=np.uint8)
@@ -257,10 +258,20 @@ def _through(b, metric: str = "charles_messages_total", topic: str = "action") -
 
 
 @pytest.mark.parametrize(
-    "broker", [{"count_every_s": 0.0}, {"count_every_s": 0.05}], indirect=True, ids=["polled", "batched"]
+    "broker",
+    [
+        {"count_with": "auto"},
+        {"count_with": "capture", "count_every_s": 0.0},
+        {"count_with": "capture", "count_every_s": 0.05},
+    ],
+    indirect=True,
+    ids=["c_proxy", "capture_polled", "capture_batched"],
 )
 def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, client_factory):
     b, _ = broker
+    if b.cfg.count_with == "auto" and b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    assert b.counting == ("c" if b.cfg.count_with == "auto" else "capture")
     sender = client_factory("sender")
     pub = sender.publisher()
     sub = client_factory("receiver").subscriber(["action"], late_join=False)
@@ -277,9 +288,51 @@ def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, clien
     assert _through(b) == before + 200, "each message counted once"
     assert _through(b, "charles_bytes_total") == before_bytes + size
     assert counter_value(b.svc.metrics.registry, "charles_drops_total", {"cause": "capture_full"}) == 0
+    # a made-up family is counted as "unknown" (a raw subscriber asks for it: publishers filter)
+    raw = zmq.Context.instance().socket(zmq.SUB)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.SUBSCRIBE, b"nosuchfamily")
+    raw.connect(f"tcp://127.0.0.1:{b.ports['subscribe']}")
+    sent = [0]
+
+    def arrived() -> bool:
+        pub.send_frames("nosuchfamily.x", [b"nosuchfamily.x", b"\x80"])
+        sent[0] += 1
+        return raw.poll(50) != 0
+
+    try:
+        wait_for(arrived, 5, "a made-up family never crossed the broker")
+        wait_for(lambda: _through(b, topic="unknown") >= 1, 5, "an unknown family was not counted")
+        time.sleep(0.2)
+        unknown = _through(b, topic="unknown")
+        for _ in range(5):
+            pub.send_frames("nosuchfamily.x", [b"nosuchfamily.x", b"\x80"])
+        wait_for(lambda: _through(b, topic="unknown") >= unknown + 5, 5, "not counted")
+        time.sleep(0.2)
+        assert _through(b, topic="unknown") == unknown + 5
+    finally:
+        raw.close()
+    assert _through(b) == before + 200, "the subscription messages going upstream are no messages"
 
 
-@pytest.mark.parametrize("broker", [{"count_every_s": 0.5, "count_queue": 16}], indirect=True)
+def test_the_counting_proxy_binds_only_to_a_libzmq_this_process_has_loaded():
+    from charles.broker import broker as broker_module
+
+    if broker_module.counting_proxy() is None:
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    from charles.broker import _countproxy
+
+    path = broker_module.loaded_libzmq()
+    assert path is not None and "libzmq" in path
+    with pytest.raises(OSError, match="not loaded in this process"):
+        _countproxy.load("/nonexistent/libzmq.so.5")  # never a second copy of libzmq: its sockets are others
+    with pytest.raises(ValueError, match="int64"):
+        _countproxy.run(0, 0, 0, (b"sample",), np.zeros(2, np.int64), zmq.ETERM)  # sample + unknown: 4
+
+
+@pytest.mark.parametrize(
+    "broker", [{"count_with": "capture", "count_every_s": 0.5, "count_queue": 16}], indirect=True
+)
 def test_a_full_counting_queue_is_reported_and_the_bus_loses_nothing(broker, client_factory):
     b, _ = broker
     pub = client_factory("sender").publisher()

@@ -1,15 +1,16 @@
 """The central server: XSUB/XPUB forwarding, a last-value cache, the config service, CURVE for agents.
 
-Hot path: ``zmq.proxy_steerable`` in libzmq moves every message between publishers and subscribers; no
-Python touches a message on its way through. Python sees only:
+Hot path: a proxy in C moves every message between publishers and subscribers and counts messages and
+bytes per topic family as it goes (``_countproxy.c``, on pyzmq's own libzmq); no Python touches a message
+on its way through. Where that extension is not built (or ``broker.count_with: capture``), libzmq's
+``zmq.proxy_steerable`` forwards and hands a copy of each message to a capture socket that Python reads
+in batches every ``broker.count_every_s`` (a PUB capture socket: if Python falls behind, captures are
+dropped and counted as such, never the data; bench/broker.py: 10-15 % slower at 400 KB on two cores,
+because the copies keep 400 KB buffers alive until Python has read them). Python sees only:
 
 * the *last-value* families (weights, config, console) through an internal SUB, to keep the newest
   message per topic for late joiners (served on the control port as a snapshot);
-* a copy of each message through the proxy's capture socket, to count messages and bytes per topic
-  family (a PUB capture socket: if Python falls behind, captures are dropped, never the data). It is read
-  in batches every ``broker.count_every_s`` (20 ms), not polled: a poll per message woke this thread, and
-  the proxy thread to signal it, once per message, which cost the bus a quarter of its 400 KB throughput
-  on two cores;
+* the per-family counts (the C proxy's totals, or the capture socket's copies), every 20 ms;
 * the control port (ROUTER): ``[b"config", header]`` -> the run configuration, ``[b"snapshot", prefix]``
   -> the cached newest messages, each reply sequence ended by ``[b"!end"]``.
 
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import prometheus_client as prom
 import zmq
 import zmq.auth
@@ -44,6 +46,36 @@ _AUTH_EVENTS = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_protocol",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
 }
+
+
+def loaded_libzmq() -> str | None:
+    """Path of the libzmq this process has loaded (pyzmq's), from /proc/self/maps; None off Linux."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if "/libzmq" in path and ".so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def counting_proxy() -> Any | None:
+    """The C counting proxy (``_countproxy.c``) bound to pyzmq's libzmq, or None where it is not built
+    or cannot find the library (the capture socket counts then)."""
+    try:
+        from charles.broker import _countproxy
+    except ImportError:
+        return None
+    path = loaded_libzmq()
+    if path is None:
+        return None
+    try:
+        _countproxy.load(path)
+    except OSError:
+        return None
+    return _countproxy
 
 
 class LastValues:
@@ -135,6 +167,12 @@ class Broker:
         self._through: dict[bytes, tuple[Any, Any]] = {}
         """Topic bytes -> its family's (messages, bytes) counters, for the capture path."""
         self.ports: dict[str, int] = {}
+        self.counting = "off"
+        """How the bus is counted: ``c`` (the counting proxy), ``capture`` (the capture socket) or ``off``."""
+        self._families = tuple(f.encode() for f in self.reg.topics)
+        self._counts = np.zeros(2 * (len(self._families) + 1), np.int64)
+        """The C proxy's (messages, bytes) per family, the last pair "unknown"; it writes, we read."""
+        self._counted = self._counts.copy()
 
     # -- endpoints -----------------------------------------------------------------------------------------
 
@@ -163,7 +201,11 @@ class Broker:
         self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
         xpub.bind(_INPROC_OUT)
         capture = None
+        proxy = None
         if self.cfg.count_topics:
+            proxy = counting_proxy() if self.cfg.count_with == "auto" else None
+            self.counting = "c" if proxy is not None else "capture"
+        if self.counting == "capture":
             capture = s(zmq.PUB, hwm=self.cfg.count_queue)
             capture.bind(_INPROC_CAPTURE)
 
@@ -175,7 +217,7 @@ class Broker:
         if self.cfg.secure:
             self._start_secure(ports, xsub)
 
-        self._start_proxy("bus", xsub, xpub, capture)
+        self._start_proxy("bus", xsub, xpub, capture, proxy)
 
         # last-value SUB (subscribes after the proxy runs so its subscription reaches publishers)
         self.lv_sub = s(zmq.SUB, hwm=1000)
@@ -200,6 +242,7 @@ class Broker:
             "broker up: "
             + ", ".join(f"{k}={v}" for k, v in self.ports.items())
             + (" (CURVE on)" if self.cfg.secure else " (plain only)")
+            + f"; counting per topic: {self.counting}"
         )
 
     def _start_secure(self, ports: dict[str, int], main_xsub: zmq.Socket) -> None:
@@ -245,8 +288,14 @@ class Broker:
         self._start_proxy("secure-out", bridge_out, sec_xpub, None)
 
     def _start_proxy(
-        self, name: str, front: zmq.Socket, back: zmq.Socket, capture: zmq.Socket | None
+        self,
+        name: str,
+        front: zmq.Socket,
+        back: zmq.Socket,
+        capture: zmq.Socket | None,
+        counting: Any | None = None,
     ) -> None:
+        """libzmq's proxy in a thread, or with ``counting`` (the C counting proxy module) that one."""
         ctl_addr = f"inproc://proxy-control-{name}"
         ctl = self.svc.socket(zmq.PAIR)
         ctl.bind(ctl_addr)
@@ -256,12 +305,24 @@ class Broker:
 
         def run() -> None:
             try:
-                zmq.proxy_steerable(front, back, capture, peer)
+                if counting is not None:
+                    counting.run(
+                        front.underlying,
+                        back.underlying,
+                        peer.underlying,
+                        self._families,
+                        self._counts,
+                        zmq.ETERM,
+                    )
+                else:
+                    zmq.proxy_steerable(front, back, capture, peer)
             except zmq.ContextTerminated:
                 pass
             except zmq.ZMQError as e:
                 if e.errno != zmq.ETERM:
                     self.svc.log.error(f"proxy {name} stopped: {e}")
+            except OSError as e:  # the counting proxy's libzmq errors
+                self.svc.log.error(f"proxy {name} stopped: {e}")
 
         t = threading.Thread(target=run, name=f"proxy-{name}", daemon=True)
         t.start()
@@ -283,18 +344,41 @@ class Broker:
         self.m_lvc.set(len(self.lvc.items))
         self.m_lvc_bytes.set(self.lvc.nbytes)
 
+    def _family_counters(self, topic: bytes, family: str | None = None) -> tuple[Any, Any]:
+        """A topic's family's (messages, bytes) "through" counters, looked up once per topic."""
+        counters = self._through.get(topic)
+        if counters is None:
+            fam = family or self.reg.family(topic)
+            m = self.svc.metrics
+            counters = (m.messages.labels("through", fam), m.bytes.labels("through", fam))
+            if len(self._through) < 4096:  # bounded: made-up topics cannot grow it
+                self._through[topic] = counters
+        return counters
+
+    def flush_counts(self) -> int:
+        """Move what the C counting proxy counted since the last call into the metrics; how many messages."""
+        now = self._counts.copy()  # each int64 is read whole; a pair read mid-update is right next time
+        delta = now - self._counted
+        msgs = delta[0::2]
+        if not delta.any():
+            return 0
+        self._counted = now
+        for i in np.flatnonzero(msgs | delta[1::2]):
+            fam = self._families[i].decode() if i < len(self._families) else "unknown"
+            counters = self._family_counters(fam.encode(), fam)
+            counters[0].inc(int(msgs[i]))
+            counters[1].inc(int(delta[2 * i + 1]))
+        n = int(msgs.sum())
+        self.through += n
+        self.svc.info["through_msgs"] = self.through
+        return n
+
     def _on_capture(self, frames: list) -> None:
         # every message through the bus passes here: per-topic counters are looked up once, not per call
         first = frames[0].bytes
         if len(frames) == 1 and first[:1] in (b"\x00", b"\x01"):
             return  # a (un)subscription travelling upstream
-        counters = self._through.get(first)
-        if counters is None:
-            fam = self.reg.family(first)
-            m = self.svc.metrics
-            counters = (m.messages.labels("through", fam), m.bytes.labels("through", fam))
-            if len(self._through) < 4096:  # bounded: made-up topics cannot grow it
-                self._through[first] = counters
+        counters = self._family_counters(first)
         self.through += 1
         self.svc.info["through_msgs"] = self.through
         counters[0].inc()
@@ -361,7 +445,7 @@ class Broker:
         loop = self.svc.metrics.loop.labels("broker")
         while self.svc.running:
             timeout = 200.0
-            if batched is not None:
+            if batched is not None or self.counting == "c":
                 timeout = min(timeout, max(0.0, next_count - time.monotonic()) * 1000.0)
             events = dict(poller.poll(timeout))
             t0 = time.perf_counter()
@@ -372,6 +456,9 @@ class Broker:
                 else:
                     self._on_monitor(sock)
             counted = 0
+            if self.counting == "c" and time.monotonic() >= next_count:
+                next_count = time.monotonic() + every
+                counted = self.flush_counts()
             if batched is not None and time.monotonic() >= next_count:
                 next_count = time.monotonic() + every
                 counted = self._drain(batched, self._on_capture, self.cfg.count_queue)
@@ -399,5 +486,7 @@ class Broker:
                 ctl.send(b"TERMINATE", flags=zmq.NOBLOCK)
         for t in self._threads:
             t.join(timeout=2)
+        if self.counting == "c":
+            self.flush_counts()  # what the proxy counted after the loop's last look
         if self._auth is not None:
             self._auth.stop()
