@@ -66,7 +66,7 @@ class BrokerConfig:
     bind: str = knob("127.0.0.1", "Address the plain endpoints bind to (0.0.0.0 in containers)")
     secure: bool = knob(False, "Also open the CURVE endpoints for remote agents")
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
-    count_topics: bool = knob(True, "Count messages and bytes per topic family (a capture socket; cheap)")
+    count_topics: bool = knob(True, "Count messages and bytes per topic family (see count_with)")
     count_with: Literal["auto", "capture"] = knob(
         "auto",
         "auto: a counting proxy in C (services/broker/_countproxy.c) forwards and counts, no Python per "

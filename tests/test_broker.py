@@ -261,11 +261,12 @@ def _through(b, metric: str = "charles_messages_total", topic: str = "action") -
     "broker",
     [
         {"count_with": "auto"},
+        {"count_with": "auto", "count_every_s": 0.0},
         {"count_with": "capture", "count_every_s": 0.0},
         {"count_with": "capture", "count_every_s": 0.05},
     ],
     indirect=True,
-    ids=["c_proxy", "capture_polled", "capture_batched"],
+    ids=["c_proxy", "c_proxy_every_poll", "capture_polled", "capture_batched"],
 )
 def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, client_factory):
     b, _ = broker
@@ -313,6 +314,18 @@ def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, clien
     finally:
         raw.close()
     assert _through(b) == before + 200, "the subscription messages going upstream are no messages"
+
+
+@pytest.mark.parametrize(
+    "broker", [{"count_with": "auto", "count_every_s": 0.0}, {"count_with": "capture"}], indirect=True
+)
+def test_an_idle_broker_sleeps_whatever_its_counting_period(broker):
+    """count_every_s = 0 reads the counts after every poll: the poll still waits (no busy loop)."""
+    b, _ = broker
+    time.sleep(0.3)
+    cpu = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - cpu < 0.5, f"an idle broker ({b.counting} counting) spins"
 
 
 def test_the_counting_proxy_binds_only_to_a_libzmq_this_process_has_loaded():

@@ -344,11 +344,11 @@ class Broker:
         self.m_lvc.set(len(self.lvc.items))
         self.m_lvc_bytes.set(self.lvc.nbytes)
 
-    def _family_counters(self, topic: bytes, family: str | None = None) -> tuple[Any, Any]:
+    def _family_counters(self, topic: bytes) -> tuple[Any, Any]:
         """A topic's family's (messages, bytes) "through" counters, looked up once per topic."""
         counters = self._through.get(topic)
         if counters is None:
-            fam = family or self.reg.family(topic)
+            fam = self.reg.family(topic)
             m = self.svc.metrics
             counters = (m.messages.labels("through", fam), m.bytes.labels("through", fam))
             if len(self._through) < 4096:  # bounded: made-up topics cannot grow it
@@ -364,8 +364,8 @@ class Broker:
             return 0
         self._counted = now
         for i in np.flatnonzero(msgs | delta[1::2]):
-            fam = self._families[i].decode() if i < len(self._families) else "unknown"
-            counters = self._family_counters(fam.encode(), fam)
+            # a family's own name is a topic of that family; the last pair is the registry's "unknown"
+            counters = self._family_counters(self._families[i] if i < len(self._families) else b"")
             counters[0].inc(int(msgs[i]))
             counters[1].inc(int(delta[2 * i + 1]))
         n = int(msgs.sum())
@@ -430,22 +430,28 @@ class Broker:
         }
         if self.secure_control is not None:
             handlers[self.secure_control] = lambda f: self._on_control(self.secure_control, f)
-        # The capture socket (every message on the bus) is read in batches, every count_every_s, not
-        # polled: polling it woke this thread, and libzmq's proxy thread to signal it, once per message.
+        # Per-topic counts: the C proxy's totals are moved into the metrics every count_every_s (0: after
+        # every poll). The capture socket (every message on the bus) is read in batches on the same clock,
+        # not polled: polling it woke this thread, and libzmq's proxy thread to signal it, once per message;
+        # only count_every_s = 0 polls it.
         every = self.cfg.count_every_s
-        if self.cap_sub is not None and every == 0:
+        count: Callable[[], int] | None = None
+        if self.counting == "c":
+            count = self.flush_counts
+        elif self.cap_sub is not None and every > 0:
+            count = self._count_captures
+        elif self.cap_sub is not None:
             handlers[self.cap_sub] = self._on_capture
         for sock in handlers:
             poller.register(sock, zmq.POLLIN)
         for mon in getattr(self, "_monitors", []):
             poller.register(mon, zmq.POLLIN)
-        batched = self.cap_sub if self.cap_sub is not None and every > 0 else None
         next_count = time.monotonic()
         self.svc.ready()
         loop = self.svc.metrics.loop.labels("broker")
         while self.svc.running:
             timeout = 200.0
-            if batched is not None or self.counting == "c":
+            if count is not None and every > 0:
                 timeout = min(timeout, max(0.0, next_count - time.monotonic()) * 1000.0)
             events = dict(poller.poll(timeout))
             t0 = time.perf_counter()
@@ -456,18 +462,19 @@ class Broker:
                 else:
                     self._on_monitor(sock)
             counted = 0
-            if self.counting == "c" and time.monotonic() >= next_count:
+            if count is not None and time.monotonic() >= next_count:
                 next_count = time.monotonic() + every
-                counted = self.flush_counts()
-            if batched is not None and time.monotonic() >= next_count:
-                next_count = time.monotonic() + every
-                counted = self._drain(batched, self._on_capture, self.cfg.count_queue)
-                if counted >= self.cfg.count_queue:
-                    # the queue was full: libzmq may have dropped captures (the counts run low, the bus's
-                    # messages are untouched); say so instead of undercounting in silence
-                    self.svc.metrics.drops.labels(cause="capture_full").inc()
+                counted = count()
             if events or counted:
                 loop.observe(time.perf_counter() - t0)
+
+    def _count_captures(self) -> int:
+        """Count every queued capture; a full queue means libzmq may have dropped some."""
+        n = self._drain(self.cap_sub, self._on_capture, self.cfg.count_queue)
+        if n >= self.cfg.count_queue:
+            # the counts run low, the bus's messages are untouched: say so instead of undercounting in silence
+            self.svc.metrics.drops.labels(cause="capture_full").inc()
+        return n
 
     @staticmethod
     def _drain(sock: zmq.Socket, handler: Callable[[list], None], limit: int) -> int:
