@@ -140,6 +140,41 @@ class Metrics:
 # ---------------------------------------------------------------------------------------------- health
 
 
+MAX_SENDERS = 4096
+"""Senders whose sequence a SeqGaps follows; past this the oldest is forgotten (a bound, not a limit in
+practice)."""
+
+
+class SeqGaps:
+    """Per-sender sequence numbers: how many messages went missing between two that arrived.
+
+    A sequence that goes backwards is a restarted sender (its seq starts again at 0), not a gap. The
+    balancer follows collectors' samples, the trainer the balancer's sets, a collector and the player a
+    capture agent's game frames.
+    """
+
+    def __init__(self, max_senders: int = MAX_SENDERS):
+        self.max = max_senders
+        self.last: dict[str, int] = {}
+        self.missing = 0
+        self.restarts = 0
+
+    def see(self, sender: str, seq: int) -> int:
+        """Record one arrival; returns how many messages of this sender were skipped just before it."""
+        last = self.last.get(sender)
+        if last is None and len(self.last) >= self.max:
+            del self.last[next(iter(self.last))]  # oldest first seen: dicts keep insertion order
+        self.last[sender] = seq
+        if last is None:
+            return 0
+        if seq <= last:
+            self.restarts += 1
+            return 0
+        gap = seq - last - 1
+        self.missing += gap
+        return gap
+
+
 class TopicWatch:
     """Is each subscribed topic family arriving, and at what rate? (what health checks read)"""
 

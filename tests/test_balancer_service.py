@@ -25,9 +25,10 @@ from charles.balancer.balancer import Balancer
 from charles.balancer.config import BalancerConfig
 from charles.balancer.plot import histogram_png
 from charles.balancer.plot import main as balance_plot
-from charles.balancer.service import BalancerService, SeqGaps, set_topic
+from charles.balancer.service import BalancerService, set_topic
 from charles.outputs import BinIndex, parse_bins
 from charles.proto import Frame, Sample, SampleSet, encode
+from charles.runtime import SeqGaps
 
 from tests_support import counter_value, wait_for
 
@@ -306,7 +307,7 @@ def test_pictures_console_heartbeat_info_and_metrics(bus, client_factory):
 
 
 def test_seq_gaps_are_bounded():
-    g = SeqGaps(max_collectors=3)
+    g = SeqGaps(max_senders=3)
     for c in ("a", "b", "c", "d"):
         g.see(c, 0)
     assert list(g.last) == ["b", "c", "d"]

@@ -210,7 +210,7 @@ def test_game_source_counts_frames_lost_on_the_way_but_not_an_agent_restart():
     caps = drain(src, len(frames))
     assert len(caps) == len(frames), "every frame that arrived is a capture"
     assert dropped == [("game_frame_lost", 2), ("game_frame_lost", 3), ("game_frame_lost", 1)]
-    assert src.lost == 6 and src.info()["lost"] == 6
+    assert src.gaps.missing == 6 and src.info()["lost"] == 6
 
 
 def drain(src: GameSource, n: int) -> list[Capture]:

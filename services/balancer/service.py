@@ -29,7 +29,7 @@ from charles.balancer.balancer import REJECT_NAN, REJECT_NO_BIN, REJECT_NO_PREVI
 from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
 from charles.proto import Console, Envelope, Frame, Sample, SampleSet
-from charles.runtime import Publisher, Service, Subscriber
+from charles.runtime import Publisher, SeqGaps, Service, Subscriber
 
 REFRESH_S = 1.0
 """Metrics snapshot, heartbeat info and sets/s window (the launcher console redraws once a second)."""
@@ -39,8 +39,6 @@ DRAIN = 256
 """Samples taken per loop turn when they queue up (bounds one turn's work, not the stream)."""
 FLUSH_LINGER_S = 1.0
 """How long the sets flushed at shutdown may take to leave (Service.close closes with linger 0)."""
-MAX_COLLECTORS = 4096
-"""Collectors whose sequence we follow; past this the oldest is forgotten (a bound, not a limit in practice)."""
 SOURCES = ("npc", "human", "dagger")
 """Who drove (Sample.source), counted apart in and out (DAgger's share of training); anything else is "other"."""
 
@@ -54,34 +52,6 @@ _REJECT_DETAIL = {
 def set_topic(s: SampleSet) -> str:
     """``set.<output>`` for the per-output sets of v2..v4, ``set.all`` for v1's joint sets (registry)."""
     return "set.all" if s.version == 1 else f"set.{s.outputs[0]}"
-
-
-class SeqGaps:
-    """Per-collector sequence numbers: how many samples went missing between two that arrived.
-
-    A sequence that goes backwards is a restarted collector (its seq starts again at 0), not a gap.
-    """
-
-    def __init__(self, max_collectors: int = MAX_COLLECTORS):
-        self.max = max_collectors
-        self.last: dict[str, int] = {}
-        self.missing = 0
-        self.restarts = 0
-
-    def see(self, collector: str, seq: int) -> int:
-        """Record one arrival; returns how many samples of this collector were skipped just before it."""
-        last = self.last.get(collector)
-        if last is None and len(self.last) >= self.max:
-            del self.last[next(iter(self.last))]  # oldest first seen: dicts keep insertion order
-        self.last[collector] = seq
-        if last is None:
-            return 0
-        if seq <= last:
-            self.restarts += 1
-            return 0
-        gap = seq - last - 1
-        self.missing += gap
-        return gap
 
 
 def png_frame(png: bytes) -> Frame:

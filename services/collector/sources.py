@@ -26,6 +26,7 @@ import numpy as np
 
 from charles.collector.capture import TICK_HZ, Capture
 from charles.proto import GameFrame
+from charles.runtime import SeqGaps
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
 from charles.sim.session import BRAKE
 from charles.sim.unstuck import Phase, Unstuck
@@ -178,9 +179,7 @@ class GameSource:
         self.reject = reject or (lambda reason, detail: None)
         self.drop = drop or (lambda cause, n: None)
         """``drop(cause, n)``: counts GameFrames that never arrived (``game_frame_lost``)."""
-        self.last_seq: int | None = None
-        self.lost = 0
-        """GameFrames missing between two that arrived (gaps in the sender's ``seq``)."""
+        self.gaps = SeqGaps()
         self.watch = Unstuck(unstuck or UnstuckConfig())
         """Runs only on frames whose sender does not say (``recovering`` absent): one verdict per frame."""
         self.t0: float | None = None
@@ -200,11 +199,8 @@ class GameSource:
             return None
         g: GameFrame = env.msg
         self.frames += 1
-        if self.last_seq is not None and g.seq > self.last_seq + 1:
-            gap = g.seq - self.last_seq - 1  # lost on the way (a full queue, the network); a lower seq is
-            self.lost += gap  # a restarted agent, no loss
-            self.drop("game_frame_lost", gap)
-        self.last_seq = g.seq
+        if lost := self.gaps.see(g.source, g.seq):  # on the way: a full queue, the network
+            self.drop("game_frame_lost", lost)
         if self.t0 is None or g.game_time < self.t0:
             self.t0, self.last_tick = g.game_time, None  # first frame, or the game restarted its clock
             self.watch.reset()
@@ -245,7 +241,7 @@ class GameSource:
     def info(self) -> dict:
         return {
             "game_frames": self.frames,
-            "lost": self.lost,
+            "lost": self.gaps.missing,
             "skipped": self.skipped,
             "unstucks": self.unstucks,
             "recovering": self.recovering,

@@ -34,7 +34,7 @@ from charles.player.config import PlayerConfig
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.proto import Action, GameFrame
 from charles.proto.frames import FrameError
-from charles.runtime import Publisher, RateLimitedLog, Service, Subscriber
+from charles.runtime import Publisher, RateLimitedLog, SeqGaps, Service, Subscriber
 from charles.sim.car import DT
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
 from charles.sim.npc import Npc
@@ -223,8 +223,8 @@ class RemoteSource:
         self._last: View | None = None
         self._last_game_seq: int | None = None
         """The capture agent's seq of the frame in ``_last``: the action says which frame it answers."""
-        self._heard_seq: int | None = None
-        """The newest seq heard from the capture agent (stale ones included): gaps are frames lost."""
+        self.gaps = SeqGaps()
+        """Gaps in the capture agent's seq: frames lost on the way."""
         self._warn = RateLimitedLog(log, 60.0)
 
     @property
@@ -244,10 +244,8 @@ class RemoteSource:
                 self.name = f"remote-{gf.source}"
                 self.svc.log.info(f"driving the game of capture agent {gf.source!r}")
             if gf.source == self.source_id:
-                if self._heard_seq is not None and gf.seq > self._heard_seq + 1:
-                    # lost on the way (a full queue, the network); a lower seq is a restarted agent
-                    self.svc.metrics.drops.labels(cause="game_frame_lost").inc(gf.seq - self._heard_seq - 1)
-                self._heard_seq = gf.seq
+                if lost := self.gaps.see(gf.source, gf.seq):  # stale ones included: they did arrive
+                    self.svc.metrics.drops.labels(cause="game_frame_lost").inc(lost)
                 mine.append(gf)
         if len(mine) > 1:
             # acting on an old frame is worse than skipping it: the newest is what the car sees now

@@ -37,7 +37,7 @@ import prometheus_client as prom
 
 from charles.config import Config
 from charles.proto import Console, Heartbeat, SampleSet, Weights
-from charles.runtime import Publisher, Service, Subscriber
+from charles.runtime import Publisher, SeqGaps, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import Buffers, buffer_names
 from charles.trainer.checkpoint import CheckpointError, clean_temp, code_version, load_latest, prune
@@ -74,9 +74,8 @@ class Receiver:
         self.sets = 0
         self.samples = 0
         self.other_rank = 0
-        self.lost = 0
+        self.gaps = SeqGaps()
         """Sets that never arrived (gaps in their senders' numbering: a full broker queue while we stalled)."""
-        self._set_seq: dict[str, int] = {}  # sender/topic -> last seq
         self._seen: dict[str, tuple[str, float]] = {}  # id -> (service, monotonic time)
         self._seen_lock = threading.Lock()
         self._stop = threading.Event()
@@ -105,15 +104,8 @@ class Receiver:
 
     def _count_gap(self, key: str, seq: int | None) -> None:
         """Count the sets of one sender's topic that went missing before this one (a restart starts over)."""
-        if seq is None:
-            return
-        last = self._set_seq.get(key)
-        if last is None and len(self._set_seq) >= MAX_SEEN:
-            del self._set_seq[next(iter(self._set_seq))]
-        self._set_seq[key] = seq
-        if last is not None and seq > last + 1:
-            self.lost += seq - last - 1
-            self.svc.metrics.drops.labels(cause="seq_gap").inc(seq - last - 1)
+        if seq is not None and (lost := self.gaps.see(key, seq)):
+            self.svc.metrics.drops.labels(cause="seq_gap").inc(lost)
 
     def mine(self, s: SampleSet) -> bool:
         """Whether this rank trains this set (see the module docstring); always true on one process."""
