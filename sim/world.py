@@ -311,13 +311,14 @@ class SimWorld:
         car_color: tuple[int, int, int] | None = None,
     ) -> None:
         """Change the look of this instance (domain variety); the town and the episode stay."""
-        self.cfg = replace(
-            self.cfg,
-            weather=weather or self.cfg.weather,
-            time_of_day=self.cfg.time_of_day if time_of_day is None else time_of_day,
-        )
-        self.light = render.Lighting.of(self.cfg.weather, self.cfg.time_of_day)
-        self._static_lit = None
+        if weather or time_of_day is not None:  # the light changes (a new paint alone keeps it)
+            self.cfg = replace(
+                self.cfg,
+                weather=weather or self.cfg.weather,
+                time_of_day=self.cfg.time_of_day if time_of_day is None else time_of_day,
+            )
+            self.light = render.Lighting.of(self.cfg.weather, self.cfg.time_of_day)
+            self._static_lit = None
         if car_color is not None:
             self.car_color = tuple(car_color)
             self.player.color = self.car_color
