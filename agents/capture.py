@@ -52,7 +52,7 @@ from charles.agents.devices import (
 from charles.config import knob
 from charles.proto import Frame, GameFrame, Sample
 from charles.proto.messages import HISTORY_FIELDS
-from charles.runtime import Service
+from charles.runtime import Service, run_main
 
 log = logging.getLogger("charles.capture_agent")
 
@@ -631,5 +631,10 @@ def main(
     return 0
 
 
+def entry() -> None:
+    """The ``charles-capture-agent`` console script."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

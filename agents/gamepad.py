@@ -35,7 +35,7 @@ from charles.agents.devices import Pad, make_pad
 from charles.config import knob
 from charles.proto import Action
 from charles.proto.codec import Envelope
-from charles.runtime import Service
+from charles.runtime import Service, run_main
 
 log = logging.getLogger("charles.gamepad_agent")
 
@@ -262,5 +262,10 @@ def main(argv: list[str] | None = None, *, pad: Pad | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``charles-gamepad-agent`` console script."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,5 +1,3 @@
-import sys
+from charles.cli import entry
 
-from charles.cli import main
-
-sys.exit(main())
+entry()

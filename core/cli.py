@@ -60,5 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def entry() -> None:
+    """The ``charles`` console script: ``main``, then the process ends the way every service ends."""
+    from charles.runtime import run_main
+
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -249,4 +249,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from charles.runtime import run_main
+
+    run_main(main)

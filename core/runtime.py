@@ -18,10 +18,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import prometheus_client as prom
 import zmq
@@ -685,6 +685,50 @@ class Service:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Run an entry point's ``main`` and end the process without interpreter teardown.
+
+    Every process entry point (``python -m charles.<service>``, the ``charles`` commands) ends here. By the
+    time ``main`` returns, a service has closed what it owns: sockets, files, checkpoints, storage. What is
+    left are daemon threads that may be inside native code (matplotlib's FreeType reading a font through a
+    Python callback, a torch kernel, OpenCV). Python's finalization ends such a thread with ``pthread_exit``
+    the moment it asks for the GIL back, and that unwinds through C++ frames that cannot be unwound:
+    ``std::terminate``, SIGABRT, exit status -6 after a clean "stopped" (the balancer's painter did this in
+    half the runs on a slow box). So the process flushes its logs and standard streams and leaves with
+    ``os._exit``: the exit status is main's, whatever a library's thread was doing.
+    """
+    rc = 1
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's --help and errors, sys.exit() inside main
+        if e.code is None or isinstance(e.code, int):
+            rc = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            rc = 1
+    except KeyboardInterrupt:
+        rc = 130
+    except BaseException:  # noqa: BLE001 - a traceback, then the same clean exit
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    finally:
+        exit_process(rc)
+
+
+def exit_process(rc: int | None = 0) -> NoReturn:
+    """Flush logs and standard streams, say which threads are abandoned, and ``os._exit`` (see run_main)."""
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if left:
+        log.debug(f"exiting with threads still running: {', '.join(sorted(left))}")
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0 if rc is None else int(rc) & 0xFF)
 
 
 def run_service(name: str, cfg: Config, body: Callable[[Service], None], instance: str | None = None) -> int:

@@ -55,7 +55,7 @@ from charles import config as config_mod
 from charles.agents.gamepad import GamepadAgent, GamepadSettings
 from charles.proto import Frame, GameFrame
 from charles.proto.codec import Envelope
-from charles.runtime import Publisher, Service, Subscriber
+from charles.runtime import Publisher, Service, Subscriber, run_main
 from charles.sim.session import DriveSession
 from charles.sim.world import SimWorld, wrap_angle
 
@@ -479,4 +479,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -333,8 +333,7 @@ def forkserver_main(module: str, warm: list[str]) -> None:
             continue
         sys.stdout.flush()
         pid = os.fork()
-        if pid == 0:  # the child: its own log, its environment, the service's real main
-            rc = 1
+        if pid == 0:  # the child: its own log, its environment, the service's real main and real exit
             try:
                 fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
@@ -342,15 +341,14 @@ def forkserver_main(module: str, warm: list[str]) -> None:
                 null = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(null, 0)
                 os.environ.update(req["env"])
-                rc = main(req["argv"])
             except BaseException:  # noqa: BLE001 - report and leave: this is a child, never return to the loop
                 import traceback
 
                 traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(rc if isinstance(rc, int) else 1)
+                os._exit(1)
+            from charles.runtime import run_main
+
+            run_main(main, req["argv"])  # never returns: the exit path of `python -m`, exit status main's
         print(json.dumps({"pid": pid}), flush=True)
 
 

@@ -10,13 +10,10 @@ that a sample's labels belong to its own picture. Only dxcam and XInput are fake
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -43,141 +40,8 @@ from charles.agents.devices import PadState
 from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
+from mod_support import PAD_BYTE, DeepGtavServer, frame_rgb, labels
 from tests_support import counter_value, wait_for
-
-PAD_BYTE = 0xAB
-
-
-# ---------------------------------------------------------------------------------------------- the mod
-
-
-def frame_rgb(i: int, w: int, h: int) -> np.ndarray:
-    img = np.empty((h, w, 3), np.uint8)
-    img[:, :, 0] = i % 256
-    img[:, :, 1] = (np.arange(w) * 3 % 256)[None, :]
-    img[:, :, 2] = (np.arange(h) * 7 % 256)[:, None]
-    return img
-
-
-def labels(i: int) -> dict:
-    """Distinct from one frame to the next (consecutive i never share a steering value)."""
-    return {
-        "steering": ((i * 7) % 201 - 100) / 100.0,
-        "throttle": 0.5 + (i % 5) / 10.0,
-        "brake": (i % 3) / 10.0,
-    }
-
-
-class DeepGtavServer:
-    """A DeepGTAV-protocol server on loopback (one client at a time, like the mod)."""
-
-    def __init__(self, port: int = 0, moving: bool = True, size: tuple[int, int] = (161, 37)):
-        self.received: list[dict] = []
-        self.moving = moving
-        self.size = size
-        self.rate = 30
-        self.location = [100.0, 200.0, 30.0]
-        self.sent = 0
-        self.started = threading.Event()
-        self._scenario_running = False
-        self._closed = False
-        self._conn: socket.socket | None = None
-        self.lsock = socket.socket()
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", port))
-        self.lsock.listen(1)
-        self.lsock.settimeout(0.05)
-        self.port = self.lsock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def messages(self, kind: str) -> list[dict]:
-        return [m[kind] for m in list(self.received) if kind in m]
-
-    def _serve(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.lsock.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(None)
-            self._conn = conn
-            reader = threading.Thread(target=self._read, args=(conn,), daemon=True)
-            reader.start()
-            try:
-                self._write(conn, reader)
-            finally:
-                self._scenario_running = False
-                conn.close()
-                self._conn = None
-
-    def _recv(self, conn: socket.socket, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = conn.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("client gone")
-            buf += chunk
-        return buf
-
-    def _read(self, conn: socket.socket) -> None:
-        try:
-            while True:
-                (n,) = struct.unpack("<I", self._recv(conn, 4))
-                msg = json.loads(self._recv(conn, n).decode("utf-8"))
-                self.received.append(msg)
-                if "start" in msg and not self._scenario_running:
-                    self._configure(msg["start"])
-                    self._scenario_running = True
-                    self.started.set()
-                elif "config" in msg and self._scenario_running:
-                    self._configure(msg["config"])
-                elif "stop" in msg:
-                    self._scenario_running = False
-        except (ConnectionError, OSError, ValueError):
-            self._scenario_running = False
-
-    def _configure(self, body: dict) -> None:
-        # like the mod: config["scenario"] and config["dataset"] are read unconditionally
-        sc, ds = body["scenario"], body["dataset"]
-        if sc.get("location"):
-            self.location = [float(sc["location"][0]), float(sc["location"][1]), 30.0]
-        if ds.get("frame"):
-            self.size = (int(ds["frame"][0]), int(ds["frame"][1]))
-        if ds.get("rate"):
-            self.rate = int(ds["rate"])
-
-    def _write(self, conn: socket.socket, reader: threading.Thread) -> None:
-        next_t = time.monotonic()
-        while not self._closed and reader.is_alive():
-            if not self._scenario_running:
-                time.sleep(0.005)
-                next_t = time.monotonic()
-                continue
-            i = self.sent + 1
-            w, h = self.size
-            if self.moving:
-                self.location[0] += 0.5
-            data = {**labels(i), "speed": 15.0, "yawRate": 1.5, "location": list(self.location), "time": 12}
-            frame = rgb_to_bitmap(frame_rgb(i, w, h), PAD_BYTE)
-            payload = json.dumps(data).encode()
-            try:
-                conn.sendall(
-                    struct.pack("<I", len(frame)) + frame + struct.pack("<I", len(payload)) + payload
-                )
-            except OSError:
-                return
-            self.sent = i
-            next_t += 1.0 / self.rate
-            time.sleep(max(0.0, next_t - time.monotonic()))
-
-    def close(self) -> None:
-        self._closed = True
-        if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.shutdown(socket.SHUT_RDWR)
-        self.lsock.close()
-        self._thread.join(timeout=2)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 from charles import config as config_mod
 from charles.balancer.service import BalancerService
-from charles.runtime import Service, run_service
+from charles.runtime import Service, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

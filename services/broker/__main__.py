@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from charles import config as config_mod
 from charles.broker.broker import Broker
-from charles.runtime import Service, run_service
+from charles.runtime import Service, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

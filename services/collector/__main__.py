@@ -11,7 +11,7 @@ import sys
 
 from charles import config as config_mod
 from charles.collector.service import serve
-from charles.runtime import Service, default_instance, run_service
+from charles.runtime import Service, default_instance, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from charles import config as config_mod
-from charles.runtime import Service, default_instance, setup_logging
+from charles.runtime import Service, default_instance, run_main, setup_logging
 from charles.trainer.buffers import buffer_names
 
 
@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

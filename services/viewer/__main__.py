@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from charles import config as config_mod
-from charles.runtime import Service, setup_logging
+from charles.runtime import Service, run_main, setup_logging
 from charles.viewer.app import serve
 from charles.viewer.board import Board
 from charles.viewer.web import Viewer
@@ -48,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
