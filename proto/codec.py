@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgpack
 import msgspec
 import numpy as np
 import zmq
@@ -170,11 +169,20 @@ def _sample_out(s: Sample, blobs: _Blobs) -> wire.SampleBody:
 def _sample_in(b: wire.SampleBody, blobs: Sequence) -> Sample:
     history = None if b.history is None else _history_in(b.history, blobs)
     stack = [_frame_in(f, blobs) for f in b.stack] if b.stack else []
+    f = b.frame  # _frame_in inlined for the one frame every sample has: a call is a tenth of this
+    i = f.blob
+    if i >= len(blobs):
+        raise ProtocolError("bad_blob", f"blob index {i} not among {len(blobs)} blobs")
+    data = blobs[i]
+    n = len(data)
+    shape = f.shape
+    if n == 0 or (f.codec == "raw" and n != shape[0] * shape[1] * shape[2]):
+        _frame_in(f, blobs)  # names the reason
     return Sample(
         b.collector,
         b.seq,
         b.game_time,
-        _frame_in(b.frame, blobs),
+        Frame(f.codec, shape, data),
         b.steering,
         b.throttle_brake,
         b.speed,
@@ -374,67 +382,74 @@ def _buf(f: Any) -> memoryview:
     return b if b.ndim == 1 and b.itemsize == 1 else b.cast("B")
 
 
+_TOPIC_CACHE = 4096
+_TOPICS: dict[bytes, tuple] = {}
+"""Topic bytes of messages that decoded -> (name, registry entry, its max_bytes, its kind, decoder,
+conversion); bounded so a flood of made-up topics cannot grow it, and filled only by messages that
+passed, so a topic alone never earns a place."""
+_MAX_TOPIC = wire.LIMITS.max_topic_bytes
+
+
 def decode(frames: Sequence, *, control: bool = False) -> Envelope:
     """Validate and decode one multipart message. Raises ProtocolError and nothing else.
 
     ``control`` decodes the broker's control-port messages, whose first frame is a verb, not a topic.
+    One function on purpose: this is every receiver's per-message path, and a call costs what the
+    checks of a whole field do.
     """
     try:
-        return _decode(frames, control)
+        if len(frames) < 2:
+            raise ProtocolError("truncated", f"{len(frames)} frame(s); a message is [topic, header, *blobs]")
+        f0 = frames[0]
+        topic_b = f0.bytes if f0.__class__ is _ZFrame else bytes(_buf(f0))
+        # a control verb is not a topic (b"config" is both): never looked up in nor added to the cache
+        known = None if control else _TOPICS.get(topic_b)
+        if known is None:
+            topic, entry = _topic(topic_b, control)
+            limit = entry.max_bytes if entry else MAX_HEADER_BYTES
+        else:
+            topic, entry, limit, kind, decoder, to_msg = known
+        # a received zmq.Frame goes to msgspec as it is (its buffer protocol; .buffer costs a memoryview)
+        f1 = frames[1]
+        header_b = f1 if f1.__class__ is _ZFrame else _buf(f1)
+        hn = len(header_b)
+        nbytes = len(topic_b) + hn
+        blobs = []
+        for f in frames[2:]:  # a plain loop: a generator costs ~0.6 us
+            b = memoryview(f) if f.__class__ is _ZFrame else _buf(f)
+            nbytes += len(b)
+            blobs.append(b)
+        if nbytes > limit or hn > MAX_HEADER_BYTES:
+            raise ProtocolError("oversize", f"{nbytes} bytes on {topic[:64]!r}; the limit is {limit}")
+        if known is None:
+            kind = _control_kind(header_b) if control else entry.kind
+            decoder, to_msg = _DECODERS[kind]
+        try:
+            header = decoder.decode(header_b)
+        except msgspec.DecodeError as e:  # ValidationError is one too
+            raise _rejection(e, header_b, kind) from None
+        msg = to_msg(header.body, blobs)
+        if known is None and not control and len(_TOPICS) < _TOPIC_CACHE:
+            _TOPICS[topic_b] = (topic, entry, limit, kind, decoder, to_msg)
+        return Envelope(topic, kind, header.sender, header.t, header.wall, msg, nbytes)
     except ProtocolError:
         raise
     except Exception as e:  # noqa: BLE001 - the contract: a hostile message never escapes as anything else
         raise ProtocolError("bad_field", f"{type(e).__name__}: {e}") from None
 
 
-_TOPIC_CACHE = 4096
-_TOPICS: dict[bytes, tuple[str, Any]] = {}
-"""Topic bytes of messages that decoded -> (name, registry entry); bounded so a flood of made-up topics
-cannot grow it, and filled only by messages that passed, so a topic alone never earns a place."""
-_MAX_TOPIC = wire.LIMITS.max_topic_bytes
-
-
-def _decode(frames: Sequence, control: bool) -> Envelope:
-    if len(frames) < 2:
-        raise ProtocolError("truncated", f"{len(frames)} frame(s); a message is [topic, header, *blobs]")
-    f0 = frames[0]
-    topic_b = f0.bytes if f0.__class__ is _ZFrame else bytes(_buf(f0))
-    # a control verb is not a topic (b"config" is both): never looked up in nor added to the topics' cache
-    known = None if control else _TOPICS.get(topic_b)
-    if known is None:
-        if len(topic_b) > _MAX_TOPIC:
-            raise ProtocolError("unknown_topic", f"topic of {len(topic_b)} bytes; the limit is {_MAX_TOPIC}")
-        try:
-            topic = topic_b.decode("ascii")
-        except UnicodeDecodeError:
-            raise ProtocolError("unknown_topic", f"topic {topic_b[:40]!r} is not ASCII") from None
-        entry = None if control else registry().topic(topic)
-        if entry is None and not control:
-            raise ProtocolError("unknown_topic", f"topic {topic[:64]!r} is not in the registry")
-    else:
-        topic, entry = known
-    # a received zmq.Frame goes to msgspec as it is (its buffer protocol; .buffer costs a memoryview more)
-    f1 = frames[1]
-    header_b = f1 if f1.__class__ is _ZFrame else _buf(f1)
-    nbytes = len(topic_b) + len(header_b)
-    blobs = []
-    for f in frames[2:]:  # a plain loop: this is the per-message hot path (a generator costs ~0.6 us)
-        b = memoryview(f) if f.__class__ is _ZFrame else _buf(f)
-        nbytes += len(b)
-        blobs.append(b)
-    limit = entry.max_bytes if entry else MAX_HEADER_BYTES
-    if nbytes > limit or len(header_b) > MAX_HEADER_BYTES:
-        raise ProtocolError("oversize", f"{nbytes} bytes on {topic[:64]!r}; the limit is {limit}")
-    kind = _control_kind(header_b) if control else entry.kind
-    decoder, to_msg = _DECODERS[kind]
+def _topic(topic_b: bytes, control: bool) -> tuple[str, Any]:
+    """A topic not seen in a message that decoded: its name and registry entry, or unknown_topic."""
+    if len(topic_b) > _MAX_TOPIC:
+        raise ProtocolError("unknown_topic", f"topic of {len(topic_b)} bytes; the limit is {_MAX_TOPIC}")
     try:
-        header = decoder.decode(header_b)
-    except msgspec.DecodeError as e:  # ValidationError is one too
-        raise _rejection(e, header_b, kind) from None
-    msg = to_msg(header.body, blobs)
-    if known is None and not control and len(_TOPICS) < _TOPIC_CACHE:
-        _TOPICS[topic_b] = (topic, entry)
-    return Envelope(topic, kind, header.sender, header.t, header.wall, msg, nbytes)
+        topic = topic_b.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("unknown_topic", f"topic {topic_b[:40]!r} is not ASCII") from None
+    entry = None if control else registry().topic(topic)
+    if entry is None and not control:
+        raise ProtocolError("unknown_topic", f"topic {topic[:64]!r} is not in the registry")
+    return topic, entry
 
 
 # ---------------------------------------------------------------------------------------------- rejects
@@ -456,7 +471,7 @@ def _rejection(e: msgspec.DecodeError, header_b: Any, kind: str | None) -> Proto
     """The contract's reason for a header the typed decoder refused.
 
     The envelope is judged in a fixed order whatever order its keys came in (version, then kind, then
-    whether the topic carries that kind), then the decoder's own error is named by ``_reason``.
+    whether the topic carries that kind), then the decoder's own error is named by ``wire.reason_of``.
     """
     if not isinstance(e, msgspec.ValidationError):
         return ProtocolError("bad_header", f"header is not msgpack ({e})")
@@ -474,17 +489,16 @@ def _rejection(e: msgspec.DecodeError, header_b: Any, kind: str | None) -> Proto
 
 
 def _detail(e: Exception) -> str:
-    v = registry().schema_version
     text = str(e)
     if "`$.v`" in text or "field `v`" in text:
-        return f"{text}; this build speaks schema version {v} (upgrade the sender or the receiver together)"
+        return f"{text}; this build speaks schema version {SCHEMA_VERSION} (upgrade sender and receiver together)"
     return text
 
 
 def _value_at(header_b: Any, path: list[str]) -> Any:
     """The raw value a refused path points at (only to tell NaN from out-of-range), or None."""
     try:
-        cur = msgpack.unpackb(header_b, strict_map_key=False)
+        cur = msgspec.msgpack.decode(header_b)
         for step in path:
             cur = cur[int(step)] if isinstance(cur, list) else cur[step]
     except Exception:  # noqa: BLE001 - only a hint for the reason; the message is refused anyway

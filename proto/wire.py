@@ -12,12 +12,13 @@ a ``msgspec.ValidationError`` to one of the contract's reasons.
 
 The structs are not tracked by the garbage collector (``gc=False``): a decoded header is a tree, it
 cannot hold a cycle, and a receiver makes several per message. Optional fields that are absent decode
-to ``UNSET``; the ones that also accept nil (``None``) say so in
-their type, because senders before these structs wrote nil for them.
+to ``UNSET``; the ones that also accept nil (``None``) say so in their type, because the decoder before
+these structs took nil for them as absent.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -51,7 +52,6 @@ def _reasons(reject: str | None = None, missing: str | None = None) -> dict:
 CODECS = ("raw", "jpeg", "png")
 """Frame codecs, chosen by the sender."""
 
-Finite = _num()
 Unit = _num(-1.0, 1.0)
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, Meta(max_length=256)]
@@ -186,8 +186,8 @@ BODIES: dict[str, type[Struct]] = {
 Version = Annotated[
     Literal[SCHEMA_VERSION],
     Meta(extra_json_schema={"type": "integer"}, extra=_reasons("bad_version", "bad_version")),
-]  # type: ignore[valid-type]
-KindName = Annotated[Literal[ALL_KINDS], Meta(extra=_reasons("unknown_kind", "unknown_kind"))]  # type: ignore[valid-type]
+]
+KindName = Annotated[Literal[ALL_KINDS], Meta(extra=_reasons("unknown_kind", "unknown_kind"))]
 
 
 def _envelope(kind: str) -> type[Struct]:
@@ -247,9 +247,12 @@ def reason_of(text: str, top: type, value_at: Callable[[list[str]], Any], root: 
     return "bad_field"
 
 
+_type_info = functools.cache(mi.type_info)  # a few struct types, asked again on every reject
+
+
 def _overrides(top: type, path: list[str], *, missing: bool) -> str | None:
     """The innermost reason a field along ``path`` names for itself (``missing``: the last field's)."""
-    t: Any = mi.type_info(top)
+    t: Any = _type_info(top)
     found = None
     for i, step in enumerate(path):
         t, _ = _unwrap(t)

@@ -418,9 +418,13 @@ def _before(frames):
 
 def _on_purpose(path: tuple, value, outcome) -> object:
     """What the decoder before the wire structs would say, with the differences made on purpose:
-    the schema version must be an integer (``v: true`` and ``v: 1.0`` were taken for 1; #15)."""
+    the schema version must be an integer (``v: true`` and ``v: 1.0`` were taken for 1; #15), and a
+    console's ``images`` is a map or nil (any other falsy value, ``0``, ``""``, ``[]``, was taken for
+    no images)."""
     if path == ("v",) and value.__class__ is not int and value == SCHEMA_VERSION:
         return ("rejected", "bad_version")
+    if path == ("body", "images") and not value and value is not None and not isinstance(value, dict):
+        return ("rejected", "bad_field")
     return outcome
 
 
@@ -510,6 +514,34 @@ def test_typed_decoder_agrees_with_the_one_before_on_every_field_at_its_edges(go
                 assert (got[0] == "rejected") == (was[0] == "rejected"), (path, value, got, was)
             else:
                 assert got == was, (path, value)
+
+
+def _paths(obj, prefix: tuple = ()):
+    """Every key and index path in a decoded header, outermost first."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield (*prefix, k)
+        yield from _paths(v, (*prefix, k))
+
+
+_MAPS = [{"codec": "raw"}, {"shape": [1, 1, 3]}, [[1.0, 2.0]], {"a": 1}, [1, 2, 3], -(2**63), 2**64 - 1]
+
+
+def test_typed_decoder_agrees_with_the_one_before_on_every_field_of_every_kind():
+    """Every field, list item and sub-map of every good message (samples, a set, weights, an action, a
+    console) set to every edge value and a few wrong shapes: the same fields or the same reason."""
+    for good in _GOOD:
+        base = msgpack.unpackb(good[1])
+        for path in _paths(base):
+            for value in _EDGES + _MAPS:
+                header = msgpack.unpackb(good[1])
+                cur = header
+                for k in path[:-1]:
+                    cur = cur[k]
+                cur[path[-1]] = value
+                zf = [zmq.Frame(f) for f in (good[0], msgpack.packb(header), *good[2:])]
+                was = _on_purpose(path, value, _outcome(_before, zf))
+                assert _outcome(decode, zf) == was, (path, value)
 
 
 def test_no_c_codec_is_built_or_imported():
