@@ -16,8 +16,9 @@ from charles.proto import wire
 
 MAX_SIDE = wire.LIMITS.max_side
 """No frame side may exceed this: a hostile header cannot make us allocate gigabytes."""
-# OpenCV's own ceiling on what imdecode allocates (its default is 2**30 pixels); read once when cv2
-# loads, so it is set before the import. A frame that passes our checks is at most MAX_SIDE squared.
+# OpenCV's own ceiling on what imdecode allocates (its default is 2**30 pixels), read once when cv2
+# loads: charles/__init__.py sets it before any charles module imports cv2; this is for a process
+# that reached us some other way. A frame that passes our checks is at most MAX_SIDE squared.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_SIDE * MAX_SIDE))
 
 import cv2  # noqa: E402 - after the pixel limit above

@@ -215,7 +215,7 @@ def test_opencv_is_capped_at_the_largest_frame_we_accept():
     our checks still cannot allocate more than max_side squared pixels."""
     code = """
 import os
-import charles.proto
+import charles.sim.world  # a module that imports cv2 before charles.proto does
 import cv2
 import numpy as np
 big = cv2.imencode(".png", np.zeros((4100, 4100), np.uint8))[1]
@@ -229,4 +229,5 @@ print(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"], refused, cv2.imdecode(ok, 0).sha
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
-    assert out.stdout.split() == [str(4096 * 4096), "True", "True"]
+    side = registry().limits.max_side
+    assert out.stdout.split() == [str(side * side), "True", "True"]
