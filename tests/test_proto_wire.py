@@ -16,7 +16,7 @@ import pytest
 from msgspec import inspect as mi
 
 from charles import config
-from charles.proto import Frame, FrameError, Sample, decode, encode, registry, schema, wire
+from charles.proto import Frame, FrameError, ProtocolError, Sample, decode, encode, registry, schema, wire
 from charles.proto import codec as codec_module
 from charles.proto import frames as frames_module
 from charles.proto.registry import CONTROL_KINDS, KINDS
@@ -231,3 +231,17 @@ print(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"], refused, cv2.imdecode(ok, 0).sha
     )
     side = registry().limits.max_side
     assert out.stdout.split() == [str(side * side), "True", "True"]
+
+
+def test_a_reject_names_the_fields_path_for_the_log_line():
+    good = _sample_frames()
+    header = msgpack.unpackb(good[1])
+    header["body"]["purpose"][1] = -3.0
+    with pytest.raises(ProtocolError) as e:
+        decode([good[0], msgpack.packb(header), *good[2:]])
+    assert e.value.reason == "out_of_range" and "$.body.purpose[1]" in str(e.value)
+    header = msgpack.unpackb(good[1])
+    header["body"]["frame"]["shape"][2] = 4
+    with pytest.raises(ProtocolError) as e:
+        decode([good[0], msgpack.packb(header), *good[2:]])
+    assert e.value.reason == "bad_shape" and "$.body.frame.shape[2]" in str(e.value)
