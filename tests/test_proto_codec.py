@@ -437,35 +437,32 @@ def test_fuzz_typed_decoder_agrees_with_the_one_before(which, path, value, cut, 
     frames = _mutated(which, path, value, cut, whole)
     decode([zmq.Frame(f) for f in _GOOD[which]])  # the topic is known and cached
     got = _outcome(decode, [zmq.Frame(f) for f in frames])
-    was = _outcome(_before, [zmq.Frame(f) for f in frames])
+    header = msgpack.unpackb(_GOOD[which][1])
+    was = _on_purpose(_path_of(header, path, whole), value, _outcome(_before, [zmq.Frame(f) for f in frames]))
     if cut in (1, 2) and len(_GOOD[which]) > 2 and (got[0] == "rejected" or was[0] == "rejected"):
         assert got[0] == was[0] == "rejected", (got, was)
     else:
-        header = msgpack.unpackb(_GOOD[which][1])
-        assert got == _on_purpose(_path_of(header, path, whole), value, was), (got, was)
+        assert got == was, (got, was)
     assert got == _outcome(decode, frames)  # plain bytes: the other way in
 
 
 def _path_of(header: dict, path_choices: list[int], whole: bool) -> tuple:
-    """The field path ``_mutate`` replaces, as keys and indices."""
+    """The field path ``_mutate`` replaces, as keys and indices; () when it replaces nothing (the path
+    ran out inside a map or list)."""
     cur, out = header, []
     for depth, choice in enumerate(path_choices):
         last = whole and depth == len(path_choices) - 1
         if isinstance(cur, dict) and cur:
             key = sorted(cur, key=str)[choice % len(cur)]
-            out.append(key)
-            if last or not isinstance(cur[key], dict | list) or not cur[key]:
-                break
-            cur = cur[key]
         elif isinstance(cur, list) and cur:
-            i = choice % len(cur)
-            out.append(i)
-            if last or not isinstance(cur[i], dict | list) or not cur[i]:
-                break
-            cur = cur[i]
+            key = choice % len(cur)
         else:
-            break
-    return tuple(out)
+            return ()
+        out.append(key)
+        if last or not isinstance(cur[key], dict | list) or not cur[key]:
+            return tuple(out)
+        cur = cur[key]
+    return ()
 
 
 def test_an_integer_where_senders_write_floats_is_valid_and_comes_back_a_float():
