@@ -30,8 +30,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # requirements.txt. Which exact versions comes from constraints.txt (`-c`), so a rebuild gets the same
 # packages as the last one.
 FROM base AS deps
-# A C compiler for the codec's fast path (proto/_fastcodec.c) and the broker's counting proxy
-# (services/broker/_countproxy.c), built when Charles is installed below. The runtime images copy only
+# A C compiler for the broker's counting proxy (services/broker/_countproxy.c), built when Charles is
+# installed below. The runtime images copy only
 # /opt/venv, so the compiler never ships.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \

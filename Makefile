@@ -16,14 +16,14 @@ MINUTES  ?= 0
 N        ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench bench-e2e validate keys up down logs scale images clean prometheus
+.PHONY: help install run test test-fast lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # constraints.txt: the exact versions (the same the images get), so every fresh clone installs alike
-# setup.py and the C files: a changed codec fast path or broker proxy is compiled again
-$(STAMP): pyproject.toml constraints.txt setup.py proto/_fastcodec.c services/broker/_countproxy.c
+# setup.py and the C file: a changed broker proxy is compiled again
+$(STAMP): pyproject.toml constraints.txt setup.py services/broker/_countproxy.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
@@ -57,6 +57,9 @@ bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, n
 
 validate: $(STAMP) ## docker-compose config, kubectl kustomize, kubernetes-validate, promtool, topology checks
 	$(PY) -m charles.validate
+
+schema: $(STAMP) ## regenerate proto/schema.json (the JSON Schema of every header) from charles.proto.wire
+	$(PY) -m charles.proto.schema
 
 keys: $(STAMP) ## CURVE key pairs for the broker and remote agents, in keys/
 	$(CHARLES) keys --dir keys

@@ -1,4 +1,5 @@
-"""The message kinds of the whole system, as plain dataclasses.
+"""The message kinds of the whole system, as plain structs (msgspec ``Struct``: built in C, which the
+receive path does once per message; nothing here is validated or encoded directly, see codec.py).
 
 ``charles.proto.codec`` turns each into a ZeroMQ multipart message ``[topic, header, *blobs]`` and back,
 validating on the way in. Units: metres, seconds, metres per second, radians. Controls are in [-1, 1]
@@ -7,9 +8,8 @@ validating on the way in. Units: metres, seconds, metres per second, radians. Co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
+from msgspec import Struct, field
 
 from charles.proto.frames import Frame
 
@@ -17,8 +17,7 @@ HISTORY_FIELDS = ("steering", "throttle_brake", "speed", "purpose_angle", "purpo
 """Columns of a sample's history array, oldest row first."""
 
 
-@dataclass(slots=True)
-class Sample:
+class Sample(Struct):
     """One frame of driving and what the driver did on it (collector -> balancer -> trainer)."""
 
     collector: str
@@ -47,8 +46,7 @@ class Sample:
     """Who drove: npc, human, dagger (player frames labelled by the expert)."""
 
 
-@dataclass(slots=True)
-class SampleSet:
+class SampleSet(Struct):
     """A balanced set (balancer -> trainer): the samples, and which outputs they balance."""
 
     outputs: list[str]
@@ -63,8 +61,7 @@ class SampleSet:
     numbered)."""
 
 
-@dataclass(slots=True)
-class Weights:
+class Weights(Struct):
     """Model weights for players (trainer -> broker last value -> player)."""
 
     model: str
@@ -83,22 +80,19 @@ class Weights:
     """Hex digest of payload; checked on receipt."""
 
 
-@dataclass(slots=True)
-class ConfigRequest:
+class ConfigRequest(Struct):
     """Ask the broker for the run configuration (collector/player at start)."""
 
     role: str
 
 
-@dataclass(slots=True)
-class ConfigReply:
+class ConfigReply(Struct):
     config: dict
     """The resolved run configuration (see charles.config)."""
     error: str = ""
 
 
-@dataclass(slots=True)
-class GameFrame:
+class GameFrame(Struct):
     """A frame and telemetry from a running game or sim, for the player (capture agent -> player)."""
 
     source: str
@@ -118,8 +112,7 @@ class GameFrame:
     no training sample. None: the sender does not say (the receiver may watch the telemetry itself)."""
 
 
-@dataclass(slots=True)
-class Action:
+class Action(Struct):
     """Gamepad values (player -> gamepad agent). Values are already dead-zone compensated."""
 
     seq: int
@@ -136,8 +129,7 @@ class Action:
     flight, and anyone measuring latency, pair each action with its frame."""
 
 
-@dataclass(slots=True)
-class Console:
+class Console(Struct):
     """A console or telemetry snapshot for the viewer and the consoles (any service -> viewer)."""
 
     service: str
@@ -147,8 +139,7 @@ class Console:
     """Named images (hood, cinematic, convcam, loss) as frames."""
 
 
-@dataclass(slots=True)
-class Heartbeat:
+class Heartbeat(Struct):
     service: str
     """Service name (broker, collector, ...)."""
     instance: str

@@ -27,6 +27,19 @@ class Topic:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What a receiver refuses before it looks further (registry.yaml ``limits``)."""
+
+    max_topic_bytes: int
+    max_header_bytes: int
+    max_side: int
+    max_history: int
+    max_stack: int
+    max_set: int
+    max_images: int
+
+
+@dataclass(frozen=True)
 class ServiceEntry:
     name: str
     module: str
@@ -38,6 +51,7 @@ class ServiceEntry:
 @dataclass(frozen=True)
 class Registry:
     schema_version: int
+    limits: Limits
     broker_host: str
     ports: dict[str, int]
     topics: dict[str, Topic]
@@ -45,6 +59,8 @@ class Registry:
 
     def topic(self, name: str | bytes) -> Topic | None:
         """The registry entry for a concrete topic ("sample.collector-1" -> the "sample" family)."""
+        if len(name) > self.limits.max_topic_bytes:
+            return None
         if isinstance(name, bytes | bytearray | memoryview):
             try:
                 name = bytes(name).decode("ascii")
@@ -80,6 +96,7 @@ def _parse(doc: dict) -> Registry:
     }
     return Registry(
         schema_version=int(doc["schema_version"]),
+        limits=Limits(**{k: int(v) for k, v in doc["limits"].items()}),
         broker_host=doc["broker"]["host"],
         ports={k: int(v) for k, v in doc["broker"]["ports"].items()},
         topics=topics,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -13,6 +12,7 @@ import time
 import urllib.request
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 import zmq
@@ -93,14 +93,14 @@ def test_every_message_kind_crosses_the_broker(client_factory):
 
 
 def _plain(obj):
-    """A message as plain data: dataclass fields, frames and arrays as bytes, tuples as lists."""
+    """A message as plain data: struct fields, frames and arrays as bytes, tuples as lists."""
     if isinstance(obj, Frame):
         return ["frame", obj.codec, list(obj.shape), bytes(obj.data)]
     if isinstance(obj, Weights):
-        d = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "sha256"}
+        d = {f: _plain(getattr(obj, f)) for f in obj.__struct_fields__ if f != "sha256"}
         return {**d, "sha256": obj.sha256 or hashlib.sha256(obj.payload).hexdigest()}
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, msgspec.Struct):  # every message kind
+        return {f: _plain(getattr(obj, f)) for f in obj.__struct_fields__}
     if isinstance(obj, np.ndarray):
         return ["array", str(obj.dtype), list(obj.shape), obj.tobytes()]
     if isinstance(obj, memoryview | bytearray):

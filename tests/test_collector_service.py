@@ -157,6 +157,41 @@ def test_configuration_from_the_broker_shapes_samples_sent_at_30_hz(served_broke
     assert svc.info["drops"] == 0
 
 
+def test_a_running_collectors_sample_validates_against_the_json_schema(served_broker, collectors, bus_ports):
+    """proto/schema.json is what a client in another language validates against: a sample as a running
+    collector publishes it (with history, a frame stack and previous controls) passes it, its kind's own
+    definition too, and decodes back; the same header with one range broken fails the schema."""
+    import jsonschema
+    import msgpack
+    import zmq
+
+    from charles.proto import decode
+    from charles.proto.schema import PATH
+
+    schema = json.loads(PATH.read_text())
+    data = served_broker(model={"overrides": {"width": 96, "height": 54, "frames": 3}}, sim=SMALL_SIM)
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(f"tcp://127.0.0.1:{bus_ports['subscribe']}")
+    sub.subscribe(b"sample.")
+    try:
+        collectors(data, "collector-1", 1)
+        assert sub.poll(10_000), "no sample arrived"
+        frames = sub.recv_multipart()
+    finally:
+        sub.close(0)
+    header = msgpack.unpackb(frames[1])
+    assert header["kind"] == "sample" and {"history", "stack", "previous"} <= set(header["body"])
+    jsonschema.validate(header, schema)
+    jsonschema.validate(header, {"$defs": schema["$defs"], "$ref": "#/$defs/SampleMessage"})
+    env = decode(frames)
+    assert env.msg.collector == "collector-1" and env.msg.frame.decode().shape == (54, 96, 3)
+    header["body"]["steering"] = 1.5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(header, schema)
+
+
 def test_two_collectors_have_their_own_ids_seeds_and_frames(served_broker, collectors, clients):
     data = served_broker(collector={"realtime": True}, sim=SMALL_SIM)
     sub = clients("trainer").subscriber(["sample."], late_join=False)

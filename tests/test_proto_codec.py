@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import shutil
 import sys
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -31,8 +29,9 @@ from charles.proto import (
     decode,
     encode,
 )
-from charles.proto import codec as codec_module
 from charles.proto.frames import FrameError
+
+import proto_codec_before
 
 RNG = np.random.default_rng(0)
 # smooth, with a pure red block, so JPEG stays close and a swapped channel order would show
@@ -89,7 +88,7 @@ def test_sample_round_trip(codec):
     assert pixels[13, 4, 0] > 180 and pixels[13, 4, 2] < 60  # red stays red: RGB order kept
 
 
-def test_sample_without_optional_parts_uses_fast_path_and_matches():
+def test_sample_without_optional_parts_round_trips():
     s = sample(history=False, stack=0)
     got = roundtrip("sample.c", s).msg
     assert got.history is None and got.stack == [] and got.previous == (-0.2, 0.4) and got.seq == 7
@@ -217,16 +216,20 @@ def test_each_bad_input_has_its_named_reason(frames, expected):
 
 
 def test_pixel_decode_errors_use_the_contracts_reasons():
-    """A frame whose bytes pass the codec but not the pixel decode fails with a reason from REASONS."""
+    """A frame whose bytes pass the codec but not the pixel decode fails with a reason from REASONS.
+
+    Changed on purpose (#15): bytes that do not decode are ``undecodable_frame`` and an image whose own
+    header says another size is ``bad_shape``, refused before decoding (both were ``size_mismatch``)."""
     bad = [
-        Frame("jpeg", (27, 48, 3), b"\xff\xd8 not a jpeg"),
-        Frame("png", (30, 48, 3), Frame.encode(IMG, "png").data),  # decodes, to another shape
-        Frame("raw", (27, 48, 3), b"\x00" * 10),
+        (Frame("jpeg", (27, 48, 3), b"\xff\xd8 not a jpeg"), "undecodable_frame"),
+        (Frame("png", (30, 48, 3), Frame.encode(IMG, "png").data), "bad_shape"),  # a 27-row image
+        (Frame("jpeg", (27, 48, 3), Frame.encode(IMG, "jpeg").data[:400]), "undecodable_frame"),
+        (Frame("raw", (27, 48, 3), b"\x00" * 10), "size_mismatch"),
     ]
-    for f in bad:
+    for f, expected in bad:
         with pytest.raises(FrameError) as e:
             f.decode()
-        assert e.value.reason == "size_mismatch"
+        assert e.value.reason == expected
     for h in (
         5,
         {"codec": "raw", "shape": [1, 1, 3], "dtype": "float32"},
@@ -275,7 +278,7 @@ _GOOD = [
     encode("weights.m", Weights("m", "m_v1", 1, {"x": [1, 2]}, b"w" * 64), "t"),
     encode("action.p", Action(1, 0.5, 0.5, 0.0), "t"),
     encode("console.p", Console("p", {"a": 1}, {"hood": Frame.encode(IMG, "raw")}), "t"),
-    encode("sample.c", sample("jpeg", history=True, stack=0), "t"),  # history on the fast paths
+    encode("sample.c", sample("jpeg", history=True, stack=0), "t"),  # history without a stack
 ]
 _GOOD = [[bytes(memoryview(f).cast("B")) if not isinstance(f, bytes) else f for f in m] for m in _GOOD]
 
@@ -408,69 +411,66 @@ def _outcome(fn, frames):
     return (env.topic, env.kind, env.sender, env.nbytes, type(m).__name__)
 
 
-def _precise(frames):
-    """decode with every fast path switched off: every field through the named checks."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec_module, "_fast", lambda frames: None)
-        mp.setattr(codec_module, "_sample_in_fast", lambda b, blobs: None)
-        return decode(frames)
+def _before(frames):
+    """The decoder as it was before the wire structs: its precise path, every field by a named check."""
+    return proto_codec_before.decode(frames)
 
 
-FAST_PATHS = [
-    "python",
-    pytest.param(
-        "c", marks=pytest.mark.skipif(codec_module._fastcodec is None, reason="C fast path not built")
-    ),
-]
+def _on_purpose(path: tuple, value, outcome) -> object:
+    """What the decoder before the wire structs would say, with the differences made on purpose:
+    the schema version must be an integer (``v: true`` and ``v: 1.0`` were taken for 1; #15), and a
+    console's ``images`` is a map or nil (any other falsy value, ``0``, ``""``, ``[]``, was taken for
+    no images)."""
+    if path == ("v",) and value.__class__ is not int and value == SCHEMA_VERSION:
+        return ("rejected", "bad_version")
+    if path == ("body", "images") and not value and value is not None and not isinstance(value, dict):
+        return ("rejected", "bad_field")
+    return outcome
 
 
-@contextlib.contextmanager
-def fast_path(name: str):
-    """Decode received messages on the named fast path for a while."""
-    was = codec_module.FAST_PATH == "c"
-    assert codec_module._use_c(name == "c") == (name == "c")
-    try:
-        yield
-    finally:
-        codec_module._use_c(was)
-
-
-@pytest.mark.parametrize("path_name", FAST_PATHS)
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**_MUTATIONS)
-def test_fuzz_fast_paths_agree_with_the_precise_one(path_name, which, path, value, cut, whole):
-    """Messages as a subscriber receives them (zmq.Frame, a fast path, in C or in Python) decode exactly as
-    the precise path decodes them: the same fields, or a rejection for the same reason."""
-    with fast_path(path_name):
-        _agree(which, path, value, cut, whole)
-
-
-def _agree(which, path, value, cut, whole):
+def test_fuzz_typed_decoder_agrees_with_the_one_before(which, path, value, cut, whole):
+    """Messages as a subscriber receives them (zmq.Frame) decode exactly as the decoder before the wire
+    structs decoded them: the same fields, or a rejection for the same reason where one thing is broken;
+    where a blob is cut as well (two faults, named in either order) both refuse."""
     frames = _mutated(which, path, value, cut, whole)
-    decode([zmq.Frame(f) for f in _GOOD[which]])  # the topic is known: the fast path is taken
-    fast = _outcome(decode, [zmq.Frame(f) for f in frames])
-    assert fast == _outcome(_precise, [zmq.Frame(f) for f in frames])
-    assert fast == _outcome(decode, frames)  # plain bytes: the other way in
+    decode([zmq.Frame(f) for f in _GOOD[which]])  # the topic is known and cached
+    got = _outcome(decode, [zmq.Frame(f) for f in frames])
+    header = msgpack.unpackb(_GOOD[which][1])
+    was = _on_purpose(_path_of(header, path, whole), value, _outcome(_before, [zmq.Frame(f) for f in frames]))
+    if cut in (1, 2) and len(_GOOD[which]) > 2 and (got[0] == "rejected" or was[0] == "rejected"):
+        assert got[0] == was[0] == "rejected", (got, was)
+    else:
+        assert got == was, (got, was)
+    assert got == _outcome(decode, frames)  # plain bytes: the other way in
 
 
-@pytest.mark.parametrize("path_name", FAST_PATHS)
-def test_fast_path_is_taken_for_received_samples(path_name):
-    with fast_path(path_name):
-        fast = codec_module._fast
-        for good in (_GOOD[1], _GOOD[6]):
-            frames = [zmq.Frame(f) for f in good]
-            decode(frames)
-            env = fast(frames)
-            assert env is not None and env.kind == "sample" and env.msg.seq == 7
-            assert _outcome(lambda f, env=env: env, frames) == _outcome(_precise, frames)
-        assert env.msg.history.shape == (60, 5) and env.msg.stack == [] and env.msg.source == "npc"
-        # an integer where senders write floats is valid, but left to the precise path
-        header = msgpack.unpackb(_GOOD[1][1])
-        header["body"]["speed"] = 12
-        odd = [zmq.Frame(_GOOD[1][0]), zmq.Frame(msgpack.packb(header)), zmq.Frame(_GOOD[1][2])]
-        assert fast(odd) is None
-        assert fast([bytes(f) for f in _GOOD[1]]) is None  # plain bytes: not a received message
+def _path_of(header: dict, path_choices: list[int], whole: bool) -> tuple:
+    """The field path ``_mutate`` replaces, as keys and indices; () when it replaces nothing (the path
+    ran out inside a map or list)."""
+    cur, out = header, []
+    for depth, choice in enumerate(path_choices):
+        last = whole and depth == len(path_choices) - 1
+        if isinstance(cur, dict) and cur:
+            key = sorted(cur, key=str)[choice % len(cur)]
+        elif isinstance(cur, list) and cur:
+            key = choice % len(cur)
+        else:
+            return ()
+        out.append(key)
+        if last or not isinstance(cur[key], dict | list) or not cur[key]:
+            return tuple(out)
+        cur = cur[key]
+    return ()
+
+
+def test_an_integer_where_senders_write_floats_is_valid_and_comes_back_a_float():
+    header = msgpack.unpackb(_GOOD[1][1])
+    header["body"]["speed"] = 12
+    odd = [zmq.Frame(_GOOD[1][0]), zmq.Frame(msgpack.packb(header)), zmq.Frame(_GOOD[1][2])]
     assert decode(odd).msg.speed == 12.0 and isinstance(decode(odd).msg.speed, float)
+    assert _outcome(decode, odd) == _outcome(_before, odd)
 
 
 _EDGES = [
@@ -491,32 +491,60 @@ _FIELDS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("path_name", FAST_PATHS)
 @pytest.mark.parametrize("good", [1, 6])
-def test_fast_paths_agree_on_every_field_at_its_edges(path_name, good):
+def test_typed_decoder_agrees_with_the_one_before_on_every_field_at_its_edges(good):
     """Each field of a received sample set to each edge value (just inside and outside its range, NaN,
-    the wrong type): the fast path and the precise one give the same fields or the same reason."""
-    with fast_path(path_name):
-        decode([zmq.Frame(f) for f in _GOOD[good]])
-        for path in _FIELDS:
-            for value in _EDGES:
-                header = msgpack.unpackb(_GOOD[good][1])
+    the wrong type): the typed decoder and the one before give the same fields or the same reason."""
+    decode([zmq.Frame(f) for f in _GOOD[good]])
+    for path in _FIELDS:
+        for value in _EDGES:
+            header = msgpack.unpackb(_GOOD[good][1])
+            cur, made = header, False
+            for k in path[:-1]:
+                made = made or not (isinstance(cur, list) or k in cur)
+                cur = cur[k] if isinstance(cur, list) or k in cur else cur.setdefault(k, {})
+            cur[path[-1]] = value
+            frames = [_GOOD[good][0], msgpack.packb(header), *_GOOD[good][2:]]
+            zf = [zmq.Frame(f) for f in frames]
+            got, was = _outcome(decode, zf), _on_purpose(path, value, _outcome(_before, zf))
+            if made:  # a map made up around the field lacks its other fields too: two faults, either named
+                assert (got[0] == "rejected") == (was[0] == "rejected"), (path, value, got, was)
+            else:
+                assert got == was, (path, value)
+
+
+def _paths(obj, prefix: tuple = ()):
+    """Every key and index path in a decoded header, outermost first."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        yield (*prefix, k)
+        yield from _paths(v, (*prefix, k))
+
+
+_MAPS = [{"codec": "raw"}, {"shape": [1, 1, 3]}, [[1.0, 2.0]], {"a": 1}, [1, 2, 3], -(2**63), 2**64 - 1]
+
+
+def test_typed_decoder_agrees_with_the_one_before_on_every_field_of_every_kind():
+    """Every field, list item and sub-map of every good message (samples, a set, weights, an action, a
+    console) set to every edge value and a few wrong shapes: the same fields or the same reason."""
+    for good in _GOOD:
+        base = msgpack.unpackb(good[1])
+        for path in _paths(base):
+            for value in _EDGES + _MAPS:
+                header = msgpack.unpackb(good[1])
                 cur = header
                 for k in path[:-1]:
-                    cur = cur[k] if isinstance(cur, list) or k in cur else cur.setdefault(k, {})
+                    cur = cur[k]
                 cur[path[-1]] = value
-                frames = [_GOOD[good][0], msgpack.packb(header), *_GOOD[good][2:]]
-                zf = [zmq.Frame(f) for f in frames]
-                assert _outcome(decode, zf) == _outcome(_precise, zf), (path, value)
+                zf = [zmq.Frame(f) for f in (good[0], msgpack.packb(header), *good[2:])]
+                was = _on_purpose(path, value, _outcome(_before, zf))
+                assert _outcome(decode, zf) == was, (path, value)
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux"
-    or shutil.which("cc") is None
-    or os.environ.get("CHARLES_PURE_PYTHON", "") not in ("", "0"),
-    reason="the C fast path is built where a C compiler is (and not switched off)",
-)
-def test_the_c_fast_path_is_built_and_used_where_a_compiler_is():
-    assert codec_module._fastcodec is not None, "make install did not build proto/_fastcodec.c"
-    assert codec_module.FAST_PATH == "c"
-    assert codec_module._fastcodec.direct() == {"Sample": True, "Frame": True, "Envelope": True}
+def test_no_c_codec_is_built_or_imported():
+    """Untrusted bytes are parsed by msgspec, not by C of ours: the old fast path is gone for good (a
+    stale build of it in an old checkout is never loaded; ``make clean`` removes it)."""
+    decode([zmq.Frame(f) for f in _GOOD[1]])
+    assert "charles.proto._fastcodec" not in sys.modules
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    assert "_fastcodec" not in setup and "_countproxy.c" in setup

@@ -9,8 +9,8 @@
  * two counters in a buffer the broker's Python side reads now and then.
  *
  * It uses the libzmq that pyzmq has already loaded (found with dlopen(RTLD_NOLOAD) by its path), so the
- * sockets pyzmq made are this library's sockets. Optional, like the codec's fast path: where it does not
- * build or load, the broker counts through the capture socket.
+ * sockets pyzmq made are this library's sockets. Optional: where it does not build or load, the broker
+ * counts through the capture socket.
  *
  * Python API (charles.broker._countproxy):
  *   load(path)                          bind to the loaded libzmq at path; raises OSError if it is not loaded

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from charles.outputs import SIGNALS, signals_from
-from charles.proto.frames import Frame, FrameError
+from charles.proto.frames import Frame, FrameError, encoded_size
 from charles.proto.messages import HISTORY_FIELDS
 from charles.trainer.buffers import Buffers, Entry
 
@@ -148,6 +148,7 @@ def decode_into(frame: Frame, out: np.ndarray, fast_downscale: bool = True) -> N
     if frame.codec == "raw":
         img = frame.decode()  # checks the size; a view, no copy
     else:
+        frame.check_encoded_size()  # the image's own header must say our shape before OpenCV allocates
         r = _reduction((h, w), (oh, ow)) if fast_downscale and frame.codec == "jpeg" else 1
         if c == 1:
             flags = _REDUCED_GRAY[r] if r > 1 else cv2.IMREAD_GRAYSCALE
@@ -155,9 +156,14 @@ def decode_into(frame: Frame, out: np.ndarray, fast_downscale: bool = True) -> N
             flags = ((_REDUCED[r] & ~cv2.IMREAD_COLOR) | _RGB) if r > 1 else _RGB
         else:
             flags = _REDUCED[r] if r > 1 else cv2.IMREAD_COLOR
-        img = cv2.imdecode(np.frombuffer(frame.data, dtype=np.uint8), flags)
+        try:
+            img = cv2.imdecode(np.frombuffer(frame.data, dtype=np.uint8), flags)
+        except cv2.error:  # OpenCV 5 raises where 4 returned None (its pixel limit, some corrupt files)
+            img = None
         if img is None:
-            raise FrameError("size_mismatch", f"{frame.codec} frame of {frame.nbytes} bytes does not decode")
+            raise FrameError(
+                "undecodable_frame", f"{frame.codec} frame of {frame.nbytes} bytes does not decode"
+            )
         if img.shape[:2] != (math.ceil(h / r), math.ceil(w / r)):
             raise FrameError(
                 "size_mismatch", f"header says {frame.shape}, data decodes to {img.shape} at 1/{r}"
@@ -330,7 +336,12 @@ class BatchAssembler:
         c = self.config.channels
         out = torch.empty((len(frames), size[0], size[1], c), dtype=torch.uint8, device=self.device)
         jpeg = (
-            [i for i, f in enumerate(frames) if f.codec == "jpeg" and f.shape[2] == c and f.nbytes]
+            # only JPEGs whose own header says their shape: nvJPEG would allocate whatever the bytes claim
+            [
+                i
+                for i, f in enumerate(frames)
+                if f.codec == "jpeg" and f.shape[2] == c and encoded_size("jpeg", f.data) == f.shape[:2]
+            ]
             if self.config.gpu_decode
             else []
         )

@@ -26,7 +26,6 @@ condition wakes a waiting drawer when inserts make the buffers ready.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import threading
@@ -35,6 +34,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from charles.proto.frames import Frame
 from charles.proto.messages import Sample, SampleSet
@@ -337,7 +338,7 @@ class Buffers:
         if copied:
             with self._lock:
                 self.copied_frames += 1
-            sample = dataclasses.replace(sample, frame=frame, stack=stack)
+            sample = msgspec.structs.replace(sample, frame=frame, stack=stack)  # messages are Structs
         return sample
 
     def _take_key(self) -> int:
