@@ -687,7 +687,9 @@ class Service:
         self.close()
 
 
-def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+def run_main(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> NoReturn:
     """Run an entry point's ``main`` and end the process without interpreter teardown.
 
     Every process entry point (``python -m charles.<service>``, the ``charles`` commands) ends here. By the
