@@ -25,7 +25,6 @@ the console and owns the run's manifest; every rank sends heartbeats (instance `
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 import time
@@ -33,27 +32,26 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import prometheus_client as prom
-
 from charles.config import Config
+from charles.outputs import outputs_signature
 from charles.proto import Console, Heartbeat, SampleSet, Weights
 from charles.runtime import Publisher, SeqGaps, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import Buffers, buffer_names
-from charles.trainer.checkpoint import CheckpointError, clean_temp, code_version, load_latest, prune
+from charles.trainer.checkpoint import clean_temp, prune
 from charles.trainer.console import LossHistory, TerminalConsole, heartbeat_info
-from charles.trainer.initial import fresh_start
+from charles.trainer.reporting import Deltas, Rates, TensorBoardLog, TrainerMetrics
+from charles.trainer.resume import resume
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import open_buffers
 from charles.trainer.training import Distributed, StepResult, Trainer, resolve_device
+from charles.version import code_version
 
 WAIT_S = 0.1
 """Longest wait for a batch: SIGTERM only sets a flag, so the loop looks at it this often."""
 SEEN_TTL_S = 30.0
 """A collector or player not heard from for this long leaves the console's lists."""
 MAX_SEEN = 4096
-RATE_WINDOW = 20
-"""Console refreshes the batches/s and samples/s figures average over (10 s at 2 Hz)."""
 
 
 # ---- the receive loop -------------------------------------------------------------------------------------
@@ -66,11 +64,23 @@ class Receiver:
     ``# 1 Hz x services <- heartbeat.*`` (which collectors and players are connected).
     """
 
-    def __init__(self, svc: Service, buffers: Buffers, sub: Subscriber, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        svc: Service,
+        buffers: Buffers,
+        sub: Subscriber,
+        rank: int = 0,
+        world: int = 1,
+        outputs: str | None = None,
+    ):
         self.svc = svc
         self.buffers = buffers
         self.sub = sub
         self.rank, self.world = rank, world
+        self.outputs = outputs
+        """The balanced outputs this trainer's line needs (charles.outputs.outputs_signature); None: any."""
+        self.refused_balancers: dict[str, str] = {}
+        """Balancer instance -> the outputs its heartbeat says it balances, where they are not ours."""
         self.sets = 0
         self.samples = 0
         self.other_rank = 0
@@ -96,9 +106,14 @@ class Receiver:
                     continue
                 if isinstance(env.msg, SampleSet):
                     self._count_gap(f"{env.sender}/{env.topic}", env.msg.seq)
-                    self.on_set(env.msg)
+                    if env.sender in self.refused_balancers:
+                        self._refuse(env.sender)
+                    else:
+                        self.on_set(env.msg)
                 elif isinstance(env.msg, Heartbeat):
                     self._saw(env.msg.instance, env.msg.service)
+                    if env.msg.service == "balancer":
+                        self.check_balancer(env.msg.instance, env.msg.info.get("outputs"))
             except Exception:  # noqa: BLE001 - one bad message must never stop the receiving
                 self.svc.log.exception("receive loop: a message could not be handled")
 
@@ -106,6 +121,34 @@ class Receiver:
         """Count the sets of one sender's topic that went missing before this one (a restart starts over)."""
         if seq is not None and (lost := self.gaps.see(key, seq)):
             self.svc.metrics.drops.labels(cause="seq_gap").inc(lost)
+
+    def check_balancer(self, instance: str, outputs: object) -> bool:
+        """Whether a balancer's sets mean what this line learns (its heartbeat says what it balances).
+
+        A balancer of other kinds or classes would train this line on wrongly binned sets without any error
+        downstream, so its sets are refused, counted and said so once, until its heartbeat agrees again.
+        """
+        if self.outputs is None or not isinstance(outputs, str) or outputs == self.outputs:
+            if self.refused_balancers.pop(instance, None) is not None:
+                self.svc.log.info(f"balancer {instance} now balances {outputs}: its sets are taken again")
+            return True
+        if instance not in self.refused_balancers:
+            if len(self.refused_balancers) >= MAX_SEEN:
+                del self.refused_balancers[next(iter(self.refused_balancers))]
+            self.svc.log.error(
+                f"balancer {instance} balances {outputs}, but this trainer's line learns {self.outputs}: "
+                "its sets are refused. Run the balancer with this run's model line (balancer.kinds and "
+                "balancer.bins follow model.outputs unless set)"
+            )
+        self.refused_balancers[instance] = outputs
+        return False
+
+    def _refuse(self, sender: str) -> None:
+        self.svc.reject(
+            "outputs_mismatch",
+            f"a set from balancer {sender}, which balances {self.refused_balancers.get(sender)}; "
+            f"this trainer's line learns {self.outputs}",
+        )
 
     def mine(self, s: SampleSet) -> bool:
         """Whether this rank trains this set (see the module docstring); always true on one process."""
@@ -147,60 +190,6 @@ class Receiver:
             return sorted(i for i, (s, t) in self._seen.items() if s == service and now - t < SEEN_TTL_S)
 
 
-# ---- metrics ----------------------------------------------------------------------------------------------
-
-
-class TrainerMetrics:
-    """The trainer's Prometheus families (names fixed: the Grafana dashboard and charles.topology use them)."""
-
-    def __init__(self, registry: prom.CollectorRegistry):
-        r = registry
-        self.batches = prom.Counter(
-            "charles_trainer_batches_total", "Batches trained by this process", registry=r
-        )
-        self.samples = prom.Counter(
-            "charles_trainer_samples_trained_total", "Samples trained by this process (all ranks)", registry=r
-        )
-        self.fill = prom.Gauge(
-            "charles_trainer_buffer_fill_ratio",
-            "Buffer size / capacity, per balanced output",
-            ["output"],
-            registry=r,
-        )
-        self.loss = prom.Gauge(
-            "charles_trainer_loss", "Loss of the last batch per output (and total)", ["output"], registry=r
-        )
-        self.reused = prom.Counter(
-            "charles_trainer_samples_reused_total",
-            "Draws of a sample already trained on (buffer.samples_per_insert > 1), per balanced output",
-            ["output"],
-            registry=r,
-        )
-        self.wait = prom.Gauge(
-            "charles_trainer_data_wait_fraction",
-            "Share of recent wall time the step waited for a batch",
-            registry=r,
-        )
-        self.published = prom.Counter(
-            "charles_trainer_weights_published_total", "Weights sent to players", registry=r
-        )
-        self.publish_s = prom.Histogram(
-            "charles_trainer_publish_seconds",
-            "Time to serialise and send the weights",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.batches_per_s = prom.Gauge(
-            "charles_trainer_batches_per_second", "Recent training rate", registry=r
-        )
-        self.samples_per_s = prom.Gauge(
-            "charles_trainer_samples_per_second", "Recent samples trained per second", registry=r
-        )
-        self.batch = prom.Gauge(
-            "charles_trainer_batch", "The run's batch counter (continues across restarts)", registry=r
-        )
-
-
 # ---- the service ------------------------------------------------------------------------------------------
 
 
@@ -231,7 +220,10 @@ class TrainerService:
         self.world = dist.world if dist else 1
         self.main = self.rank == 0
         self.log = svc.log
-        names = buffer_names(list(cfg.balancer.outputs), int(cfg.balancer.version))
+        # the balanced outputs follow the model line's (kinds, classes): the buffers and the check on
+        # every balancer's heartbeat come from this one derivation
+        balanced = cfg.balancer.output_specs(self.mcfg.outputs)
+        names = buffer_names([s.name for s in balanced], int(cfg.balancer.version))
         self.batch_size, self.per_buffer = self.tcfg.batch_for(len(names))
         if self.per_buffer > self.tcfg.buffer.capacity:
             raise ValueError(
@@ -269,7 +261,9 @@ class TrainerService:
 
         # 3. the bus
         self.sub = sub or svc.subscriber(["set.", "heartbeat."], late_join=False)
-        self.receiver = Receiver(svc, self.buffers, self.sub, self.rank, self.world)
+        self.receiver = Receiver(
+            svc, self.buffers, self.sub, self.rank, self.world, outputs=outputs_signature(balanced)
+        )
         self.pub = (pub or svc.publisher("weights")) if self.main else None
         self.console_pub = svc.publisher("console") if self.main else None
         self.terminal = terminal if self.main else None
@@ -287,13 +281,10 @@ class TrainerService:
         self.last_publish_time: float | None = None
         self.status = "starting"
         self.last_step_t = 0.0
-        self.batches_per_s = 0.0
-        self.samples_per_s = 0.0
-        self.data_wait = 0.0
-        self._rates: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=RATE_WINDOW)
-        self._drops_seen: dict[str, int] = {}
-        self._reused_seen: dict[str, int] = {}
-        self.tb = self._tensorboard() if self.main else None
+        self.rates = Rates()
+        self._drops = Deltas()
+        self._reused = Deltas()
+        self.tb = TensorBoardLog.open(run.tb, self.trainer.batch, self.log) if self.main else None
         self.assembler: BatchAssembler | None = None
         self.prefetcher: Prefetcher | None = None
         self._console_stop = threading.Event()
@@ -309,30 +300,20 @@ class TrainerService:
     # -- start ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        loaded, refused = load_latest(
-            self.run_dir.checkpoints, self.mcfg, self.trainer.module, quarantine=self.main
+        r = resume(
+            self.run_dir,
+            self.trainer,
+            self.mcfg,
+            pretrained_file=self.cfg.model.pretrained_file,
+            transfer=self.cfg.model.transfer,
+            quarantine=self.main,
         )
-        self.refused = refused
-        m = self.run_dir.manifest
-        if loaded is None and (refused or (m is not None and m.checkpoint)):
-            # never restart a trained run from scratch behind its batch counter's back
-            raise CheckpointError(
-                "no_good_checkpoint",
-                f"{self.run_dir.name} was trained to batch {m.batch if m else '?'} but none of its checkpoints "
-                f"can be loaded (see the errors above; refused ones are moved aside in {self.run_dir.checkpoints}); "
-                "put a good checkpoint back, or train a new version (--new-version)",
-            )
-        if loaded is None:
-            # a new run: its configured files, if any (a resumed one continues its checkpoint instead)
-            started = fresh_start(
-                self.trainer.module, self.mcfg, self.cfg.model.pretrained_file, self.cfg.model.transfer
-            )
-            if self.main:
-                self.log.info(f"{self.run_dir.name} is a new run: {started}")
-            return
-        self.trainer.restore(loaded)
-        self.resumed_from = loaded.path
-        self.log.info(f"resumed {self.run_dir.name} from {loaded.path.name} (batch {loaded.batch})")
+        self.refused = r.refused
+        if r.path is not None:
+            self.resumed_from = r.path
+            self.log.info(f"resumed {self.run_dir.name} from {r.path.name} (batch {r.batch})")
+        elif self.main:
+            self.log.info(f"{self.run_dir.name} is a new run: {r.started}")
 
     def _storage_path(self) -> Path:
         suffix = "" if self.rank == 0 else f".rank{self.rank}"
@@ -340,16 +321,6 @@ class TrainerService:
             p = Path(self.tcfg.storage.path)
             return p.with_name(p.stem + suffix + p.suffix) if suffix else p
         return self.run_dir.storage / f"buffers{suffix}.sqlite3"
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; a broken install must not stop training
-            self.log.warning("tensorboard is not importable; no TensorBoard logs for this run")
-            return None
-        # purge_step: events a crashed session logged past the checkpoint we resume from are hidden
-        purge = self.trainer.batch + 1 if self.trainer.batch else None
-        return SummaryWriter(str(self.run_dir.tb), purge_step=purge, flush_secs=30)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -413,29 +384,20 @@ class TrainerService:
         for name, v in res.losses.items():
             m.loss.labels(name).set(v)
         if with_metrics and self.tb is not None:
-            self._log_tensorboard(res)
+            cap = self.tcfg.buffer.capacity
+            self.tb.step(
+                b,
+                res,
+                lr=self.trainer.lr,
+                rates=self.rates,
+                fills={name: size / cap for name, size in self.buffers.sizes().items()},
+                reused=dict(self._reused.seen),
+            )
         if b % self.tcfg.publish_every == 0:
             self.publish()
         if b % self.tcfg.checkpoint_every == 0:
             self.checkpoint()
         return res
-
-    def _log_tensorboard(self, res: StepResult) -> None:
-        b, tb = self.trainer.batch, self.tb
-        tb.add_scalar("loss/total", res.loss, b)
-        for name, v in res.losses.items():
-            tb.add_scalar(f"loss/{name}", v, b)
-        for name, v in (res.metrics or {}).items():
-            tb.add_scalar(f"metrics/{name}", v, b)
-        tb.add_scalar("train/lr", self.trainer.lr, b)
-        tb.add_scalar("train/grad_norm", res.grad_norm, b)
-        tb.add_scalar("throughput/samples_per_s", self.samples_per_s, b)
-        tb.add_scalar("throughput/batches_per_s", self.batches_per_s, b)
-        tb.add_scalar("data/wait_fraction", self.data_wait, b)
-        for name, s in self.buffers.sizes().items():
-            tb.add_scalar(f"buffer/{name}", s / self.tcfg.buffer.capacity, b)
-        for name, n in self._reused_seen.items():
-            tb.add_scalar(f"reused/{name}", n, b)
 
     # -- weights and checkpoints --------------------------------------------------------------------------------
 
@@ -493,28 +455,24 @@ class TrainerService:
         """Recompute rates, gauges and the console state (console thread, ~console_hz)."""
         now = time.monotonic()
         wait_s = self.prefetcher.wait_s if self.prefetcher is not None else 0.0
-        self._rates.append((now, self.trainer.batch, self.trainer.samples, wait_s))
-        t0, b0, s0, w0 = self._rates[0]
-        dt = now - t0
-        if dt > 0:
-            self.batches_per_s = (self.trainer.batch - b0) / dt
-            self.samples_per_s = (self.trainer.samples - s0) / dt
-            self.data_wait = min(1.0, (wait_s - w0) / dt) if self.last_step_t else 0.0
+        rates = self.rates
+        rates.look(now, self.trainer.batch, self.trainer.samples, wait_s, trained=bool(self.last_step_t))
         stats = self.buffers.stats()
         cap = self.tcfg.buffer.capacity
         buffers = {n: {"fill": s["size"], "capacity": cap} for n, s in stats["buffers"].items()}
         m = self.metrics
         for n, s in stats["buffers"].items():
             m.fill.labels(n).set(s["fill"])
-            if s["reused"] > self._reused_seen.get(n, 0):
-                m.reused.labels(n).inc(s["reused"] - self._reused_seen.get(n, 0))
-            self._reused_seen[n] = s["reused"]
-        m.wait.set(self.data_wait)
-        m.batches_per_s.set(self.batches_per_s)
-        m.samples_per_s.set(self.samples_per_s)
+            if grew := self._reused.step(n, s["reused"]):
+                m.reused.labels(n).inc(grew)
+        m.wait.set(rates.data_wait)
+        m.batches_per_s.set(rates.batches_per_s)
+        m.samples_per_s.set(rates.samples_per_s)
         self._count_drops(stats)
         if self.svc.running and self.status != "starting":
-            recent = self.last_step_t and now - self.last_step_t < max(2.0, 4 / max(self.batches_per_s, 1e-3))
+            recent = self.last_step_t and now - self.last_step_t < max(
+                2.0, 4 / max(rates.batches_per_s, 1e-3)
+            )
             if not recent and not self.buffers.ready(self.per_buffer):
                 self.status = "waiting for buffers"
                 self.svc.status = "waiting"
@@ -526,11 +484,11 @@ class TrainerService:
             "batch": self.trainer.batch,
             "samples": self.trainer.samples,
             "buffers": buffers,
-            "reused": dict(self._reused_seen),
+            "reused": dict(self._reused.seen),
             "start_fraction": self.tcfg.buffer.start_fraction,
-            "samples_per_s": round(self.samples_per_s, 2),
-            "batches_per_s": round(self.batches_per_s, 3),
-            "data_wait": round(self.data_wait, 3),
+            "samples_per_s": round(rates.samples_per_s, 2),
+            "batches_per_s": round(rates.batches_per_s, 3),
+            "data_wait": round(rates.data_wait, 3),
             "loss": {k: round(v, 6) for k, v in self.losses.items()},
             "loss_total": None if self.loss_total is None else round(self.loss_total, 6),
             "loss_history": self.history.snapshot(),
@@ -542,6 +500,7 @@ class TrainerService:
             "last_publish_time": self.last_publish_time,
             "checkpoint_batch": self.checkpoint_batch,
             "sets_received": self.receiver.sets,
+            "refused_balancers": sorted(self.receiver.refused_balancers),
         }
         self.state = state
         self.svc.info = heartbeat_info(state)  # a new dict each time: the heartbeat thread reads it
@@ -553,10 +512,8 @@ class TrainerService:
         if self.storage is not None:
             totals["storage_queue"] = self.storage.dropped
         for cause, n in totals.items():
-            d = n - self._drops_seen.get(cause, 0)
-            if d > 0:
-                self.svc.metrics.drops.labels(cause=cause).inc(d)
-            self._drops_seen[cause] = n
+            if grew := self._drops.step(cause, n):
+                self.svc.metrics.drops.labels(cause=cause).inc(grew)
 
     def _console_loop(self) -> None:
         period = 1.0 / self.tcfg.console_hz
