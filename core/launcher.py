@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from charles.cli import help_text
 from charles.proto import registry
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
@@ -233,7 +234,9 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="charles up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="charles up",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--collectors", type=int, default=2, help="sim collectors to run (default 2)")
     ap.add_argument(

@@ -6,12 +6,13 @@ import argparse
 import sys
 
 from charles import topology
+from charles.cli import help_text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m charles.topology",
-        description=topology.__doc__,
+        description=help_text(topology.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(

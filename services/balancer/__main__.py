@@ -8,11 +8,12 @@ import sys
 
 from charles import config as config_mod
 from charles.balancer.service import BalancerService
+from charles.cli import help_text
 from charles.runtime import Service, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles balancer", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles balancer", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>); default: balancer-<hostname>")
     args = ap.parse_args(argv)

@@ -7,11 +7,12 @@ import sys
 
 from charles import config as config_mod
 from charles.broker.broker import Broker
+from charles.cli import help_text
 from charles.runtime import Service, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles broker", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles broker", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config, overrides=args.set)

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.runtime import Service, default_instance, setup_logging
 from charles.trainer.buffers import buffer_names
 
@@ -21,7 +22,7 @@ from charles.trainer.buffers import buffer_names
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="charles trainer",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_mod.add_arguments(ap)

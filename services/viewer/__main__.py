@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.runtime import Service, setup_logging
 from charles.viewer.app import serve
 from charles.viewer.board import Board
@@ -13,7 +14,7 @@ from charles.viewer.web import Viewer
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles viewer", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles viewer", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (default: viewer-<host>-<pid>-<random>)")
     ap.add_argument(
