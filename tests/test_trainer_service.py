@@ -344,7 +344,7 @@ def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(bro
 
 
 def test_each_set_belongs_to_exactly_one_rank():
-    from charles.trainer.service import Receiver
+    from charles.trainer.receiver import Receiver
 
     receivers = [Receiver(None, None, None, rank=r, world=3) for r in range(3)]  # type: ignore[arg-type]
     for start in range(0, 300, 3):
