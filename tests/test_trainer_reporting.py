@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import prometheus_client as prom
 import pytest
 import torch
 
 from charles.model.net import torch_threads
 from charles.trainer.checkpoint import CheckpointError
 from charles.trainer.config import TrainerConfig
-from charles.trainer.reporting import Deltas, Rates, TensorBoardLog
+from charles.trainer.reporting import Deltas, Rates, Report, TensorBoardLog, TrainerMetrics
 from charles.trainer.resume import check_resumable, resume
 from charles.trainer.runs import RunDir, RunError, open_for_training, open_run
 from charles.trainer.training import Trainer
@@ -49,6 +50,39 @@ def test_deltas_turn_totals_into_increments():
     assert d.step("evicted", 2) == 0, "a total that went back (a restart of its owner) adds nothing"
     assert d.step("storage_queue", 1) == 1
     assert d.seen == {"evicted": 2, "storage_queue": 1}
+
+
+def test_the_report_keeps_metrics_losses_and_derived_counters_current():
+    registry = prom.CollectorRegistry()
+    drops = prom.Counter("charles_drops_total", "drops", ["cause"], registry=registry)
+    report = Report(TrainerMetrics(registry), drops, loss_history=8, world=2)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    res = SimpleNamespace(loss=0.5, losses={"steering": 0.2, "throttle_brake": 0.3}, samples=4)
+    report.trained(7, res)
+    assert value("charles_trainer_samples_trained_total") == 8, "every rank trained as many"
+    assert (value("charles_trainer_batch"), value("charles_trainer_loss", output="steering")) == (7, 0.2)
+    assert value("charles_trainer_loss", output="total") == 0.5
+
+    def stats(reused: int, evicted: int) -> dict:
+        return {"steering": {"fill": 0.5, "reused": reused, "evicted": evicted}}
+
+    report.look(0.0, 7, 8, 0.0, trained=True, buffers=stats(3, 1), storage_dropped=2)
+    report.look(2.0, 9, 16, 1.0, trained=True, buffers=stats(5, 1), storage_dropped=None)
+    assert value("charles_trainer_samples_reused_total", output="steering") == 5
+    assert value("charles_drops_total", cause="buffer_evicted") == 1
+    assert value("charles_drops_total", cause="storage_queue") == 2
+    assert value("charles_trainer_buffer_fill_ratio", output="steering") == 0.5
+    assert (
+        value("charles_trainer_batches_per_second") == 1.0
+        and value("charles_trainer_data_wait_fraction") == 0.5
+    )
+    summary = report.summary()
+    assert summary["loss"] == {"steering": 0.2, "throttle_brake": 0.3} and summary["loss_total"] == 0.5
+    assert summary["loss_history"] == [[7, 0.5]] and summary["reused"] == {"steering": 5}
+    assert (summary["samples_per_s"], summary["batches_per_s"], summary["data_wait"]) == (4.0, 1.0, 0.5)
 
 
 # ---- TensorBoard ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import prometheus_client as prom
 
+from charles.trainer.console import LossHistory
+
 RATE_WINDOW = 20
 """Console refreshes the batches/s and samples/s figures average over (10 s at 2 Hz)."""
 
@@ -104,6 +106,84 @@ class Deltas:
         grew = max(0, total - self.seen.get(key, 0))
         self.seen[key] = total
         return grew
+
+
+class Report:
+    """The numbers the trainer shows, kept current: its Prometheus families, the last losses and the loss
+    plot, the rates, and the counters it derives from totals kept elsewhere (buffer reuses, evictions,
+    storage overflows as ``charles_drops_total{cause}``).
+
+    The train loop calls ``trained`` after each batch; the console thread calls ``look`` (~console_hz)
+    and reads ``summary`` for the console state.
+    """
+
+    def __init__(
+        self, metrics: TrainerMetrics, drops: prom.Counter, *, loss_history: int = 500, world: int = 1
+    ):
+        self.metrics = metrics
+        self._drops_family = drops
+        """The runtime's ``charles_drops_total`` (labelled by cause)."""
+        self.world = world
+        self.history = LossHistory(loss_history)
+        self.losses: dict[str, float] = {}
+        self.loss_total: float | None = None
+        self.rates = Rates()
+        self.reused = Deltas()
+        self.drops = Deltas()
+
+    def trained(self, batch: int, res: Any) -> None:
+        """One batch trained (``res``: its ``StepResult``); every rank trained ``res.samples`` too."""
+        self.losses, self.loss_total = res.losses, res.loss
+        self.history.add(batch, res.loss)
+        m = self.metrics
+        m.batches.inc()
+        m.samples.inc(res.samples * self.world)
+        m.batch.set(batch)
+        m.loss.labels("total").set(res.loss)
+        for name, v in res.losses.items():
+            m.loss.labels(name).set(v)
+
+    def look(
+        self,
+        now: float,
+        batch: int,
+        samples: int,
+        wait_s: float,
+        *,
+        trained: bool,
+        buffers: Mapping[str, Mapping[str, Any]],
+        storage_dropped: int | None = None,
+    ) -> None:
+        """Rates and gauges from the counters and ``Buffers.stats()["buffers"]``; ``storage_dropped``: the
+        storage's overflow total (None: storage off)."""
+        rates = self.rates
+        rates.look(now, batch, samples, wait_s, trained=trained)
+        m = self.metrics
+        for name, s in buffers.items():
+            m.fill.labels(name).set(s["fill"])
+            if grew := self.reused.step(name, s["reused"]):
+                m.reused.labels(name).inc(grew)
+        m.wait.set(rates.data_wait)
+        m.batches_per_s.set(rates.batches_per_s)
+        m.samples_per_s.set(rates.samples_per_s)
+        totals = {"buffer_evicted": sum(s["evicted"] for s in buffers.values())}
+        if storage_dropped is not None:
+            totals["storage_queue"] = storage_dropped
+        for cause, n in totals.items():
+            if grew := self.drops.step(cause, n):
+                self._drops_family.labels(cause=cause).inc(grew)
+
+    def summary(self) -> dict[str, Any]:
+        """The console state's figures (rounded for the wire)."""
+        return {
+            "reused": dict(self.reused.seen),
+            "samples_per_s": round(self.rates.samples_per_s, 2),
+            "batches_per_s": round(self.rates.batches_per_s, 3),
+            "data_wait": round(self.rates.data_wait, 3),
+            "loss": {k: round(v, 6) for k, v in self.losses.items()},
+            "loss_total": None if self.loss_total is None else round(self.loss_total, 6),
+            "loss_history": self.history.snapshot(),
+        }
 
 
 class ScalarWriter(Protocol):

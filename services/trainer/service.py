@@ -38,9 +38,9 @@ from charles.runtime import Publisher, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import buffer_names
 from charles.trainer.checkpoint import clean_temp, prune
-from charles.trainer.console import LossHistory, TerminalConsole, heartbeat_info
+from charles.trainer.console import TerminalConsole, heartbeat_info
 from charles.trainer.receiver import Receiver
-from charles.trainer.reporting import Deltas, Rates, TensorBoardLog, TrainerMetrics
+from charles.trainer.reporting import Report, TensorBoardLog, TrainerMetrics
 from charles.trainer.resume import resume
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import open_buffers
@@ -128,21 +128,21 @@ class TrainerService:
         self.terminal = terminal if self.main else None
 
         # 4. what is shown and logged
-        self.metrics = TrainerMetrics(svc.metrics.registry)
+        self.report = Report(
+            TrainerMetrics(svc.metrics.registry),
+            svc.metrics.drops,
+            loss_history=self.tcfg.loss_history,
+            world=self.world,
+        )
+        self.metrics = self.report.metrics
         self.metrics.batch.set(self.trainer.batch)
         self._loop_time = svc.metrics.loop.labels("train_step")
         self._dropped_nonfinite = svc.metrics.drops.labels(cause="nonfinite_batch")
-        self.history = LossHistory(self.tcfg.loss_history)
-        self.losses: dict[str, float] = {}
-        self.loss_total: float | None = None
         self.published = 0
         self.last_publish_batch: int | None = None
         self.last_publish_time: float | None = None
         self.status = "starting"
         self.last_step_t = 0.0
-        self.rates = Rates()
-        self._drops = Deltas()
-        self._reused = Deltas()
         self.tb = TensorBoardLog.open(run.tb, self.trainer.batch, self.log) if self.main else None
         self.assembler: BatchAssembler | None = None
         self.prefetcher: Prefetcher | None = None
@@ -233,24 +233,16 @@ class TrainerService:
             self.status = "training"
             self.svc.status = "ok"
         b = self.trainer.batch
-        self.losses, self.loss_total = res.losses, res.loss
-        self.history.add(b, res.loss)
-        m = self.metrics
-        m.batches.inc()
-        m.samples.inc(res.samples * self.world)
-        m.batch.set(b)
-        m.loss.labels("total").set(res.loss)
-        for name, v in res.losses.items():
-            m.loss.labels(name).set(v)
+        self.report.trained(b, res)
         if with_metrics and self.tb is not None:
             cap = self.tcfg.buffer.capacity
             self.tb.step(
                 b,
                 res,
                 lr=self.trainer.lr,
-                rates=self.rates,
+                rates=self.report.rates,
                 fills={name: size / cap for name, size in self.buffers.sizes().items()},
-                reused=dict(self._reused.seen),
+                reused=dict(self.report.reused.seen),
             )
         if b % self.tcfg.publish_every == 0:
             self.publish()
@@ -314,20 +306,19 @@ class TrainerService:
         """Recompute rates, gauges and the console state (console thread, ~console_hz)."""
         now = time.monotonic()
         wait_s = self.prefetcher.wait_s if self.prefetcher is not None else 0.0
-        rates = self.rates
-        rates.look(now, self.trainer.batch, self.trainer.samples, wait_s, trained=bool(self.last_step_t))
         stats = self.buffers.stats()
+        self.report.look(
+            now,
+            self.trainer.batch,
+            self.trainer.samples,
+            wait_s,
+            trained=bool(self.last_step_t),
+            buffers=stats["buffers"],
+            storage_dropped=self.storage.dropped if self.storage is not None else None,
+        )
+        rates = self.report.rates
         cap = self.tcfg.buffer.capacity
         buffers = {n: {"fill": s["size"], "capacity": cap} for n, s in stats["buffers"].items()}
-        m = self.metrics
-        for n, s in stats["buffers"].items():
-            m.fill.labels(n).set(s["fill"])
-            if grew := self._reused.step(n, s["reused"]):
-                m.reused.labels(n).inc(grew)
-        m.wait.set(rates.data_wait)
-        m.batches_per_s.set(rates.batches_per_s)
-        m.samples_per_s.set(rates.samples_per_s)
-        self._count_drops(stats)
         if self.svc.running and self.status != "starting":
             recent = self.last_step_t and now - self.last_step_t < max(
                 2.0, 4 / max(rates.batches_per_s, 1e-3)
@@ -343,14 +334,8 @@ class TrainerService:
             "batch": self.trainer.batch,
             "samples": self.trainer.samples,
             "buffers": buffers,
-            "reused": dict(self._reused.seen),
             "start_fraction": self.tcfg.buffer.start_fraction,
-            "samples_per_s": round(rates.samples_per_s, 2),
-            "batches_per_s": round(rates.batches_per_s, 3),
-            "data_wait": round(rates.data_wait, 3),
-            "loss": {k: round(v, 6) for k, v in self.losses.items()},
-            "loss_total": None if self.loss_total is None else round(self.loss_total, 6),
-            "loss_history": self.history.snapshot(),
+            **self.report.summary(),
             "lr": self.trainer.lr,
             "collectors": self.receiver.seen("collector"),
             "players": self.receiver.seen("player"),
@@ -364,15 +349,6 @@ class TrainerService:
         self.state = state
         self.svc.info = heartbeat_info(state)  # a new dict each time: the heartbeat thread reads it
         return state
-
-    def _count_drops(self, stats: dict) -> None:
-        """Buffer evictions and storage queue overflows as ``charles_drops_total{cause}`` (deltas)."""
-        totals = {"buffer_evicted": sum(s["evicted"] for s in stats["buffers"].values())}
-        if self.storage is not None:
-            totals["storage_queue"] = self.storage.dropped
-        for cause, n in totals.items():
-            if grew := self._drops.step(cause, n):
-                self.svc.metrics.drops.labels(cause=cause).inc(grew)
 
     def _console_loop(self) -> None:
         period = 1.0 / self.tcfg.console_hz
