@@ -6,6 +6,7 @@ Subcommands import their module only when chosen, so ``charles broker`` never im
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 
 # name -> (module with main(argv), one-line help). The order is the order of `charles --help`.
@@ -30,11 +31,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_LITERAL = re.compile(r"``(.+?)``", re.S)
+_ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+
+
+def help_text(doc: str | None) -> str:
+    """A module docstring as ``--help`` shows it: the reST markup (double backticks, ``:mod:`` roles, a
+    literal block's ``::``) removed, so a terminal reads plain text."""
+    text = _ROLE.sub(r"\1", _LITERAL.sub(r"\1", doc or ""))
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.M)
+
+
+def version() -> str:
+    """``charles <package version> (<git describe>)``; the checkout's part only where there is one."""
+    from charles.version import git_describe, package_version
+
+    described = git_describe()
+    return f"charles {package_version()}" + (f" ({described})" if described else "")
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: charles <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "charles <command> --help shows a command's options."]
+    lines += ["", "charles <command> --help shows a command's options; charles --version which code this is."]
     return "\n".join(lines)
 
 
@@ -42,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -342,11 +342,23 @@ def load(
 def from_data(merged: Mapping) -> Config:
     """A Config from one plain map (what the broker serves, what a checkpoint saved)."""
     _import_sections()
+    core_fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = set(merged) - set(core_fields) - set(SECTIONS)
+    if unknown:
+        sections = sorted([*SECTIONS, *(n for n, f in core_fields.items() if _is_section(f))])
+        settings = sorted(n for n, f in core_fields.items() if not _is_section(f))
+        raise ConfigError(
+            f"unknown section(s) {sorted(unknown)}; the sections are {sections}, the top-level settings {settings}"
+        )
     core_part = {k: v for k, v in merged.items() if k not in SECTIONS}
     extra = {k: v for k, v in merged.items() if k in SECTIONS}
     core = from_dict(RunConfig, core_part)
     sections = {name: from_dict(cls, extra.get(name, {}), name) for name, cls in SECTIONS.items()}
     return Config(core, sections)
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return dataclasses.is_dataclass(_hints(RunConfig)[f.name])
 
 
 def _import_sections() -> None:

@@ -18,9 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from charles.cli import help_text
 from charles.proto import registry
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
@@ -71,8 +73,13 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def plan(args: argparse.Namespace) -> list[Proc]:
-    """The process table: which services run, with which ids and seeds."""
+def plan(args: argparse.Namespace, built: Callable[[str], bool] | None = None) -> list[Proc]:
+    """The process table: which services run, with which ids and seeds.
+
+    ``built`` says whether a service's package is there (default: look); charles.topology plans as if all
+    were, without touching the file system or the ports.
+    """
+    built = built or _built
     procs = [Proc("broker", "broker")]
     for i in range(1, args.collectors + 1):
         procs.append(
@@ -84,7 +91,38 @@ def plan(args: argparse.Namespace) -> list[Proc]:
         procs.append(Proc("player", "player", ["--preset", args.preset, "--seed", str(args.seed + 1000)]))
     if not args.no_viewer:
         procs.append(Proc("viewer", "viewer"))
-    return [p for p in procs if _built(p.service)]
+    return [p for p in procs if built(p.service)]
+
+
+def registry_http_ports(procs: list[Proc]) -> dict[str, int]:
+    """Each process's /metrics port by the registry: collectors share one registry port, so replica k >= 2
+    takes the registry port + 100 + (k - 1) (deploy/prometheus.local.yml lists those)."""
+    reg = registry()
+    ports = {}
+    k = 0
+    for p in procs:
+        base = reg.services[p.service].http_port
+        if p.service == "collector":
+            k += 1
+            ports[p.name] = base if k == 1 else base + 100 + (k - 1)
+        else:
+            ports[p.name] = base
+    return ports
+
+
+def child_env(args: argparse.Namespace, p: Proc, bus_ports: dict[str, int], http_port: int) -> dict[str, str]:
+    """What the launcher sets in a child's environment, on top of its own (no side effects)."""
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "CHARLES__BUS__HOST": "127.0.0.1",
+        "CHARLES__BUS__PORTS": json.dumps(bus_ports),
+        "CHARLES__SERVICE__HTTP_PORT": str(http_port),
+        "CHARLES_RUN_DIR": str(Path(args.run_dir).resolve()),
+        **p.env,
+    }
+    if args.config:
+        env["CHARLES_CONFIG"] = str(Path(args.config).resolve())
+    return env
 
 
 class Launcher:
@@ -108,30 +146,10 @@ class Launcher:
                     f"charles up: port(s) {[self.bus_ports[b] for b in busy]} are taken — is another Charles running? "
                     "Stop it, or use --random-ports."
                 )
-            # collectors share one registry port; replica k >= 2 takes registry port + 100 + (k - 1)
-            self.http_ports = {}
-            k = 0
-            for p in self.procs:
-                base = reg.services[p.service].http_port
-                if p.service == "collector":
-                    k += 1
-                    self.http_ports[p.name] = base if k == 1 else base + 100 + (k - 1)
-                else:
-                    self.http_ports[p.name] = base
+            self.http_ports = registry_http_ports(self.procs)
 
     def _env(self, p: Proc) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "CHARLES__BUS__HOST": "127.0.0.1",
-            "CHARLES__BUS__PORTS": json.dumps(self.bus_ports),
-            "CHARLES__SERVICE__HTTP_PORT": str(self.http_ports[p.name]),
-            "CHARLES_RUN_DIR": str(Path(self.args.run_dir).resolve()),
-            **p.env,
-        }
-        if self.args.config:
-            env["CHARLES_CONFIG"] = str(Path(self.args.config).resolve())
-        return env
+        return {**os.environ, **child_env(self.args, p, self.bus_ports, self.http_ports[p.name])}
 
     def start(self, p: Proc) -> None:
         module = registry().services[p.service].module
@@ -216,7 +234,9 @@ class Launcher:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="charles up", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="charles up",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--collectors", type=int, default=2, help="sim collectors to run (default 2)")
     ap.add_argument(

@@ -12,7 +12,9 @@ driving stream.
 from __future__ import annotations
 
 import enum
+import json
 import math
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -255,3 +257,17 @@ def default_outputs(version: int = 3, kinds: Mapping[str, str] | None = None) ->
         OutputSpec(name, OutputKind(kinds.get(name, "regression")), tuple(default_bins(name, version)))
         for name in ("steering", "throttle_brake")
     ]
+
+
+def outputs_signature(specs: Iterable[OutputSpec]) -> str:
+    """What a balancer's sets mean to a trainer, short enough for a heartbeat: ``name:kind`` per output, and
+    for classification and delta outputs a checksum of the bins too (they are the classes the model learns;
+    a regression output's balancing bins change the mix, never the targets)."""
+    parts = []
+    for s in specs:
+        part = f"{s.name}:{s.kind.value}"
+        if s.kind is not OutputKind.REGRESSION:
+            bins = json.dumps([b.to_spec() for b in s.bins]).encode()
+            part += f":{zlib.crc32(bins):08x}"
+        parts.append(part)
+    return ",".join(parts)

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from charles import topology
+from charles.cli import help_text
 
 APT_HINT = "apt-get install -y docker-compose prometheus"
 KUBECTL_HINT = (
@@ -207,8 +208,8 @@ def run_all(root: Path, only: list[str] | None = None) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m charles.validate",
-        description=__doc__,
+        prog="charles validate",
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(

@@ -1,9 +1,9 @@
-"""``python -m charles.model``: list the presets, show a config, or measure them on this machine.
+"""``charles model`` (``python -m charles.model``): list the presets, show a config, or measure them here.
 
-python -m charles.model                      # presets and what they are
-python -m charles.model show tiny            # a preset's config as JSON (what checkpoints carry)
-python -m charles.model fields               # every ModelConfig field with its help
-python -m charles.model bench tiny model_0004_inceptionresnetv2 [--device cuda] [--batch 1]
+charles model                      # presets and what they are
+charles model show tiny            # a preset's config as JSON (what checkpoints carry)
+charles model fields               # every ModelConfig field with its help
+charles model bench tiny model_0004_inceptionresnetv2 [--device cuda] [--batch 1]
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+from charles.cli import help_text
 
 
 def _bench(names: list[str], device: str, batch: int, repeats: int) -> None:
@@ -43,8 +45,8 @@ def _bench(names: list[str], device: str, batch: int, repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m charles.model",
-        description=__doc__,
+        prog="charles model",
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = ap.add_subparsers(dest="cmd")

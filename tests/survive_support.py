@@ -321,7 +321,7 @@ def forkserver_main(module: str, warm: list[str]) -> None:
     main = importlib.import_module(module).main
     for name in warm:
         importlib.import_module(name)
-    from charles.trainer.checkpoint import code_version
+    from charles.version import code_version
 
     code_version()  # cached: no `git describe` per child
     print(json.dumps({"ready": True}), flush=True)

@@ -20,7 +20,15 @@ from charles.balancer.balancer import (
 )
 from charles.balancer.config import DELTA_BINS, BalancerConfig, help_lines
 from charles.balancer.synthetic import samples_from_labels
-from charles.outputs import BinIndex, OutputKind, OutputSpec, default_bins, parse_bins, signals_from
+from charles.outputs import (
+    BinIndex,
+    OutputKind,
+    OutputSpec,
+    default_bins,
+    outputs_signature,
+    parse_bins,
+    signals_from,
+)
 from charles.proto.messages import Sample
 
 NEVER = 1e9
@@ -197,3 +205,44 @@ def test_config_round_trips_and_refuses_nonsense():
             BalancerConfig(**kw)
     with pytest.raises(ValueError, match="unknown balancer config keys"):
         BalancerConfig.from_dict({"verison": 3})
+
+
+# ---- the model line's outputs are the balancer's -----------------------------------------------------------
+
+
+def _line(kind: str, name: str = "steering") -> OutputSpec:
+    bins = [-1.0, [-1.0, -0.1], [-0.1, 0.1], [0.1, 1.0], 1.0] if kind == "classification" else DELTA_BINS
+    return OutputSpec(name, OutputKind(kind), tuple(parse_bins(bins)))
+
+
+@pytest.mark.parametrize("kind", ["classification", "delta"])
+def test_a_classification_or_delta_line_is_balanced_over_its_own_bins_by_default(kind):
+    line = [
+        _line(kind),
+        OutputSpec("throttle_brake", OutputKind.REGRESSION, tuple(default_bins("throttle_brake", 3))),
+    ]
+    cfg = BalancerConfig(version=2)
+    specs = cfg.output_specs(line)
+    assert specs[0] == line[0], "the balancer bins by the line's classes without being told"
+    assert specs[1] == cfg.output_specs()[1], "a regression output keeps the version's balancing bins"
+    assert cfg.output_specs()[0].kind is OutputKind.REGRESSION  # without a model: as before
+    assert outputs_signature(specs) == outputs_signature(line)
+    assert outputs_signature(specs) != outputs_signature(cfg.output_specs())
+
+
+def test_explicit_balancer_settings_win_where_they_agree_and_fail_where_they_do_not():
+    line = [_line("classification")]
+    same = BalancerConfig(
+        outputs=("steering",),
+        kinds={"steering": "classification"},
+        bins={"steering": line[0].to_dict()["bins"]},
+    )
+    assert same.output_specs(line) == line
+    with pytest.raises(ValueError, match="learns it as classification"):
+        BalancerConfig(outputs=("steering",), kinds={"steering": "delta"}).output_specs(line)
+    with pytest.raises(ValueError, match="they are its classes"):
+        BalancerConfig(outputs=("steering",), bins={"steering": [-1.0, [-1.0, 1.0], 1.0]}).output_specs(line)
+    # a regression line leaves the balancer free: its bins change the mix, never the targets
+    regression = [OutputSpec("steering", OutputKind.REGRESSION, tuple(default_bins("steering", 3)))]
+    free = BalancerConfig(outputs=("steering",), bins={"steering": [-1.0, [-1.0, 1.0], 1.0]})
+    assert len(free.output_specs(regression)[0].bins) == 3

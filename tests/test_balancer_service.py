@@ -26,7 +26,7 @@ from charles.balancer.config import BalancerConfig
 from charles.balancer.plot import histogram_png
 from charles.balancer.plot import main as balance_plot
 from charles.balancer.service import BalancerService, set_topic
-from charles.outputs import BinIndex, parse_bins
+from charles.outputs import BinIndex, OutputKind, OutputSpec, outputs_signature, parse_bins
 from charles.proto import Frame, Sample, SampleSet, encode
 from charles.runtime import SeqGaps
 
@@ -372,3 +372,15 @@ def test_balancer_process_serves_health_flushes_and_stops_promptly_on_sigterm(br
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_balancer_bins_by_the_model_lines_classes_and_says_so_in_its_heartbeat(client_factory):
+    svc = client_factory("balancer", balancer={"version": 3, "picture_s": 0})
+    classes = OutputSpec("steering", OutputKind.CLASSIFICATION, tuple(parse_bins([-1.0, [-1.0, 1.0], 1.0])))
+    line = [classes, *svc.cfg.model.resolve().outputs[1:]]
+    service = BalancerService(svc, svc.cfg.balancer, model_outputs=line)
+    assert service.balancer.specs[0] == classes and len(service.balancer.groups[0].cells) == 3
+    service.refresh(time.monotonic())
+    info = svc.info
+    assert info["outputs"] == outputs_signature(line) == service.outputs
+    assert info["outputs"].startswith("steering:classification:")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from charles.cli import COMMANDS, main, usage
+from charles.cli import COMMANDS, help_text, main, usage
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -17,6 +17,34 @@ def test_every_command_answers_help(name, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out and len(out.splitlines()) >= 3, out
+
+
+# Entry points the other half of issue 13 reworks (charles.drive); drop each from here once its help is clean.
+HELP_NOT_YET_CLEAN = {"collector", "player", "eval", "sim-agent", "capture-agent", "gamepad-agent"}
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - HELP_NOT_YET_CLEAN))
+def test_help_names_the_real_program_and_shows_no_rest_markup(name, capsys):
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: charles {name}"), out.splitlines()[0]
+    assert "``" not in out and ":mod:" not in out and ":func:" not in out, out
+
+
+def test_help_text_drops_rest_markup():
+    doc = "``charles up`` runs :mod:`charles.launcher` (:func:`~charles.launcher.plan`).\n\nThreads::\n"
+    assert help_text(doc) == "charles up runs charles.launcher (charles.launcher.plan).\n\nThreads:\n"
+
+
+def test_version_names_the_package_and_the_checkout(capsys):
+    from charles.version import git_describe, package_version
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"charles {package_version()}") and package_version() != "unknown"
+    if git_describe():
+        assert out.endswith(f"({git_describe()})")
 
 
 def test_usage_lists_every_command_and_unknown_ones_are_refused(capsys):

@@ -39,12 +39,21 @@ def test_env_values_are_typed():
         ({"service": {"log_format": "xml"}}, "not one of"),
         ({"broker": {"secure": "maybe"}}, "true or false"),
         ({"service": {"shutdown_s": float("nan")}}, "finite"),
-        ({"nosection": {}}, "unknown setting"),
+        ({"nosection": {}}, "unknown section"),
     ],
 )
 def test_bad_values_say_which_and_why(data, needle):
     with pytest.raises(config.ConfigError, match=needle):
         config.load(data=data, environ={})
+
+
+def test_an_unknown_section_lists_every_section():
+    with pytest.raises(config.ConfigError) as e:
+        config.load(environ={}, overrides=["trainr.lr=0.1"])
+    message = str(e.value)
+    assert "'trainr'" in message
+    for name in [*config.SECTIONS, "bus", "broker", "service"]:
+        assert f"'{name}'" in message, f"{name} is not named in: {message}"
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

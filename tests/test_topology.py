@@ -94,7 +94,7 @@ def test_cpu_override_agrees_and_drops_every_gpu(compose_cpu):
     assert t.check_compose(compose_cpu, cpu=True) == []
     for name in ("trainer", "player"):
         svc = compose_cpu["services"][name]
-        assert svc["image"] == "charles:cpu" and not t._gpu_devices(svc)
+        assert svc["image"] == "charles:cpu" and not t.compose._gpu_devices(svc)
         assert svc["command"][-2:] == ["--preset", "tiny"]
         # everything else is docker-compose.yml's
         assert svc["environment"]["CHARLES__SERVICE__HTTP_PORT"] == str(registry().services[name].http_port)
@@ -253,6 +253,29 @@ def test_local_prometheus_lists_the_launchers_collector_ports():
     table = t.launcher_table(t.LOCAL_COLLECTORS)
     ports = sorted(port for _, service, port, _ in table if service == "collector")
     assert ports == sorted(t.local_collector_ports())
+
+
+def test_the_launchers_plan_is_pure(tmp_path):
+    """The table charles.topology checks comes from the launcher's own planning, with no side effects."""
+    import argparse
+
+    from charles import launcher
+
+    run_dir = tmp_path / "runs"
+    args = argparse.Namespace(
+        collectors=2, preset="tiny", seed=5, config="", run_dir=str(run_dir), no_player=True, no_viewer=False
+    )
+    procs = launcher.plan(args, built=lambda service: service != "viewer")
+    assert [p.name for p in procs] == ["broker", "collector-1", "collector-2", "balancer", "trainer"]
+    assert procs[2].args == ["--id", "collector-2", "--seed", "7"]
+    http = launcher.registry_http_ports(procs)
+    base = registry().services["collector"].http_port
+    assert (http["collector-1"], http["collector-2"]) == (base, base + 101)
+    env = launcher.child_env(args, procs[0], {"publish": 1}, http["broker"])
+    assert env["CHARLES__SERVICE__HTTP_PORT"] == str(http["broker"])
+    assert json.loads(env["CHARLES__BUS__PORTS"]) == {"publish": 1}
+    assert "CHARLES_CONFIG" not in env  # no --config: the child reads $CHARLES_CONFIG itself
+    assert not run_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------- prometheus

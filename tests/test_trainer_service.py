@@ -20,7 +20,7 @@ import torch
 
 from charles.model.net import torch_threads
 from charles.model.weights import model_from_weights
-from charles.proto import Weights
+from charles.proto import Heartbeat, Weights
 from charles.trainer.buffers import BufferConfig, Buffers
 from charles.trainer.models_list import main as models_main
 from charles.trainer.runs import RunDir, open_run
@@ -88,9 +88,9 @@ def trainers(client_factory, tmp_path):
         t.join(10)
 
 
-def connected_publisher(client_factory, service: TrainerService):
+def connected_publisher(client_factory, service: TrainerService, client=None):
     """A set publisher the trainer already hears (the slow-joiner rule): a truncated probe it rejects."""
-    pub = client_factory("balancer").publisher("set")
+    pub = (client or client_factory("balancer")).publisher("set")
     reg = service.svc.metrics.registry
 
     def heard():
@@ -105,6 +105,40 @@ def stop(service: TrainerService, t: threading.Thread) -> None:
     service.svc.stop()
     t.join(10)
     assert not t.is_alive(), "the trainer did not stop"
+
+
+def test_a_balancer_of_other_kinds_is_refused_out_loud_until_it_agrees(trainers, client_factory):
+    service, t = trainers()
+    balancer = client_factory("balancer")
+    pub = connected_publisher(client_factory, service, balancer)
+    reg = service.svc.metrics.registry
+    ours = service.receiver.outputs
+    assert ours == "steering:regression,throttle_brake:regression"  # the tiny line learns both as values
+
+    def heartbeat(outputs: str) -> None:
+        pub.send(
+            f"heartbeat.{balancer.instance}",
+            Heartbeat("balancer", balancer.instance, info={"outputs": outputs}),
+        )
+
+    heartbeat("steering:delta:0badc0de,throttle_brake:regression")
+    wait_for(lambda: balancer.instance in service.receiver.refused_balancers, 5, "the heartbeat was not read")
+    for s in sets(0, 3):
+        pub.send(f"set.{s.outputs[0]}", s)
+    wait_for(
+        lambda: counter_value(reg, "charles_rejects_total", {"reason": "outputs_mismatch"}) == 2,
+        5,
+        "the mismatched sets were not refused",
+    )
+    assert service.buffers.sizes() == {"steering": 0, "throttle_brake": 0}
+    wait_for(lambda: service.state.get("refused_balancers") == [balancer.instance], 5, "not shown")
+
+    heartbeat(ours)  # restarted with the run's configuration
+    wait_for(lambda: not service.receiver.refused_balancers, 5, "the agreeing heartbeat was not read")
+    for s in sets(3, 3):
+        pub.send(f"set.{s.outputs[0]}", s)
+    wait_for(lambda: service.buffers.sizes() == {"steering": 3, "throttle_brake": 3}, 10, "sets not taken")
+    stop(service, t)
 
 
 def test_trains_at_the_threshold_publishes_to_late_players_and_resumes_from_disk(
@@ -310,7 +344,7 @@ def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(bro
 
 
 def test_each_set_belongs_to_exactly_one_rank():
-    from charles.trainer.service import Receiver
+    from charles.trainer.receiver import Receiver
 
     receivers = [Receiver(None, None, None, rank=r, world=3) for r in range(3)]  # type: ignore[arg-type]
     for start in range(0, 300, 3):

@@ -59,10 +59,11 @@ class BalancerConfig:
         factory=tuple,
     )
     kinds: dict[str, str] = _help(
-        "Per-output type (regression, classification, delta); unnamed outputs are regression.", factory=dict
+        "Per-output type (regression, classification, delta); unnamed outputs follow the model line's outputs, else regression.",
+        factory=dict,
     )
     bins: dict[str, list] = _help(
-        "Per-output bins as [exact, [lo, hi], ...]; unnamed outputs get the seed's bins for the version.",
+        "Per-output bins as [exact, [lo, hi], ...]; unnamed outputs get the model line's classes, else the seed's bins for the version.",
         factory=dict,
     )
     cap_per_bin: int = _help(
@@ -133,10 +134,21 @@ class BalancerConfig:
             raise ValueError(f"timeout_policy must be one of {TIMEOUT_POLICIES}, got {self.timeout_policy!r}")
         self.output_specs()  # bins parse and match their kinds
 
-    def output_specs(self) -> list[OutputSpec]:
-        """The outputs as :class:`OutputSpec`, with the version's default bins where none were given."""
+    def output_specs(self, model: Sequence[OutputSpec] = ()) -> list[OutputSpec]:
+        """The balanced outputs as :class:`OutputSpec`: what the balancer bins by.
+
+        ``model`` is the model line's outputs (``ModelConfig.outputs``). Where the line learns an output as
+        classification or delta, its kind and bins are the balancer's too (the bins are its classes), so
+        ``balancer.kinds``/``bins`` need not repeat them; given anyway they must agree, or this raises.
+        Elsewhere the configured kind (regression by default) and bins (the version's) apply.
+        """
+        learned = {s.name: s for s in model}
         specs = []
         for name in self.outputs:
+            line = learned.get(name)
+            if line is not None and line.kind is not OutputKind.REGRESSION:
+                specs.append(self._agreed(line))
+                continue
             kind = OutputKind(self.kinds.get(name, OutputKind.REGRESSION.value))
             if name in self.bins:
                 bins = parse_bins(self.bins[name])
@@ -146,6 +158,22 @@ class BalancerConfig:
                 bins = default_bins(name, self.version)
             specs.append(OutputSpec(name, kind, tuple(bins)))
         return specs
+
+    def _agreed(self, line: OutputSpec) -> OutputSpec:
+        """The model line's classification/delta output, after checking what this config says of it."""
+        name = line.name
+        kind = self.kinds.get(name)
+        if kind is not None and OutputKind(kind) is not line.kind:
+            raise ValueError(
+                f"kinds: {name} is balanced as {kind}, but the model line learns it as {line.kind.value} "
+                f"(leave balancer.kinds.{name} unset: it follows model.outputs)"
+            )
+        if name in self.bins and tuple(parse_bins(self.bins[name])) != line.bins:
+            raise ValueError(
+                f"bins: {name}'s bins differ from the model line's {line.kind.value} bins "
+                f"{[b.to_spec() for b in line.bins]} (they are its classes; leave balancer.bins.{name} unset)"
+            )
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/msgpack-able values (saved with checkpoints, served by the broker)."""

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from charles.balancer.balancer import Balancer, BalancerStats, run_stream
 from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import RATE_HZ, load_labels, samples_from_labels, synthetic_labels, times
+from charles.cli import help_text
 
 RAW_COLOUR = "#8c8c8c"
 EMITTED_COLOUR = "#1f77b4"
@@ -213,7 +214,7 @@ def _run(args: argparse.Namespace) -> BalancerStats:
 def main(argv: Sequence[str] | None = None) -> int:
     """``charles balance-plot``: run a label stream through a balancer, or ask a running one, and draw what it did."""
     defaults = BalancerConfig()
-    p = argparse.ArgumentParser(prog="charles balance-plot", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="charles balance-plot", description=help_text(main.__doc__))
     p.add_argument("--out", default="balance.png", help="PNG to write")
     source = p.add_mutually_exclusive_group()
     source.add_argument(

@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -28,6 +29,7 @@ import prometheus_client as prom
 from charles.balancer.balancer import REJECT_NAN, REJECT_NO_BIN, REJECT_NO_PREVIOUS, Balancer, BalancerStats
 from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
+from charles.outputs import OutputSpec, outputs_signature
 from charles.proto import Console, Envelope, Frame, Sample, SampleSet
 from charles.runtime import Publisher, SeqGaps, Service, Subscriber
 
@@ -129,10 +131,15 @@ class BalancerService:
         config: BalancerConfig,
         sub: Subscriber | None = None,
         pub: Publisher | None = None,
+        model_outputs: Sequence[OutputSpec] = (),
     ):
+        """``model_outputs``: the model line's (``cfg.model.resolve().outputs``), which classification and
+        delta outputs are balanced by (BalancerConfig.output_specs)."""
         self.svc = svc
         self.config = config
-        self.balancer = Balancer(config)
+        self.balancer = Balancer(config, config.output_specs(model_outputs))
+        self.outputs = outputs_signature(self.balancer.specs)
+        """What the sets mean, in the heartbeat: a trainer of another line refuses them (and says so)."""
         self.sub = sub or svc.subscriber(["sample."])
         self.pub = pub or svc.publisher("set")
         self.console_pub = svc.publisher("console")
@@ -276,6 +283,7 @@ class BalancerService:
         sets = stats.sets
         return {
             "version": stats.version,
+            "outputs": self.outputs,
             "arrived": stats.arrived,
             "accepted": stats.accepted,
             "acceptance": round(stats.acceptance_rate, 3),

@@ -6,11 +6,12 @@ import argparse
 
 from charles import config as config_mod
 from charles.broker.broker import Broker
+from charles.cli import help_text
 from charles.runtime import Service, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles broker", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles broker", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_mod.load(args.config, overrides=args.set)

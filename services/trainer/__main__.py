@@ -14,13 +14,16 @@ import argparse
 import sys
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.runtime import Service, default_instance, run_main, setup_logging
 from charles.trainer.buffers import buffer_names
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="charles trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="charles trainer",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (heartbeat.<id>, console.<id>); default: trainer-<hostname>")
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config, overrides=overrides)
         mcfg = cfg.model.resolve()
-        cfg.trainer.batch_for(len(buffer_names(list(cfg.balancer.outputs), int(cfg.balancer.version))))
+        balanced = cfg.balancer.output_specs(mcfg.outputs)  # the line's classes and the balancer's bins agree
+        cfg.trainer.batch_for(len(buffer_names([s.name for s in balanced], int(cfg.balancer.version))))
     except ValueError as e:
         print(f"charles trainer: configuration error: {e}", file=sys.stderr)
         return 2
@@ -51,33 +55,29 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after the configuration is known to be good: torch, timm and the model.
     import torch
 
-    from charles.trainer.checkpoint import CheckpointError, code_version
+    from charles.trainer.checkpoint import CheckpointError
     from charles.trainer.console import TerminalConsole
-    from charles.trainer.runs import RunError, open_run
+    from charles.trainer.runs import RunError, open_for_training
     from charles.trainer.service import TrainerService
     from charles.trainer.training import Distributed
+    from charles.version import code_version
 
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     dist = Distributed.from_env(cfg.trainer.device)
     rank = dist.rank if dist else 0
     try:
-        run = None
-        if rank == 0:
-            run = open_run(
-                mcfg.name,
-                args.run_dir,
-                version=args.version,
-                new=args.new_version,
-                model=mcfg.to_dict(),
-                identity=mcfg.identity(),
-                name=cfg.run,
-            )
-            run.lock()
-        if dist is not None:  # every rank trains the version rank 0 chose
-            version = dist.broadcast_int(run.version if run is not None else 0)
-            if run is None:
-                run = open_run(mcfg.name, args.run_dir, version=version, identity=mcfg.identity())
+        run = open_for_training(
+            mcfg.name,
+            args.run_dir,
+            version=args.version,
+            new=args.new_version,
+            model=mcfg.to_dict(),
+            identity=mcfg.identity(),
+            name=cfg.run,
+            rank=rank,
+            broadcast=dist.broadcast_int if dist is not None else None,
+        )
     except RunError as e:
         print(f"charles trainer: {e}", file=sys.stderr)
         return 2

@@ -21,14 +21,12 @@ checkpoint or a temporary directory that every reader ignores (and ``clean_temp`
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from torch import Tensor, nn
 
 from charles.model.config import ModelConfig
 from charles.model.weights import WeightsError, check_state_dict, read_weights, save_weights
+from charles.version import code_version
 
 log = logging.getLogger(__name__)
 
@@ -96,30 +95,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """``git describe`` of the source tree when it is a checkout, else the installed package's version."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / ".git").exists():
-        try:
-            out = subprocess.run(
-                ["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            )
-            return f"git:{out.stdout.strip()}"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    try:
-        from importlib.metadata import version
-
-        return f"charles=={version('charles')}"
-    except Exception:  # noqa: BLE001 - not installed: say so rather than fail a checkpoint
-        return "unknown"
 
 
 # ---- the optimizer without pickle -----------------------------------------------------------------------

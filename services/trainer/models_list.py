@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from charles.cli import help_text
 from charles.trainer.runs import RunDir, checkpoint_batches, list_lines, list_runs, runs_root
 
 
@@ -108,7 +109,9 @@ def render(runs: list[dict[str, Any]], about: dict[str, str] | None = None, all_
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="charles models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="charles models",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--run-dir", help="where runs live (default: $CHARLES_RUN_DIR or runs/)")
     ap.add_argument("--line", help="only this model line")

@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,37 @@ def open_run(
                 f"or start a new version (--new-version)"
             )
     run.create(model or {}, name)
+    return run
+
+
+def open_for_training(
+    line: str,
+    root: str | os.PathLike | None = None,
+    *,
+    version: int | None = None,
+    new: bool = False,
+    model: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None,
+    name: str = "",
+    rank: int = 0,
+    broadcast: Callable[[int], int] | None = None,
+) -> RunDir:
+    """The run this process trains, locked on rank 0.
+
+    Rank 0 chooses (``open_run``: a new version, a given one, or the newest) and holds its lock. Under
+    torchrun, ``broadcast`` hands rank 0's version to every rank (called on all of them, rank 0 included),
+    and the other ranks open that run, so no two ranks can choose differently.
+    """
+    run = None
+    if rank == 0:
+        run = open_run(line, root, version=version, new=new, model=model, identity=identity, name=name)
+        run.lock()
+    if broadcast is not None:
+        chosen = broadcast(run.version if run is not None else 0)
+        if run is None:
+            run = open_run(line, root, version=chosen, identity=identity)
+    if run is None:
+        raise RunError(f"rank {rank} cannot choose a run: only rank 0 does, and no broadcast was given")
     return run
 
 

@@ -25,182 +25,30 @@ the console and owns the run's manifest; every rank sends heartbeats (instance `
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
-import prometheus_client as prom
-
 from charles.config import Config
-from charles.proto import Console, Heartbeat, SampleSet, Weights
-from charles.runtime import Publisher, SeqGaps, Service, Subscriber
+from charles.outputs import outputs_signature
+from charles.proto import Console, Weights
+from charles.runtime import Publisher, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
-from charles.trainer.buffers import Buffers, buffer_names
-from charles.trainer.checkpoint import CheckpointError, clean_temp, code_version, load_latest, prune
-from charles.trainer.console import LossHistory, TerminalConsole, heartbeat_info
-from charles.trainer.initial import fresh_start
+from charles.trainer.buffers import buffer_names
+from charles.trainer.checkpoint import clean_temp, prune
+from charles.trainer.console import TerminalConsole, heartbeat_info
+from charles.trainer.receiver import Receiver
+from charles.trainer.reporting import Report, TensorBoardLog, TrainerMetrics
+from charles.trainer.resume import resume
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import open_buffers
 from charles.trainer.training import Distributed, StepResult, Trainer, resolve_device
+from charles.version import code_version
 
 WAIT_S = 0.1
 """Longest wait for a batch: SIGTERM only sets a flag, so the loop looks at it this often."""
-SEEN_TTL_S = 30.0
-"""A collector or player not heard from for this long leaves the console's lists."""
-MAX_SEEN = 4096
-RATE_WINDOW = 20
-"""Console refreshes the batches/s and samples/s figures average over (10 s at 2 Hz)."""
-
-
-# ---- the receive loop -------------------------------------------------------------------------------------
-
-
-class Receiver:
-    """Feeds the buffers from the bus on its own thread, so training never blocks receiving.
-
-    ``# irregular <- set.*`` (each set goes to the buffer of the output it balances) and
-    ``# 1 Hz x services <- heartbeat.*`` (which collectors and players are connected).
-    """
-
-    def __init__(self, svc: Service, buffers: Buffers, sub: Subscriber, rank: int = 0, world: int = 1):
-        self.svc = svc
-        self.buffers = buffers
-        self.sub = sub
-        self.rank, self.world = rank, world
-        self.sets = 0
-        self.samples = 0
-        self.other_rank = 0
-        self.gaps = SeqGaps()
-        """Sets that never arrived (gaps in their senders' numbering: a full broker queue while we stalled)."""
-        self._seen: dict[str, tuple[str, float]] = {}  # id -> (service, monotonic time)
-        self._seen_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="receive", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                env = self.sub.recv(100)
-                if env is None:
-                    continue
-                if isinstance(env.msg, SampleSet):
-                    self._count_gap(f"{env.sender}/{env.topic}", env.msg.seq)
-                    self.on_set(env.msg)
-                elif isinstance(env.msg, Heartbeat):
-                    self._saw(env.msg.instance, env.msg.service)
-            except Exception:  # noqa: BLE001 - one bad message must never stop the receiving
-                self.svc.log.exception("receive loop: a message could not be handled")
-
-    def _count_gap(self, key: str, seq: int | None) -> None:
-        """Count the sets of one sender's topic that went missing before this one (a restart starts over)."""
-        if seq is not None and (lost := self.gaps.see(key, seq)):
-            self.svc.metrics.drops.labels(cause="seq_gap").inc(lost)
-
-    def mine(self, s: SampleSet) -> bool:
-        """Whether this rank trains this set (see the module docstring); always true on one process."""
-        if self.world == 1 or not s.samples:
-            return self.world == 1 or self.rank == 0
-        first = s.samples[0]
-        return zlib.crc32(f"{first.collector}:{first.seq}".encode()) % self.world == self.rank
-
-    def on_set(self, s: SampleSet) -> int:
-        if not self.mine(s):
-            self.other_rank += 1
-            return 0
-        before = dict(self.buffers.rejected)
-        added = self.buffers.add_set(s)
-        if not added:
-            for reason, n in self.buffers.rejected.items():
-                if n != before.get(reason, 0):
-                    self.svc.reject(
-                        reason,
-                        f"a v{s.version} set for a buffer {'+'.join(sorted(s.outputs))!r}; this trainer's buffers "
-                        f"are {self.buffers.names} (do balancer.version and balancer.outputs match the balancer's?)",
-                    )
-            return 0
-        self.sets += 1
-        self.samples += added
-        for c in {x.collector for x in s.samples}:
-            self._saw(c, "collector")
-        return added
-
-    def _saw(self, ident: str, service: str) -> None:
-        with self._seen_lock:
-            if ident not in self._seen and len(self._seen) >= MAX_SEEN:
-                del self._seen[next(iter(self._seen))]
-            self._seen[ident] = (service, time.monotonic())
-
-    def seen(self, service: str, now: float | None = None) -> list[str]:
-        now = time.monotonic() if now is None else now
-        with self._seen_lock:
-            return sorted(i for i, (s, t) in self._seen.items() if s == service and now - t < SEEN_TTL_S)
-
-
-# ---- metrics ----------------------------------------------------------------------------------------------
-
-
-class TrainerMetrics:
-    """The trainer's Prometheus families (names fixed: the Grafana dashboard and charles.topology use them)."""
-
-    def __init__(self, registry: prom.CollectorRegistry):
-        r = registry
-        self.batches = prom.Counter(
-            "charles_trainer_batches_total", "Batches trained by this process", registry=r
-        )
-        self.samples = prom.Counter(
-            "charles_trainer_samples_trained_total", "Samples trained by this process (all ranks)", registry=r
-        )
-        self.fill = prom.Gauge(
-            "charles_trainer_buffer_fill_ratio",
-            "Buffer size / capacity, per balanced output",
-            ["output"],
-            registry=r,
-        )
-        self.loss = prom.Gauge(
-            "charles_trainer_loss", "Loss of the last batch per output (and total)", ["output"], registry=r
-        )
-        self.reused = prom.Counter(
-            "charles_trainer_samples_reused_total",
-            "Draws of a sample already trained on (buffer.samples_per_insert > 1), per balanced output",
-            ["output"],
-            registry=r,
-        )
-        self.wait = prom.Gauge(
-            "charles_trainer_data_wait_fraction",
-            "Share of recent wall time the step waited for a batch",
-            registry=r,
-        )
-        self.published = prom.Counter(
-            "charles_trainer_weights_published_total", "Weights sent to players", registry=r
-        )
-        self.publish_s = prom.Histogram(
-            "charles_trainer_publish_seconds",
-            "Time to serialise and send the weights",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.batches_per_s = prom.Gauge(
-            "charles_trainer_batches_per_second", "Recent training rate", registry=r
-        )
-        self.samples_per_s = prom.Gauge(
-            "charles_trainer_samples_per_second", "Recent samples trained per second", registry=r
-        )
-        self.batch = prom.Gauge(
-            "charles_trainer_batch", "The run's batch counter (continues across restarts)", registry=r
-        )
-
-
 # ---- the service ------------------------------------------------------------------------------------------
 
 
@@ -231,7 +79,10 @@ class TrainerService:
         self.world = dist.world if dist else 1
         self.main = self.rank == 0
         self.log = svc.log
-        names = buffer_names(list(cfg.balancer.outputs), int(cfg.balancer.version))
+        # the balanced outputs follow the model line's (kinds, classes): the buffers and the check on
+        # every balancer's heartbeat come from this one derivation
+        balanced = cfg.balancer.output_specs(self.mcfg.outputs)
+        names = buffer_names([s.name for s in balanced], int(cfg.balancer.version))
         self.batch_size, self.per_buffer = self.tcfg.batch_for(len(names))
         if self.per_buffer > self.tcfg.buffer.capacity:
             raise ValueError(
@@ -269,31 +120,30 @@ class TrainerService:
 
         # 3. the bus
         self.sub = sub or svc.subscriber(["set.", "heartbeat."], late_join=False)
-        self.receiver = Receiver(svc, self.buffers, self.sub, self.rank, self.world)
+        self.receiver = Receiver(
+            svc, self.buffers, self.sub, self.rank, self.world, outputs=outputs_signature(balanced)
+        )
         self.pub = (pub or svc.publisher("weights")) if self.main else None
         self.console_pub = svc.publisher("console") if self.main else None
         self.terminal = terminal if self.main else None
 
         # 4. what is shown and logged
-        self.metrics = TrainerMetrics(svc.metrics.registry)
+        self.report = Report(
+            TrainerMetrics(svc.metrics.registry),
+            svc.metrics.drops,
+            loss_history=self.tcfg.loss_history,
+            world=self.world,
+        )
+        self.metrics = self.report.metrics
         self.metrics.batch.set(self.trainer.batch)
         self._loop_time = svc.metrics.loop.labels("train_step")
         self._dropped_nonfinite = svc.metrics.drops.labels(cause="nonfinite_batch")
-        self.history = LossHistory(self.tcfg.loss_history)
-        self.losses: dict[str, float] = {}
-        self.loss_total: float | None = None
         self.published = 0
         self.last_publish_batch: int | None = None
         self.last_publish_time: float | None = None
         self.status = "starting"
         self.last_step_t = 0.0
-        self.batches_per_s = 0.0
-        self.samples_per_s = 0.0
-        self.data_wait = 0.0
-        self._rates: collections.deque[tuple[float, int, int, float]] = collections.deque(maxlen=RATE_WINDOW)
-        self._drops_seen: dict[str, int] = {}
-        self._reused_seen: dict[str, int] = {}
-        self.tb = self._tensorboard() if self.main else None
+        self.tb = TensorBoardLog.open(run.tb, self.trainer.batch, self.log) if self.main else None
         self.assembler: BatchAssembler | None = None
         self.prefetcher: Prefetcher | None = None
         self._console_stop = threading.Event()
@@ -309,30 +159,20 @@ class TrainerService:
     # -- start ------------------------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        loaded, refused = load_latest(
-            self.run_dir.checkpoints, self.mcfg, self.trainer.module, quarantine=self.main
+        r = resume(
+            self.run_dir,
+            self.trainer,
+            self.mcfg,
+            pretrained_file=self.cfg.model.pretrained_file,
+            transfer=self.cfg.model.transfer,
+            quarantine=self.main,
         )
-        self.refused = refused
-        m = self.run_dir.manifest
-        if loaded is None and (refused or (m is not None and m.checkpoint)):
-            # never restart a trained run from scratch behind its batch counter's back
-            raise CheckpointError(
-                "no_good_checkpoint",
-                f"{self.run_dir.name} was trained to batch {m.batch if m else '?'} but none of its checkpoints "
-                f"can be loaded (see the errors above; refused ones are moved aside in {self.run_dir.checkpoints}); "
-                "put a good checkpoint back, or train a new version (--new-version)",
-            )
-        if loaded is None:
-            # a new run: its configured files, if any (a resumed one continues its checkpoint instead)
-            started = fresh_start(
-                self.trainer.module, self.mcfg, self.cfg.model.pretrained_file, self.cfg.model.transfer
-            )
-            if self.main:
-                self.log.info(f"{self.run_dir.name} is a new run: {started}")
-            return
-        self.trainer.restore(loaded)
-        self.resumed_from = loaded.path
-        self.log.info(f"resumed {self.run_dir.name} from {loaded.path.name} (batch {loaded.batch})")
+        self.refused = r.refused
+        if r.path is not None:
+            self.resumed_from = r.path
+            self.log.info(f"resumed {self.run_dir.name} from {r.path.name} (batch {r.batch})")
+        elif self.main:
+            self.log.info(f"{self.run_dir.name} is a new run: {r.started}")
 
     def _storage_path(self) -> Path:
         suffix = "" if self.rank == 0 else f".rank{self.rank}"
@@ -340,16 +180,6 @@ class TrainerService:
             p = Path(self.tcfg.storage.path)
             return p.with_name(p.stem + suffix + p.suffix) if suffix else p
         return self.run_dir.storage / f"buffers{suffix}.sqlite3"
-
-    def _tensorboard(self) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; a broken install must not stop training
-            self.log.warning("tensorboard is not importable; no TensorBoard logs for this run")
-            return None
-        # purge_step: events a crashed session logged past the checkpoint we resume from are hidden
-        purge = self.trainer.batch + 1 if self.trainer.batch else None
-        return SummaryWriter(str(self.run_dir.tb), purge_step=purge, flush_secs=30)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
@@ -403,39 +233,22 @@ class TrainerService:
             self.status = "training"
             self.svc.status = "ok"
         b = self.trainer.batch
-        self.losses, self.loss_total = res.losses, res.loss
-        self.history.add(b, res.loss)
-        m = self.metrics
-        m.batches.inc()
-        m.samples.inc(res.samples * self.world)
-        m.batch.set(b)
-        m.loss.labels("total").set(res.loss)
-        for name, v in res.losses.items():
-            m.loss.labels(name).set(v)
+        self.report.trained(b, res)
         if with_metrics and self.tb is not None:
-            self._log_tensorboard(res)
+            cap = self.tcfg.buffer.capacity
+            self.tb.step(
+                b,
+                res,
+                lr=self.trainer.lr,
+                rates=self.report.rates,
+                fills={name: size / cap for name, size in self.buffers.sizes().items()},
+                reused=dict(self.report.reused.seen),
+            )
         if b % self.tcfg.publish_every == 0:
             self.publish()
         if b % self.tcfg.checkpoint_every == 0:
             self.checkpoint()
         return res
-
-    def _log_tensorboard(self, res: StepResult) -> None:
-        b, tb = self.trainer.batch, self.tb
-        tb.add_scalar("loss/total", res.loss, b)
-        for name, v in res.losses.items():
-            tb.add_scalar(f"loss/{name}", v, b)
-        for name, v in (res.metrics or {}).items():
-            tb.add_scalar(f"metrics/{name}", v, b)
-        tb.add_scalar("train/lr", self.trainer.lr, b)
-        tb.add_scalar("train/grad_norm", res.grad_norm, b)
-        tb.add_scalar("throughput/samples_per_s", self.samples_per_s, b)
-        tb.add_scalar("throughput/batches_per_s", self.batches_per_s, b)
-        tb.add_scalar("data/wait_fraction", self.data_wait, b)
-        for name, s in self.buffers.sizes().items():
-            tb.add_scalar(f"buffer/{name}", s / self.tcfg.buffer.capacity, b)
-        for name, n in self._reused_seen.items():
-            tb.add_scalar(f"reused/{name}", n, b)
 
     # -- weights and checkpoints --------------------------------------------------------------------------------
 
@@ -493,28 +306,23 @@ class TrainerService:
         """Recompute rates, gauges and the console state (console thread, ~console_hz)."""
         now = time.monotonic()
         wait_s = self.prefetcher.wait_s if self.prefetcher is not None else 0.0
-        self._rates.append((now, self.trainer.batch, self.trainer.samples, wait_s))
-        t0, b0, s0, w0 = self._rates[0]
-        dt = now - t0
-        if dt > 0:
-            self.batches_per_s = (self.trainer.batch - b0) / dt
-            self.samples_per_s = (self.trainer.samples - s0) / dt
-            self.data_wait = min(1.0, (wait_s - w0) / dt) if self.last_step_t else 0.0
         stats = self.buffers.stats()
+        self.report.look(
+            now,
+            self.trainer.batch,
+            self.trainer.samples,
+            wait_s,
+            trained=bool(self.last_step_t),
+            buffers=stats["buffers"],
+            storage_dropped=self.storage.dropped if self.storage is not None else None,
+        )
+        rates = self.report.rates
         cap = self.tcfg.buffer.capacity
         buffers = {n: {"fill": s["size"], "capacity": cap} for n, s in stats["buffers"].items()}
-        m = self.metrics
-        for n, s in stats["buffers"].items():
-            m.fill.labels(n).set(s["fill"])
-            if s["reused"] > self._reused_seen.get(n, 0):
-                m.reused.labels(n).inc(s["reused"] - self._reused_seen.get(n, 0))
-            self._reused_seen[n] = s["reused"]
-        m.wait.set(self.data_wait)
-        m.batches_per_s.set(self.batches_per_s)
-        m.samples_per_s.set(self.samples_per_s)
-        self._count_drops(stats)
         if self.svc.running and self.status != "starting":
-            recent = self.last_step_t and now - self.last_step_t < max(2.0, 4 / max(self.batches_per_s, 1e-3))
+            recent = self.last_step_t and now - self.last_step_t < max(
+                2.0, 4 / max(rates.batches_per_s, 1e-3)
+            )
             if not recent and not self.buffers.ready(self.per_buffer):
                 self.status = "waiting for buffers"
                 self.svc.status = "waiting"
@@ -526,14 +334,8 @@ class TrainerService:
             "batch": self.trainer.batch,
             "samples": self.trainer.samples,
             "buffers": buffers,
-            "reused": dict(self._reused_seen),
             "start_fraction": self.tcfg.buffer.start_fraction,
-            "samples_per_s": round(self.samples_per_s, 2),
-            "batches_per_s": round(self.batches_per_s, 3),
-            "data_wait": round(self.data_wait, 3),
-            "loss": {k: round(v, 6) for k, v in self.losses.items()},
-            "loss_total": None if self.loss_total is None else round(self.loss_total, 6),
-            "loss_history": self.history.snapshot(),
+            **self.report.summary(),
             "lr": self.trainer.lr,
             "collectors": self.receiver.seen("collector"),
             "players": self.receiver.seen("player"),
@@ -542,21 +344,11 @@ class TrainerService:
             "last_publish_time": self.last_publish_time,
             "checkpoint_batch": self.checkpoint_batch,
             "sets_received": self.receiver.sets,
+            "refused_balancers": sorted(self.receiver.refused_balancers),
         }
         self.state = state
         self.svc.info = heartbeat_info(state)  # a new dict each time: the heartbeat thread reads it
         return state
-
-    def _count_drops(self, stats: dict) -> None:
-        """Buffer evictions and storage queue overflows as ``charles_drops_total{cause}`` (deltas)."""
-        totals = {"buffer_evicted": sum(s["evicted"] for s in stats["buffers"].values())}
-        if self.storage is not None:
-            totals["storage_queue"] = self.storage.dropped
-        for cause, n in totals.items():
-            d = n - self._drops_seen.get(cause, 0)
-            if d > 0:
-                self.svc.metrics.drops.labels(cause=cause).inc(d)
-            self._drops_seen[cause] = n
 
     def _console_loop(self) -> None:
         period = 1.0 / self.tcfg.console_hz

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.runtime import Service, run_main, setup_logging
 from charles.viewer.app import serve
 from charles.viewer.board import Board
@@ -12,7 +13,7 @@ from charles.viewer.web import Viewer
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles viewer", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles viewer", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     ap.add_argument("--id", help="instance id (default: viewer-<host>-<pid>-<random>)")
     ap.add_argument(
