@@ -40,6 +40,8 @@ def load_agent_config(
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.pop("CHARLES_CONFIG", None) or None
     environ.pop("CHARLES_CONFIG", None)
+    rest = agent_environ(section, environ)
+    mine = {k: v for k, v in environ.items() if k not in rest}  # CHARLES__<SECTION>__*: the agent's own
     data: dict = {}
     if path:
         p = Path(path)
@@ -53,10 +55,6 @@ def load_agent_config(
     if not isinstance(own, Mapping):
         raise config_mod.ConfigError(f"{section}: expected a section (a map), got {own!r}")
     own = dict(own)
-    prefix = f"{config_mod.ENV_PREFIX}{section.upper()}__"
-    mine = {k: v for k, v in environ.items() if k.startswith(prefix)}
-    for k in mine:
-        del environ[k]
     for k, v in config_mod.env_overrides(mine).get(section, {}).items():
         own[k] = v
     run_sets = []
@@ -68,9 +66,16 @@ def load_agent_config(
             own[key.strip()[len(section) + 1 :]] = yaml.safe_load(value) if value else ""
         else:
             run_sets.append(item)
-    cfg = config_mod.load(None, environ=environ, overrides=run_sets, data=data)
+    cfg = config_mod.load(None, environ=rest, overrides=run_sets, data=data)
     settings = config_mod.from_dict(cls, own, section)
     return cfg, settings
+
+
+def agent_environ(section: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without the agent's own ``CHARLES__<SECTION>__*`` variables: what the run
+    configuration reads (it knows no agent sections)."""
+    prefix = f"{config_mod.ENV_PREFIX}{section.upper()}__"
+    return {k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith(prefix)}
 
 
 def check_bus(cfg: config_mod.Config, require_secure: bool, default_key: str) -> None:

@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from charles.drive.controls import combine
+
 log = logging.getLogger("charles.agents.devices")
 
 WINDOWS = sys.platform == "win32"
@@ -105,7 +107,7 @@ class PadState:
 
     @property
     def throttle_brake(self) -> float:
-        return max(-1.0, min(1.0, self.throttle - self.brake))
+        return combine(self.throttle, self.brake)
 
 
 class PadReader(Protocol):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +29,11 @@ from typing import Literal
 
 import prometheus_client as prom
 
+from charles import config as config_mod
 from charles.agents.common import agent_service, check_bus, load_agent_config, setup
 from charles.agents.devices import Pad, make_pad
 from charles.config import knob
+from charles.drive.controls import clamp
 from charles.proto import Action
 from charles.proto.codec import Envelope
 from charles.runtime import Service
@@ -69,13 +70,6 @@ class GamepadSettings:
     def __post_init__(self) -> None:
         if not all(isinstance(v, str) and v for v in self.allowed_senders):
             raise ValueError("allowed_senders must be a list of player instance ids")
-
-
-def clamp(v: float, lo: float, hi: float) -> float:
-    v = float(v)
-    if not math.isfinite(v):
-        return 0.0
-    return min(hi, max(lo, v))
 
 
 class GamepadAgent:
@@ -204,15 +198,10 @@ class GamepadAgent:
 
 def main(argv: list[str] | None = None, *, pad: Pad | None = None) -> int:
     ap = argparse.ArgumentParser(prog="charles-gamepad-agent", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--config", help="YAML with bus/service sections and a gamepad section (default: $CHARLES_CONFIG)"
-    )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a setting (gamepad.deadman_s=0.3, bus.host=...)",
+    config_mod.add_arguments(
+        ap,
+        "YAML with bus/service sections and a gamepad section (default: $CHARLES_CONFIG)",
+        "override a setting (gamepad.deadman_s=0.3, bus.host=...)",
     )
     ap.add_argument("--id", help="agent id (gamepad.id)")
     ap.add_argument(

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from charles.drive.controls import wrap_angle
 from charles.sim import render
 from charles.sim.car import DT, Car
 from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
@@ -55,11 +56,6 @@ MARKER = (255, 40, 210)
 
 # Random streams: one per purpose so, for example, rendering more frames never changes where a target lands.
 _TARGETS, _TELEPORT, _TRAFFIC, _LOOK, _PAINT, _DISPLACE = 1, 2, 3, 4, 5, 6
-
-
-def wrap_angle(a: float) -> float:
-    """An angle in [-pi, pi)."""
-    return (a + math.pi) % (2 * math.pi) - math.pi
 
 
 @dataclass
