@@ -6,7 +6,7 @@ it (the mod's autopilot, or a person's pad), and publishes:
 
 * **collect** mode: a :class:`~charles.proto.Sample` on ``sample.<id>`` (labels: the driver's steering and
   combined throttle/brake; speed; purpose; the history of the 60 ticks *before* this one; ``source`` npc or
-  human). Unstuck (``charles.sim.unstuck``, the same state machine as the sim collectors) watches the
+  human). Unstuck (``charles.drive.unstuck``, the same state machine as the sim collectors) watches the
   position; when it says teleport, the agent rebuilds the mod's scenario at a new location. No samples
   are sent while Unstuck recovers (the car is being moved, the labels mean nothing).
 * **play** mode: a :class:`~charles.proto.GameFrame` on ``game.<id>`` for the player (or a collector),
@@ -37,7 +37,7 @@ import numpy as np
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.agents.common import Pacer, agent_environ, agent_service, check_bus, load_agent_config, setup
+from charles.agents.common import Pacer, agent_environ, check_bus, load_agent_config, setup
 from charles.agents.deepgtav import DeepGtavFeed, GameMessage, Scenario, Telemetry, dataset
 from charles.agents.devices import (
     WINDOWS,
@@ -53,7 +53,7 @@ from charles.drive.frames import fit_frame
 from charles.drive.samples import Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
 from charles.proto import GameFrame, Sample
-from charles.runtime import Service
+from charles.runtime import Service, agent_service
 
 log = logging.getLogger("charles.capture_agent")
 
@@ -141,7 +141,7 @@ class CaptureSettings:
     )
     unstuck: bool = knob(True, "Run Unstuck on the position and teleport through the mod when it says so")
     unstuck_config: dict = knob(
-        {}, "UnstuckConfig fields to change (charles.sim.config), e.g. {window_s: 10}"
+        {}, "UnstuckConfig fields to change (charles.drive.unstuck), e.g. {window_s: 10}"
     )
     forward_pad: bool = knob(
         True, "driver=human with the mod: send the pad as DeepGTAV commands (manual mode overrides the pad)"
@@ -166,7 +166,7 @@ class CaptureSettings:
                 raise ValueError(f"{name} must be [x, y] or empty")
         if any(not isinstance(p, list | tuple) or len(p) != 2 for p in self.spawn_points):
             raise ValueError("spawn_points must be a list of [x, y]")
-        from charles.sim.config import UnstuckConfig
+        from charles.drive.unstuck import UnstuckConfig
 
         try:
             UnstuckConfig(**self.unstuck_config)
@@ -231,8 +231,7 @@ class CaptureAgent:
         feed: DeepGtavFeed | None = None,
         pad: PadReader | None = None,
     ):
-        from charles.sim.config import UnstuckConfig
-        from charles.sim.unstuck import Unstuck
+        from charles.drive.unstuck import Unstuck, UnstuckConfig
 
         self.svc = svc
         self.s = s

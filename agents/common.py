@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from charles import config as config_mod
-from charles.runtime import Service
 
 log = logging.getLogger("charles.agents")
 
@@ -95,13 +94,6 @@ def check_bus(cfg: config_mod.Config, require_secure: bool, default_key: str) ->
                 raise config_mod.ConfigError(
                     f"{f} is missing: copy broker.key and {bus.client_key}.key_secret from `charles keys`"
                 )
-
-
-def agent_service(name: str, cfg: config_mod.Config, instance: str, http_port: int, **kw: Any) -> Service:
-    """The agent's Service; /metrics on ``http_port`` unless ``service.http_port`` says otherwise."""
-    if cfg.service.http_port == 0 and os.environ.get("CHARLES_HTTP_EPHEMERAL") != "1":
-        cfg.service.http_port = http_port
-    return Service(name, cfg, instance, **kw)
 
 
 class Pacer:

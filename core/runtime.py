@@ -374,6 +374,14 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def agent_service(name: str, cfg: Config, instance: str, http_port: int, **kw: Any) -> Service:
+    """The Service of a process that runs outside compose and k8s (the agents, the sim agent): /metrics on
+    its own fixed ``http_port`` unless ``service.http_port`` says otherwise."""
+    if cfg.service.http_port == 0 and os.environ.get("CHARLES_HTTP_EPHEMERAL") != "1":
+        cfg.service.http_port = http_port
+    return Service(name, cfg, instance, **kw)
+
+
 def default_instance(name: str) -> str:
     """A stable id (the same across restarts, so consoles and last values are replaced, not multiplied).
 

@@ -19,7 +19,7 @@ Per frame::
 
 The model's input size and the ``sim``, ``unstuck`` and ``collector`` sections come from the run
 configuration the broker serves (as for collectors; ``--set`` wins). Actions pass the gamepad agent's own
-checks (:class:`~charles.agents.gamepad.GamepadAgent`: target, sender, order, clamping, dead-man release).
+checks (:class:`~charles.pad.GamepadAgent`: target, sender, order, clamping, dead-man release).
 
 ``--lockstep`` takes one frame per answered action, so the loop is frame -> player -> action -> next
 frame, as fast as the player answers (what a benchmark of the player's loop needs). The world's step and
@@ -52,8 +52,8 @@ import numpy as np
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.agents.gamepad import GamepadAgent, GamepadSettings
 from charles.drive.controls import clean_purpose, clean_speed, combine, wrap_angle
+from charles.pad import GamepadAgent, GamepadSettings
 from charles.proto import Frame, GameFrame
 from charles.proto.codec import Envelope
 from charles.runtime import Publisher, Service, Subscriber
@@ -383,8 +383,7 @@ class SimAgent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from charles.agents.common import agent_service
-    from charles.runtime import setup_logging
+    from charles.runtime import agent_service, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m charles.sim.agent", description=__doc__.split("\n\n")[0])
     config_mod.add_arguments(

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from charles.drive.past import History
-from charles.sim.config import UnstuckConfig
-from charles.sim.unstuck import Unstuck, UnstuckStep
+from charles.drive.unstuck import Unstuck, UnstuckConfig, UnstuckStep
 from charles.sim.world import SimWorld, StepInfo
 
 BRAKE = (0.0, -1.0)

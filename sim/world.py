@@ -17,12 +17,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from charles.drive.controls import wrap_angle
+from charles.drive.unstuck import Unstuck, UnstuckConfig
 from charles.sim import render
 from charles.sim.car import DT, Car
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.town import BUILDING, ROAD, WATER, Boxes, Town, build_town
-from charles.sim.unstuck import Unstuck
 
 CAR_COLORS = (
     (200, 30, 30),

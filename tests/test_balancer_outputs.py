@@ -18,10 +18,10 @@ from charles.balancer.balancer import (
     Balancer,
     _signal,
 )
-from charles.balancer.config import DELTA_BINS, BalancerConfig, help_lines
 from charles.balancer.synthetic import samples_from_labels
 from charles.outputs import BinIndex, OutputKind, OutputSpec, default_bins, parse_bins, signals_from
 from charles.proto.messages import Sample
+from charles.sections.balancer import DELTA_BINS, BalancerConfig, help_lines
 
 NEVER = 1e9
 

@@ -15,8 +15,9 @@ from charles.drive.frames import as_trainer_sees, fit_frame
 from charles.drive.past import FrameStack
 from charles.drive.samples import Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
+from charles.drive.unstuck import UnstuckConfig
 from charles.proto import Envelope, Frame, GameFrame
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 
 W, H = 96, 54
 SMALL = SimConfig(blocks=3, traffic=1)  # a small town builds in a fraction of a second

@@ -22,10 +22,10 @@ from charles.drive.controls import (
 from charles.drive.past import FrameStack, History
 from charles.drive.samples import Capture, SampleBuilder
 from charles.drive.shape import InputShape
+from charles.drive.unstuck import Phase
 from charles.player.decide import Decider
 from charles.player.gamepad import BRAKE_PAD
 from charles.sim.session import BRAKE
-from charles.sim.unstuck import Phase
 
 # ---------------------------------------------------------------------------------------------- controls
 

@@ -342,9 +342,9 @@ def test_dagger_skips_a_standing_car_the_expert_would_keep_standing(player, trai
 
 
 def test_remote_source_counts_game_frames_lost_on_the_way(client_factory):
-    from charles.player.config import PlayerConfig
     from charles.player.sources import RemoteSource
     from charles.proto import Envelope
+    from charles.sections.player import PlayerConfig
 
     class Sub:  # what the bus delivered, two batches
         def __init__(self) -> None:
@@ -377,9 +377,10 @@ def test_remote_source_counts_game_frames_lost_on_the_way(client_factory):
 
 @pytest.mark.parametrize("repaint", [False, True])
 def test_player_repaints_its_car_at_each_unstuck_only_when_asked(repaint):
-    from charles.player.config import PlayerConfig
+    from charles.drive.unstuck import UnstuckConfig
     from charles.player.sources import SimSource
-    from charles.sim.config import SimConfig, UnstuckConfig
+    from charles.sections.player import PlayerConfig
+    from charles.sim.config import SimConfig
 
     source = SimSource(
         PlayerConfig(realtime=False, repaint=repaint, seed=7),

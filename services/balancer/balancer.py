@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from charles.balancer.config import BalancerConfig
 from charles.outputs import OutputKind, OutputSpec
 from charles.proto.messages import Sample, SampleSet
+from charles.sections.balancer import BalancerConfig
 
 # Why a sample is refused (label_errors / rejected counter labels).
 REJECT_NAN = "nan"

@@ -22,13 +22,13 @@ from typing import Any
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.collector.config import CollectorConfig
 from charles.collector.sender import Sender
 from charles.collector.sources import Source
 from charles.drive.samples import TICK_HZ, Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
 from charles.proto import Console, Sample
 from charles.runtime import Publisher, Service
+from charles.sections.collector import CollectorConfig
 
 MAX_IDLE_WAIT_S = 0.1
 """Longest wait for a remote game's frame: SIGTERM only sets a flag, so the loop looks at it this often."""

@@ -27,11 +27,11 @@ import numpy as np
 
 from charles.drive.gym import action_pair, observation_parts
 from charles.drive.samples import TICK_HZ, Capture
+from charles.drive.unstuck import Phase, Unstuck, UnstuckConfig
 from charles.proto import GameFrame
 from charles.runtime import SeqGaps
-from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import WEATHERS, NpcConfig, SimConfig
 from charles.sim.session import BRAKE
-from charles.sim.unstuck import Phase, Unstuck
 
 WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
 """How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""

@@ -33,13 +33,13 @@ from charles.drive.samples import Encoder, Pending
 from charles.drive.shape import InputShape
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
-from charles.player.config import PlayerConfig
 from charles.player.console import ConsolePainter
 from charles.player.decide import Decider
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.player.sources import RemoteSource, SimSource, View
 from charles.player.swap import Swapper, WeightsFeed
 from charles.runtime import Publisher, Service
+from charles.sections.player import PlayerConfig
 
 REFRESH_S = 1.0
 """Rates, gauges and heartbeat info (the launcher's console redraws once a second)."""

@@ -30,17 +30,17 @@ import numpy as np
 
 from charles.drive.controls import clean_purpose, clean_speed
 from charles.drive.past import History
+from charles.drive.unstuck import Unstuck, UnstuckConfig, UnstuckStep
 from charles.model.config import ModelConfig
-from charles.player.config import PlayerConfig
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.proto import Action, GameFrame
 from charles.proto.frames import FrameError
 from charles.runtime import Publisher, RateLimitedLog, SeqGaps, Service, Subscriber
+from charles.sections.player import PlayerConfig
 from charles.sim.car import DT
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.session import BRAKE, DriveSession
-from charles.sim.unstuck import Unstuck, UnstuckStep
 from charles.sim.world import SimWorld
 
 log = logging.getLogger("charles.player")
