@@ -8,7 +8,9 @@ outputs with these modules, so there is one of each rule:
   history rows).
 - ``frames``   fitting a picture to the model's input (the one resize) and the codec round trip.
 - ``past``     the history ring (rows of the ticks *before* now) and the frame stack.
-- ``controls`` the wire's ranges, the one throttle/brake split and combination, the one angle wrap.
+- ``controls`` the wire's ranges, the one clamp, the one throttle/brake split and combination, the one
+  angle wrap.
+- ``unstuck``  Unstuck: when a car is stuck, and the recovery's phases (fade, teleport, settle, fade).
 - ``samples``  the tick rate, a tick as a source saw it (:class:`Capture`), the sample builder with its
   timing rule (a tick becomes history only after its own sample is built) and the sample encoder.
 - ``policy``   :class:`ModelPolicy`: weights in, controls out, on exactly the inputs the trainer saw.
