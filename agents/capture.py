@@ -6,7 +6,7 @@ it (the mod's autopilot, or a person's pad), and publishes:
 
 * **collect** mode: a :class:`~charles.proto.Sample` on ``sample.<id>`` (labels: the driver's steering and
   combined throttle/brake; speed; purpose; the history of the 60 ticks *before* this one; ``source`` npc or
-  human). Unstuck (``charles.sim.unstuck``, the same state machine as the sim collectors) watches the
+  human). Unstuck (``charles.drive.unstuck``, the same state machine as the sim collectors) watches the
   position; when it says teleport, the agent rebuilds the mod's scenario at a new location. No samples
   are sent while Unstuck recovers (the car is being moved, the labels mean nothing).
 * **play** mode: a :class:`~charles.proto.GameFrame` on ``game.<id>`` for the player (or a collector),
@@ -30,16 +30,14 @@ import math
 import random
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-import cv2
 import numpy as np
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.agents.common import Pacer, agent_service, check_bus, load_agent_config, setup
+from charles.agents.common import Pacer, agent_environ, check_bus, load_agent_config, setup
 from charles.agents.deepgtav import DeepGtavFeed, GameMessage, Scenario, Telemetry, dataset
 from charles.agents.devices import (
     WINDOWS,
@@ -50,13 +48,18 @@ from charles.agents.devices import (
     make_pad_reader,
 )
 from charles.config import knob
-from charles.proto import Frame, GameFrame, Sample
-from charles.proto.messages import HISTORY_FIELDS
-from charles.runtime import Service, run_main
+from charles.drive.controls import wrap_angle
+from charles.drive.frames import fit_frame
+from charles.drive.samples import Capture, Encoder, SampleBuilder
+from charles.drive.shape import InputShape
+from charles.proto import GameFrame, Sample
+from charles.runtime import Service, agent_service, run_main
 
 log = logging.getLogger("charles.capture_agent")
 
 SERVICE = "capture_agent"
+SECTION = "capture"
+"""This agent's own section of the configuration file (CaptureSettings)."""
 HTTP_PORT = 9110
 """/metrics and /healthz on the game PC (not in the registry: the agents run outside compose and k8s)."""
 MAP_BOX = (-2500.0, 2500.0, -2000.0, 6000.0)
@@ -138,7 +141,7 @@ class CaptureSettings:
     )
     unstuck: bool = knob(True, "Run Unstuck on the position and teleport through the mod when it says so")
     unstuck_config: dict = knob(
-        {}, "UnstuckConfig fields to change (charles.sim.config), e.g. {window_s: 10}"
+        {}, "UnstuckConfig fields to change (charles.drive.unstuck), e.g. {window_s: 10}"
     )
     forward_pad: bool = knob(
         True, "driver=human with the mod: send the pad as DeepGTAV commands (manual mode overrides the pad)"
@@ -163,7 +166,7 @@ class CaptureSettings:
                 raise ValueError(f"{name} must be [x, y] or empty")
         if any(not isinstance(p, list | tuple) or len(p) != 2 for p in self.spawn_points):
             raise ValueError("spawn_points must be a list of [x, y]")
-        from charles.sim.config import UnstuckConfig
+        from charles.drive.unstuck import UnstuckConfig
 
         try:
             UnstuckConfig(**self.unstuck_config)
@@ -171,49 +174,23 @@ class CaptureSettings:
             raise ValueError(f"unstuck_config: {e}") from None
 
 
-@dataclass(frozen=True)
-class ModelInput:
-    """What the model line needs from each sample."""
+def model_shape(svc: Service, s: CaptureSettings) -> InputShape | None:
+    """The model input from the settings, or from the run configuration the broker serves (retried).
 
-    width: int
-    height: int
-    history_length: int = 60
-    frames: int = 1
-    frame_stride: int = 1
-
-    @classmethod
-    def from_run_config(cls, served: dict) -> ModelInput:
-        from charles.sections import ModelSection
-
-        m = config_mod.from_dict(ModelSection, served.get("model") or {}, "model").resolve()
-        return cls(m.width, m.height, m.history_length, m.frames, m.frame_stride)
-
-
-def fetch_model_input(svc: Service, s: CaptureSettings) -> ModelInput | None:
-    """The model input from the settings, or from the run configuration the broker serves (retried)."""
+    None when stopped while waiting. History rows: what the model line reads (or ``history_length``).
+    """
     if s.width and s.height:
-        return ModelInput(s.width, s.height, s.history_length)
-    delay = 0.5
-    warned = False
-    while svc.running:
-        try:
-            mi = ModelInput.from_run_config(svc.fetch_config(SERVICE))
-            log.info(
-                f"model input {mi.width}x{mi.height}, history {mi.history_length}, frames {mi.frames} (from the broker)"
-            )
-            return mi
-        except (TimeoutError, RuntimeError) as e:
-            if not warned:
-                log.warning(f"waiting for the run configuration from the broker ({e}); retrying")
-                warned = True
-            svc.status = "waiting"
-            svc.stop_event.wait(delay)
-            delay = min(10.0, delay * 2)
-    return None
-
-
-def _wrap(a: float) -> float:
-    return (a + math.pi) % (2 * math.pi) - math.pi
+        return InputShape(s.width, s.height, history_rows=s.history_length)
+    run = svc.acquire_run_config(svc.cfg, environ=agent_environ(SECTION), role=SERVICE)
+    if run is None:
+        return None
+    m = run.model.resolve()
+    shape = InputShape.of(m, m.history_length)
+    log.info(
+        f"model input {shape.width}x{shape.height}, history {shape.history_rows}, frames {shape.frames} "
+        "(from the broker)"
+    )
+    return shape
 
 
 class MotionHeading:
@@ -248,14 +225,13 @@ class CaptureAgent:
         self,
         svc: Service,
         s: CaptureSettings,
-        model: ModelInput,
+        model: InputShape,
         *,
         grabber: Grabber | None = None,
         feed: DeepGtavFeed | None = None,
         pad: PadReader | None = None,
     ):
-        from charles.sim.config import UnstuckConfig
-        from charles.sim.unstuck import Unstuck
+        from charles.drive.unstuck import Unstuck, UnstuckConfig
 
         self.svc = svc
         self.s = s
@@ -269,9 +245,10 @@ class CaptureAgent:
         self.unstuck = Unstuck(UnstuckConfig(**s.unstuck_config)) if s.unstuck and feed is not None else None
         self.rng = random.Random(s.seed)
         self.heading = MotionHeading()
-        self.history = np.zeros((model.history_length, len(HISTORY_FIELDS)), np.float32)
-        self.previous: tuple[float, float] | None = None
-        self.past: deque[Frame] = deque(maxlen=max(0, (model.frames - 1) * model.frame_stride))
+        # collect mode: the collectors' sample builder and encoder, emitting from the first tick (the
+        # oldest picture stands in for past frames not seen yet, as the player drives)
+        self.builder = SampleBuilder(model, wait_for_stack=False)
+        self.encoder = Encoder(s.id, model, s.codec, s.quality)
         self.seq = 0
         self.frames = 0
         self.t0: float | None = None
@@ -358,7 +335,7 @@ class CaptureAgent:
             return 0.0, 0.0
         dx, dy = tgt[0] - pos[0], tgt[1] - pos[1]
         dist = min(1e7, math.hypot(dx, dy))
-        angle = 0.0 if heading is None else _wrap(math.atan2(dy, dx) - heading)
+        angle = 0.0 if heading is None else wrap_angle(math.atan2(dy, dx) - heading)
         return angle, dist
 
     def process(self, t: float, img: np.ndarray, msg: GameMessage | None) -> bool:
@@ -409,24 +386,12 @@ class CaptureAgent:
                 self.feed.teleport(where)  # type: ignore[union-attr]
                 self.heading = MotionHeading()
 
-        frame = None
-        if self.past.maxlen or self.s.mode == "play" or driving:
-            h, w = img.shape[:2]
-            small = (
-                img
-                if (w, h) == (self.model.width, self.model.height)
-                else cv2.resize(img, (self.model.width, self.model.height), interpolation=cv2.INTER_AREA)
-            )
-            frame = Frame.encode(np.ascontiguousarray(small), self.s.codec, self.s.quality)
-
-        sent = False
         if self.s.mode == "play":
-            assert frame is not None
-            msg_out = GameFrame(
+            msg_out: GameFrame | Sample | None = GameFrame(
                 source=self.s.id,
                 seq=self.seq,
                 game_time=game_time,
-                frame=frame,
+                frame=self.encoder.frame(img),
                 speed=speed,
                 position=pos,
                 heading=heading,
@@ -434,52 +399,25 @@ class CaptureAgent:
                 controls=controls,
                 recovering=not driving,
             )
-            sent = True
-        elif driving:
-            assert frame is not None
+        else:
             assert controls is not None
-            msg_out = Sample(
-                collector=self.s.id,
-                seq=self.seq,
-                game_time=game_time,
-                frame=frame,
-                steering=controls[0],
-                throttle_brake=controls[1],
-                speed=speed,
-                purpose=purpose,
-                history=self.history.copy() if len(self.history) else None,
-                stack=self._stack(frame),
-                previous=self.previous,
-                source=self.s.driver,
+            # fitted now: the stack keeps model-sized pictures, not screen grabs
+            small = (
+                fit_frame(img, self.model.width, self.model.height)
+                if driving or self.model.frames > 1
+                else None
             )
-            sent = True
-        if sent:
-            self.pub.send(self.topic, msg_out)
-            self.seq += 1
-            self.m_sent.labels(self.family).inc()
-            self.m_latency.observe(max(0.0, time.monotonic() - t))
-
-        # the history and the stack describe the past: they take this tick only after it was sent
-        if len(self.history):
-            st, tb = controls or (0.0, 0.0)
-            self.history[:-1] = self.history[1:]
-            self.history[-1] = (st, tb, speed, purpose[0], purpose[1])
-        self.previous = controls
-        if self.past.maxlen and frame is not None:
-            self.past.append(frame)
-        return sent
-
-    def _stack(self, current: Frame) -> list[Frame]:
-        """frames-1 past frames, frame_stride apart, oldest first (the oldest repeats until there are enough)."""
-        n, k = self.model.frames - 1, self.model.frame_stride
-        if n <= 0:
-            return []
-        past = list(self.past)
-        out = []
-        for i in range(n, 0, -1):
-            j = len(past) - i * k
-            out.append(past[max(0, j)] if past else current)
-        return out
+            pending = self.builder.push(
+                Capture(game_time, small, controls, controls, speed, purpose, driving, self.s.driver)
+            )
+            msg_out = self.encoder.sample(pending) if pending is not None else None
+        if msg_out is None:
+            return False
+        self.pub.send(self.topic, msg_out)
+        self.seq += 1
+        self.m_sent.labels(self.family).inc()
+        self.m_latency.observe(max(0.0, time.monotonic() - t))
+        return True
 
     def run(self) -> None:
         # 30Hz <- dxcam grab (or the mod's frames) + DeepGTAV telemetry -> sample.<id> | game.<id>
@@ -510,7 +448,7 @@ class CaptureAgent:
             self.pad.close()
 
 
-def make_feed(s: CaptureSettings, model: ModelInput) -> DeepGtavFeed:
+def make_feed(s: CaptureSettings, model: InputShape) -> DeepGtavFeed:
     if s.deepgtav_frame:
         frame = (int(s.deepgtav_frame[0]), int(s.deepgtav_frame[1]))
     elif s.frames == "deepgtav":
@@ -561,7 +499,7 @@ def build(
     svc: Service, s: CaptureSettings, *, grabber: Grabber | None = None, pad: PadReader | None = None
 ) -> CaptureAgent | None:
     """Wire the agent: model input (settings or broker), the mod's feed, the grabber, the pad."""
-    model = fetch_model_input(svc, s)
+    model = model_shape(svc, s)
     if model is None:
         return None
     if s.frames == "dxcam" and grabber is None:
@@ -579,15 +517,10 @@ def main(
     argv: list[str] | None = None, *, grabber: Grabber | None = None, pad: PadReader | None = None
 ) -> int:
     ap = argparse.ArgumentParser(prog="charles-capture-agent", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--config", help="YAML with bus/service sections and a capture section (default: $CHARLES_CONFIG)"
-    )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a setting (capture.fps=20, bus.host=...)",
+    config_mod.add_arguments(
+        ap,
+        "YAML with bus/service sections and a capture section (default: $CHARLES_CONFIG)",
+        "override a setting (capture.fps=20, bus.host=...)",
     )
     ap.add_argument("--id", help="agent id (capture.id)")
     ap.add_argument("--mode", choices=["collect", "play"], help="capture.mode")
@@ -604,7 +537,7 @@ def main(
     if args.broker:
         sets.append(f"bus.host={args.broker}")
     try:
-        cfg, s = load_agent_config("capture", CaptureSettings, args.config, sets)
+        cfg, s = load_agent_config(SECTION, CaptureSettings, args.config, sets)
         check_bus(cfg, s.require_secure, s.id)
     except (ValueError, OSError) as e:
         print(f"charles-capture-agent: configuration error: {e}", file=sys.stderr)

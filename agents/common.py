@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from charles import config as config_mod
-from charles.runtime import Service
 
 log = logging.getLogger("charles.agents")
 
@@ -40,6 +39,8 @@ def load_agent_config(
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.pop("CHARLES_CONFIG", None) or None
     environ.pop("CHARLES_CONFIG", None)
+    rest = agent_environ(section, environ)
+    mine = {k: v for k, v in environ.items() if k not in rest}  # CHARLES__<SECTION>__*: the agent's own
     data: dict = {}
     if path:
         p = Path(path)
@@ -53,10 +54,6 @@ def load_agent_config(
     if not isinstance(own, Mapping):
         raise config_mod.ConfigError(f"{section}: expected a section (a map), got {own!r}")
     own = dict(own)
-    prefix = f"{config_mod.ENV_PREFIX}{section.upper()}__"
-    mine = {k: v for k, v in environ.items() if k.startswith(prefix)}
-    for k in mine:
-        del environ[k]
     for k, v in config_mod.env_overrides(mine).get(section, {}).items():
         own[k] = v
     run_sets = []
@@ -68,9 +65,16 @@ def load_agent_config(
             own[key.strip()[len(section) + 1 :]] = yaml.safe_load(value) if value else ""
         else:
             run_sets.append(item)
-    cfg = config_mod.load(None, environ=environ, overrides=run_sets, data=data)
+    cfg = config_mod.load(None, environ=rest, overrides=run_sets, data=data)
     settings = config_mod.from_dict(cls, own, section)
     return cfg, settings
+
+
+def agent_environ(section: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without the agent's own ``CHARLES__<SECTION>__*`` variables: what the run
+    configuration reads (it knows no agent sections)."""
+    prefix = f"{config_mod.ENV_PREFIX}{section.upper()}__"
+    return {k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith(prefix)}
 
 
 def check_bus(cfg: config_mod.Config, require_secure: bool, default_key: str) -> None:
@@ -90,13 +94,6 @@ def check_bus(cfg: config_mod.Config, require_secure: bool, default_key: str) ->
                 raise config_mod.ConfigError(
                     f"{f} is missing: copy broker.key and {bus.client_key}.key_secret from `charles keys`"
                 )
-
-
-def agent_service(name: str, cfg: config_mod.Config, instance: str, http_port: int, **kw: Any) -> Service:
-    """The agent's Service; /metrics on ``http_port`` unless ``service.http_port`` says otherwise."""
-    if cfg.service.http_port == 0 and os.environ.get("CHARLES_HTTP_EPHEMERAL") != "1":
-        cfg.service.http_port = http_port
-    return Service(name, cfg, instance, **kw)
 
 
 class Pacer:

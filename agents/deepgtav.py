@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from charles.drive.controls import clamp, clean_control, combine
+
 log = logging.getLogger("charles.agents.deepgtav")
 
 DEFAULT_PORT = 8000
@@ -167,22 +169,15 @@ def commands_message(throttle: float, brake: float, steering: float) -> dict:
     """Driving commands (manual mode only); clamped: throttle, brake [0, 1], steering [-1, 1]."""
     return {
         "commands": {
-            "throttle": _clamp(throttle, 0.0, 1.0),
-            "brake": _clamp(brake, 0.0, 1.0),
-            "steering": _clamp(steering, -1.0, 1.0),
+            "throttle": clamp(throttle, 0.0, 1.0),
+            "brake": clamp(brake, 0.0, 1.0),
+            "steering": clamp(steering, -1.0, 1.0),
         }
     }
 
 
 def stop_message() -> dict:
     return {"stop": {}}
-
-
-def _clamp(v: float, lo: float, hi: float) -> float:
-    v = float(v)
-    if not math.isfinite(v):
-        return 0.0
-    return min(hi, max(lo, v))
 
 
 @dataclass(slots=True)
@@ -233,7 +228,7 @@ class Telemetry:
         """(steering, throttle_brake) clamped to [-1, 1], or None without all three pedals/wheel."""
         if self.steering is None or self.throttle is None or self.brake is None:
             return None
-        return _clamp(self.steering, -1.0, 1.0), _clamp(self.throttle - self.brake, -1.0, 1.0)
+        return clean_control(self.steering), combine(self.throttle, self.brake)
 
 
 @dataclass(slots=True)

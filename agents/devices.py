@@ -1,7 +1,7 @@
 """The operating-system boundary of the agents: screen capture, the physical pad, the virtual pad.
 
 Everything Windows-specific sits behind three small protocols so that the agents' logic runs, and is
-tested, on Linux with fakes: :class:`Grabber` (dxcam), :class:`PadReader` (XInput) and :class:`Pad`
+tested, on Linux with fakes: :class:`Grabber` (dxcam), :class:`PadReader` (XInput) and :class:`~charles.pad.Pad`
 (vgamepad). The real implementations import their library only when built, so importing this module never
 needs Windows.
 """
@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from charles.drive.controls import combine
+from charles.pad import Pad
 
 log = logging.getLogger("charles.agents.devices")
 
@@ -105,7 +108,7 @@ class PadState:
 
     @property
     def throttle_brake(self) -> float:
-        return max(-1.0, min(1.0, self.throttle - self.brake))
+        return combine(self.throttle, self.brake)
 
 
 class PadReader(Protocol):
@@ -195,20 +198,6 @@ def make_pad_reader(index: int = 0, deadzone: float = 0.0) -> PadReader:
 
 
 # ---------------------------------------------------------------------------------------------- virtual pad
-
-
-class Pad(Protocol):
-    """A virtual Xbox 360 pad: left stick x = steering, right trigger = throttle, left trigger = brake."""
-
-    def apply(self, steering: float, throttle: float, brake: float) -> None:
-        """Set all three (already clamped) and send the report."""
-        ...
-
-    def release(self) -> None:
-        """Centre the stick and let go of both triggers, now."""
-        ...
-
-    def close(self) -> None: ...
 
 
 class VgamepadPad:

@@ -21,8 +21,8 @@ import sys
 import time
 
 from charles.balancer.balancer import Balancer
-from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import RATE_HZ, samples_from_labels, synthetic_labels
+from charles.sections.balancer import BalancerConfig
 
 GOAL = 20_000
 

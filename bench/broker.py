@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from charles.proto import Frame, Sample, encode
+from charles.runtime import free_ports
 
 from _common import args, report
 
@@ -37,16 +38,6 @@ xsub.bind(f"tcp://127.0.0.1:{sys.argv[1]}"); xpub.bind(f"tcp://127.0.0.1:{sys.ar
 print("ready", flush=True)
 zmq.proxy(xsub, xpub)
 """
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start_middle(kind: str) -> tuple[subprocess.Popen, int, int]:

@@ -64,22 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from charles.runtime import free_ports  # noqa: E402
+
 from _common import report  # noqa: E402
 
 GAME_ID = "sim-bench"
 PLAYER_ID = "player-bench"
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def make_player(preset: str, device: str, console_hz: float = 5.0, threads: int = 1):

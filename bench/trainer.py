@@ -100,7 +100,7 @@ def batch_config(cfg, batch: int, **kw) -> BatchConfig:
 def step_rate(preset: str, size: tuple[int, int], batch: int, steps: int, repeats: int) -> float:
     """Images/s of the trainer's step on CPU for a ``charles.model`` preset at ``size`` (best block)."""
     from charles.model.presets import get_config
-    from charles.trainer.config import TrainerConfig
+    from charles.sections.trainer import TrainerConfig
     from charles.trainer.training import Trainer
 
     cfg = get_config(preset, height=size[0], width=size[1])
@@ -174,7 +174,7 @@ def part_b(args: argparse.Namespace) -> dict:
     import timm
 
     from charles.model.presets import get_config
-    from charles.trainer.config import TrainerConfig
+    from charles.sections.trainer import TrainerConfig
     from charles.trainer.training import Trainer
 
     cuda = dev.type == "cuda"

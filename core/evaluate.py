@@ -9,7 +9,7 @@ The sim (default): ``minutes`` of game time with Unstuck active (charles.sim.eva
 sim's extras (unstucks, collisions, water_entries, targets_reached, ticks, wall_s).
 
 Policies: ``npc`` (the autopilot, no noise unless ``--noise``), ``random``, ``constant``, and
-``weights:PATH``: a safetensors file driven through :class:`charles.collector.policy.ModelPolicy`, the
+``weights:PATH``: a safetensors file driven through :class:`charles.drive.policy.ModelPolicy`, the
 player's code path (the hood camera rendered at the model's resolution, through the collectors' codec,
 speed, purpose, its own past actions as history, the frame stack).
 
@@ -41,7 +41,7 @@ DEFAULT_EXPERT = "charles.sim.gym_env:npc_expert"
 
 def model_policy(spec: str, cfg: Any, device: str = "cpu") -> Any:
     """``weights:PATH`` -> ModelPolicy with the collectors' codec (what the trainer saw)."""
-    from charles.collector.policy import ModelPolicy
+    from charles.drive.policy import ModelPolicy
 
     path = spec.split(":", 1)[1]
     if not path:
@@ -74,7 +74,7 @@ def evaluate_sim(
 
 
 def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: str) -> Any:
-    from charles.collector.policy import GymPolicy
+    from charles.drive.policy import GymPolicy
     from charles.sim.evaluate import load_callable
 
     if policy == "npc":

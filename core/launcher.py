@@ -24,6 +24,7 @@ from pathlib import Path
 
 from charles.cli import help_text
 from charles.proto import registry
+from charles.runtime import free_ports
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
 """`make run`'s configuration when none is given: the repo's CPU demo (a checkout; an installed package has none)."""
@@ -49,16 +50,6 @@ def _built(service: str) -> bool:
         return importlib.util.find_spec(f"{module}.__main__") is not None
     except ModuleNotFoundError:
         return False
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _port_busy(port: int) -> bool:
@@ -135,8 +126,8 @@ class Launcher:
         reg = registry()
         if args.random_ports:
             names = list(reg.ports)
-            self.bus_ports = dict(zip(names, _free_ports(len(names)), strict=True))
-            http = _free_ports(len(self.procs))
+            self.bus_ports = dict(zip(names, free_ports(len(names)), strict=True))
+            http = free_ports(len(self.procs))
             self.http_ports = {p.name: port for p, port in zip(self.procs, http, strict=True)}
         else:
             self.bus_ports = dict(reg.ports)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from charles.drive.controls import signals
+
 
 class OutputKind(enum.StrEnum):
     """How one output is learned and decoded."""
@@ -213,14 +215,8 @@ class OutputSpec:
         )
 
 
-def signals_from(steering: float, throttle_brake: float) -> dict[str, float]:
-    """Every signal derived from the two a sample carries (throttle/brake split like GTA's triggers)."""
-    return {
-        "steering": steering,
-        "throttle_brake": throttle_brake,
-        "throttle": max(throttle_brake, 0.0),
-        "brake": max(-throttle_brake, 0.0),
-    }
+signals_from = signals
+"""Every signal derived from the two a sample carries: charles.drive.controls.signals, the one split."""
 
 
 # The seed's Balancing v1 bins.

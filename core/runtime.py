@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
@@ -360,6 +360,28 @@ def _load_curve_client(keys_dir: str, client_key: str) -> tuple[bytes, bytes, by
     return public, secret, server_public
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now (bound together, then released): tests, benches and
+    ``charles up --random-ports``. Another process may take one before it is used; callers that can
+    retry do."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def agent_service(name: str, cfg: Config, instance: str, http_port: int, **kw: Any) -> Service:
+    """The Service of a process that runs outside compose and k8s (the agents, the sim agent): /metrics on
+    its own fixed ``http_port`` unless ``service.http_port`` says otherwise."""
+    if cfg.service.http_port == 0 and os.environ.get("CHARLES_HTTP_EPHEMERAL") != "1":
+        cfg.service.http_port = http_port
+    return Service(name, cfg, instance, **kw)
+
+
 def default_instance(name: str) -> str:
     """A stable id (the same across restarts, so consoles and last values are replaced, not multiplied).
 
@@ -537,6 +559,32 @@ class Service:
                     f"{self.cfg.bus.connect_timeout_s:g}s (try {tries}: {error}); still trying"
                 )
         return None
+
+    def acquire_run_config(
+        self,
+        local: Config,
+        overrides: Sequence[str] = (),
+        environ: Mapping[str, str] | None = None,
+        role: str | None = None,
+    ) -> Config | None:
+        """The run configuration to work with: the broker's (:meth:`acquire_config`, retried) with this
+        process's own on top (:func:`charles.config.run_config`). None when stopped while waiting.
+
+        A configuration that does not fit this process (a bad value, a model line that does not resolve)
+        is logged and ends the process with exit status 2: retrying would only fail the same way.
+        """
+        from charles.config import run_config
+
+        served = self.acquire_config(role)
+        if served is None:
+            return None
+        try:
+            cfg = run_config(local, served, overrides, environ)
+            cfg.model.resolve()
+        except ValueError as e:
+            self.log.error(f"the run configuration does not fit this {role or self.name}: {e}")
+            raise SystemExit(2) from None
+        return cfg
 
     def snapshot(self, prefixes: Iterable[str], timeout_s: float = 2.0) -> list[Envelope]:
         """The broker's newest message of each last-value topic matching the prefixes."""

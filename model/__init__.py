@@ -12,6 +12,8 @@ Modules (flat):
 - ``predictor`` ``Predictor`` for the player
 
 Names are imported lazily, so ``from charles.model import ModelConfig`` does not pull in torch.
+
+Imports: core (charles.outputs); never a service, charles.sim or charles.agents.
 """
 
 from __future__ import annotations

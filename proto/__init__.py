@@ -1,4 +1,7 @@
-"""The wire contract: topics, message kinds, framing and validation (see proto/README.md)."""
+"""The wire contract: topics, message kinds, framing and validation (see proto/README.md).
+
+Imports: nothing of charles but itself: every other package may import it.
+"""
 
 from charles.proto.codec import REASONS, SCHEMA_VERSION, Envelope, ProtocolError, decode, encode
 from charles.proto.frames import Frame, FrameError

@@ -19,7 +19,7 @@ Per frame::
 
 The model's input size and the ``sim``, ``unstuck`` and ``collector`` sections come from the run
 configuration the broker serves (as for collectors; ``--set`` wins). Actions pass the gamepad agent's own
-checks (:class:`~charles.agents.gamepad.GamepadAgent`: target, sender, order, clamping, dead-man release).
+checks (:class:`~charles.pad.GamepadAgent`: target, sender, order, clamping, dead-man release).
 
 ``--lockstep`` takes one frame per answered action, so the loop is frame -> player -> action -> next
 frame, as fast as the player answers (what a benchmark of the player's loop needs). The world's step and
@@ -52,12 +52,13 @@ import numpy as np
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.agents.gamepad import GamepadAgent, GamepadSettings
+from charles.drive.controls import clean_purpose, clean_speed, combine, wrap_angle
+from charles.pad import GamepadAgent, GamepadSettings
 from charles.proto import Frame, GameFrame
 from charles.proto.codec import Envelope
 from charles.runtime import Publisher, Service, Subscriber, run_main
 from charles.sim.session import DriveSession
-from charles.sim.world import SimWorld, wrap_angle
+from charles.sim.world import SimWorld
 
 log = logging.getLogger("charles.sim_agent")
 
@@ -92,7 +93,7 @@ class SimPad:
     @property
     def action(self) -> tuple[float, float]:
         """(steering, throttle_brake): GTA's combined pedal is the right trigger minus the left."""
-        return self.steering, self.throttle - self.brake
+        return self.steering, combine(self.throttle, self.brake)
 
 
 class SimAgent:
@@ -242,10 +243,10 @@ class SimAgent:
             seq=self.seq,
             game_time=float(obs.game_time),
             frame=Frame.encode(obs.frame, self.codec, self.quality),
-            speed=min(200.0, max(0.0, float(obs.speed))),  # the wire's range (the sim's car can roll back)
+            speed=clean_speed(obs.speed),  # the wire's range (the sim's car can roll back)
             position=(float(p.x), float(p.y), 0.0),
             heading=wrap_angle(p.heading),
-            purpose=(wrap_angle(obs.purpose[0]), min(1e7, max(0.0, float(obs.purpose[1])))),
+            purpose=clean_purpose(obs.purpose),
             controls=self.executed,
             recovering=not obs.driving,  # Unstuck runs here: collectors and the player take its word
         )
@@ -382,19 +383,13 @@ class SimAgent:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from charles.agents.common import agent_service
-    from charles.runtime import setup_logging
+    from charles.runtime import agent_service, setup_logging
 
     ap = argparse.ArgumentParser(prog="python -m charles.sim.agent", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--config", help="run configuration file (default: $CHARLES_CONFIG); the broker's sections win"
-    )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a setting (wins over the broker's)",
+    config_mod.add_arguments(
+        ap,
+        "run configuration file (default: $CHARLES_CONFIG); the broker's sections win",
+        "override a setting (wins over the broker's)",
     )
     ap.add_argument(
         "--id", default=DEFAULT_ID, help=f"game id: game.<id> out, action.<id> in (default {DEFAULT_ID})"
@@ -447,14 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     agent = None
     try:
         svc.start_heartbeat()  # "waiting" on the consoles while the broker is not there yet
-        served = svc.acquire_config(SERVICE)
-        if served is None:
+        cfg = svc.acquire_run_config(local, args.set, role=SERVICE)
+        if cfg is None:
             return 0  # stopped while waiting
-        try:
-            cfg = config_mod.run_config(local, served, args.set)
-        except ValueError as e:
-            log.error(f"configuration error: {e}")
-            return 2
         agent = SimAgent(
             svc,
             cfg,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from charles.drive.controls import wrap_angle
 from charles.sim.town import Boxes, oriented_rect
 
 DT = 1.0 / 30.0
@@ -95,7 +96,7 @@ class Car:
         if v_new > 0.1 and abs(yaw) * v_new > grip:  # beyond the tyres' grip: understeer
             yaw = math.copysign(grip / v_new, yaw)
         heading = self.heading + yaw * dt
-        heading = (heading + math.pi) % (2 * math.pi) - math.pi
+        heading = wrap_angle(heading)
         x = self.x + v_new * math.cos(heading + beta) * dt
         y = self.y + v_new * math.sin(heading + beta) * dt
         return x, y, heading, v_new, wheel

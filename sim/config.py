@@ -1,4 +1,4 @@
-"""Typed settings of the built-in driving simulator, its NPC drivers and Unstuck.
+"""Typed settings of the built-in driving simulator and its NPC drivers (Unstuck's are charles.drive.unstuck's).
 
 Every field carries ``metadata={"help": ...}`` with one line that says what it is, in which unit and why
 its default was chosen, so the run configuration can fold these dataclasses in and print help from them.
@@ -107,26 +107,6 @@ class NpcConfig:
         lo, hi = self.noise_duration_s
         if not 0 < lo <= hi:
             raise ValueError("noise_duration_s must be (lo, hi) with 0 < lo <= hi")
-
-
-@dataclass
-class UnstuckConfig:
-    """When a car counts as stuck and how the recovery (fade, teleport, settle, fade) is paced."""
-
-    min_distance_m: float = _f(5.0, "The car must move at least this far (m) ...")
-    window_s: float = _f(10.0, "... within this many seconds of game time, or it is stuck.")
-    fade_out_s: float = _f(0.5, "Fade to black before the teleport (s), so viewers see a cut, not a jump.")
-    settle_s: float = _f(
-        1.0, "Wait after the teleport (s): a real game drops the car and streams the area in."
-    )
-    fade_in_s: float = _f(0.5, "Fade back in after settling (s).")
-    grace_s: float = _f(
-        2.0, "After resuming, the car gets this long (s) extra before the stuck clock can fire."
-    )
-
-    def __post_init__(self) -> None:
-        if self.min_distance_m <= 0 or self.window_s <= 0:
-            raise ValueError("min_distance_m and window_s must be > 0")
 
 
 def help_lines(cls: type) -> dict[str, str]:

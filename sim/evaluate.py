@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.drive.unstuck import UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.session import DriveSession
 from charles.sim.world import SimWorld

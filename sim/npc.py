@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from charles.drive.controls import wrap_angle
 from charles.sim import car as carmod
 from charles.sim.config import NpcConfig
 from charles.sim.town import LANE_STEP, ROAD, WATER, sample_curve
@@ -167,7 +168,7 @@ class Npc:
             0,
         )
         hd = np.arctan2(np.diff(pts[:, 1]), np.diff(pts[:, 0]))
-        turn = np.abs((np.diff(hd) + np.pi) % (2 * np.pi) - np.pi)
+        turn = np.abs(wrap_angle(np.diff(hd)))
         seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
         kappa = np.zeros(len(pts))
         kappa[1:-1] = turn / np.maximum(seg[1:], 0.2)

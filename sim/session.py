@@ -7,7 +7,7 @@ which is "stop predicting" for the player.
 
 The history the model line reads is kept here: one row per past tick of
 ``HISTORY_FIELDS = (steering, throttle_brake, speed, purpose_angle, purpose_distance)``, oldest first,
-never including the current tick. The actions in it are the *executed* ones: what the car really did,
+never including the current tick (charles.drive.past.History, the collectors' and the player's ring). The actions in it are the *executed* ones: what the car really did,
 which is what a model sees of its own past when it drives.
 """
 
@@ -17,12 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charles.sim.config import UnstuckConfig
-from charles.sim.unstuck import Unstuck, UnstuckStep
+from charles.drive.past import History
+from charles.drive.unstuck import Unstuck, UnstuckConfig, UnstuckStep
 from charles.sim.world import SimWorld, StepInfo
-
-HISTORY_FIELDS = ("steering", "throttle_brake", "speed", "purpose_angle", "purpose_distance")
-"""Columns of the history array (same order as charles.proto.messages.HISTORY_FIELDS)."""
 
 BRAKE = (0.0, -1.0)
 """What the car gets while Unstuck recovers: wheels straight, full brake."""
@@ -65,7 +62,7 @@ class DriveSession:
     ):
         self.world = world
         self.unstuck = unstuck if isinstance(unstuck, Unstuck) else Unstuck(unstuck)
-        self.history = np.zeros((max(0, history_len), len(HISTORY_FIELDS)), np.float32)
+        self.history = History(history_len)
         self.unstuck_on_water = unstuck_on_water
         """A car in water never drives out: do not wait the whole stuck window for it."""
         self.teleport_hooks: list = []
@@ -107,9 +104,7 @@ class DriveSession:
         w = self.world
         speed, (angle, dist) = w.speed, w.purpose()
         info = w.step(*act)
-        if len(self.history):
-            self.history[:-1] = self.history[1:]
-            self.history[-1] = (act[0], act[1], speed, angle, dist)
+        self.history.push(act, speed, (angle, dist))  # this tick is past now
         if info.in_water and self.unstuck_on_water:
             self.unstuck.trigger()
         tick = Tick(info, u, act, self._teleported)

@@ -16,12 +16,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from charles.drive.controls import wrap_angle
+from charles.drive.unstuck import Unstuck, UnstuckConfig
 from charles.sim import render
 from charles.sim.car import DT, Car
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.town import BUILDING, ROAD, WATER, Boxes, Town, build_town
-from charles.sim.unstuck import Unstuck
 
 CAR_COLORS = (
     (200, 30, 30),
@@ -55,11 +56,6 @@ MARKER = (255, 40, 210)
 
 # Random streams: one per purpose so, for example, rendering more frames never changes where a target lands.
 _TARGETS, _TELEPORT, _TRAFFIC, _LOOK, _PAINT, _DISPLACE = 1, 2, 3, 4, 5, 6
-
-
-def wrap_angle(a: float) -> float:
-    """An angle in [-pi, pi)."""
-    return (a + math.pi) % (2 * math.pi) - math.pi
 
 
 @dataclass

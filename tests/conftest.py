@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 from typing import NoReturn
 
 import pytest
+
+from charles.runtime import free_ports  # tests import it from here too
 
 os.environ.setdefault("CHARLES_HTTP_EPHEMERAL", "1")  # never collide with a running `make run`
 # One OpenMP thread per process: on a 2-core box spinning OpenMP workers of parallel test processes
@@ -34,18 +35,6 @@ def require_tool(*names: str, install: str) -> str:
         if path := shutil.which(name):
             return path
     missing_tool(f"{' or '.join(names)} is not installed; install it with {install}")
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture

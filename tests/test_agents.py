@@ -37,6 +37,7 @@ from charles.agents.deepgtav import (
     start_message,
 )
 from charles.agents.devices import PadState
+from charles.drive.shape import InputShape
 from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
@@ -529,7 +530,7 @@ def test_stacked_frames_are_past_frames_stride_apart_and_a_pad_alone_needs_no_mo
         agent = capture.CaptureAgent(
             svc,
             s,
-            capture.ModelInput(8, 4, 3, frames=3, frame_stride=2),
+            InputShape(8, 4, frames=3, frame_stride=2, history_rows=3),
             pad=FakePad(PadState(-0.5, 0.0, 1.0)),
         )
         sent: list = []

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from charles.balancer.balancer import Balancer
-from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import samples_from_labels
 from charles.outputs import default_bins
+from charles.sections.balancer import BalancerConfig
 
 # Coarse bins so that a few hundred random samples complete sets often enough to test their contents.
 COARSE = {

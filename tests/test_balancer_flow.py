@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from charles.balancer.balancer import EVICT_BIN_FULL, EVICT_TIMEOUT, Balancer
-from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import samples_from_labels, synthetic_labels
 from charles.outputs import BinIndex, default_bins
+from charles.sections.balancer import BalancerConfig
 
 NEVER = 1e9
 

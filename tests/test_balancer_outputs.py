@@ -18,7 +18,6 @@ from charles.balancer.balancer import (
     Balancer,
     _signal,
 )
-from charles.balancer.config import DELTA_BINS, BalancerConfig, help_lines
 from charles.balancer.synthetic import samples_from_labels
 from charles.outputs import (
     BinIndex,
@@ -30,6 +29,7 @@ from charles.outputs import (
     signals_from,
 )
 from charles.proto.messages import Sample
+from charles.sections.balancer import DELTA_BINS, BalancerConfig, help_lines
 
 NEVER = 1e9
 

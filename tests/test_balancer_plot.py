@@ -10,10 +10,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from charles.balancer.balancer import Balancer, BalancerStats
-from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
 from charles.balancer.plot import histogram_png, histograms, main, plot_histograms
 from charles.balancer.synthetic import samples_from_labels, synthetic_labels
+from charles.sections.balancer import BalancerConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 
 from charles.balancer.balancer import Balancer
-from charles.balancer.config import BalancerConfig
 from charles.balancer.plot import histogram_png
 from charles.balancer.plot import main as balance_plot
 from charles.balancer.service import BalancerService, set_topic
 from charles.outputs import BinIndex, OutputKind, OutputSpec, outputs_signature, parse_bins
 from charles.proto import Frame, Sample, SampleSet, encode
 from charles.runtime import SeqGaps
+from charles.sections.balancer import BalancerConfig
 
 from tests_support import counter_value, wait_for
 

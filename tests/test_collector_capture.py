@@ -1,4 +1,4 @@
-"""The collector's socket-free parts: sources, the sample builder, the encoder and the sender queue."""
+"""The collector's socket-free parts: sources, the sample builder and encoder (charles.drive), the sender queue."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from charles.collector.capture import (
-    Capture,
-    FrameStack,
-    SampleBuilder,
-    SampleShape,
-    as_trainer_sees,
-    fit_frame,
-)
-from charles.collector.sender import Encoder, Sender
+from charles.collector.sender import Sender
 from charles.collector.sources import GameSource, GymSource, SimSource, replica_seed, seeded_look
+from charles.drive.frames import as_trainer_sees, fit_frame
+from charles.drive.past import FrameStack
+from charles.drive.samples import Capture, Encoder, SampleBuilder
+from charles.drive.shape import InputShape
+from charles.drive.unstuck import UnstuckConfig
 from charles.proto import Envelope, Frame, GameFrame
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 
 W, H = 96, 54
 SMALL = SimConfig(blocks=3, traffic=1)  # a small town builds in a fraction of a second
@@ -45,7 +42,7 @@ def test_history_is_the_sims_own_record_and_never_holds_the_current_tick():
         unstuck=UnstuckConfig(window_s=3.0, min_distance_m=500.0),  # an Unstuck inside the run
         history_len=60,
     )
-    builder = SampleBuilder(SampleShape(W, H, history_rows=60))
+    builder = SampleBuilder(InputShape(W, H, history_rows=60))
     emitted = skipped = noisy = 0
     prev_executed = None
     for _ in range(240):
@@ -73,7 +70,7 @@ def test_history_is_the_sims_own_record_and_never_holds_the_current_tick():
 
 
 def test_stack_takes_past_frames_stride_apart_and_waits_until_full():
-    builder = SampleBuilder(SampleShape(W, H, frames=3, frame_stride=2, history_rows=4))
+    builder = SampleBuilder(InputShape(W, H, frames=3, frame_stride=2, history_rows=4))
     out = [builder.push(cap(t)) for t in range(8)]
     assert out[:4] == [None] * 4, "no sample before 4 past ticks exist"
     p = out[6]
@@ -94,7 +91,7 @@ def test_frame_stack_pads_with_the_oldest_it_has():
 
 
 def test_labels_and_telemetry_are_clamped_to_the_wires_ranges():
-    p = SampleBuilder(SampleShape(W, H, history_rows=0)).push(
+    p = SampleBuilder(InputShape(W, H, history_rows=0)).push(
         Capture(0.0, np.zeros((H, W, 3), np.uint8), (1.5, -3.0), (0.0, 0.0), -2.0, (7.0, -1.0))
     )
     assert p.label == (1.0, -1.0) and p.speed == 0.0 and p.history is None
@@ -114,7 +111,7 @@ def test_fit_and_the_trainers_view():
 
 
 def test_encoder_fits_encodes_each_stacked_frame_once_and_passes_matching_frames_through():
-    shape = SampleShape(W, H, frames=3, frame_stride=1, history_rows=8)
+    shape = InputShape(W, H, frames=3, frame_stride=1, history_rows=8)
     enc = Encoder("c1", shape, "jpeg", 90)
     builder = SampleBuilder(shape)
     big = [cap(t, image=np.full((2 * H, 2 * W, 3), 10 * t, np.uint8)) for t in range(6)]
@@ -139,7 +136,7 @@ def test_sender_never_blocks_and_counts_what_a_full_queue_drops():
         return True
 
     drops = []
-    shape = SampleShape(W, H, history_rows=0)
+    shape = InputShape(W, H, history_rows=0)
     sender = Sender(Encoder("c1", shape), publish, maxsize=2, on_drop=lambda: drops.append(1))
     sender.start()
     builder = SampleBuilder(shape)
@@ -234,7 +231,7 @@ def test_game_source_takes_no_sample_of_the_agents_recovery_and_counts_each_once
     for c in caps:
         if not c.driving:
             assert c.executed == c.label == (0.0, -1.0) and c.distance_m == 0.0 and c.image is not None
-    builder = SampleBuilder(SampleShape(W, H, history_rows=4))
+    builder = SampleBuilder(InputShape(W, H, history_rows=4))
     samples = [p for c in caps if (p := builder.push(c)) is not None]
     assert len(samples) == sum(c.driving for c in caps), "recovery frames are not training samples"
 
@@ -270,7 +267,7 @@ def test_gym_source_drives_the_env_with_the_expert():
         "Charles/Drive-v0", "charles.sim.gym_env:npc_expert", seed=1, env_kwargs={"max_steps": 40}
     )
     try:
-        builder = SampleBuilder(SampleShape(160, 90, history_rows=10))
+        builder = SampleBuilder(InputShape(160, 90, history_rows=10))
         caps = [src.next() for _ in range(60)]
         samples = [p for c in caps if (p := builder.push(c)) is not None]
     finally:
@@ -280,7 +277,7 @@ def test_gym_source_drives_the_env_with_the_expert():
     assert caps[0].image.shape == (54, 96, 3) and caps[0].image.dtype == np.uint8
     assert any(c.label[1] > 0 for c in caps) and all(c.label == c.executed for c in caps)
     assert samples[41].history[:-1].sum() == 0, "a new episode starts with an empty history"
-    enc = Encoder("gym", SampleShape(160, 90, history_rows=10)).sample(samples[5])
+    enc = Encoder("gym", InputShape(160, 90, history_rows=10)).sample(samples[5])
     assert enc.frame.shape == (90, 160, 3)
 
 

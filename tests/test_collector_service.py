@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from charles.collector.service import CollectorService, make_source, serve
 from charles.config import run_config
 from charles.proto import Frame, GameFrame
 
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, stop_by_sigterm, wait_for
 
 SMALL_SIM = {"blocks": 3, "traffic": 1}  # a town that builds in a fraction of a second
 
@@ -424,14 +423,7 @@ def test_collector_process_is_healthy_emits_and_stops_promptly_on_sigterm(broker
         assert all(e.msg.collector == "collector-smoke" and e.msg.frame.shape == (90, 160, 3) for _, e in got)
         wait_for(lambda: get("/state")["info"].get("samples", 0) > 0, 3, "heartbeat info not refreshed")
         assert {"samples", "sps", "unstucks", "km", "drops"} <= set(get("/state")["info"])
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
-        out = proc.stdout.read().decode()
-        assert rc == 0, out
-        # rc 0 already says it stopped by itself inside service.shutdown_s (the watchdog would exit 1);
-        # the wall clock adds interpreter teardown, slow on a loaded 2-core box
-        assert time.monotonic() - t0 < 10, out
+        out = stop_by_sigterm(proc)
         assert "sent" in out and "dropped" in out
     finally:
         if proc.poll() is None:

@@ -53,8 +53,8 @@ def test_weights_drive_through_the_players_code_path(capsys, tiny_weights):
 
 
 def test_model_policy_sees_what_the_trainer_sees(tiny_weights):
-    from charles.collector.capture import as_trainer_sees
-    from charles.collector.policy import ModelPolicy
+    from charles.drive.frames import as_trainer_sees
+    from charles.drive.policy import ModelPolicy
 
     path, cfg = tiny_weights
     policy = ModelPolicy.from_weights(path, codec="jpeg", quality=90)

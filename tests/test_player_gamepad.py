@@ -8,7 +8,8 @@ import pytest
 
 from charles.config import ConfigError
 from charles.config import load as load_config
-from charles.player.gamepad import BRAKE_PAD, Gamepad, combined, compensate, to_gamepad
+from charles.drive.controls import control_pair
+from charles.player.gamepad import BRAKE_PAD, Gamepad, compensate, to_gamepad
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,7 @@ DZ = {"steering": 0.2, "throttle": 0.1, "brake": 0.3}
 def test_outputs_to_pad_and_car(controls, pad, car):
     got = to_gamepad(controls, DZ)
     assert (got.steering, got.throttle, got.brake) == pytest.approx(pad)
-    assert combined(controls) == pytest.approx(car)
+    assert control_pair(controls) == pytest.approx(car)
 
 
 def test_brake_pad_and_dict():

@@ -11,7 +11,6 @@ import functools
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from charles.player.console import ConsolePainter, terminal_view
 from charles.player.service import PlayerMetrics, PlayerService
 from charles.proto import Frame, GameFrame, Weights
 
-from tests_support import counter_value, wait_for, weights_message
+from tests_support import counter_value, stop_by_sigterm, wait_for, weights_message
 
 torch.set_num_threads(1)
 
@@ -332,20 +331,20 @@ def test_dagger_skips_a_standing_car_the_expert_would_keep_standing(player, trai
     service.source.expert = lambda: ((0.0, -1.0), (0.0, -1.0)) if real() is not None else None
     samples = []
     deadline = time.monotonic() + 20
-    while (service.dagger_skipped < 5 or len(samples) < 5) and time.monotonic() < deadline:
+    while (service.decider.skipped < 5 or len(samples) < 5) and time.monotonic() < deadline:
         env = balancer.recv(100)
         if env is not None:
             samples.append(env.msg)
-    assert service.dagger_skipped >= 5, "the car never stood (it starts at rest)"
+    assert service.decider.skipped >= 5, "the car never stood (it starts at rest)"
     assert len(samples) >= 5, "the moving car's frames were not published"
     assert all(s.speed >= 0.5 for s in samples)  # every stand-still label published was a moving car's
-    assert service.state()["dagger_skipped"] == service.dagger_skipped
+    assert service.state()["dagger_skipped"] == service.decider.skipped
 
 
 def test_remote_source_counts_game_frames_lost_on_the_way(client_factory):
-    from charles.player.config import PlayerConfig
     from charles.player.sources import RemoteSource
     from charles.proto import Envelope
+    from charles.sections.player import PlayerConfig
 
     class Sub:  # what the bus delivered, two batches
         def __init__(self) -> None:
@@ -378,9 +377,10 @@ def test_remote_source_counts_game_frames_lost_on_the_way(client_factory):
 
 @pytest.mark.parametrize("repaint", [False, True])
 def test_player_repaints_its_car_at_each_unstuck_only_when_asked(repaint):
-    from charles.player.config import PlayerConfig
+    from charles.drive.unstuck import UnstuckConfig
     from charles.player.sources import SimSource
-    from charles.sim.config import SimConfig, UnstuckConfig
+    from charles.sections.player import PlayerConfig
+    from charles.sim.config import SimConfig
 
     source = SimSource(
         PlayerConfig(realtime=False, repaint=repaint, seed=7),
@@ -516,13 +516,7 @@ def test_player_process_drives_serves_health_and_stops_promptly_on_sigterm(broke
             text = r.read().decode()
         assert "charles_player_predictions_total" in text and "charles_player_weights_batch 42.0" in text
         assert get("/state")["instance"] == "player-smoke"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
-        assert rc == 0, proc.stdout.read().decode()
-        # rc 0 already says it stopped by itself inside service.shutdown_s (the watchdog would exit 1);
-        # the wall clock adds interpreter teardown, slow on a loaded 2-core box
-        assert time.monotonic() - t0 < 10
+        stop_by_sigterm(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

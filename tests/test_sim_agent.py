@@ -11,7 +11,6 @@ import collections
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from charles.runtime import Service
 from charles.sim.agent import SimAgent, SimPad
 
 from conftest import free_ports
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, stop_by_sigterm, wait_for
 
 GAME = "sim-t"
 RUN = {"model": {"preset": "tiny"}, "sim": {"seed": 3, "traffic": 0}}
@@ -385,13 +384,7 @@ def test_sim_agent_process_serves_health_and_stops_promptly_on_sigterm(broker):
         assert (
             'charles_agent_sent_total{kind="game"}' in text and "charles_agent_action_latency_seconds" in text
         )
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=10)
-        assert rc == 0, proc.stdout.read().decode()
-        # rc 0 already says it stopped by itself inside service.shutdown_s (the watchdog would exit 1);
-        # the wall clock adds interpreter teardown, slow on a loaded 2-core box
-        assert time.monotonic() - t0 < 10
+        stop_by_sigterm(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig, help_lines
+from charles.drive.unstuck import UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig, help_lines
 from charles.sim.evaluate import evaluate
 from charles.sim.session import DriveSession
 from charles.sim.world import SimWorld

@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charles.sim.config import UnstuckConfig
-from charles.sim.unstuck import Phase, Unstuck
+from charles.drive.unstuck import Phase, Unstuck, UnstuckConfig
 
 DT = 1 / 30
 CFG = UnstuckConfig(

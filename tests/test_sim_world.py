@@ -147,7 +147,7 @@ def test_step_is_one_thirtieth_of_a_second(world):
 
 
 def test_displace_turns_and_shifts_the_car_to_a_clear_pose_at_rest(world):
-    from charles.sim.world import wrap_angle
+    from charles.drive.controls import wrap_angle
 
     turns, offsets = [], []
     for _ in range(40):

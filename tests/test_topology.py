@@ -358,9 +358,9 @@ def test_listed_core_metrics_are_what_every_service_exposes():
 def test_listed_balancer_metrics_are_what_the_balancer_exposes():
     pytest.importorskip("charles.balancer.metrics")
     from charles.balancer.balancer import Balancer
-    from charles.balancer.config import BalancerConfig
     from charles.balancer.metrics import BalancerMetrics
     from charles.balancer.synthetic import samples_from_labels, synthetic_labels
+    from charles.sections.balancer import BalancerConfig
 
     b = Balancer(BalancerConfig(version=3, set_timeout_s=1.0))
     for k, s in enumerate(samples_from_labels(synthetic_labels(600, seed=1))):

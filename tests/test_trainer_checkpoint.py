@@ -16,10 +16,10 @@ import torch
 
 from charles import config
 from charles.model.net import torch_threads
+from charles.sections.trainer import TrainerConfig
 from charles.trainer import checkpoint as ck
 from charles.trainer.batches import BatchAssembler, BatchConfig
 from charles.trainer.buffers import BufferConfig, Buffers
-from charles.trainer.config import TrainerConfig
 from charles.trainer.console import LossHistory, heartbeat_info, render_lines
 from charles.trainer.models_list import main as models_main
 from charles.trainer.runs import RunError, find_run, newest_weights, open_run, versions

@@ -18,7 +18,7 @@ from charles.config import ConfigError
 from charles.model.net import build_model, torch_threads
 from charles.model.presets import get_config
 from charles.model.weights import read_weights
-from charles.trainer.config import TrainerConfig
+from charles.sections.trainer import TrainerConfig
 from charles.trainer.initial import fresh_start
 from charles.trainer.runs import open_run
 from charles.trainer.service import TrainerService

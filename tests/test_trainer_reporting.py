@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from charles.model.net import torch_threads
+from charles.sections.trainer import TrainerConfig
 from charles.trainer.checkpoint import CheckpointError
-from charles.trainer.config import TrainerConfig
 from charles.trainer.reporting import Deltas, Rates, Report, TensorBoardLog, TrainerMetrics
 from charles.trainer.resume import check_resumable, resume
 from charles.trainer.runs import RunDir, RunError, open_for_training, open_run

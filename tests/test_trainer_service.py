@@ -361,7 +361,7 @@ from charles.model.net import torch_threads
 from charles.model.presets import get_config
 from charles.trainer.batches import BatchAssembler, BatchConfig
 from charles.trainer.buffers import BufferConfig, Buffers
-from charles.trainer.config import TrainerConfig
+from charles.sections.trainer import TrainerConfig
 from charles.trainer.synthetic import make_sample, make_set
 from charles.trainer.training import Distributed, Trainer
 

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Callable
+
+
+def stop_by_sigterm(proc: subprocess.Popen, within_s: float = 10.0) -> str:
+    """SIGTERM a service's process and assert it exits 0 by itself within ``within_s``; returns its output.
+
+    rc 0 already says it stopped inside service.shutdown_s (the watchdog would exit 1); the wall clock
+    adds interpreter teardown, slow on a loaded 2-core box.
+    """
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=within_s)
+    out = proc.stdout.read().decode() if proc.stdout is not None else ""
+    assert rc == 0, out
+    assert time.monotonic() - t0 < within_s, out
+    return out
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -2,9 +2,11 @@
 
 The logic is socket-free (:class:`Balancer`); the service main wires it to ``sample.*`` in and ``set.*``
 out. Pictures (matplotlib) live in :mod:`charles.balancer.plot` and are imported only when drawn.
+
+Imports: core (its section is charles.sections.balancer) and charles.proto; no other service.
 """
 
 from charles.balancer.balancer import Balancer, BalancerStats, GroupStats
-from charles.balancer.config import BalancerConfig
+from charles.sections.balancer import BalancerConfig
 
 __all__ = ["Balancer", "BalancerConfig", "BalancerStats", "GroupStats"]

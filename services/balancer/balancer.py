@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from charles.balancer.config import BalancerConfig
 from charles.outputs import OutputKind, OutputSpec
 from charles.proto.messages import Sample, SampleSet
+from charles.sections.balancer import BalancerConfig
 
 # Why a sample is refused (label_errors / rejected counter labels).
 REJECT_NAN = "nan"
@@ -79,7 +79,7 @@ SET_FLUSHED = "flushed"
 SET_DROPPED = "dropped"
 SET_OUTCOMES = (SET_COMPLETE, SET_FLUSHED, SET_DROPPED)
 
-# Signal codes: which of a sample's two labels an output reads, and how (mirrors charles.outputs.signals_from,
+# Signal codes: which of a sample's two labels an output reads, and how (mirrors charles.drive.controls.signals,
 # inlined because building a dict per sample costs more than all the binning; a test keeps them in step).
 _STEERING, _THROTTLE_BRAKE, _THROTTLE, _BRAKE = range(4)
 _SIGNAL_CODE = {

@@ -27,9 +27,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from charles.balancer.balancer import Balancer, BalancerStats, run_stream
-from charles.balancer.config import BalancerConfig
 from charles.balancer.synthetic import RATE_HZ, load_labels, samples_from_labels, synthetic_labels, times
 from charles.cli import help_text
+from charles.sections.balancer import BalancerConfig
 
 RAW_COLOUR = "#8c8c8c"
 EMITTED_COLOUR = "#1f77b4"

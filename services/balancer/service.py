@@ -27,11 +27,11 @@ import numpy as np
 import prometheus_client as prom
 
 from charles.balancer.balancer import REJECT_NAN, REJECT_NO_BIN, REJECT_NO_PREVIOUS, Balancer, BalancerStats
-from charles.balancer.config import BalancerConfig
 from charles.balancer.metrics import BalancerMetrics
 from charles.outputs import OutputSpec, outputs_signature
 from charles.proto import Console, Envelope, Frame, Sample, SampleSet
 from charles.runtime import Publisher, SeqGaps, Service, Subscriber
+from charles.sections.balancer import BalancerConfig
 
 REFRESH_S = 1.0
 """Metrics snapshot, heartbeat info and sets/s window (the launcher console redraws once a second)."""

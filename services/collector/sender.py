@@ -16,61 +16,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
-
-from charles.collector.capture import Image, Pending, SampleShape, fit_frame
-from charles.proto import Frame, Sample
+from charles.drive.samples import Encoder, Pending
+from charles.proto import Sample
 
 log = logging.getLogger("charles.collector")
-
-
-class Encoder:
-    """Pending -> Sample: fit, encode, and remember the last few encoded frames for the stack."""
-
-    def __init__(self, collector: str, shape: SampleShape, codec: str = "jpeg", quality: int = 90):
-        self.collector = collector
-        self.shape = shape
-        self.codec = codec
-        self.quality = quality
-        self._cache: dict[int, Frame] = {}
-        self._keep = shape.span + 1
-
-    def frame(self, image: Image) -> Frame:
-        w, h = self.shape.width, self.shape.height
-        if isinstance(image, Frame):
-            if image.shape == (h, w, 3) and image.codec == self.codec:
-                return image  # already what the wire wants: pass the bytes through untouched
-            image = image.decode()
-        if image.ndim == 3 and image.shape[2] == 1:
-            image = np.repeat(image, 3, axis=2)
-        return Frame.encode(fit_frame(image, w, h), self.codec, self.quality)
-
-    def _cached(self, tick: int, image: Image) -> Frame:
-        f = self._cache.get(tick)
-        if f is None:
-            f = self._cache[tick] = self.frame(image)
-        return f
-
-    def sample(self, p: Pending) -> Sample:
-        stack = [self._cached(t, img) for t, img in p.stack]
-        frame = self._cached(p.tick, p.image) if self.shape.frames > 1 else self.frame(p.image)
-        if len(self._cache) > self._keep:
-            for t in sorted(self._cache)[: len(self._cache) - self._keep]:
-                del self._cache[t]
-        return Sample(
-            collector=self.collector,
-            seq=p.seq,
-            game_time=p.game_time,
-            frame=frame,
-            steering=p.label[0],
-            throttle_brake=p.label[1],
-            speed=p.speed,
-            purpose=p.purpose,
-            history=p.history,
-            stack=stack,
-            previous=p.previous,
-            source=p.source,
-        )
 
 
 class Sender:

@@ -22,11 +22,13 @@ from typing import Any
 import prometheus_client as prom
 
 from charles import config as config_mod
-from charles.collector.capture import TICK_HZ, Capture, SampleBuilder, SampleShape, Source
-from charles.collector.config import CollectorConfig
-from charles.collector.sender import Encoder, Sender
+from charles.collector.sender import Sender
+from charles.collector.sources import Source
+from charles.drive.samples import TICK_HZ, Capture, Encoder, SampleBuilder
+from charles.drive.shape import InputShape
 from charles.proto import Console, Sample
 from charles.runtime import Publisher, Service
+from charles.sections.collector import CollectorConfig
 
 MAX_IDLE_WAIT_S = 0.1
 """Longest wait for a remote game's frame: SIGTERM only sets a flag, so the loop looks at it this often."""
@@ -37,8 +39,8 @@ BEHIND_S = 0.5
 # ---------------------------------------------------------------------------------------------- config
 
 
-def sample_shape(cfg: config_mod.Config) -> SampleShape:
-    return SampleShape.of(cfg.model.resolve(), cfg.collector.history_rows)
+def sample_shape(cfg: config_mod.Config) -> InputShape:
+    return InputShape.of(cfg.model.resolve(), cfg.collector.history_rows)
 
 
 def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
@@ -85,14 +87,9 @@ def serve(
     """
     from charles.collector.sources import replica_seed
 
-    served = svc.acquire_config("collector")
-    if served is None:
+    cfg = svc.acquire_run_config(local, overrides, environ, role="collector")
+    if cfg is None:
         return  # stopped while waiting
-    try:
-        cfg = config_mod.run_config(local, served, overrides, environ)
-    except ValueError as e:
-        svc.log.error(f"the run configuration does not fit this collector: {e}")
-        raise SystemExit(2) from None
     seed = replica_seed(svc.instance, cfg.sim.seed) if seed is None else seed
     svc.log.info(
         f"run configuration from the broker: model {cfg.model.preset}, source {cfg.collector.source}, seed {seed}"

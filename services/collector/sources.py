@@ -1,6 +1,7 @@
 """Where a collector's driving comes from: the built-in sim, a remote game, any Gymnasium environment.
 
-Each is a :class:`~charles.collector.capture.Source`: one :class:`Capture` per 30 Hz tick of game time.
+Each is a :class:`Source`: one :class:`~charles.drive.samples.Capture` per 30 Hz tick of game time, which
+the collector's :class:`~charles.drive.samples.SampleBuilder` turns into samples.
 
 - :class:`SimSource` drives a SimWorld with the NPC through a DriveSession (Unstuck built in). The label
   is the NPC's corrective action, the car executes the noisy one (noise injection: recovery data).
@@ -20,21 +21,40 @@ import math
 import random
 import zlib
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from charles.collector.capture import TICK_HZ, Capture
+from charles.drive.gym import action_pair, observation_parts
+from charles.drive.samples import TICK_HZ, Capture
+from charles.drive.unstuck import Phase, Unstuck, UnstuckConfig
 from charles.proto import GameFrame
 from charles.runtime import SeqGaps
-from charles.sim.config import WEATHERS, NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import WEATHERS, NpcConfig, SimConfig
 from charles.sim.session import BRAKE
-from charles.sim.unstuck import Phase, Unstuck
 
 WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
 """How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""
 HOURS = (5.5, 21.5)
 """Range of the hour drawn per replica: dawn to late evening (a few night frames, mostly daylight)."""
+
+
+class Source(Protocol):
+    """Where driving comes from. ``next`` returns the next tick, or None when none came within timeout_s."""
+
+    name: str
+    """sim, game:<id>, gym:<env id> (heartbeat and console show it)."""
+    paced: bool
+    """True when ``next`` waits for the game's own clock (a remote game); False when the collector paces
+    it (sim, gym: as fast as the CPU allows, or to the wall clock with collector.realtime)."""
+
+    def next(self, timeout_s: float) -> Capture | None: ...
+
+    def info(self) -> dict:
+        """Small numbers and strings for the console (seed, weather, episodes...)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def replica_seed(instance: str, base: int = 0) -> int:
@@ -252,54 +272,6 @@ class GameSource:
 
 
 # ---------------------------------------------------------------------------------------------- gym
-
-
-def observation_image(obs: Any) -> np.ndarray:
-    """The picture in a Gymnasium observation: the array itself, or a dict's ``image`` (or first HxWx3)."""
-    if isinstance(obs, dict):
-        if "image" in obs:
-            return np.asarray(obs["image"])
-        for v in obs.values():
-            a = np.asarray(v)
-            if a.ndim == 3 and a.shape[2] in (1, 3):
-                return a
-        raise ValueError(f"observation dict {list(obs)} holds no HxWx3 image")
-    return np.asarray(obs)
-
-
-def as_rgb_uint8(img: np.ndarray) -> np.ndarray:
-    """uint8 RGB HxWx3 from whatever an environment renders (floats in [0, 1], grey, uint8)."""
-    if img.dtype != np.uint8:
-        scale = 255.0 if img.dtype.kind == "f" and float(np.nanmax(img, initial=0.0)) <= 1.0 else 1.0
-        img = np.clip(np.nan_to_num(img * scale), 0, 255).astype(np.uint8)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)  # the model line reads RGB
-    return np.ascontiguousarray(img)
-
-
-def action_pair(action: Any) -> tuple[float, float]:
-    """The first two action components as (steering, throttle_brake); a 1-D action drives at zero pedal."""
-    a = np.asarray(action, np.float64).reshape(-1)
-    return float(a[0]), float(a[1]) if len(a) > 1 else 0.0
-
-
-def observation_parts(obs: Any, info: dict) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """(RGB uint8 picture, speed m/s, purpose) of a Gymnasium step; speed and purpose from the observation
-    dict or the info (Charles/Drive-v0 has both), 0 where the environment has none."""
-    return as_rgb_uint8(observation_image(obs)), *_speed_purpose(obs, info)
-
-
-def _speed_purpose(obs: Any, info: dict) -> tuple[float, tuple[float, float]]:
-    speed = info.get("speed")
-    purpose = info.get("purpose")
-    if isinstance(obs, dict):
-        speed = obs.get("speed", speed)
-        purpose = obs.get("purpose", purpose)
-    s = float(np.asarray(speed).reshape(-1)[0]) if speed is not None else 0.0
-    p = np.asarray(purpose, np.float64).reshape(-1) if purpose is not None else np.zeros(2)
-    return s, (float(p[0]), float(p[1])) if len(p) >= 2 else (0.0, 0.0)
 
 
 class GymSource:

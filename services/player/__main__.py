@@ -37,15 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     def body(svc: Service) -> None:
         # the run's configuration from the broker, as collectors take it: the model line the trainer
         # trains is the one this player drives; --preset, --seed, --set and CHARLES__* still win
-        served = svc.acquire_config("player")
-        if served is None:
+        run = svc.acquire_run_config(cfg, overrides, role="player")
+        if run is None:
             return  # stopped while waiting
-        try:
-            run = config_mod.run_config(cfg, served, overrides)
-            model_cfg = run.model.resolve()
-        except ValueError as e:
-            svc.log.error(f"the run configuration does not fit this player: {e}")
-            raise SystemExit(2) from None
+        model_cfg = run.model.resolve()
         svc.cfg = run
         svc.log.info(f"run configuration from the broker: model {run.model.preset}")
 

@@ -3,8 +3,8 @@
 A game ignores a stick or trigger inside its dead zone: |x| < dz reads as 0 and dz..1 as 0..1. So a
 prediction x != 0 is sent as ``sign(x) * (dz + (1 - dz) * |x|)``, which the game reads back as x; an
 exact 0 stays 0 (centred stick, released trigger). Combined throttle/brake (GTA style: positive is
-throttle, negative is brake) splits over the two triggers; the seed's 3-output lines predict the two
-triggers directly.
+throttle, negative is brake) splits over the two triggers (charles.drive.controls.split); the seed's
+3-output lines predict the two triggers directly.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from charles.drive.controls import clamp, clean_control, split
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,34 +42,17 @@ def compensate(x: float, deadzone: float) -> float:
     return math.copysign(deadzone + (1.0 - deadzone) * mag, x)
 
 
-def combined(controls: Mapping[str, float]) -> tuple[float, float]:
-    """Decoded outputs -> (steering, throttle_brake) as the car (and the history) takes them."""
-    steering = float(controls.get("steering", 0.0))
-    if "throttle_brake" in controls:
-        tb = float(controls["throttle_brake"])
-    else:
-        tb = float(controls.get("throttle", 0.0)) - float(controls.get("brake", 0.0))
-    return _clip(steering, -1.0, 1.0), _clip(tb, -1.0, 1.0)
-
-
 def to_gamepad(controls: Mapping[str, float], deadzones: Mapping[str, float] | None = None) -> Gamepad:
     """Decoded outputs (steering and throttle_brake, or steering, throttle and brake) -> pad values."""
     dz = deadzones or {}
-    steering = _clip(float(controls.get("steering", 0.0)), -1.0, 1.0)
+    steering = clean_control(controls.get("steering", 0.0))
     if "throttle_brake" in controls:
-        tb = _clip(float(controls["throttle_brake"]), -1.0, 1.0)
-        throttle, brake = max(tb, 0.0), max(-tb, 0.0)
+        throttle, brake = split(clean_control(controls["throttle_brake"]))
     else:
-        throttle = _clip(float(controls.get("throttle", 0.0)), 0.0, 1.0)
-        brake = _clip(float(controls.get("brake", 0.0)), 0.0, 1.0)
+        throttle = clamp(controls.get("throttle", 0.0), 0.0, 1.0)
+        brake = clamp(controls.get("brake", 0.0), 0.0, 1.0)
     return Gamepad(
         compensate(steering, dz.get("steering", 0.0)),
         compensate(throttle, dz.get("throttle", 0.0)),
         compensate(brake, dz.get("brake", 0.0)),
     )
-
-
-def _clip(x: float, lo: float, hi: float) -> float:
-    if not math.isfinite(x):
-        return 0.0
-    return min(max(x, lo), hi)

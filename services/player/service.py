@@ -6,11 +6,11 @@ The loop (:meth:`PlayerService.step`, one frame each) is::
     #   -> action.<target> (remote), sample.<id> (dagger), console.<id> (<= console_hz)
     view = source.next()              # the picture, speed, purpose, history rows, Unstuck phase
     swapper.maybe_swap(view.driving)  # ready weights take over between frames, by policy
-    policy(view...)                   # the collectors' ModelPolicy: fit + codec round trip + stack, then
-                                      # Predictor.predict (inference mode) and decoding by output type;
-                                      # or the brake (Unstuck, no weights yet), or the NPC (before_weights)
-    to_gamepad(controls)              # gamepad values past the dead zones (the car takes steering, tb)
-    source.act(...)
+    decider.decide(view, predictor)   # decide.py's table: the brake (Unstuck, no weights yet), the NPC
+                                      # (before_weights), or charles.drive's ModelPolicy (fit + codec round
+                                      # trip + stack, Predictor.predict, decoding by output type), with
+                                      # gamepad values past the dead zones
+    source.act(...)                   # and, with dagger, the frame as a sample labelled by the NPC
 
 Threads: the loop owns the source, the predictors it drives and the sample publisher; the weights feed
 (swap.py) owns the weights socket and loads into the spare predictor; the console painter (console.py)
@@ -28,17 +28,18 @@ import numpy as np
 import prometheus_client as prom
 import torch
 
-from charles.collector.policy import ModelPolicy
+from charles.drive.policy import ModelPolicy
+from charles.drive.samples import Encoder, Pending
+from charles.drive.shape import InputShape
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
-from charles.player.config import PlayerConfig
 from charles.player.console import ConsolePainter
-from charles.player.gamepad import BRAKE_PAD, Gamepad, to_gamepad
+from charles.player.decide import Decider
+from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.player.sources import RemoteSource, SimSource, View
 from charles.player.swap import Swapper, WeightsFeed
-from charles.proto import Frame, Sample
 from charles.runtime import Publisher, Service
-from charles.sim.session import BRAKE
+from charles.sections.player import PlayerConfig
 
 REFRESH_S = 1.0
 """Rates, gauges and heartbeat info (the launcher's console redraws once a second)."""
@@ -53,10 +54,6 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-STANDSTILL_MPS = 0.5
-"""Below this speed the car stands (the NPC's own "stand still firmly" threshold)."""
 
 
 class PlayerMetrics:
@@ -161,13 +158,20 @@ class PlayerService:
             else None
         )
         self.sample_pub = sample_pub or (svc.publisher("sample") if config.dagger else None)
+        self.decider = Decider(
+            self.policy,
+            self.source,
+            before_weights=config.before_weights,
+            deadzones=config.deadzones,
+            dagger=self.sample_pub is not None,
+            skip_standstill=config.dagger_skip_standstill,
+        )
+        self.encoder = Encoder(svc.instance, InputShape.of(self.cfg, 0), self.codec, self.quality)
         self._loop_time = svc.metrics.loop.labels("player")
 
         self.frames = 0
         self.predictions = 0
         self.dagger_samples = 0
-        self.dagger_skipped = 0
-        """DAgger frames not published: the car stood and the expert would have stood on the brake."""
         self.recent: collections.deque[TickRecord] = collections.deque(maxlen=RECENT)
         self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.last_raw: dict[str, Any] = {}
@@ -211,42 +215,19 @@ class PlayerService:
         t0 = time.perf_counter()
         self.swapper.maybe_swap(view.driving)
         predictor = self.swapper.active
-        raw: dict[str, np.ndarray] | None = None
-        dagger_stack: list[np.ndarray] | None = None
-        if not view.driving:
-            self._status = f"unstuck: {view.unstuck.phase.value}"
-            self.policy.see(view.frame)  # the stacked past frames keep moving through the fades
-            action, pad = BRAKE, BRAKE_PAD
-        elif predictor is None:
-            self._status = "waiting for weights"
-            self.policy.see(view.frame)
-            expert = self.source.expert() if self.config.before_weights == "npc" else None
-            if expert is None:
-                self.source.hold_unstuck()  # standing on the brake on purpose is not being stuck
-                action, pad = BRAKE, BRAKE_PAD
-            else:
-                action = expert[1]
-                pad = to_gamepad({"steering": action[0], "throttle_brake": action[1]}, self.deadzones)
-        else:
-            self._status = "driving"
-            if self.sample_pub is not None and self.policy.stack.full:
-                dagger_stack = [img for _, img in self.policy.stack.past()]  # before this frame joins it
-            self.policy.predictor = predictor  # the swap, as the policy sees it: between two frames
-            action = self.policy(view.frame, view.speed, view.purpose, view.history, view.previous)
-            raw = self.policy.last_raw
-            pad = to_gamepad(self.policy.last_controls, self.deadzones)
+        decision = self.decider.decide(view, predictor)
+        self._status = decision.status
+        if decision.driver == "model":
             self.metrics.latency.observe(lat := time.perf_counter() - view.arrived)
             self.latencies.append(lat)
             self.predictions += 1
             self.metrics.predictions.inc()
-        label = self.source.expert()[0] if dagger_stack is not None else None
-        executed = self.source.act(action[0], action[1], pad)
+        label = self.decider.demonstration(view, decision)
+        executed = self.source.act(*decision.action, decision.pad)
         self.frames += 1
         if label is not None:
-            if self.config.dagger_skip_standstill and view.speed < STANDSTILL_MPS and label[1] <= -0.999:
-                self.dagger_skipped += 1  # stopped, and the expert would stay stopped: no demonstration
-            else:
-                self._publish_dagger(view, label, dagger_stack)
+            self._publish_dagger(view, label, decision.stack)
+        raw, pad = decision.raw, decision.pad
         if raw is not None:
             self.last_raw = raw
         self.last_pad = pad if view.driving else BRAKE_PAD
@@ -295,26 +276,26 @@ class PlayerService:
             self.metrics.batch.set(meta.batch)
         self.metrics.lag.set(self.swapper.lag)
 
-    def _publish_dagger(self, view: View, label: tuple[float, float], stack: list[np.ndarray]) -> None:
+    def _publish_dagger(self, view: View, label: tuple[float, float], stack: list[tuple[int, Any]]) -> None:
         """The frame the model just drove, labelled with what the NPC expert would have done (DAgger).
 
-        Made like a collector's sample: the picture through the collectors' codec, the history rows before
-        it, the previous executed action, and (stacked lines) the past pictures, only once the stack is full.
+        Made by the collectors' encoder: the picture through their codec, the history rows before it, the
+        previous executed action, and (stacked lines) the past pictures, only once the stack is full.
         """
-        sample = Sample(
-            collector=self.svc.instance,
+        pending = Pending(
             seq=self.dagger_samples,
+            tick=self.policy.tick,  # the tick this frame has in the policy's stack: encoded once
             game_time=view.game_time,
-            frame=Frame.encode(view.frame, self.codec, self.quality),
-            steering=float(label[0]),
-            throttle_brake=float(label[1]),
+            image=view.frame,
+            label=(float(label[0]), float(label[1])),
             speed=float(view.speed),
             purpose=(float(view.purpose[0]), float(view.purpose[1])),
             history=view.history if len(view.history) else None,
-            stack=[Frame.encode(img, self.codec, self.quality) for img in stack],
             previous=view.previous,
             source="dagger",
+            stack=stack,
         )
+        sample = self.encoder.sample(pending)
         assert self.sample_pub is not None
         if self.sample_pub.send(f"sample.{self.svc.instance}", sample):
             self.dagger_samples += 1
@@ -348,7 +329,7 @@ class PlayerService:
             info["model"] = meta.run
         if self.config.dagger:
             info["dagger_samples"] = self.dagger_samples
-            info["dagger_skipped"] = self.dagger_skipped
+            info["dagger_skipped"] = self.decider.skipped
         self.svc.info = info  # a new dict, never mutated: the heartbeat thread reads it
 
     def state(self) -> dict[str, Any]:
@@ -389,7 +370,7 @@ class PlayerService:
             state["weights_error"] = self.feed.last_error
         if self.config.dagger:
             state["dagger_samples"] = self.dagger_samples
-            state["dagger_skipped"] = self.dagger_skipped
+            state["dagger_skipped"] = self.decider.skipped
         return state
 
     def shutdown(self) -> None:

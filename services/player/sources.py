@@ -4,14 +4,14 @@ Per frame the drive loop calls ``next()`` (a :class:`View`: the picture and what
 it) and then ``act()`` with what it decided. What the model sees is made exactly as for training:
 
 - **pictures**: the sim renders the hood camera straight at the model's input size, as the collectors
-  do, and the collectors' :class:`~charles.collector.policy.ModelPolicy` (used by the service) passes it
+  do, and :class:`~charles.drive.policy.ModelPolicy` (used by the service) passes it
   through the collectors' codec and back: the pixels the trainer decoded. A capture agent in play mode
   already sends what it sends in collect mode (fitted to the model's size with INTER_AREA, through its
   codec), so a remote frame is only decoded (and fitted, should its size differ).
 - **history**: one row per *past* frame of (steering, throttle_brake, speed, purpose angle, purpose
   distance), oldest first, never the current frame; the actions are the executed ones (the brake while
   Unstuck recovers). The sim's :class:`~charles.sim.session.DriveSession` keeps it (the collectors' own
-  loop); the remote source keeps the same rows with the collectors' :class:`History`.
+  loop); the remote source keeps the same rows with :class:`~charles.drive.past.History`.
 - **Unstuck**: the sim's session runs it (and teleports). The remote source runs the same state machine
   on the telemetry (position, else speed) to stop predicting and brake while the car is recovered; the
   teleport itself is the capture agent's (its own Unstuck moves the car through the mod).
@@ -28,18 +28,19 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charles.collector.capture import History, clean_purpose, clean_speed
+from charles.drive.controls import clean_purpose, clean_speed
+from charles.drive.past import History
+from charles.drive.unstuck import Unstuck, UnstuckConfig, UnstuckStep
 from charles.model.config import ModelConfig
-from charles.player.config import PlayerConfig
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.proto import Action, GameFrame
 from charles.proto.frames import FrameError
 from charles.runtime import Publisher, RateLimitedLog, SeqGaps, Service, Subscriber
+from charles.sections.player import PlayerConfig
 from charles.sim.car import DT
-from charles.sim.config import NpcConfig, SimConfig, UnstuckConfig
+from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
 from charles.sim.session import BRAKE, DriveSession
-from charles.sim.unstuck import Unstuck, UnstuckStep
 from charles.sim.world import SimWorld
 
 log = logging.getLogger("charles.player")

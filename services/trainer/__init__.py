@@ -1,6 +1,6 @@
 """The trainer: balanced sets in, a model trained on them, checkpoints and weights for players out.
 
-One idea per module: ``config`` (the trainer section), ``buffers`` and ``storage`` (the sample pools and
+Its section (TrainerConfig, BufferConfig, StorageConfig) is charles.sections.trainer. One idea per module: ``buffers`` and ``storage`` (the sample pools and
 their on-disk mirror), ``batches`` (decoding and collating), ``training`` (the model, optimizer and
 torchrun), ``checkpoint`` and ``initial`` (what weights are saved and where a new run starts), ``runs``
 (run directories and which run a process trains), ``resume`` (where training continues), ``receiver``

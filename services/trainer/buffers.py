@@ -32,60 +32,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
 
 from charles.proto.frames import Frame
 from charles.proto.messages import Sample, SampleSet
-
-EVICTION_POLICIES = ("oldest", "random")
+from charles.sections.trainer import BufferConfig  # the trainer section's part: light, so config loads fast
 
 PIN_SLACK_BYTES = 4096
 """A view may sit in a buffer up to this much (plus its own size) larger than itself without a copy."""
-
-
-@dataclass
-class BufferConfig:
-    """How big the buffers are and when and how they give samples to training."""
-
-    capacity: int = field(
-        default=25_000, metadata={"help": "Samples per buffer (one buffer per balanced output)."}
-    )
-    start_fraction: float = field(
-        default=0.9, metadata={"help": "Every buffer must be at least this full before a batch is drawn."}
-    )
-    samples_per_insert: float = field(
-        default=1.0,
-        metadata={
-            "help": "Draws allowed per inserted sample: 1 consumes once, r>1 reuses each up to ceil(r) times."
-        },
-    )
-    eviction: str = field(default="oldest", metadata={"help": "What a full buffer drops: oldest or random."})
-    seed: int | None = field(default=None, metadata={"help": "Seed of the draw/eviction RNG (None: fresh)."})
-
-    def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError(f"buffer capacity must be at least 1, got {self.capacity}")
-        if not 0.0 < self.start_fraction <= 1.0:
-            raise ValueError(f"start_fraction must be in (0, 1], got {self.start_fraction}")
-        if not (math.isfinite(self.samples_per_insert) and self.samples_per_insert >= 1.0):
-            raise ValueError(
-                f"samples_per_insert must be a finite number >= 1, got {self.samples_per_insert}"
-            )
-        if self.eviction not in EVICTION_POLICIES:
-            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
-
-    @property
-    def max_uses(self) -> int:
-        """How many batches one sample may appear in before it leaves the buffer."""
-        return math.ceil(self.samples_per_insert)
-
-    @property
-    def start_size(self) -> int:
-        """Samples a buffer needs before training may draw from it."""
-        return max(1, math.ceil(self.start_fraction * self.capacity))
 
 
 @dataclass(slots=True)

@@ -46,7 +46,8 @@ import numpy as np
 
 from charles.proto.frames import Frame, FrameError
 from charles.proto.messages import HISTORY_FIELDS, Sample
-from charles.trainer.buffers import BufferConfig, Buffers, Entry
+from charles.sections.trainer import BufferConfig, StorageConfig
+from charles.trainer.buffers import Buffers, Entry
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +58,6 @@ _PREFIX = struct.Struct("<4sI")  # magic, header length
 MAX_HEADER = 1 << 20
 """A header longer than this is corrupt (a real one is a few hundred bytes)."""
 MAX_HISTORY_ROWS = 100_000
-SYNC_MODES = ("OFF", "NORMAL", "FULL")
-
-
-@dataclass
-class StorageConfig:
-    """Where and how the buffers are mirrored to disk."""
-
-    path: str = field(
-        default="data/trainer/buffers.sqlite3", metadata={"help": "SQLite file of the mirrored buffers."}
-    )
-    enabled: bool = field(
-        default=True,
-        metadata={"help": "Mirror the buffers to disk and refill from it on start (open_buffers)."},
-    )
-    queue_samples: int = field(
-        default=2048,
-        metadata={"help": "Samples waiting for the writer at most; more are dropped and counted."},
-    )
-    batch_samples: int = field(default=256, metadata={"help": "Samples written per transaction at most."})
-    synchronous: str = field(
-        default="NORMAL",
-        metadata={
-            "help": "SQLite synchronous: NORMAL survives kill -9 fully, FULL also fsyncs every commit."
-        },
-    )
-    mirror_removals: bool = field(
-        default=True,
-        metadata={"help": "Delete consumed samples on disk too, so a restart never retrains on them."},
-    )
-    page_size: int = field(
-        default=16384,
-        metadata={"help": "SQLite page size of a new store (25 KB frames: fewer overflow pages)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.queue_samples < 1 or self.batch_samples < 1:
-            raise ValueError("queue_samples and batch_samples must be at least 1")
-        self.synchronous = self.synchronous.upper()
-        if self.synchronous not in SYNC_MODES:
-            raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {self.synchronous!r}")
-        if self.page_size < 512 or self.page_size > 65536 or self.page_size & (self.page_size - 1):
-            raise ValueError(f"page_size must be a power of two in 512..65536, got {self.page_size}")
 
 
 class RecordError(ValueError):

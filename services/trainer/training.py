@@ -34,9 +34,9 @@ from charles.model.losses import compute_loss, compute_metrics
 from charles.model.net import build_model, optimize_for_device
 from charles.model.weights import save_weights, unwrap
 from charles.outputs import OutputKind
+from charles.sections.trainer import TrainerConfig
 from charles.trainer.batches import previous_of, targets_of
 from charles.trainer.checkpoint import LoadedCheckpoint, apply_checkpoint, save_checkpoint
-from charles.trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 

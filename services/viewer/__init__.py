@@ -5,4 +5,6 @@ Every service that wants to be seen publishes ``Console(service, state, images)`
 The viewer keeps the newest console of each instance (:mod:`charles.viewer.board`), serves the page,
 its JSON and the pictures (:mod:`charles.viewer.web`), and the page draws the six tiles in the browser.
 README.md beside this file is the contract: which keys and images each service sends.
+
+Imports: core and charles.proto; no other service.
 """

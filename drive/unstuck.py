@@ -12,9 +12,38 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from charles.sim.config import UnstuckConfig
+
+@dataclass
+class UnstuckConfig:
+    """When a car counts as stuck and how the recovery (fade, teleport, settle, fade) is paced."""
+
+    min_distance_m: float = field(
+        default=5.0, metadata={"help": "The car must move at least this far (m) ..."}
+    )
+    window_s: float = field(
+        default=10.0, metadata={"help": "... within this many seconds of game time, or it is stuck."}
+    )
+    fade_out_s: float = field(
+        default=0.5,
+        metadata={"help": "Fade to black before the teleport (s), so viewers see a cut, not a jump."},
+    )
+    settle_s: float = field(
+        default=1.0,
+        metadata={"help": "Wait after the teleport (s): a real game drops the car and streams the area in."},
+    )
+    fade_in_s: float = field(default=0.5, metadata={"help": "Fade back in after settling (s)."})
+    grace_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "After resuming, the car gets this long (s) extra before the stuck clock can fire."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_distance_m <= 0 or self.window_s <= 0:
+            raise ValueError("min_distance_m and window_s must be > 0")
 
 
 class Phase(enum.StrEnum):

@@ -4,7 +4,7 @@
 ``policy(frame, speed, purpose, history) -> (steering, throttle_brake)``. Per call it
 
 1. fits the frame to the model's resolution and passes it through the collectors' codec and back
-   (:func:`~charles.collector.capture.as_trainer_sees`): the pixels the model trained on;
+   (:func:`~charles.drive.frames.as_trainer_sees`): the pixels the model trained on;
 2. stacks ``frames - 1`` past frames ``frame_stride`` ticks apart (:class:`FrameStack`, as collectors do;
    before it has enough, the oldest it has stands in);
 3. takes ``previous`` = the last history row's action (what the car executed last tick: collectors send
@@ -30,36 +30,15 @@ For the player's loop (charles.sim.session.DriveSession or a remote game)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from charles.collector.capture import (
-    FrameStack,
-    History,
-    as_trainer_sees,
-    clean_control,
-    clean_purpose,
-    clean_speed,
-)
-from charles.collector.sources import observation_parts
-
-
-def control_pair(controls: Mapping[str, float]) -> tuple[float, float]:
-    """Decoded outputs -> (steering, throttle_brake); throttle and brake outputs combine as throttle - brake."""
-    st = float(controls.get("steering", 0.0))
-    if "throttle_brake" in controls:
-        tb = float(controls["throttle_brake"])
-    else:
-        tb = float(controls.get("throttle", 0.0)) - float(controls.get("brake", 0.0))
-    return clean_control(st), clean_control(tb)
-
-
-def previous_controls(previous: tuple[float, float]) -> dict[str, float]:
-    """The previous action under every output name a model may have (delta outputs add to it)."""
-    st, tb = previous
-    return {"steering": st, "throttle_brake": tb, "throttle": max(tb, 0.0), "brake": max(-tb, 0.0)}
+from charles.drive.controls import clean_control, clean_purpose, clean_speed, control_pair, signals
+from charles.drive.frames import as_trainer_sees
+from charles.drive.gym import observation_parts
+from charles.drive.past import FrameStack, History
 
 
 class ModelPolicy:
@@ -78,7 +57,8 @@ class ModelPolicy:
         """History rows a caller should keep (charles eval's DriveSession keeps this many)."""
         self.last_raw: dict[str, np.ndarray] = {}
         self.last_controls: dict[str, float] = {}
-        self._tick = 0
+        self.tick = 0
+        """Frames seen (driven or not): the key of each frame in the stack (a DAgger sample's tick)."""
 
     @classmethod
     def from_weights(
@@ -113,8 +93,7 @@ class ModelPolicy:
         img = self.prepare(frame) if frame is not None else None
         stack = None
         if cfg.frames > 1 and img is not None:
-            past = [im for _, im in self.stack.past()] or [img] * (cfg.frames - 1)
-            stack = np.stack(past)
+            stack = np.stack([im for _, im in self.stack.past((self.tick + 1, img))])
         history = np.asarray(history, np.float32)
         if previous is None:
             previous = (float(history[-1, 0]), float(history[-1, 1])) if len(history) else (0.0, 0.0)
@@ -128,7 +107,7 @@ class ModelPolicy:
             previous=previous,
         )
         self.last_raw = raw
-        self.last_controls = self.predictor.controls(raw, previous_controls(previous))
+        self.last_controls = self.predictor.controls(raw, signals(*previous))
         self._push(img)
         return control_pair(self.last_controls)
 
@@ -142,8 +121,8 @@ class ModelPolicy:
         self.stack.clear()
 
     def _push(self, img: np.ndarray | None) -> None:
-        self._tick += 1
-        self.stack.push(self._tick, img)
+        self.tick += 1
+        self.stack.push(self.tick, img)
 
 
 class GymPolicy:

@@ -11,13 +11,99 @@ Deliberately free of torch: every service imports the config sections.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from charles.config import knob
-from charles.trainer.buffers import BufferConfig
-from charles.trainer.storage import StorageConfig
+
+EVICTION_POLICIES = ("oldest", "random")
+SYNC_MODES = ("OFF", "NORMAL", "FULL")
+
+
+@dataclass
+class BufferConfig:
+    """How big the buffers are and when and how they give samples to training."""
+
+    capacity: int = field(
+        default=25_000, metadata={"help": "Samples per buffer (one buffer per balanced output)."}
+    )
+    start_fraction: float = field(
+        default=0.9, metadata={"help": "Every buffer must be at least this full before a batch is drawn."}
+    )
+    samples_per_insert: float = field(
+        default=1.0,
+        metadata={
+            "help": "Draws allowed per inserted sample: 1 consumes once, r>1 reuses each up to ceil(r) times."
+        },
+    )
+    eviction: str = field(default="oldest", metadata={"help": "What a full buffer drops: oldest or random."})
+    seed: int | None = field(default=None, metadata={"help": "Seed of the draw/eviction RNG (None: fresh)."})
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"buffer capacity must be at least 1, got {self.capacity}")
+        if not 0.0 < self.start_fraction <= 1.0:
+            raise ValueError(f"start_fraction must be in (0, 1], got {self.start_fraction}")
+        if not (math.isfinite(self.samples_per_insert) and self.samples_per_insert >= 1.0):
+            raise ValueError(
+                f"samples_per_insert must be a finite number >= 1, got {self.samples_per_insert}"
+            )
+        if self.eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
+
+    @property
+    def max_uses(self) -> int:
+        """How many batches one sample may appear in before it leaves the buffer."""
+        return math.ceil(self.samples_per_insert)
+
+    @property
+    def start_size(self) -> int:
+        """Samples a buffer needs before training may draw from it."""
+        return max(1, math.ceil(self.start_fraction * self.capacity))
+
+
+@dataclass
+class StorageConfig:
+    """Where and how the buffers are mirrored to disk."""
+
+    path: str = field(
+        default="data/trainer/buffers.sqlite3", metadata={"help": "SQLite file of the mirrored buffers."}
+    )
+    enabled: bool = field(
+        default=True,
+        metadata={"help": "Mirror the buffers to disk and refill from it on start (open_buffers)."},
+    )
+    queue_samples: int = field(
+        default=2048,
+        metadata={"help": "Samples waiting for the writer at most; more are dropped and counted."},
+    )
+    batch_samples: int = field(default=256, metadata={"help": "Samples written per transaction at most."})
+    synchronous: str = field(
+        default="NORMAL",
+        metadata={
+            "help": "SQLite synchronous: NORMAL survives kill -9 fully, FULL also fsyncs every commit."
+        },
+    )
+    mirror_removals: bool = field(
+        default=True,
+        metadata={"help": "Delete consumed samples on disk too, so a restart never retrains on them."},
+    )
+    page_size: int = field(
+        default=16384,
+        metadata={"help": "SQLite page size of a new store (25 KB frames: fewer overflow pages)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.queue_samples < 1 or self.batch_samples < 1:
+            raise ValueError("queue_samples and batch_samples must be at least 1")
+        self.synchronous = self.synchronous.upper()
+        if self.synchronous not in SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {self.synchronous!r}")
+        if self.page_size < 512 or self.page_size > 65536 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two in 512..65536, got {self.page_size}")
+
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "step")

@@ -1,18 +1,30 @@
-"""Registers the typed configuration sections of the services with charles.config.
+"""The typed sections of the run configuration, and the one place that registers them with charles.config.
 
-Each service package keeps its config dataclass next to its logic; this module is the one place that
-folds them into the run configuration (so `charles config show` and the broker's config service see all).
-The ``model`` section lives here because every service reads it: collectors need the model line's
-inputs (resolution, stacked frames, history length), the trainer builds it, the player runs it.
+What lives here: every service's section as a plain dataclass (``collector``, ``balancer``, ``trainer``
+with its buffers and storage, ``player``) and the ``model`` section every service reads (collectors need
+the model line's inputs, the trainer builds it, the player runs it); the sim's own sections (``sim``,
+``npc``, ``unstuck``) stay in charles.sim.config beside the sim.
+
+Why here and not beside each service: loading any configuration (`charles config show`, the broker's
+config service, a checkpoint's saved config, every process at start) needs every section, and core
+imports no service (tests/test_architecture.py). The sections are light (dataclasses and their checks);
+the services import their own section from here.
+
+Imports: charles.config, charles.outputs (the balancer's bins), charles.sim.config; charles.model lazily.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from charles.config import ConfigError, knob, register_section
+from charles.drive.unstuck import UnstuckConfig
+from charles.sections.balancer import BalancerConfig
+from charles.sections.collector import CollectorConfig
+from charles.sections.player import PlayerConfig
+from charles.sections.trainer import TrainerConfig
+from charles.sim.config import NpcConfig, SimConfig
 
 
 @dataclass
@@ -52,19 +64,17 @@ class ModelSection:
             raise ConfigError(f"model.overrides: {e}") from None
 
 
-register_section("model", ModelSection)
-
-# section name -> "module:DataclassName" of the sections kept beside their service's logic.
-_SECTIONS: dict[str, str] = {
-    "balancer": "charles.balancer.config:BalancerConfig",
-    "trainer": "charles.trainer.config:TrainerConfig",
-    "collector": "charles.collector.config:CollectorConfig",
-    "sim": "charles.sim.config:SimConfig",
-    "npc": "charles.sim.config:NpcConfig",
-    "unstuck": "charles.sim.config:UnstuckConfig",
-    "player": "charles.player.config:PlayerConfig",
+_SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "balancer": BalancerConfig,
+    "trainer": TrainerConfig,
+    "collector": CollectorConfig,
+    "sim": SimConfig,
+    "npc": NpcConfig,
+    "unstuck": UnstuckConfig,
+    "player": PlayerConfig,
 }
+"""Section name -> its dataclass, in the order `charles config show` lists them."""
 
-for _name, _target in _SECTIONS.items():
-    _mod, _cls = _target.split(":")
-    register_section(_name, getattr(importlib.import_module(_mod), _cls))
+for _name, _cls in _SECTIONS.items():
+    register_section(_name, _cls)
