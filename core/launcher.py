@@ -166,6 +166,8 @@ class Launcher:
         _write_json(self.logs_dir / "ports.json", ports)
         if skipped:
             print(f"  not built yet, skipped: {', '.join(skipped)}", flush=True)
+        for line in self.where_to_watch():
+            print(f"  {line}", flush=True)
         for p in self.procs:
             self.start(p)
             if p.service == "broker":
@@ -185,6 +187,24 @@ class Launcher:
             console.close()
             self.stop_all()
         return 0
+
+    def watch_url(self) -> str | None:
+        """The stream page's address (the viewer serves it on its HTTP port), if a viewer runs."""
+        port = next((self.http_ports[p.name] for p in self.procs if p.service == "viewer"), None)
+        return None if port is None else f"http://127.0.0.1:{port}"
+
+    def where_to_watch(self) -> list[str]:
+        """What a newcomer reads first: where to look, and what to expect when (the CPU demo's figures)."""
+        lines = []
+        if url := self.watch_url():
+            lines.append(f"watch the car learn: {url}  (cameras, Convcam, consoles, loss)")
+        run_dir = Path(self.args.run_dir)
+        lines.append(f"loss curves: tensorboard --logdir {run_dir}  (then http://127.0.0.1:6006)")
+        lines.append(
+            "expect: samples at once; the first trained weights at the player (its console's model_batch) "
+            "in about 1-2 minutes; how well it drives: make bench-e2e"
+        )
+        return lines
 
     def _supervise(self) -> None:
         now = time.monotonic()
@@ -220,6 +240,11 @@ class Launcher:
                 print(f"charles up: {p.name} did not stop in {timeout:.0f}s; killing it", flush=True)
                 p.popen.kill()
                 p.popen.wait()
+        for p in alive:
+            if p.popen.returncode != 0:  # a clean stop is status 0; the logs say what went wrong
+                print(
+                    f"charles up: {p.name} stopped with status {p.popen.returncode} — see {p.log}", flush=True
+                )
         print("charles up: all stopped", flush=True)
 
 

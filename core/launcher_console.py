@@ -92,8 +92,11 @@ class Console:
     def draw(self, now: float) -> None:
         rows = self.rows(now)
         elapsed = now - self.started
+        url = self.launcher.watch_url() if hasattr(self.launcher, "watch_url") else None
+        watch = f" — watch: {url}" if url else ""
         head = (
-            f"Charles — {len(rows)} processes — {int(elapsed // 60)}m{int(elapsed % 60):02d}s — Ctrl-C stops"
+            f"Charles — {len(rows)} processes — {int(elapsed // 60)}m{int(elapsed % 60):02d}s{watch} — "
+            "Ctrl-C stops"
         )
         if self.tty:
             width = os.get_terminal_size().columns if sys.stdout.isatty() else 120

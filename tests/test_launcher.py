@@ -192,6 +192,9 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
             prom.wait(10)
     assert launcher.returncode == 0, out
     assert "all stopped" in out
+    assert "stopped with status" not in out, f"a child did not stop cleanly on Ctrl-C:\n{out}"
+    # the first thing a newcomer needs: where to watch
+    assert f"watch the car learn: http://127.0.0.1:{reg.services['viewer'].http_port}" in out
     left = [name for name, pid in json.loads((logs / "pids.json").read_text()).items() if _alive(pid)]
     assert not left, f"left running after the launcher stopped: {left}"
     if prometheus is None:  # the rest ran and passed; the skip says which part did not
