@@ -8,8 +8,12 @@ Who may drive, in layers:
 
 1. the bus: with ``bus.secure`` every socket is a CURVE client of the broker's secure endpoints, and the
    broker lets in only keys in its ``allowed/`` folder (a player or agent without one never reaches us);
-2. the sender: the envelope's ``sender`` must be in ``allowed_senders`` (the player instance ids), else
-   the action is rejected (``charles_rejects_total{reason="sender_not_allowed"}``);
+2. the sender: the envelope's ``sender`` must be vouched for by an entry of ``allowed_senders`` (the
+   player's CURVE key name, e.g. ``player``, which covers its instances ``player-<host>``), else the action
+   is rejected (``charles_rejects_total{reason="sender_not_allowed"}``). The broker vouches for it: on its
+   secure side a key may send only as its own name (``spoofed_sender``) and only a ``player`` key may send
+   actions (``forbidden_topic``). With the broker's plain ports closed (``broker.plain: false``) or
+   unreachable, every sender is such a key, so the allow-list names keys, not what a peer writes;
 3. the order: per sender, a ``seq`` not above the last applied one is stale and dropped
    (``charles_drops_total{cause="stale_seq"}``); a sender silent for ``resync_s`` may start again from
    any seq (a restarted player counts from 0).
@@ -35,6 +39,7 @@ from charles.agents.devices import Pad, make_pad
 from charles.config import knob
 from charles.proto import Action
 from charles.proto.codec import Envelope
+from charles.proto.registry import vouches
 from charles.runtime import Service
 
 log = logging.getLogger("charles.gamepad_agent")
@@ -54,7 +59,9 @@ class GamepadSettings:
         "gamepad-agent", "Agent id: subscribes to action.<id>; heartbeat.<id>; default CURVE key name"
     )
     allowed_senders: list = knob(
-        [], "Player instance ids allowed to drive (the envelope's sender); ['*'] = any authenticated"
+        [],
+        "Who may drive: player CURVE key names (a key vouches for its name and <name>-<instance>; the broker "
+        "refuses a sender its key does not vouch for) or instance ids; ['*'] = any authenticated player",
     )
     broadcast: bool = knob(False, "Also apply actions with an empty target sent on any action topic")
     deadman_s: float = knob(
@@ -126,7 +133,7 @@ class GamepadAgent:
         if not self.for_me(env):
             self.svc.metrics.drops.labels(cause="other_target").inc()
             return False
-        if not self.allow_any and env.sender not in self.allowed:
+        if not self.allow_any and not any(vouches(a, env.sender) for a in self.allowed):
             self.svc.reject(
                 "sender_not_allowed", f"action from {env.sender[:64]!r}, not in gamepad.allowed_senders"
             )

@@ -233,6 +233,7 @@ class _CappedHttpServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on live connections: 300 idle half-requests were 300 threads."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of connections is accepted (and refused) fast
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -247,6 +248,11 @@ class _CappedHttpServer(ThreadingHTTPServer):
                 svc.metrics.rejects.labels(reason="http_busy").inc()
             return False  # socketserver closes it
         return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return  # a client that went away (or never finished): nothing to print a traceback about
+        super().handle_error(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
