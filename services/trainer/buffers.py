@@ -61,12 +61,22 @@ class BufferConfig:
             "help": "Draws allowed per inserted sample: 1 consumes once, r>1 reuses each up to ceil(r) times."
         },
     )
+    max_bytes: int = field(
+        default=8 << 30,
+        metadata={
+            "help": "Bytes per buffer (frames and stacks as they arrive): past it the buffer evicts as when "
+            "full, counted (drops{cause=buffer_bytes}); a buffer this close to full (start_fraction) may start "
+            "training too. Sets of 8 MB samples must not fill memory before capacity is reached."
+        },
+    )
     eviction: str = field(default="oldest", metadata={"help": "What a full buffer drops: oldest or random."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the draw/eviction RNG (None: fresh)."})
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1, got {self.capacity}")
+        if self.max_bytes < 1:
+            raise ValueError(f"buffer max_bytes must be at least 1, got {self.max_bytes}")
         if not 0.0 < self.start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in (0, 1], got {self.start_fraction}")
         if not (math.isfinite(self.samples_per_insert) and self.samples_per_insert >= 1.0):
@@ -174,6 +184,8 @@ class SampleBuffer:
         self.drawn = 0
         self.reused = 0
         self.evicted = 0
+        self.evicted_bytes = 0
+        """Evicted to stay within max_bytes (``evicted`` counts those over capacity)."""
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -185,18 +197,27 @@ class SampleBuffer:
         return self.config.samples_per_insert * self.inserted - self.drawn
 
     def can_draw(self, n: int) -> bool:
-        return len(self) >= max(self.config.start_size, n) and self.credit >= n
+        # full enough in samples, or in bytes (big frames reach the byte budget first: never a dead end)
+        full = (
+            len(self) >= self.config.start_size
+            or self.nbytes >= self.config.start_fraction * self.config.max_bytes
+        )
+        return full and len(self) >= n and self.credit >= n
 
-    def add(self, entry: Entry) -> Entry | None:
-        """Insert one entry; returns the entry evicted to make room, if any."""
-        evicted = None
+    def _victim(self) -> int:
+        if self.config.eviction == "oldest":
+            return next(iter(self._entries))
+        return self._keys[self._rng.randrange(len(self._keys))]
+
+    def add(self, entry: Entry) -> list[Entry]:
+        """Insert one entry; returns the entries evicted to make room (samples, then bytes)."""
+        evicted = []
         if len(self) >= self.config.capacity:
-            if self.config.eviction == "oldest":
-                victim = next(iter(self._entries))
-            else:
-                victim = self._keys[self._rng.randrange(len(self._keys))]
-            evicted = self._remove(victim)
+            evicted.append(self._remove(self._victim()))
             self.evicted += 1
+        while self._keys and self.nbytes + entry.nbytes > self.config.max_bytes:
+            evicted.append(self._remove(self._victim()))
+            self.evicted_bytes += 1
         self._entries[entry.key] = entry
         self._pos[entry.key] = len(self._keys)
         self._keys.append(entry.key)
@@ -245,6 +266,7 @@ class SampleBuffer:
             "drawn": self.drawn,
             "reused": self.reused,
             "evicted": self.evicted,
+            "evicted_bytes": self.evicted_bytes,
             "consumed": self.consumed,
         }
 
@@ -347,7 +369,7 @@ class Buffers:
 
     def _insert(self, name: str, entries: list[Entry], notify: bool) -> None:
         buf = self.buffers[name]
-        evicted = [e.key for e in (buf.add(entry) for entry in entries) if e is not None]
+        evicted = [e.key for entry in entries for e in buf.add(entry)]
         if self.observer is not None:
             if notify and entries:
                 self.observer.on_insert(name, entries)

@@ -549,7 +549,10 @@ class TrainerService:
 
     def _count_drops(self, stats: dict) -> None:
         """Buffer evictions and storage queue overflows as ``charles_drops_total{cause}`` (deltas)."""
-        totals = {"buffer_evicted": sum(s["evicted"] for s in stats["buffers"].values())}
+        totals = {
+            "buffer_evicted": sum(s["evicted"] for s in stats["buffers"].values()),
+            "buffer_bytes": sum(s["evicted_bytes"] for s in stats["buffers"].values()),
+        }
         if self.storage is not None:
             totals["storage_queue"] = self.storage.dropped
         for cause, n in totals.items():
