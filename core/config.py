@@ -68,8 +68,9 @@ class BrokerConfig:
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
     plain: bool = knob(
         True,
-        "Open the plain (unauthenticated) endpoints; false with secure: every service on CURVE, each key "
-        "publishing and subscribing only what its role may (proto/registry.yaml)",
+        "Open the plain (unauthenticated) endpoints on broker.bind; false: on 127.0.0.1 only (the broker's "
+        "own heartbeat), so with secure every other service is on CURVE, each key publishing and subscribing "
+        "only what its role may (proto/registry.yaml)",
     )
     secure_max_subscriptions: int = knob(
         4096,

@@ -161,3 +161,41 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
     time.sleep(0.2)
     assert rss_mb(proc.pid) - rss0 <= 50, f"broker grew {rss_mb(proc.pid) - rss0:.0f} MB"
     assert healthz(http)[1]["status"] == "ok"
+
+
+def test_a_proxy_thread_that_dies_makes_the_broker_degraded(tmp_path):
+    import threading
+
+    from charles import config
+    from charles.broker.broker import Broker
+    from charles.runtime import Service
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["player"])
+    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
+    data = {
+        "bus": {
+            "host": "127.0.0.1",
+            "ports": dict(zip(names, free_ports(6), strict=True)),
+            "keys_dir": str(keys),
+        },
+        "broker": {"secure": True, "secure_bind": "127.0.0.1"},
+    }
+    svc = Service("broker", config.load(data=data, environ={}), http=False, signals=False)
+    b = Broker(svc, {"run": "degraded"})
+    b.start()
+    t = threading.Thread(target=b.serve, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: svc.status == "ok", 10, "broker never ready")
+        assert svc.health()["healthy"]
+        b._proxy_controls[0].send(b"TERMINATE")  # the bus proxy ends, as if it had failed
+        h = wait_for(lambda: (h := svc.health())["status"] == "degraded" and h, 10, "still ok")
+        assert not h["healthy"] and h["dead_threads"] == ["proxy-bus"]
+        b._bridge_stop.set()  # and the secure bridge too
+        wait_for(lambda: svc.health()["dead_threads"] == ["secure-bridge", "proxy-bus"], 10, "bridge alive")
+    finally:
+        svc.stop()
+        t.join(3)
+        b.close()
+        svc.close()

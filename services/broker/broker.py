@@ -381,9 +381,11 @@ class Broker:
         # libzmq before it is buffered; a subscription longer than any topic likewise
         xsub.setsockopt(zmq.MAXMSGSIZE, max(t.max_bytes for t in self.reg.topics.values()))
         xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
-        if self.cfg.plain:
-            self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
-            self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
+        if not self.cfg.plain:
+            # secure-only: the plain endpoints serve this process alone (its own heartbeat), never the network
+            bind = "127.0.0.1"
+        self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
+        self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
         xpub.bind(_INPROC_OUT)
         capture = None
         proxy = None
@@ -397,8 +399,7 @@ class Broker:
         self.control = s(zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, self.reg.topics["config"].max_bytes)
-        if self.cfg.plain:
-            self.ports["control"] = self._bind(self.control, bind, ports["control"])
+        self.ports["control"] = self._bind(self.control, bind, ports["control"])
 
         self.secure_control = None
         if self.cfg.secure:
