@@ -344,7 +344,11 @@ class Subscriber:
         self.prefixes = list(prefixes)
         reg = registry()
         families = [t for p in self.prefixes if (t := reg.topic(p)) is not None]
-        self.sock = svc.socket(zmq.SUB, hwm=hwm, max_bytes=max((t.max_bytes for t in families), default=None))
+        # bytes bound: libzmq drops the connection on a frame past twice the family's limit before buffering it
+        # (the broker reconnects us; what was lost shows as seq gaps); one over the limit, but less than
+        # twice, is still read and counted as oversize by the codec, so a sender's small overrun has a name
+        limit = max((t.max_bytes for t in families), default=None)
+        self.sock = svc.socket(zmq.SUB, hwm=hwm, max_bytes=2 * limit if limit else None)
         for p in self.prefixes:
             self.sock.setsockopt(zmq.SUBSCRIBE, p.encode())
         self.sock.connect(endpoint)
