@@ -709,6 +709,7 @@ def launcher_table(collectors: int = 2) -> list[tuple[str, str, int, dict[str, s
         no_viewer=False,
         random_ports=False,
         plain=True,
+        secure=False,
     )
     with (
         tempfile.TemporaryDirectory() as tmp,
