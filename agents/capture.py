@@ -288,6 +288,8 @@ class CaptureAgent:
             self.svc.reject(
                 "deepgtav_frame_size", f"the mod sent a frame that is not {w}x{h} (row-padded BGR)"
             )
+        elif event == "bad_message":
+            self.svc.reject("deepgtav_bad_message", "the mod sent a message we refuse; reconnecting")
         elif event == "skipped":
             self.svc.metrics.drops.labels(cause="deepgtav_overwritten").inc()
 
@@ -508,6 +510,8 @@ def build(
             return None
         grabber = DxcamGrabber(region, s.monitor, s.fps, s.dxcam_threaded)  # type: ignore[arg-type]
     feed = make_feed(s, model).start() if s.deepgtav else None
+    if feed is not None:
+        svc.vital(feed._thread)  # the feed reconnects on anything; if it ever ends, the agent is degraded
     if s.driver == "human" and pad is None:
         pad = make_pad_reader(s.pad_index, s.pad_deadzone)
     return CaptureAgent(svc, s, model, grabber=grabber, feed=feed, pad=pad)

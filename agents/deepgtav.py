@@ -69,6 +69,11 @@ class DeepGtavError(ConnectionError):
     """The mod broke the protocol or the connection; the feed reconnects."""
 
 
+class BadModMessage(DeepGtavError):
+    """The mod sent something we refuse (too big, not JSON, numbers or nesting beyond reason): the
+    connection is dropped and remade like any other error, and the message is counted (``bad_message``)."""
+
+
 # ---------------------------------------------------------------------------------------------- framing
 
 
@@ -321,7 +326,7 @@ class DeepGtavClient:
         """One length-prefixed payload (``idle_ok``: TimeoutError if nothing starts in ``timeout_s``)."""
         (n,) = _LEN.unpack(self._recv_exact(4, idle_ok))
         if n > limit:
-            raise DeepGtavError(f"message of {n} bytes exceeds the {limit}-byte bound")
+            raise BadModMessage(f"message of {n} bytes exceeds the {limit}-byte bound")
         return self._recv_exact(n)
 
     def recv(self, frame_size: tuple[int, int], steering_sign: float = 1.0) -> GameMessage:
@@ -335,14 +340,21 @@ class DeepGtavClient:
         try:
             data = json.loads(bytes(raw_data).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DeepGtavError(f"data message is not JSON ({e})") from None
+            raise BadModMessage(f"data message is not JSON ({e})") from None
+        except (RecursionError, ValueError, OverflowError, MemoryError) as e:
+            # JSON that parses in principle but not here: nested 100000 deep, a number of 5000 digits
+            raise BadModMessage(f"data message refused ({type(e).__name__})") from None
         if not isinstance(data, dict):
-            raise DeepGtavError("data message is not a JSON object")
+            raise BadModMessage("data message is not a JSON object")
         w, h = frame_size
         frame = bitmap_to_rgb(raw_frame, w, h) if len(raw_frame) == frame_nbytes(w, h) else None
         if frame is None:
             data = {**data, "_frame_bytes": len(raw_frame)}
-        return GameMessage(0, now, frame, Telemetry.from_json(data, steering_sign), data)
+        try:
+            telemetry = Telemetry.from_json(data, steering_sign)
+        except (ValueError, OverflowError, TypeError, RecursionError) as e:  # float() of a 400-digit int
+            raise BadModMessage(f"data message refused ({type(e).__name__}: {str(e)[:80]})") from None
+        return GameMessage(0, now, frame, telemetry, data)
 
 
 # ---------------------------------------------------------------------------------------------- feed
@@ -493,8 +505,14 @@ class DeepGtavFeed:
                 self.on_event("connected")
                 self._receive()
             except DeepGtavError as e:
+                if isinstance(e, BadModMessage):
+                    self.on_event("bad_message")
                 if not self._stop.is_set():
                     self._set_state("disconnected", str(e))
+            except Exception as e:  # noqa: BLE001 - whatever a mod sends, the feed reconnects, never dies
+                self.on_event("bad_message")
+                log.warning(f"DeepGTAV message broke the connection ({type(e).__name__}: {str(e)[:120]})")
+                self._set_state("disconnected", f"{type(e).__name__}")
             finally:
                 self.client.close()
                 if not self._stop.is_set():

@@ -8,8 +8,12 @@ Who may drive, in layers:
 
 1. the bus: with ``bus.secure`` every socket is a CURVE client of the broker's secure endpoints, and the
    broker lets in only keys in its ``allowed/`` folder (a player or agent without one never reaches us);
-2. the sender: the envelope's ``sender`` must be in ``allowed_senders`` (the player instance ids), else
-   the action is rejected (``charles_rejects_total{reason="sender_not_allowed"}``);
+2. the sender: the envelope's ``sender`` must be vouched for by an entry of ``allowed_senders`` (the
+   player's CURVE key name, e.g. ``player``, which covers its instances ``player-<host>``), else the action
+   is rejected (``charles_rejects_total{reason="sender_not_allowed"}``). The broker vouches for it: on its
+   secure side a key may send only as its own name (``spoofed_sender``) and only a ``player`` key may send
+   actions (``forbidden_topic``). With the broker's plain ports closed (``broker.plain: false``) or
+   unreachable, every sender is such a key, so the allow-list names keys, not what a peer writes;
 3. the order: per sender, a ``seq`` not above the last applied one is stale and dropped
    (``charles_drops_total{cause="stale_seq"}``); a sender silent for ``resync_s`` may start again from
    any seq (a restarted player counts from 0).

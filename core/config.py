@@ -66,6 +66,17 @@ class BrokerConfig:
     bind: str = knob("127.0.0.1", "Address the plain endpoints bind to (0.0.0.0 in containers)")
     secure: bool = knob(False, "Also open the CURVE endpoints for remote agents")
     secure_bind: str = knob("0.0.0.0", "Address the CURVE endpoints bind to")
+    plain: bool = knob(
+        True,
+        "Open the plain (unauthenticated) endpoints on broker.bind; false: on 127.0.0.1 only (the broker's "
+        "own heartbeat), so with secure every other service is on CURVE, each key publishing and subscribing "
+        "only what its role may (proto/registry.yaml)",
+    )
+    secure_max_subscriptions: int = knob(
+        4096,
+        "Distinct prefixes the CURVE subscribers may hold in all; past it a subscription is refused",
+        min=1,
+    )
     count_topics: bool = knob(True, "Count messages and bytes per topic family (see count_with)")
     count_with: Literal["auto", "capture"] = knob(
         "auto",

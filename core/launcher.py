@@ -113,6 +113,14 @@ def child_env(args: argparse.Namespace, p: Proc, bus_ports: dict[str, int], http
     }
     if args.config:
         env["CHARLES_CONFIG"] = str(Path(args.config).resolve())
+    if getattr(args, "secure", False):
+        # every service on CURVE with its role's key; the broker's plain ports on its own loopback only
+        env["CHARLES__BUS__KEYS_DIR"] = str((Path(args.run_dir) / "keys").resolve())
+        if p.service == "broker":
+            env.update(CHARLES__BROKER__SECURE="true", CHARLES__BROKER__PLAIN="false")
+            env["CHARLES__BROKER__SECURE_BIND"] = "127.0.0.1"
+        else:
+            env.update(CHARLES__BUS__SECURE="true", CHARLES__BUS__CLIENT_KEY=p.service)
     return env
 
 
@@ -124,6 +132,11 @@ class Launcher:
         self.logs_dir = Path(args.logs)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         reg = registry()
+        self.keys_dir = Path(args.run_dir) / "keys"
+        if args.secure:
+            from charles.tools import DEFAULT_CLIENTS, make_keys
+
+            make_keys(self.keys_dir, DEFAULT_CLIENTS)  # kept across runs: made once
         if args.random_ports:
             names = list(reg.ports)
             self.bus_ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -274,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         "--random-ports", action="store_true", help="pick free ports instead of the registry's (tests)"
     )
     ap.add_argument("--plain", action="store_true", help="log lines instead of a redrawn console")
+    ap.add_argument(
+        "--secure",
+        action="store_true",
+        help="every service on CURVE with its role's key (made in <run-dir>/keys), the broker's plain ports "
+        "on loopback only: what a key may publish and read is what its role may (proto/README.md)",
+    )
     args = ap.parse_args(argv)
     if args.collectors < 0:
         ap.error("--collectors must be >= 0")

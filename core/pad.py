@@ -26,6 +26,7 @@ from charles.config import knob
 from charles.drive.controls import clamp
 from charles.proto import Action
 from charles.proto.codec import Envelope
+from charles.proto.registry import vouches
 from charles.runtime import Service
 
 log = logging.getLogger("charles.gamepad_agent")
@@ -57,7 +58,9 @@ class GamepadSettings:
         "gamepad-agent", "Agent id: subscribes to action.<id>; heartbeat.<id>; default CURVE key name"
     )
     allowed_senders: list = knob(
-        [], "Player instance ids allowed to drive (the envelope's sender); ['*'] = any authenticated"
+        [],
+        "Who may drive: player CURVE key names (a key vouches for its name and <name>-<instance>; the broker "
+        "refuses a sender its key does not vouch for) or instance ids; ['*'] = any authenticated player",
     )
     broadcast: bool = knob(False, "Also apply actions with an empty target sent on any action topic")
     deadman_s: float = knob(
@@ -122,7 +125,7 @@ class GamepadAgent:
         if not self.for_me(env):
             self.svc.metrics.drops.labels(cause="other_target").inc()
             return False
-        if not self.allow_any and env.sender not in self.allowed:
+        if not self.allow_any and not any(vouches(a, env.sender) for a in self.allowed):
             self.svc.reject(
                 "sender_not_allowed", f"action from {env.sender[:64]!r}, not in gamepad.allowed_senders"
             )

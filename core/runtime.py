@@ -29,6 +29,7 @@ import zmq
 from charles.config import Config
 from charles.proto import Heartbeat, ProtocolError, decode, encode, registry
 from charles.proto.codec import Envelope
+from charles.proto.registry import SUBSCRIPTION_MAX_BYTES
 
 _FETCH_SLICE_S = 0.5
 """A configuration request waits at most this long before looking at SIGTERM again."""
@@ -141,33 +142,46 @@ class Metrics:
 
 
 MAX_SENDERS = 4096
-"""Senders whose sequence a SeqGaps follows; past this the oldest is forgotten (a bound, not a limit in
-practice)."""
+"""Senders whose sequence a SeqGaps follows; past this the least recently seen is forgotten and counted."""
+MAX_SEQ_JUMP = 1_000_000
+"""A forward jump larger than this is a restart (or a lie), not a gap: at 30 Hz, over nine hours of
+messages lost from one sender. One spoofed seq of 10**15 must not add 10**15 to drops{cause="seq_gap"}."""
 
 
 class SeqGaps:
     """Per-sender sequence numbers: how many messages went missing between two that arrived.
 
-    A sequence that goes backwards is a restarted sender (its seq starts again at 0), not a gap. The
-    balancer follows collectors' samples, the trainer the balancer's sets, a collector and the player a
-    capture agent's game frames.
+    A sequence that goes backwards, or jumps ahead by more than ``max_jump``, is a restarted sender (its seq
+    starts again), not a gap. State is bounded: past ``max_senders`` the least recently seen sender is
+    forgotten and counted in ``evicted`` (a flood of made-up sender ids shows there, instead of silently
+    wiping real senders' state). The balancer follows collectors' samples, the trainer the balancer's sets,
+    a collector and the player a capture agent's game frames.
     """
 
-    def __init__(self, max_senders: int = MAX_SENDERS):
+    def __init__(
+        self, max_senders: int = MAX_SENDERS, max_jump: int = MAX_SEQ_JUMP, drops: prom.Counter | None = None
+    ):
         self.max = max_senders
-        self.last: dict[str, int] = {}
+        self._evicted = drops.labels(cause="sender_evicted") if drops is not None else None
+        self.max_jump = max_jump
+        self.last: collections.OrderedDict[str, int] = collections.OrderedDict()
+        """sender -> last seq, least recently seen first"""
         self.missing = 0
         self.restarts = 0
+        self.evicted = 0
 
     def see(self, sender: str, seq: int) -> int:
         """Record one arrival; returns how many messages of this sender were skipped just before it."""
-        last = self.last.get(sender)
+        last = self.last.pop(sender, None)
         if last is None and len(self.last) >= self.max:
-            del self.last[next(iter(self.last))]  # oldest first seen: dicts keep insertion order
+            self.last.popitem(last=False)
+            self.evicted += 1
+            if self._evicted is not None:
+                self._evicted.inc()
         self.last[sender] = seq
         if last is None:
             return 0
-        if seq <= last:
+        if seq <= last or seq - last > self.max_jump:
             self.restarts += 1
             return 0
         gap = seq - last - 1
@@ -209,8 +223,49 @@ class TopicWatch:
         return now - last < limit
 
 
+HTTP_TIMEOUT_S = 5.0
+"""A /metrics or /healthz client that has not sent its request (or read the answer) in this long is cut off."""
+HTTP_MAX_CONNECTIONS = 16
+"""Connections served at once; past it a new one is closed at accept (Prometheus and a probe need two)."""
+
+
+class _CappedHttpServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bound on live connections: 300 idle half-requests were 300 threads."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of connections is accepted (and refused) fast
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+        self.refused = 0
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            svc = getattr(self, "service", None)
+            if svc is not None:
+                svc.metrics.rejects.labels(reason="http_busy").inc()
+            return False  # socketserver closes it
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return  # a client that went away (or never finished): nothing to print a traceback about
+        super().handle_error(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _HttpHandler(BaseHTTPRequestHandler):
     service: Service
+    timeout = (
+        HTTP_TIMEOUT_S  # socketserver sets it on the connection: a half-sent request cannot hold a thread
+    )
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         svc = self.server.service  # type: ignore[attr-defined]
@@ -248,7 +303,8 @@ class Publisher:
 
     def __init__(self, svc: Service, endpoint: str, hwm: int):
         self.svc = svc
-        self.sock = svc.socket(zmq.PUB, hwm=hwm)
+        # a PUB receives only subscriptions, which the broker bounds to the longest topic
+        self.sock = svc.socket(zmq.PUB, hwm=hwm, max_bytes=SUBSCRIPTION_MAX_BYTES)
         self.sock.connect(endpoint)
 
     def send(self, topic: str, msg: Any, kind: str | None = None) -> bool:
@@ -286,7 +342,13 @@ class Subscriber:
     ):
         self.svc = svc
         self.prefixes = list(prefixes)
-        self.sock = svc.socket(zmq.SUB, hwm=hwm)
+        reg = registry()
+        families = [t for p in self.prefixes if (t := reg.topic(p)) is not None]
+        # bytes bound: libzmq drops the connection on a frame past twice the family's limit before buffering it
+        # (the broker reconnects us; what was lost shows as seq gaps); one over the limit, but less than
+        # twice, is still read and counted as oversize by the codec, so a sender's small overrun has a name
+        limit = max((t.max_bytes for t in families), default=None)
+        self.sock = svc.socket(zmq.SUB, hwm=hwm, max_bytes=2 * limit if limit else None)
         for p in self.prefixes:
             self.sock.setsockopt(zmq.SUBSCRIBE, p.encode())
         self.sock.connect(endpoint)
@@ -296,7 +358,6 @@ class Subscriber:
         )  # snapshot + one live message
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
-        reg = registry()
         lvc = [p for p in self.prefixes if (t := reg.topic(p)) is not None and t.last_value]
         if late_join and lvc:
             # The slow-joiner rule: what was published before we connected is lost, so ask the broker for
@@ -398,7 +459,9 @@ class Service:
     ):
         self.name = name
         self.cfg = cfg
-        self.instance = instance or default_instance(name)
+        # on CURVE the broker vouches for senders named after the key (``collector`` -> ``collector-<host>``)
+        secure_key = cfg.bus.client_key if cfg.bus.secure else ""
+        self.instance = instance or default_instance(secure_key or name)
         self.log = logging.getLogger(f"charles.{name}")
         self.metrics = Metrics(name, self.instance)
         self.ctx = zmq.Context()
@@ -411,7 +474,8 @@ class Service:
         self._sock_lock = threading.Lock()
         self._rejects = RateLimitedLog(self.log, cfg.service.reject_log_period_s)
         self._subscribers: list[Subscriber] = []
-        self._http: ThreadingHTTPServer | None = None
+        self._http: _CappedHttpServer | None = None
+        self._vital: list[threading.Thread] = []
         self._hb_thread: threading.Thread | None = None
         reg = registry()
         self.endpoints = self._endpoints(reg)
@@ -433,12 +497,16 @@ class Service:
             }
         return {k: f"tcp://{host}:{p[k]}" for k in ("publish", "subscribe", "control")}
 
-    def socket(self, kind: int, hwm: int | None = None) -> zmq.Socket:
+    def socket(self, kind: int, hwm: int | None = None, max_bytes: int | None = None) -> zmq.Socket:
+        """A socket of this service; ``max_bytes`` (``ZMQ_MAXMSGSIZE``) ends the connection of a peer that
+        sends a larger frame, before libzmq buffers it (the registry's limits, not the codec's, bound memory)."""
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         if hwm is not None:
             s.setsockopt(zmq.SNDHWM, hwm)
             s.setsockopt(zmq.RCVHWM, hwm)
+        if max_bytes is not None:
+            s.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         if self.cfg.bus.secure:
             public, secret, server = _load_curve_client(self.cfg.bus.keys_dir, self.cfg.bus.client_key)
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server
@@ -488,7 +556,8 @@ class Service:
     # -- control port: configuration and last values -----------------------------------------------------
 
     def _control(self, frames: list, timeout_s: float) -> list[list]:
-        s = self.socket(zmq.DEALER)
+        reg = registry()
+        s = self.socket(zmq.DEALER, max_bytes=max(t.max_bytes for t in reg.topics.values() if t.last_value))
         try:
             s.connect(self.endpoints["control"])
             s.send_multipart(frames)
@@ -616,15 +685,27 @@ class Service:
                 }
                 self.metrics.alive.labels(fam).set(1 if alive else 0)
                 self.metrics.rate.labels(fam).set(sub.watch.rate(fam))
+        dead = [t.name for t in self._vital if not t.is_alive()]
+        if dead and self.status == "ok" and not self.stop_event.is_set():
+            # a worker or proxy that died while the service runs: it answers, but does not do its job
+            self.status = "degraded"
+            self.log.error(f"degraded: thread(s) {', '.join(dead)} stopped")
         healthy = self.status in ("ok", "starting", "waiting") and not self.stop_event.is_set()
         return {
             "service": self.name,
             "instance": self.instance,
             "status": self.status,
             "healthy": healthy,
+            "dead_threads": dead,
             "uptime_s": round(now - self.started, 1),
             "topics": topics,
         }
+
+    def vital(self, thread: threading.Thread) -> threading.Thread:
+        """A thread the service cannot work without: if it ends while the service runs, /healthz and the
+        heartbeat say ``degraded``."""
+        self._vital.append(thread)
+        return thread
 
     def state(self) -> dict:
         return {**self.health(), "info": dict(self.info)}
@@ -664,13 +745,12 @@ class Service:
         if port == 0 and self.name in registry().services and os.environ.get("CHARLES_HTTP_EPHEMERAL") != "1":
             port = registry().services[self.name].http_port
         try:
-            srv = ThreadingHTTPServer((self.cfg.service.http_host, port), _HttpHandler)
+            srv = _CappedHttpServer((self.cfg.service.http_host, port), _HttpHandler)
         except OSError as e:
             self.log.warning(
                 f"port {port} busy ({e.strerror}); serving /metrics on an ephemeral port instead"
             )
-            srv = ThreadingHTTPServer((self.cfg.service.http_host, 0), _HttpHandler)
-        srv.daemon_threads = True
+            srv = _CappedHttpServer((self.cfg.service.http_host, 0), _HttpHandler)
         srv.service = self  # type: ignore[attr-defined]
         self._http = srv
         threading.Thread(
@@ -691,7 +771,7 @@ class Service:
                     hb = Heartbeat(
                         self.name,
                         self.instance,
-                        self.status,
+                        self.health()["status"],  # health() notices a dead vital thread
                         time.monotonic() - self.started,
                         self.info_for_heartbeat(),
                     )

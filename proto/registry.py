@@ -13,6 +13,11 @@ KINDS = ("sample", "sample_set", "weights", "config", "game_frame", "action", "c
 CONTROL_KINDS = ("config_request", "config_reply", "snapshot_request", "snapshot_end")
 
 
+SUBSCRIPTION_MAX_BYTES = 65536
+"""``ZMQ_MAXMSGSIZE`` of sockets that receive only subscriptions (PUB, XPUB): far above any topic the
+registry allows (``max_topic_bytes``), and above CURVE's handshake commands, which the limit also counts."""
+
+
 @dataclass(frozen=True)
 class Topic:
     family: str
@@ -24,6 +29,10 @@ class Topic:
     max_bytes: int
     last_value: bool
     about: str
+    publish: tuple[str, ...] = ()
+    """Key roles that may publish the family on the secure endpoints ("any": every role)."""
+    subscribe: tuple[str, ...] = ()
+    """Key roles that may subscribe to it there."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,12 @@ class Registry:
     ports: dict[str, int]
     topics: dict[str, Topic]
     services: dict[str, ServiceEntry]
+    roles: tuple[str, ...] = ()
+
+    @property
+    def max_topic_bytes(self) -> int:
+        """The longest topic any socket carries (limits.max_topic_bytes: one source for codec and broker)."""
+        return self.limits.max_topic_bytes
 
     def topic(self, name: str | bytes) -> Topic | None:
         """The registry entry for a concrete topic ("sample.collector-1" -> the "sample" family)."""
@@ -73,6 +88,33 @@ class Registry:
         t = self.topic(name)
         return t.family if t else "unknown"
 
+    def may_publish(self, role: str, topic: str | bytes) -> bool:
+        """May a key of this role publish this topic on the secure side?"""
+        t = self.topic(topic) if len(topic) <= self.max_topic_bytes else None
+        return t is not None and (role in t.publish or "any" in t.publish)
+
+    def may_subscribe(self, role: str, prefix: str | bytes) -> bool:
+        """May a key of this role subscribe to this prefix? The prefix must name a whole family the role
+        may read ("weights" or "weights.line"): "" or "w" would match families it may not."""
+        if len(prefix) > self.max_topic_bytes:
+            return False
+        if isinstance(prefix, bytes | bytearray | memoryview):
+            try:
+                prefix = bytes(prefix).decode("ascii")
+            except UnicodeDecodeError:
+                return False
+        t = self.topics.get(prefix.split(".", 1)[0])
+        return t is not None and (role in t.subscribe or "any" in t.subscribe)
+
+
+def vouches(identity: str, sender: str) -> bool:
+    """Does a key named ``identity`` speak for ``sender``? Its own name, or an instance of it
+    (``collector`` for ``collector-7f9c``): replicas share their role's key. Key names are checked at load
+    so that no key's name starts with another's name and a dash (proto/README.md "Roles and permissions")."""
+    return sender == identity or (
+        sender.startswith(identity) and sender[len(identity) : len(identity) + 1] == "-"
+    )
+
 
 def _parse(doc: dict) -> Registry:
     topics = {}
@@ -89,7 +131,14 @@ def _parse(doc: dict) -> Registry:
             max_bytes=int(t["max_bytes"]),
             last_value=bool(t["last_value"]),
             about=t.get("about", ""),
+            publish=tuple(t.get("publish", ())),
+            subscribe=tuple(t.get("subscribe", ())),
         )
+        unknown = {r for r in (*topics[fam].publish, *topics[fam].subscribe) if r != "any"} - set(
+            doc.get("roles", ())
+        )
+        if unknown:
+            raise ValueError(f"topic {fam}: unknown roles {sorted(unknown)}")
     services = {
         name: ServiceEntry(name, s["module"], int(s["http_port"]), s["image"], int(s["replicas"]))
         for name, s in doc["services"].items()
@@ -101,6 +150,7 @@ def _parse(doc: dict) -> Registry:
         ports={k: int(v) for k, v in doc["broker"]["ports"].items()},
         topics=topics,
         services=services,
+        roles=tuple(doc.get("roles", ())),
     )
 
 

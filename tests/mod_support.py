@@ -46,7 +46,11 @@ def labels(i: int) -> dict:
 class DeepGtavServer:
     """A DeepGTAV-protocol server on loopback (one client at a time, like the mod)."""
 
-    def __init__(self, port: int = 0, moving: bool = True, size: tuple[int, int] = (161, 37)):
+    def __init__(
+        self, port: int = 0, moving: bool = True, size: tuple[int, int] = (161, 37), poison: list[bytes] = ()
+    ):
+        self.poison = list(poison)
+        """Data payloads sent in place of the first good ones, one per connection (hostile tests)."""
         self.received: list[dict] = []
         self.moving = moving
         self.size = size
@@ -135,7 +139,7 @@ class DeepGtavServer:
                 self.location[0] += 0.5
             data = {**labels(i), "speed": 15.0, "yawRate": 1.5, "location": list(self.location), "time": 12}
             frame = rgb_to_bitmap(frame_rgb(i, w, h), PAD_BYTE)
-            payload = json.dumps(data).encode()
+            payload = self.poison.pop(0) if self.poison else json.dumps(data).encode()
             try:
                 conn.sendall(
                     struct.pack("<I", len(frame)) + frame + struct.pack("<I", len(payload)) + payload

@@ -379,9 +379,9 @@ def secure_broker(tmp_path, bus_ports):
     from charles.tools import make_keys
 
     keys = tmp_path / "keys"
-    make_keys(keys, ["agent-ok"])
+    make_keys(keys, ["agent-ok:player"])
     # a key pair the broker has never heard of
-    make_keys(tmp_path / "rogue", ["agent-rogue"])
+    make_keys(tmp_path / "rogue", ["agent-rogue:player"])
     data = {
         "bus": {"host": "127.0.0.1", "ports": bus_ports, "keys_dir": str(keys)},
         "broker": {"secure": True, "secure_bind": "127.0.0.1"},

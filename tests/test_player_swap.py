@@ -98,3 +98,38 @@ def test_a_refused_load_changes_nothing():
     with pytest.raises(WeightsError):
         s.load(b"bad", meta(2))
     assert not s.maybe_swap(True) and s.meta.batch == 1 and s.newest.batch == 1 and len(s.predictors) == 2
+
+
+def test_weights_feed_refuses_untrusted_senders_and_older_batches_and_counts_them():
+    from charles import config
+    from charles.model.presets import get_config
+    from charles.player.swap import WeightsFeed
+    from charles.proto.codec import Envelope
+    from charles.runtime import Service
+
+    from tests_support import weights_message
+
+    cfg = get_config("tiny", width=64, height=36)
+    svc = Service("player", config.load(data={}, environ={}), "player-t", http=False, signals=False)
+    try:
+        s, _ = swapper("immediate")
+        feed = WeightsFeed(svc, s, cfg, trusted=["trainer"])
+
+        def env(batch: int, sender: str) -> Envelope:
+            w = weights_message(f"w{batch}".encode(), batch, cfg)
+            return Envelope("weights.tiny", "weights", sender, 0.0, 0.0, w, 0)
+
+        assert feed.handle(env(5, "trainer-gpu0"))  # a trainer key's instance: vouched
+        assert not feed.handle(env(6, "capture-agent"))  # any other sender: refused
+        assert not feed.handle(env(7, "trainerx"))  # a look-alike name is not the trainer key's
+        assert not feed.handle(env(3, "trainer-gpu0"))  # an older batch of the run we have: a replay
+        assert feed.handle(env(6, "trainer"))
+        count = svc.metrics.registry.get_sample_value
+        assert count("charles_rejects_total", {"reason": "weights_sender_not_allowed"}) == 2
+        assert count("charles_rejects_total", {"reason": "older_batch"}) == 1
+        assert s.newest.batch == 6 and feed.refused == 3
+        # configured to take older batches (a deliberate rollback), it does
+        feed.accept_older = True
+        assert feed.handle(env(4, "trainer"))
+    finally:
+        svc.close()

@@ -97,7 +97,7 @@ class Game:
 
 def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
     keys, rogue = tmp_path / "keys", tmp_path / "rogue"
-    make_keys(keys, ["gamepad-agent", "capture-agent"])
+    make_keys(keys, ["pad-1:gamepad_agent", "capture-agent"])
     make_keys(rogue, ["capture-agent"])  # a real-looking key pair the broker never allowed
     shutil.copy(keys / "broker.key", rogue / "broker.key")
     names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
@@ -134,7 +134,7 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
             + overrides(
                 "bus.secure=true",
                 f"bus.keys_dir={keys}",
-                "bus.client_key=gamepad-agent",
+                "bus.client_key=pad-1",
                 "gamepad.deadman_s=0.3",
             ),
             service_env(ports, http["pad"]),

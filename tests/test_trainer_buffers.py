@@ -220,3 +220,18 @@ def test_config_fields_have_help():
     import dataclasses
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(BufferConfig))
+
+
+def test_a_byte_budget_evicts_big_samples_counted_and_training_can_still_start():
+    big = Frame.encode(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8), "png")
+    one = make_sample(0, big)
+    per_sample = one.frame.nbytes + sum(f.nbytes for f in one.stack)
+    rec = Recorder()
+    b = Buffers(["steering"], BufferConfig(capacity=1000, max_bytes=10 * per_sample, seed=1), rec)
+    b.add("steering", [make_sample(i, big) for i in range(25)], frozenset({"steering"}))
+    buf = b.buffers["steering"]
+    assert len(buf) == 10 and buf.nbytes <= 10 * per_sample  # 1000 samples allowed, 10 samples of bytes
+    assert buf.evicted_bytes == 15 and buf.evicted == 0 and len(rec.removed) == 15  # the storage is told
+    assert buf.stats()["evicted_bytes"] == 15
+    # 10 of 1000 samples is 1 % full, but the bytes are: training is not stuck waiting for 900 samples
+    assert b.ready(per_buffer=4)

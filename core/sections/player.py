@@ -43,6 +43,16 @@ class PlayerConfig:
         "unstuck: also swap once new weights have waited this long (s) for an Unstuck; 0: wait for one",
         min=0.0,
     )
+    weights_from: list = knob(
+        ["trainer"],
+        "On CURVE (bus.secure): the key names whose weights are accepted (the broker vouches that a sender "
+        "named trainer-<host> holds the trainer key); others are refused (weights_sender_not_allowed)",
+    )
+    accept_older: bool = knob(
+        False,
+        "Load weights of an older batch of the run it drives (a replayed or rolled-back publication); off: "
+        "refused (older_batch)",
+    )
     before_weights: Literal["brake", "npc"] = knob(
         "brake", "Until the first weights arrive: stand on the brake, or (sim) let the NPC drive"
     )

@@ -38,12 +38,22 @@ class BufferConfig:
             "help": "Draws allowed per inserted sample: 1 consumes once, r>1 reuses each up to ceil(r) times."
         },
     )
+    max_bytes: int = field(
+        default=8 << 30,
+        metadata={
+            "help": "Bytes per buffer (frames and stacks as they arrive): past it the buffer evicts as when "
+            "full, counted (drops{cause=buffer_bytes}); a buffer this close to full (start_fraction) may start "
+            "training too. Sets of 8 MB samples must not fill memory before capacity is reached."
+        },
+    )
     eviction: str = field(default="oldest", metadata={"help": "What a full buffer drops: oldest or random."})
     seed: int | None = field(default=None, metadata={"help": "Seed of the draw/eviction RNG (None: fresh)."})
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1, got {self.capacity}")
+        if self.max_bytes < 1:
+            raise ValueError(f"buffer max_bytes must be at least 1, got {self.max_bytes}")
         if not 0.0 < self.start_fraction <= 1.0:
             raise ValueError(f"start_fraction must be in (0, 1], got {self.start_fraction}")
         if not (math.isfinite(self.samples_per_insert) and self.samples_per_insert >= 1.0):

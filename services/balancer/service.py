@@ -143,7 +143,7 @@ class BalancerService:
         self.sub = sub or svc.subscriber(["sample."])
         self.pub = pub or svc.publisher("set")
         self.console_pub = svc.publisher("console")
-        self.gaps = SeqGaps()
+        self.gaps = SeqGaps(drops=svc.metrics.drops)
         self.frame_shape: tuple[int, int, int] | None = None
         self.sets_sent = 0
         self.set_seq: dict[str, int] = {}

@@ -15,16 +15,21 @@ because the copies keep 400 KB buffers alive until Python has read them). Python
   -> the cached newest messages, each reply sequence ended by ``[b"!end"]``.
 
 With ``broker.secure`` a second set of endpoints speaks CURVE, with an allow-list of client public keys
-(``keys/allowed/*.key``); they are bridged into the same bus by two more libzmq proxies.
+(``keys/allowed/*.key``, each with its role; reloaded on SIGHUP). They are bridged into the same bus by a
+Python thread (``SecureBridge``) that checks every message and every subscription against the key's role
+(proto/registry.yaml ``publish`` / ``subscribe``) and the header's ``sender`` against the key's name: the
+trust boundary. ``broker.plain: false`` closes the plain endpoints, so every peer is a key.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from charles.proto import ConfigReply, ProtocolError, decode, encode, registry
+from charles.proto.registry import SUBSCRIPTION_MAX_BYTES, vouches
 from charles.runtime import Service
 
 _INPROC_OUT = "inproc://bus-out"  # XPUB side, for the last-value SUB and the secure bridge
@@ -126,6 +132,170 @@ class LastValues:
         return [f for t, f in self.items.items() if t.startswith(prefix)]
 
 
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    """The key's identity: a peer on it may only send as ``name`` or ``name-<anything>``."""
+    role: str
+
+
+def _cert_field(text: str, key: str) -> str | None:
+    for line in text.splitlines():
+        k, eq, v = line.strip().partition("=")
+        if eq and k.strip() == key:
+            return v.strip().strip("'\"")
+    return None
+
+
+def load_allowed(allowed: Path, log: Any) -> dict[str, ClientKey]:
+    """The allowed client keys (z85 public key -> name and role) from ``allowed/*.key``.
+
+    A key without a known role, or whose name another key's name would vouch for (``player`` and
+    ``player-2``: ``player``'s peers may send as ``player-2``), is left out and logged: allowing it would
+    blur whose messages are whose.
+    """
+    reg = registry()
+    out: dict[str, ClientKey] = {}
+    for path in sorted(allowed.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+            text = path.read_text()
+        except (OSError, ValueError) as e:
+            log.error(f"allowed key {path.name} unreadable: {e}")
+            continue
+        name = _cert_field(text, "name") or path.stem
+        role = _cert_field(text, "role") or name.replace("-", "_")
+        if role not in reg.roles:
+            log.error(f"allowed key {path.name}: role {role!r} is not one of {reg.roles}; not allowed")
+            continue
+        out[public.decode("ascii")] = ClientKey(name, role)
+    names = {k.name for k in out.values()}
+    for z85, key in list(out.items()):
+        owner = next((n for n in names if n != key.name and vouches(n, key.name)), None)
+        if owner is not None:
+            log.error(f"allowed key {key.name!r}: key {owner!r} would vouch for it; rename one; not allowed")
+            del out[z85]
+    return out
+
+
+class SecureBridge:
+    """The CURVE endpoints' bridge into the bus, checking each message and subscription against its key.
+
+    Publishing (secure XSUB -> the bus): a message is forwarded only if its key is still allowed
+    (``revoked_key``), its role may publish the family (``forbidden_topic``), it decodes
+    (the codec's reasons) and its header's ``sender`` is the key's identity (``spoofed_sender``).
+    Subscribing (the secure XPUB, in manual mode): a subscription takes effect only if the role may read
+    that family (``forbidden_subscription``) and the distinct prefixes stay bounded
+    (``too_many_subscriptions``). The bus side subscribes per family, once: peers come and go, the family
+    stays (the secure XPUB filters per peer).
+    """
+
+    def __init__(self, broker: Broker, sec_xsub: zmq.Socket, bridge_in: zmq.Socket, bridge_out: zmq.Socket,
+                 sec_xpub: zmq.Socket) -> None:  # fmt: skip
+        self.b = broker
+        self.sec_xsub, self.bridge_in, self.bridge_out, self.sec_xpub = (
+            sec_xsub,
+            bridge_in,
+            bridge_out,
+            sec_xpub,
+        )
+        self.reg = registry()
+        self.prefixes: set[bytes] = set()
+        self.families: set[bytes] = set()
+        self.forwarded = 0
+
+    def refuse(self, reason: str, key: ClientKey | None, detail: str) -> None:
+        role = key.role if key else "none"
+        self.b.m_refused.labels(reason=reason, role=role).inc()
+        self.b.svc.reject(reason, f"{detail} (key {key.name if key else '?'}, role {role})")
+
+    def key_of(self, frame: zmq.Frame) -> ClientKey | None:
+        try:
+            return self.b.keys.get(frame.get("User-Id"))
+        except zmq.ZMQError:  # no metadata: not from a CURVE peer
+            return None
+
+    def on_publish(self, frames: list) -> None:
+        key = self.key_of(frames[0])
+        if key is None:
+            self.refuse("revoked_key", None, "a message on a key no longer allowed")
+            return
+        topic = frames[0].bytes
+        if not self.reg.may_publish(key.role, topic):
+            self.refuse("forbidden_topic", key, f"may not publish {topic[:64]!r}")
+            return
+        try:
+            env = decode(frames)
+        except ProtocolError as e:
+            self.refuse(e.reason, key, f"at the secure door: {e}")
+            return
+        if not vouches(key.name, env.sender):
+            self.refuse("spoofed_sender", key, f"sent as {env.sender[:64]!r}")
+            return
+        self.bridge_in.send_multipart(frames, copy=False)
+        self.forwarded += 1
+
+    def on_subscription(self, frame: zmq.Frame) -> None:
+        data = frame.bytes
+        if not data or data[0] not in (0, 1):
+            return  # XPUB passes nothing else up; anything else is not a subscription
+        prefix = data[1:]
+        if data[0] == 0:
+            # an unsubscription (a peer's, or libzmq's for a peer that left): that peer's filter only; the
+            # bus side keeps the family (another peer may read it)
+            self.sec_xpub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            return
+        key = self.key_of(frame)
+        if key is None:
+            self.refuse("revoked_key", None, f"a subscription to {prefix[:64]!r} on a key no longer allowed")
+            return
+        if not self.reg.may_subscribe(key.role, prefix):
+            self.refuse("forbidden_subscription", key, f"may not subscribe to {prefix[:64]!r}")
+            return
+        if prefix not in self.prefixes:
+            if len(self.prefixes) >= self.b.cfg.secure_max_subscriptions:
+                self.refuse("too_many_subscriptions", key, f"{len(self.prefixes)} prefixes held")
+                return
+            self.prefixes.add(prefix)
+        self.sec_xpub.setsockopt(zmq.SUBSCRIBE, prefix)
+        family = prefix.split(b".", 1)[0]
+        if family not in self.families:
+            self.families.add(family)
+            self.bridge_out.send(b"\x01" + family)
+
+    def run(self, stop: threading.Event) -> None:
+        """Move messages both ways until ``stop`` (or the context ends)."""
+        poller = zmq.Poller()
+        for sock in (self.sec_xsub, self.bridge_in, self.bridge_out, self.sec_xpub):
+            poller.register(sock, zmq.POLLIN)
+        nb = zmq.NOBLOCK
+        while not stop.is_set():
+            events = dict(poller.poll(200))
+            # each socket drained up to 256 messages a turn, so no side starves the others
+            for _ in range(256 if self.sec_xsub in events else 0):  # agents -> bus, checked
+                try:
+                    self.on_publish(self.sec_xsub.recv_multipart(copy=False, flags=nb))
+                except zmq.Again:
+                    break
+            for _ in range(256 if self.bridge_in in events else 0):  # the bus's subscriptions -> agents
+                try:
+                    self.sec_xsub.send(self.bridge_in.recv(flags=nb))
+                except zmq.Again:
+                    break
+            for _ in range(256 if self.bridge_out in events else 0):  # bus -> agents (XPUB filters per peer)
+                try:
+                    self.sec_xpub.send_multipart(
+                        self.bridge_out.recv_multipart(copy=False, flags=nb), copy=False
+                    )
+                except zmq.Again:
+                    break
+            for _ in range(256 if self.sec_xpub in events else 0):  # agents' subscriptions, checked
+                try:
+                    self.on_subscription(self.sec_xpub.recv(copy=False, flags=nb))
+                except zmq.Again:
+                    break
+
+
 class Broker:
     def __init__(self, svc: Service, served_config: dict):
         self.svc = svc
@@ -153,6 +323,16 @@ class Broker:
         self.m_auth = prom.Counter(
             "charles_broker_auth_failures_total", "Refused CURVE handshakes by event", ["event"], registry=r
         )
+        self.m_refused = prom.Counter(
+            "charles_broker_refused_total",
+            "What the secure endpoints refused, by reason and the key's role (each also in charles_rejects_total)",
+            ["reason", "role"],
+            registry=r,
+        )
+        self.m_keys = prom.Gauge("charles_broker_allowed_keys", "CURVE client keys allowed now", registry=r)
+        self.keys: dict[str, ClientKey] = {}
+        """z85 public key -> its name and role; replaced whole on SIGHUP (readers see old or new)."""
+        self._reload = threading.Event()
         self.m_requests = prom.Counter(
             "charles_broker_requests_total", "Control-port requests by verb", ["verb"], registry=r
         )
@@ -197,6 +377,13 @@ class Broker:
             # libzmq drops for that subscriber alone (receivers see the gap in sequence numbers and count it)
             sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
             sock.setsockopt(zmq.RCVHWM, self.cfg.hwm)
+        # bytes, not only messages: a frame larger than any family allows ends its sender's connection inside
+        # libzmq before it is buffered; a subscription longer than any topic likewise
+        xsub.setsockopt(zmq.MAXMSGSIZE, max(t.max_bytes for t in self.reg.topics.values()))
+        xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
+        if not self.cfg.plain:
+            # secure-only: the plain endpoints serve this process alone (its own heartbeat), never the network
+            bind = "127.0.0.1"
         self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
         self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
         xpub.bind(_INPROC_OUT)
@@ -211,6 +398,7 @@ class Broker:
 
         self.control = s(zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, self.reg.topics["config"].max_bytes)
         self.ports["control"] = self._bind(self.control, bind, ports["control"])
 
         self.secure_control = None
@@ -255,9 +443,12 @@ class Broker:
                 f"{allowed} is missing: run `make keys` (it holds the allowed clients' public keys)"
             )
         public, secret = zmq.auth.load_certificate(keys / "broker.key_secret")
+        self._allowed = allowed
+        self.reload_keys()
         self._auth = ThreadAuthenticator(self.svc.ctx)
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(allowed))
+        # the handshake asks the same table the per-message checks read: revoking on SIGHUP shuts both doors
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
         host = self.cfg.secure_bind
         s = self.svc.socket
 
@@ -267,25 +458,57 @@ class Broker:
             sock.curve_publickey, sock.curve_secretkey = public, secret
             return sock
 
-        # agents -> bus: secure XSUB <-> inproc XPUB, which the main XSUB connects to
+        # agents -> bus: secure XSUB -> (checks) -> inproc XPUB, which the main XSUB connects to
         sec_xsub = server(zmq.XSUB)
+        sec_xsub.setsockopt(zmq.MAXMSGSIZE, max(t.max_bytes for t in self.reg.topics.values() if t.publish))
         self.ports["secure_publish"] = self._bind(sec_xsub, host, ports["secure_publish"])
         bridge_in = s(zmq.XPUB)
         bridge_in.bind(_INPROC_SECURE_IN)
         main_xsub.connect(_INPROC_SECURE_IN)
-        # bus -> agents: XSUB on the main XPUB's inproc side <-> secure XPUB
+        # bus -> agents: XSUB on the main XPUB's inproc side -> secure XPUB (subscriptions checked, manual)
         bridge_out = s(zmq.XSUB)
         bridge_out.connect(_INPROC_OUT)
         sec_xpub = server(zmq.XPUB)
+        sec_xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+        sec_xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
         self.ports["secure_subscribe"] = self._bind(sec_xpub, host, ports["secure_subscribe"])
         self.secure_control = server(zmq.ROUTER)
+        self.secure_control.setsockopt(zmq.MAXMSGSIZE, self.reg.topics["config"].max_bytes)
         self.ports["secure_control"] = self._bind(self.secure_control, host, ports["secure_control"])
         self._monitors = [sock.get_monitor_socket() for sock in (sec_xsub, sec_xpub, self.secure_control)]
         for mon in self._monitors:
             mon.setsockopt(zmq.LINGER, 0)
             self.svc.adopt(mon)  # closed with the others, or the context never terminates
-        self._start_proxy("secure-in", sec_xsub, bridge_in, None)
-        self._start_proxy("secure-out", bridge_out, sec_xpub, None)
+        self.bridge = SecureBridge(self, sec_xsub, bridge_in, bridge_out, sec_xpub)
+        self._bridge_stop = threading.Event()
+        t = threading.Thread(target=self._run_bridge, name="secure-bridge", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.svc.vital(t)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def _run_bridge(self) -> None:
+        try:
+            self.bridge.run(self._bridge_stop)
+        except zmq.ContextTerminated:
+            pass
+        except zmq.ZMQError as e:
+            if e.errno != zmq.ETERM:
+                self.svc.log.error(f"secure bridge stopped: {e}")
+
+    def reload_keys(self) -> None:
+        """Read ``allowed/`` again (SIGHUP): new keys may connect, removed ones are refused from their next
+        message and handshake on (a subscriber already connected keeps its subscriptions until it leaves)."""
+        before = set(self.keys)
+        self.keys = load_allowed(self._allowed, self.svc.log)
+        self.m_keys.set(len(self.keys))
+        gone, new = len(before - set(self.keys)), len(set(self.keys) - before)
+        self.svc.log.info(f"{len(self.keys)} client keys allowed ({new} new, {gone} revoked)")
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: is this z85 public key allowed now? (pyzmq's credentials-provider interface)"""
+        return key.decode("ascii", "replace") in self.keys
 
     def _start_proxy(
         self,
@@ -327,6 +550,7 @@ class Broker:
         t = threading.Thread(target=run, name=f"proxy-{name}", daemon=True)
         t.start()
         self._threads.append(t)
+        self.svc.vital(t)  # a proxy that stopped while the broker runs makes it degraded, not silently idle
 
     # -- the Python side: last values, counting, control ----------------------------------------------------
 
@@ -388,6 +612,13 @@ class Broker:
         ident, rest = frames[0].bytes, frames[1:]
         verb = rest[0].bytes if rest else b""
         replies: list[list] = []
+        key = None
+        if sock is self.secure_control and rest:
+            key = self.bridge.key_of(rest[0])
+            if key is None:
+                self.bridge.refuse("revoked_key", None, "a control request on a key no longer allowed")
+                sock.send_multipart([ident, b"!end"])
+                return
         if verb == b"config":
             self.m_requests.labels("config").inc()
             try:
@@ -402,7 +633,10 @@ class Broker:
         elif verb == b"snapshot":
             self.m_requests.labels("snapshot").inc()
             prefix = rest[1].bytes.decode("ascii", "replace") if len(rest) > 1 else ""
-            hits = self.lvc.matching(prefix)
+            if key is not None and not self.reg.may_subscribe(key.role, prefix):
+                self.bridge.refuse("forbidden_subscription", key, f"snapshot of {prefix[:64]!r}")
+                prefix = None
+            hits = self.lvc.matching(prefix) if prefix is not None else []
             self.m_snapshot.inc(len(hits))
             replies.extend(hits)
         else:
@@ -450,6 +684,9 @@ class Broker:
         self.svc.ready()
         loop = self.svc.metrics.loop.labels("broker")
         while self.svc.running:
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload_keys()
             timeout = 200.0
             if count is not None and every > 0:
                 timeout = min(timeout, max(0.0, next_count - time.monotonic()) * 1000.0)
@@ -488,6 +725,8 @@ class Broker:
         return limit
 
     def close(self) -> None:
+        if self.secure_control is not None:
+            self._bridge_stop.set()
         for ctl in self._proxy_controls:
             with contextlib.suppress(zmq.ZMQError):  # a proxy already gone needs no telling
                 ctl.send(b"TERMINATE", flags=zmq.NOBLOCK)

@@ -133,7 +133,13 @@ class PlayerService:
             return p
 
         self.swapper = Swapper(make, config.swap, config.swap_every_s, config.swap_max_wait_s)
-        self.feed = WeightsFeed(svc, self.swapper, self.cfg)
+        self.feed = WeightsFeed(
+            svc,
+            self.swapper,
+            self.cfg,
+            trusted=config.weights_from if svc.cfg.bus.secure else None,
+            accept_older=config.accept_older,
+        )
         # The collectors' codec: the model trained on pictures that went through it, so it drives on them too.
         collector = run.sections.get("collector")
         self.codec = getattr(collector, "codec", "jpeg")

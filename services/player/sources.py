@@ -224,7 +224,7 @@ class RemoteSource:
         self._last: View | None = None
         self._last_game_seq: int | None = None
         """The capture agent's seq of the frame in ``_last``: the action says which frame it answers."""
-        self.gaps = SeqGaps()
+        self.gaps = SeqGaps(drops=svc.metrics.drops)
         """Gaps in the capture agent's seq: frames lost on the way."""
         self._warn = RateLimitedLog(log, 60.0)
 

@@ -13,7 +13,10 @@ A weights message is refused, counted in ``charles_rejects_total{reason}`` and l
 wrong, and the car keeps driving on what it has, when it is for another model line (``wrong_model``),
 describes another network (``config_mismatch``, ``bad_config``), or its payload is not safetensors of
 this model (``pickle``, ``not_safetensors``, ``corrupt``, ``non_finite``, ``tensor_mismatch``...: the
-``WeightsError`` reasons of charles.model.weights).
+``WeightsError`` reasons of charles.model.weights). Two more refusals guard what the car drives: on CURVE,
+weights from a sender no trainer key vouches for (``weights_sender_not_allowed``: the broker lets only
+``trainer`` keys publish weights, and only under their own names), and weights of an older batch of the
+run it already has (``older_batch``: a replay or a rollback), unless ``player.accept_older``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
 from charles.model.weights import WeightsError
 from charles.proto import Envelope, Weights
+from charles.proto.registry import vouches
 from charles.runtime import Service, Subscriber
 
 RECV_MS = 100
@@ -188,8 +192,20 @@ class Swapper:
 class WeightsFeed:
     """``# irregular <- weights.<line>`` (the broker's newest at start): check, load, hand to the Swapper."""
 
-    def __init__(self, svc: Service, swapper: Swapper, cfg: ModelConfig, sub: Subscriber | None = None):
+    def __init__(
+        self,
+        svc: Service,
+        swapper: Swapper,
+        cfg: ModelConfig,
+        sub: Subscriber | None = None,
+        *,
+        trusted: list[str] | None = None,
+        accept_older: bool = False,
+    ):
         self.svc = svc
+        self.trusted = trusted
+        """Key names that vouch for a weights sender (None: any sender, the plain in-cluster bus)."""
+        self.accept_older = accept_older
         self.swapper = swapper
         self.cfg = cfg
         self.topic = f"weights.{cfg.name}"
@@ -245,7 +261,20 @@ class WeightsFeed:
         self._seen = key
         self.received += 1
         meta = WeightsMeta(w.model, w.run, int(w.batch), float(w.created), w.sha256, time.monotonic())
+        newest = self.swapper.newest
         try:
+            if self.trusted is not None and not any(vouches(t, env.sender) for t in self.trusted):
+                raise WeightsError(
+                    "weights_sender_not_allowed",
+                    f"from {env.sender[:64]!r}, which no key in player.weights_from vouches for",
+                )
+            if (
+                not self.accept_older
+                and newest is not None
+                and w.run == newest.run
+                and w.batch < newest.batch
+            ):
+                raise WeightsError("older_batch", f"we already have batch {newest.batch} of {w.run}")
             check_weights(w, self.cfg)
             self.swapper.load(w.payload, meta)
         except WeightsError as e:

@@ -132,6 +132,8 @@ class SampleBuffer:
         self.drawn = 0
         self.reused = 0
         self.evicted = 0
+        self.evicted_bytes = 0
+        """Evicted to stay within max_bytes (``evicted`` counts those over capacity)."""
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -143,18 +145,27 @@ class SampleBuffer:
         return self.config.samples_per_insert * self.inserted - self.drawn
 
     def can_draw(self, n: int) -> bool:
-        return len(self) >= max(self.config.start_size, n) and self.credit >= n
+        # full enough in samples, or in bytes (big frames reach the byte budget first: never a dead end)
+        full = (
+            len(self) >= self.config.start_size
+            or self.nbytes >= self.config.start_fraction * self.config.max_bytes
+        )
+        return full and len(self) >= n and self.credit >= n
 
-    def add(self, entry: Entry) -> Entry | None:
-        """Insert one entry; returns the entry evicted to make room, if any."""
-        evicted = None
+    def _victim(self) -> int:
+        if self.config.eviction == "oldest":
+            return next(iter(self._entries))
+        return self._keys[self._rng.randrange(len(self._keys))]
+
+    def add(self, entry: Entry) -> list[Entry]:
+        """Insert one entry; returns the entries evicted to make room (samples, then bytes)."""
+        evicted = []
         if len(self) >= self.config.capacity:
-            if self.config.eviction == "oldest":
-                victim = next(iter(self._entries))
-            else:
-                victim = self._keys[self._rng.randrange(len(self._keys))]
-            evicted = self._remove(victim)
+            evicted.append(self._remove(self._victim()))
             self.evicted += 1
+        while self._keys and self.nbytes + entry.nbytes > self.config.max_bytes:
+            evicted.append(self._remove(self._victim()))
+            self.evicted_bytes += 1
         self._entries[entry.key] = entry
         self._pos[entry.key] = len(self._keys)
         self._keys.append(entry.key)
@@ -203,6 +214,7 @@ class SampleBuffer:
             "drawn": self.drawn,
             "reused": self.reused,
             "evicted": self.evicted,
+            "evicted_bytes": self.evicted_bytes,
             "consumed": self.consumed,
         }
 
@@ -305,7 +317,7 @@ class Buffers:
 
     def _insert(self, name: str, entries: list[Entry], notify: bool) -> None:
         buf = self.buffers[name]
-        evicted = [e.key for e in (buf.add(entry) for entry in entries) if e is not None]
+        evicted = [e.key for entry in entries for e in buf.add(entry)]
         if self.observer is not None:
             if notify and entries:
                 self.observer.on_insert(name, entries)

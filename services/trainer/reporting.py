@@ -166,7 +166,10 @@ class Report:
         m.wait.set(rates.data_wait)
         m.batches_per_s.set(rates.batches_per_s)
         m.samples_per_s.set(rates.samples_per_s)
-        totals = {"buffer_evicted": sum(s["evicted"] for s in buffers.values())}
+        totals = {
+            "buffer_evicted": sum(s["evicted"] for s in buffers.values()),
+            "buffer_bytes": sum(s["evicted_bytes"] for s in buffers.values()),
+        }
         if storage_dropped is not None:
             totals["storage_queue"] = storage_dropped
         for cause, n in totals.items():
