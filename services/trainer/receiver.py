@@ -47,7 +47,7 @@ class Receiver:
         self.sets = 0
         self.samples = 0
         self.other_rank = 0
-        self.gaps = SeqGaps(drops=svc.metrics.drops)
+        self.gaps = SeqGaps(drops=svc.metrics.drops if svc is not None else None)
         """Sets that never arrived (gaps in their senders' numbering: a full broker queue while we stalled)."""
         self._seen: dict[str, tuple[str, float]] = {}  # id -> (service, monotonic time)
         self._seen_lock = threading.Lock()

@@ -168,7 +168,7 @@ class Report:
         m.samples_per_s.set(rates.samples_per_s)
         totals = {
             "buffer_evicted": sum(s["evicted"] for s in buffers.values()),
-            "buffer_bytes": sum(s["evicted_bytes"] for s in buffers.values()),
+            "buffer_bytes": sum(s.get("evicted_bytes", 0) for s in buffers.values()),
         }
         if storage_dropped is not None:
             totals["storage_queue"] = storage_dropped
