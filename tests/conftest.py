@@ -84,3 +84,23 @@ def client_factory(broker):
     yield make
     for s in made:
         s.close()
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """End the test process the way every Charles process ends (charles.runtime.run_main): streams flushed,
+    then os._exit with pytest's status. In-process brokers and clients leave daemon threads that may sit in
+    native code; Python's finalization kills such a thread by unwinding C++ frames (std::terminate, SIGABRT)
+    after the summary was already printed green. Under xdist workers or an embedding caller, do nothing."""
+    if not _exit_status or os.environ.get("PYTEST_XDIST_WORKER") or config.pluginmanager.has_plugin("xdist"):
+        return
+    from charles.runtime import exit_process
+
+    exit_process(_exit_status[-1])
