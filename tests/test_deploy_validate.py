@@ -57,7 +57,7 @@ def test_a_missing_tool_fails_and_says_how_to_install(monkeypatch, capsys):
 
 def test_docker_compose_rejects_a_broken_file(tmp_path):
     require_tool("docker-compose", install=validate.TOOLS["docker-compose"])
-    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     text = (tmp_path / "docker-compose.yml").read_text()
