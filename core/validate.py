@@ -5,7 +5,8 @@
 * ``docker-compose config`` on docker-compose.yml (the CPU setup), and on it with docker-compose.gpu.yml;
 * ``kubectl kustomize`` on k8s/base and every k8s/overlays/*, ``kubernetes-validate --strict`` on each
   output, and the topology check of each rendered overlay;
-* ``promtool check config`` on deploy/prometheus.yml and deploy/prometheus.local.yml.
+* ``promtool check config`` on deploy/prometheus.yml and deploy/prometheus.local.yml, ``promtool check
+  rules`` on deploy/prometheus-rules.yml (the alerts compose's Prometheus and k8s' PrometheusRule load).
 
 It prints one line per check and a summary, and exits non-zero when a check fails or a tool is missing
 (saying how to install it). tests/test_deploy_validate.py runs the same checks and skips the ones whose
@@ -169,6 +170,14 @@ def check_prometheus(root: Path) -> list[Result]:
                 [] if p.returncode == 0 else _tool_output(p),
             )
         )
+    p = _run(["promtool", "check", "rules", str(root / "deploy" / "prometheus-rules.yml")], root)
+    out.append(
+        Result(
+            "promtool check rules deploy/prometheus-rules.yml",
+            "ok" if p.returncode == 0 else "fail",
+            [] if p.returncode == 0 else _tool_output(p),
+        )
+    )
     return out
 
 
