@@ -36,7 +36,8 @@ from charles.proto import registry
 
 from survive_support import Scrape
 
-pytestmark = [pytest.mark.compose, pytest.mark.slow]
+# the first step builds the images (cold: tens of minutes); the others wait for a loaded box
+pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(5400)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = os.environ.get("DOCKER", "docker")
