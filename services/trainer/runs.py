@@ -99,7 +99,8 @@ class Manifest:
     samples: int = 0
     """Samples trained (all ranks)."""
     checkpoint: str | None = None
-    """The newest checkpoint, relative to the run directory."""
+    """The newest checkpoint, relative to the run directory; absolute where CHARLES_CHECKPOINT_DIR put it
+    outside (containers)."""
     published_batch: int | None = None
     periods: list[Period] = field(default_factory=list)
     name: str = ""
@@ -236,7 +237,9 @@ class RunDir:
         assert m is not None
         m.batch, m.samples = batch, samples
         if checkpoint is not None:
-            m.checkpoint = str(checkpoint.relative_to(self.path))
+            # in containers the checkpoints live on a volume of their own, outside the run directory
+            inside = checkpoint.is_relative_to(self.path)
+            m.checkpoint = str(checkpoint.relative_to(self.path) if inside else checkpoint)
         if published is not None:
             m.published_batch = published
         if self._period is not None:
