@@ -65,7 +65,9 @@ test-fast: $(STAMP) ## the tests not marked slow
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
 test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)
-	DOCKER=$(DOCKER) OMP_NUM_THREADS=1 $(PY) -m pytest -m compose tests/test_compose.py
+	@rm -f runs/compose-test/phases.json
+	DOCKER=$(DOCKER) OMP_NUM_THREADS=1 $(PY) -m pytest -m compose tests/test_compose.py; rc=$$?; \
+	  cat runs/compose-test/phases.json 2>/dev/null; exit $$rc
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -8,7 +8,7 @@ v2) and, where the pinned images cannot be pulled, debootstrap (root) for the lo
 One stack per module under a project name of its own (so it never touches another stack's containers or
 volumes), started from docker-compose.yml as a user starts it, plus a test override that only shrinks the
 run configuration (tiny buffers, early publishing) so trained weights reach the player in a minute. Each
-phase's time goes to runs/compose-test/phases.json and to the end of pytest's report.
+phase's time and every value read go to runs/compose-test/phases.json, which `make test-compose` prints.
 
 Grafana is started (and checked) only where its image is present or can be pulled: no registry here, and
 Grafana is no Debian package. What CI cannot prove here at all: the GPU setup (docker-compose.gpu.yml,
@@ -245,7 +245,7 @@ def _trainer_resumed(text: str) -> tuple[int, int] | None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, pytestconfig):
+def stack(tmp_path_factory):
     for tool in ("docker", "docker-compose"):
         if shutil.which(tool) is None and not (tool == "docker-compose" and shutil.which("docker")):
             pytest.fail(f"{tool} is not installed (apt-get install docker.io docker-compose debootstrap)")
@@ -289,18 +289,12 @@ def stack(tmp_path_factory, pytestconfig):
                 capture_output=True,
                 timeout=300,
             )
+        # `make test-compose` prints it after pytest's report
         out = ROOT / "runs" / "compose-test"
         out.mkdir(parents=True, exist_ok=True)
         (out / "phases.json").write_text(
             json.dumps({"phases_s": PHASES, "read": READ}, indent=2, default=str)
         )
-        tr = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            tr.write_line("")
-            for name, secs in PHASES.items():
-                tr.write_line(f"compose phase: {name}: {secs:.0f} s")
-            for name, value in READ.items():
-                tr.write_line(f"compose read: {name}: {value}")
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +385,10 @@ def test_3_weights_reach_the_player_and_every_dashboard_reads_the_stack(stack, h
 
     targets = wait_for(all_up, 120, "every Prometheus target up")
     READ["prometheus targets up"] = sorted(f"{t['labels']['job']} {t['scrapeUrl']}" for t in targets)
+    code, body = http(9090, "/api/v1/rules?type=alert")
+    alerts = sorted(r["name"] for g in json.loads(body)["data"]["groups"] for r in g["rules"])
+    READ["prometheus alert rules"] = alerts
+    assert code == 200 and len(alerts) == 4 and "CharlesServiceDown" in alerts, alerts
     if "grafana" in stack.services:
         code, body = http(3000, "/api/search?query=Charles")
         assert code == 200 and any(d.get("uid") == "charles" for d in json.loads(body)), body[:300]
