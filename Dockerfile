@@ -123,10 +123,11 @@ WORKDIR /app
 ENV CHARLES_RUN_DIR=/runs
 # /healthz answers 200 while the service is healthy and 503 when not; the exit code is the verdict. No
 # curl in a slim image, Python is here anyway: a bare socket under `python -S`, since importing urllib
-# alone took 3-6 s on a loaded 2-core box. Every Charles container sets CHARLES__SERVICE__HTTP_PORT
+# alone took 3-6 s on a loaded 2-core box; it reads the whole answer (an unread body made the
+# service log a ConnectionResetError per check). Every Charles container sets CHARLES__SERVICE__HTTP_PORT
 # (compose and k8s do). The start period covers model building and the trainer's refill from storage.
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
-  CMD ["python", "-S", "-c", "import os, socket; s = socket.create_connection(('127.0.0.1', int(os.environ['CHARLES__SERVICE__HTTP_PORT'])), 8); s.sendall(b'GET /healthz HTTP/1.0' + bytes([13, 10, 13, 10])); raise SystemExit(s.recv(12)[9:12] != b'200')"]
+  CMD ["python", "-S", "-c", "import os, socket; s = socket.create_connection(('127.0.0.1', int(os.environ['CHARLES__SERVICE__HTTP_PORT'])), 8); s.sendall(b'GET /healthz HTTP/1.0' + bytes([13, 10, 13, 10])); raise SystemExit(s.makefile('rb').read()[9:12] != b'200')"]
 USER charles
 CMD ["charles", "--help"]
 
