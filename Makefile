@@ -6,17 +6,41 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 CHARLES  := $(VENV)/bin/charles
 STAMP    := $(VENV)/.installed
-COMPOSE  ?= docker compose
-# No NVIDIA driver here? Add the CPU override (trainer and player on the CPU image, tiny preset).
-CPU      ?= $(if $(shell command -v nvidia-smi 2>/dev/null),0,1)
-COMPOSE_FILES := -f docker-compose.yml $(if $(filter 1,$(CPU)),-f docker-compose.cpu.yml)
+# Compose v2 (`docker compose`) where the plugin is installed, else Debian's docker-compose 1.29.
+COMPOSE  ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# A docker client that builds with BuildKit (the Dockerfile uses RUN --mount): Docker 23+ does through its
+# buildx plugin; a newer client without that plugin cannot, so then Debian's own client (20.10, BuildKit
+# built in) is taken where it is installed.
+DOCKER   ?= $(shell docker buildx version >/dev/null 2>&1 || ! test -x /usr/bin/docker && echo docker || echo /usr/bin/docker)
+# An NVIDIA driver here? Then the trainer and the player run on the GPU (docker-compose.gpu.yml and the
+# charles:gpu image); elsewhere on the CPU (docker-compose.yml alone, tiny preset).
+GPU      ?= $(if $(shell command -v nvidia-smi 2>/dev/null),1,0)
+COMPOSE_FILES := -f docker-compose.yml $(if $(filter 1,$(GPU)),-f docker-compose.gpu.yml)
+# What `make images` builds and from what:
+IMAGES   ?= cpu $(if $(filter 1,$(GPU)),gpu)
+# the pinned base image; where it cannot be pulled, deploy/base-image.sh builds charles-base:bookworm
+PYTHON_IMAGE ?= python:3.11.13-slim-bookworm
+# the CPU image's torch; empty: PyPI's (a CUDA build, ~4.5 GB more) where this index is out of reach
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# a CA bundle the build trusts for PyPI and Debian (a TLS-intercepting proxy); a build secret, in no layer
+CA_BUNDLE ?= $(SSL_CERT_FILE)
+comma    := ,
+CA_SECRET := $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE))
+# Grafana gets an admin account only when this is set (else it is read-only, anonymous viewers only)
+GRAFANA_ADMIN_PASSWORD ?=
+export GRAFANA_ADMIN_PASSWORD
+export GRAFANA_NO_ADMIN := $(if $(GRAFANA_ADMIN_PASSWORD),false,true)
+# Compose runs Docker Hub's Prometheus, or the one deploy/prometheus-image.sh built where that cannot be pulled
+WITH_PROMETHEUS = PROMETHEUS_IMAGE=$$(DOCKER=$(DOCKER) deploy/prometheus-image.sh)
+# the services `make up` starts (empty: all of them)
+SERVICES ?=
 COLLECTORS ?= 2
 PRESET   ?= tiny
 MINUTES  ?= 0
 N        ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
+.PHONY: help install run test test-fast test-compose lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +63,11 @@ test: $(STAMP) ## every test (real sockets, processes, files); the command CI ru
 
 test-fast: $(STAMP) ## the tests not marked slow
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
+
+test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)
+	@rm -f runs/compose-test/phases.json
+	DOCKER=$(DOCKER) OMP_NUM_THREADS=1 $(PY) -m pytest -m compose tests/test_compose.py; rc=$$?; \
+	  cat runs/compose-test/phases.json 2>/dev/null; exit $$rc
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .
@@ -64,24 +93,28 @@ schema: $(STAMP) ## regenerate proto/schema.json (the JSON Schema of every heade
 keys: $(STAMP) ## CURVE key pairs for the broker and remote agents, in keys/
 	$(CHARLES) keys --dir keys
 
-up: ## docker compose up (detached; CPU=1 for machines without a GPU, auto-detected)
-	$(COMPOSE) $(COMPOSE_FILES) up -d
+up: images ## docker compose up, detached (on the GPU where nvidia-smi exists, GPU=0|1 to choose)
+	$(WITH_PROMETHEUS) $(COMPOSE) $(COMPOSE_FILES) up -d $(SERVICES)
 
-down: ## docker compose down
-	$(COMPOSE) $(COMPOSE_FILES) down
+down: ## docker compose down (the volumes stay: `docker compose down -v` drops them)
+	$(WITH_PROMETHEUS) $(COMPOSE) $(COMPOSE_FILES) down
 
 logs: ## follow docker compose logs
-	$(COMPOSE) $(COMPOSE_FILES) logs -f --tail=100
+	$(WITH_PROMETHEUS) $(COMPOSE) $(COMPOSE_FILES) logs -f --tail=100
 
 scale: ## run N collectors under docker compose (make scale N=5)
-	$(COMPOSE) $(COMPOSE_FILES) up -d --scale collector=$(N)
+	$(WITH_PROMETHEUS) $(COMPOSE) $(COMPOSE_FILES) up -d --scale collector=$(N) $(SERVICES)
 
 prometheus: $(STAMP) ## a local Prometheus scraping `make run` (Debian's prometheus package)
 	prometheus --config.file=deploy/prometheus.local.yml --storage.tsdb.path=runs/prometheus
 
-images: ## build the CPU and GPU images
-	docker build --target cpu -t charles:cpu .
-	docker build --target gpu -t charles:gpu .
+images: ## build charles:cpu (and charles:gpu with a GPU; IMAGES=...) and, if it cannot be pulled, Prometheus
+	@base=$$(DOCKER=$(DOCKER) deploy/base-image.sh $(PYTHON_IMAGE)) && for target in $(IMAGES); do \
+	  echo "== charles:$$target on $$base"; \
+	  DOCKER_BUILDKIT=1 $(DOCKER) build --target $$target -t charles:$$target --build-arg PYTHON_IMAGE=$$base \
+	    --build-arg TORCH_INDEX=$(TORCH_INDEX) $(CA_SECRET) . || exit 1; \
+	done
+	@echo "== Prometheus: $$(DOCKER=$(DOCKER) deploy/prometheus-image.sh)"
 
 clean: ## remove the virtual environment and caches (keeps runs/ and data/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis proto/_fastcodec*.so services/broker/_countproxy*.so

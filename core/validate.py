@@ -2,20 +2,18 @@
 
 * the topology checks of :mod:`charles.topology` (registry, compose, launcher, Prometheus, Grafana
   dashboard, deploy/charles.yaml), which need no tool;
-* ``docker-compose config`` on docker-compose.yml, and on it merged with docker-compose.cpu.yml;
+* ``docker-compose config`` on docker-compose.yml (the CPU setup), and on it with docker-compose.gpu.yml;
 * ``kubectl kustomize`` on k8s/base and every k8s/overlays/*, ``kubernetes-validate --strict`` on each
   output, and the topology check of each rendered overlay;
-* ``promtool check config`` on deploy/prometheus.yml and deploy/prometheus.local.yml.
+* ``promtool check config`` on deploy/prometheus.yml and deploy/prometheus.local.yml, ``promtool check
+  rules`` on deploy/prometheus-rules.yml (the alerts compose's Prometheus and k8s' PrometheusRule load).
 
 It prints one line per check and a summary, and exits non-zero when a check fails or a tool is missing
 (saying how to install it). tests/test_deploy_validate.py runs the same checks and skips the ones whose
 tool is absent, except under CHARLES_REQUIRE_TOOLS=1 (.ci/run), where a missing tool fails.
 
-About the CPU override: Debian's docker-compose 1.29 predates Compose v2's ``!reset`` tag, so it cannot
-read docker-compose.cpu.yml. The override is merged here (:func:`charles.topology.load_compose`, which
-applies ``!reset``) and the merged model goes to ``docker-compose config`` on stdin, so the schema check
-and the topology check both see what ``docker compose -f docker-compose.yml -f docker-compose.cpu.yml``
-would run.
+Both variants go to Debian's docker-compose 1.29 as files (``-f docker-compose.yml -f
+docker-compose.gpu.yml``): the GPU file only adds, so 1.29 merges it itself, as a user's 1.29 would.
 """
 
 from __future__ import annotations
@@ -93,19 +91,14 @@ def check_compose(root: Path) -> list[Result]:
         return [_missing("docker-compose config", "docker-compose")]
     out = []
     base = root / "docker-compose.yml"
-    merged = topology.load_compose(base, root / "docker-compose.cpu.yml")
+    gpu = root / "docker-compose.gpu.yml"
     variants = [
-        ("docker-compose.yml", ["-f", str(base)], None, False),
-        (
-            "docker-compose.yml + docker-compose.cpu.yml",
-            ["-f", "-"],
-            yaml.safe_dump(merged, sort_keys=False),
-            True,
-        ),
+        ("docker-compose.yml", ["-f", str(base)], True),
+        ("docker-compose.yml + docker-compose.gpu.yml", ["-f", str(base), "-f", str(gpu)], False),
     ]
-    for label, files, stdin, cpu in variants:
+    for label, files, cpu in variants:
         cmd = ["docker-compose", *files, "--project-directory", str(root), "config"]
-        p = _run(cmd, root, stdin)
+        p = _run(cmd, root)
         name = f"docker-compose config: {label}"
         if p.returncode != 0:
             out.append(Result(name, "fail", _tool_output(p)))
@@ -178,6 +171,14 @@ def check_prometheus(root: Path) -> list[Result]:
                 [] if p.returncode == 0 else _tool_output(p),
             )
         )
+    p = _run(["promtool", "check", "rules", str(root / "deploy" / "prometheus-rules.yml")], root)
+    out.append(
+        Result(
+            "promtool check rules deploy/prometheus-rules.yml",
+            "ok" if p.returncode == 0 else "fail",
+            [] if p.returncode == 0 else _tool_output(p),
+        )
+    )
     return out
 
 

@@ -22,6 +22,17 @@ REQUIRE_TOOLS = os.environ.get("CHARLES_REQUIRE_TOOLS") == "1"
 skipping, so a green CI means the checks that need them ran."""
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked compose build images and run the whole docker-compose stack (tens of minutes, a Docker
+    daemon): only a run whose -m names them (`make test-compose`) keeps them, so `make test` keeps its time."""
+    if "compose" in (config.getoption("markexpr") or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("compose") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
 def missing_tool(what: str) -> NoReturn:
     """Skip a test whose system tool is not installed (fail under CHARLES_REQUIRE_TOOLS=1)."""
     if REQUIRE_TOOLS:

@@ -57,7 +57,7 @@ def test_a_missing_tool_fails_and_says_how_to_install(monkeypatch, capsys):
 
 def test_docker_compose_rejects_a_broken_file(tmp_path):
     require_tool("docker-compose", install=validate.TOOLS["docker-compose"])
-    for name in ("docker-compose.yml", "docker-compose.cpu.yml"):
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
     text = (tmp_path / "docker-compose.yml").read_text()
@@ -130,3 +130,21 @@ def test_images_and_make_install_use_the_pins():
             assert "-c /src/constraints.txt" in args, f"pip install without the pins: {args}"
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"pip install .*-c constraints\.txt .*-e '\.\[dev\]'", makefile)
+
+
+def test_k8s_alert_rules_are_the_compose_ones():
+    """One set of alerts: k8s' PrometheusRule carries deploy/prometheus-rules.yml's groups unchanged, and
+    the alerts cover the states the dashboard shows (a service down, data wait, policy lag, rejects)."""
+    import yaml
+
+    plain = yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yml").read_text())
+    crd = yaml.safe_load((ROOT / "k8s" / "overlays" / "monitoring" / "prometheus-rule.yaml").read_text())
+    assert crd["kind"] == "PrometheusRule" and crd["spec"] == plain
+    exprs = " ".join(r["expr"] for g in plain["groups"] for r in g["rules"])
+    for series in (
+        "up{",
+        "charles_trainer_data_wait_fraction",
+        "charles_player_policy_lag_batches",
+        "charles_rejects_total",
+    ):
+        assert series in exprs, series

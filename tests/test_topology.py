@@ -22,17 +22,19 @@ from conftest import require_tool
 
 ROOT = t.ROOT
 COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return t.load_compose(COMPOSE)
+    """The GPU setup: docker-compose.yml with docker-compose.gpu.yml."""
+    return t.load_compose(COMPOSE, COMPOSE_GPU)
 
 
 @pytest.fixture(scope="module")
 def compose_cpu() -> dict:
-    return t.load_compose(COMPOSE, COMPOSE_CPU)
+    """docker-compose.yml alone: the CPU setup."""
+    return t.load_compose(COMPOSE)
 
 
 def overlays() -> list[str]:
@@ -90,13 +92,13 @@ def test_compose_agrees_with_the_registry(compose):
     assert t.check_compose(compose) == []
 
 
-def test_cpu_override_agrees_and_drops_every_gpu(compose_cpu):
+def test_cpu_setup_agrees_and_reserves_no_gpu(compose_cpu):
     assert t.check_compose(compose_cpu, cpu=True) == []
     for name in ("trainer", "player"):
         svc = compose_cpu["services"][name]
         assert svc["image"] == "charles:cpu" and not t.compose._gpu_devices(svc)
         assert svc["command"][-2:] == ["--preset", "tiny"]
-        # everything else is docker-compose.yml's
+        # the GPU file adds to it, so the rest is the same in both
         assert svc["environment"]["CHARLES__SERVICE__HTTP_PORT"] == str(registry().services[name].http_port)
 
 

@@ -91,9 +91,9 @@ def check_files(root: Path = ROOT) -> dict[str, list[str]]:
     from charles import config as cfg
 
     out: dict[str, list[str]] = {"registry": check_registry()}
-    out["compose"] = check_compose(load_compose(root / "docker-compose.yml"))
-    out["compose (cpu)"] = check_compose(
-        load_compose(root / "docker-compose.yml", root / "docker-compose.cpu.yml"), cpu=True
+    out["compose (cpu)"] = check_compose(load_compose(root / "docker-compose.yml"), cpu=True)
+    out["compose (gpu)"] = check_compose(
+        load_compose(root / "docker-compose.yml", root / "docker-compose.gpu.yml")
     )
     out["launcher"] = check_launcher()
     out["prometheus.yml"] = check_prometheus(

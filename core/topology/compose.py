@@ -129,7 +129,8 @@ def _port(p: Any) -> tuple[str, int | None, int]:
         pub = p.get("published")
         return str(p.get("host_ip", "")), int(pub) if pub not in (None, "") else None, int(p["target"])
     s = str(p).split("/")[0]
-    parts = s.split(":")
+    # from the right: the host part may be a ${VARIABLE:-default}, which has a colon of its own
+    parts = s.rsplit(":", 2)
     if len(parts) == 1:
         return "", None, int(parts[0])
     if len(parts) == 2:
@@ -143,7 +144,7 @@ def _gpu_devices(svc: Mapping) -> list:
 
 
 def check_compose(model: Mapping, *, cpu: bool = False, reg: Registry | None = None) -> list[str]:
-    """docker-compose.yml (``cpu``: merged with docker-compose.cpu.yml) against the registry."""
+    """docker-compose.yml (``cpu``: alone; else merged with docker-compose.gpu.yml) against the registry."""
     reg = reg or registry()
     problems: list[str] = []
     services: Mapping = model.get("services") or {}
