@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -477,6 +478,7 @@ class Service:
         self._http: _CappedHttpServer | None = None
         self._vital: list[threading.Thread] = []
         self._hb_thread: threading.Thread | None = None
+        self._signal_w = -1  # the signal handler's pipe to the signals thread (install_signals)
         reg = registry()
         self.endpoints = self._endpoints(reg)
         if signals:
@@ -725,15 +727,34 @@ class Service:
     def install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        r, self._signal_w = os.pipe()
+        os.set_blocking(self._signal_w, False)
+        threading.Thread(target=self._watch_signals, args=(r,), name="signals", daemon=True).start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        # A handler runs in the main thread between two bytecodes, wherever that thread is: inside
+        # Event.wait holding the event's lock, inside Thread.start holding threading's. Setting the stop event
+        # or starting a timer from here deadlocks when the interrupted code holds the lock it needs (a
+        # collector stopped in its pacing wait logged "stopping" and then hung for good, its watchdog never
+        # started). So the handler takes no lock: it writes one byte, the signals thread does the rest.
+        if self._signal_w >= 0:
+            with contextlib.suppress(OSError):  # the pipe is full: a stop is on its way already
+                os.write(self._signal_w, bytes([signum]))
+
+    def _watch_signals(self, r: int) -> None:
+        """The first SIGTERM/SIGINT: stop, then a bounded shutdown. If the loop or close() hangs, leave anyway."""
+        if not os.read(r, 64):  # the service closed without a signal
+            os.close(r)
+            return
         self.stop()
-        # bounded shutdown: if the loop or close() hangs, leave anyway
-        t = threading.Timer(self.cfg.service.shutdown_s, self._hard_exit)
-        t.daemon = True
-        t.start()
+        # Two watchdogs: this thread logs and exits at shutdown_s. A hang that holds the GIL, or a lock this
+        # thread needs (logging's), stops it too; faulthandler's watchdog is a C thread that needs neither: a
+        # second later it writes every thread's stack to stderr (the service's log: where it hung) and exits 1.
+        faulthandler.dump_traceback_later(self.cfg.service.shutdown_s + 1.0, exit=True)
+        time.sleep(self.cfg.service.shutdown_s)
+        self._hard_exit()
 
     def _hard_exit(self) -> None:
         self.log.error(f"shutdown took longer than {self.cfg.service.shutdown_s}s; exiting hard")
@@ -793,6 +814,9 @@ class Service:
     def close(self) -> None:
         self.stop_event.set()
         self.metrics.up.set(0)
+        if self._signal_w >= 0:  # ends the signals thread if no signal came
+            w, self._signal_w = self._signal_w, -1
+            os.close(w)
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=2)
         with self._sock_lock:
