@@ -38,9 +38,10 @@ COLLECTORS ?= 2
 PRESET   ?= tiny
 MINUTES  ?= 0
 N        ?= 3
+CYCLES   ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast test-compose lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
+.PHONY: help install run test test-fast test-system test-compose lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,11 +59,14 @@ install: $(STAMP) ## create .venv and install Charles with its tools (idempotent
 run: $(STAMP) ## the whole pipeline locally on the built-in sim (COLLECTORS=2 PRESET=tiny MINUTES=0 = until Ctrl-C)
 	$(CHARLES) up --collectors $(COLLECTORS) --preset $(PRESET) --minutes $(MINUTES)
 
-test: $(STAMP) ## every test (real sockets, processes, files); the command CI runs
+test: $(STAMP) ## the suite (real sockets, processes, files, browser, Prometheus); CI's first test step
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
-test-fast: $(STAMP) ## the tests not marked slow
+test-fast: $(STAMP) ## the tests not marked slow (a minute or two)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
+
+test-system: $(STAMP) ## whole-pipeline barrages: kill -9 loops, SIGTERM cycles (CYCLES=10), hostile runs; CI's second step
+	CHARLES_STOP_CYCLES=$(CYCLES) OMP_NUM_THREADS=1 $(PY) -m pytest -m system
 
 test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)
 	@rm -f runs/compose-test/phases.json

@@ -22,12 +22,16 @@ REQUIRE_TOOLS = os.environ.get("CHARLES_REQUIRE_TOOLS") == "1"
 skipping, so a green CI means the checks that need them ran."""
 
 
+OPT_IN = ("system", "compose")
+"""Markers whose tests run only when -m names them: `make test-system` (barrages of whole-pipeline kills,
+stops and hostile runs: minutes) and `make test-compose` (images and the docker-compose stack: tens of
+minutes, a Docker daemon). CI runs both as steps of their own after `make test`, which keeps its time."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked compose build images and run the whole docker-compose stack (tens of minutes, a Docker
-    daemon): only a run whose -m names them (`make test-compose`) keeps them, so `make test` keeps its time."""
-    if "compose" in (config.getoption("markexpr") or ""):
-        return
-    keep = [item for item in items if item.get_closest_marker("compose") is None]
+    named = config.getoption("markexpr") or ""
+    drop = [m for m in OPT_IN if m not in named]
+    keep = [item for item in items if not any(item.get_closest_marker(m) for m in drop)]
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in keep])
         items[:] = keep

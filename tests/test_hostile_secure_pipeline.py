@@ -20,7 +20,7 @@ from charles.proto import Weights, encode
 
 from survive_support import Pipeline, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 CONFIG = {
     "model": {"preset": "tiny", "overrides": {"width": 64, "height": 36}},

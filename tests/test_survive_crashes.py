@@ -37,7 +37,7 @@ from charles.trainer.synthetic import make_frames, make_sample, make_set
 from conftest import free_ports
 from survive_support import ForkServer, overrides, running, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 KILLS = int(os.environ.get("CHARLES_SURVIVE_KILLS", "20"))
 H, W = 36, 64

@@ -39,7 +39,7 @@ from charles.trainer.checkpoint import list_checkpoints
 
 from survive_support import Pipeline, Probe, rss_mb, running, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 PAUSE_S = float(os.environ.get("CHARLES_SURVIVE_PAUSE_S", "60"))
 """How long the trainer stays stopped: the issue's minute (about 140 MiB of sets owed to the trainer, several

@@ -37,7 +37,7 @@ from conftest import free_ports
 from survive_support import kill9, overrides, running, scrape, service_env, start_service, stop, wait_for
 from tests_support import weights_message
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 H, W = 36, 64
 CFG = get_config("tiny", width=W, height=H)

@@ -41,10 +41,10 @@ from mod_support import DeepGtavServer
 from survive_support import ForkServer, healthz, overrides, running, wait_for
 from tests_support import weights_message
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 CYCLES = int(os.environ.get("CHARLES_STOP_CYCLES", "10"))
-"""Starts per service; `make test` runs 10 (about a minute here), CHARLES_STOP_CYCLES=30 the full barrage."""
+"""Starts per service: `make test-system` runs 10 (CYCLES=30 there, CHARLES_STOP_CYCLES=30 here: the full barrage)."""
 SHUTDOWN_S = 10.0
 """service.shutdown_s of every process here: the budget a stop must keep."""
 H, W = 36, 64
