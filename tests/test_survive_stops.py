@@ -19,6 +19,7 @@ status 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -106,7 +107,14 @@ class Stopper:
             busy(log)
         t0 = time.monotonic()
         os.kill(pid, signal.SIGTERM)
-        status = self.server.reap(pid, timeout=SHUTDOWN_S + 30)
+        try:
+            status = self.server.reap(pid, timeout=SHUTDOWN_S + 30)
+        except AssertionError as e:  # it hung past both watchdogs: fail, and leave no stray process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(
+                f"start #{k} did not end after SIGTERM\n{log.read_text(errors='replace')[-3000:]}"
+            ) from e
         took = time.monotonic() - t0
         tail = log.read_text(errors="replace")[-3000:]
         assert os.waitstatus_to_exitcode(status) == 0, (
