@@ -72,8 +72,8 @@ class Registry:
         """The longest topic any socket carries (limits.max_topic_bytes: one source for codec and broker)."""
         return self.limits.max_topic_bytes
 
-    def topic(self, name: str | bytes) -> Topic | None:
-        """The registry entry for a concrete topic ("sample.collector-1" -> the "sample" family)."""
+    def _family_of(self, name: str | bytes) -> str | None:
+        """A topic's (or prefix's) family name: None when it is too long or not ASCII."""
         if len(name) > self.limits.max_topic_bytes:
             return None
         if isinstance(name, bytes | bytearray | memoryview):
@@ -81,7 +81,12 @@ class Registry:
                 name = bytes(name).decode("ascii")
             except UnicodeDecodeError:
                 return None
-        return self.topics.get(name.split(".", 1)[0])
+        return name.split(".", 1)[0]
+
+    def topic(self, name: str | bytes) -> Topic | None:
+        """The registry entry for a concrete topic ("sample.collector-1" -> the "sample" family)."""
+        family = self._family_of(name)
+        return None if family is None else self.topics.get(family)
 
     def family(self, name: str | bytes) -> str:
         """A bounded label for metrics: the family, or "unknown"."""
@@ -90,20 +95,13 @@ class Registry:
 
     def may_publish(self, role: str, topic: str | bytes) -> bool:
         """May a key of this role publish this topic on the secure side?"""
-        t = self.topic(topic) if len(topic) <= self.max_topic_bytes else None
+        t = self.topic(topic)
         return t is not None and (role in t.publish or "any" in t.publish)
 
     def may_subscribe(self, role: str, prefix: str | bytes) -> bool:
         """May a key of this role subscribe to this prefix? The prefix must name a whole family the role
         may read ("weights" or "weights.line"): "" or "w" would match families it may not."""
-        if len(prefix) > self.max_topic_bytes:
-            return False
-        if isinstance(prefix, bytes | bytearray | memoryview):
-            try:
-                prefix = bytes(prefix).decode("ascii")
-            except UnicodeDecodeError:
-                return False
-        t = self.topics.get(prefix.split(".", 1)[0])
+        t = self.topic(prefix)
         return t is not None and (role in t.subscribe or "any" in t.subscribe)
 
 
