@@ -47,6 +47,7 @@ from charles.agents.devices import (
     find_window_region,
     make_pad_reader,
 )
+from charles.cli import help_text
 from charles.config import knob
 from charles.drive.controls import wrap_angle
 from charles.drive.frames import fit_frame
@@ -520,7 +521,9 @@ def build(
 def main(
     argv: list[str] | None = None, *, grabber: Grabber | None = None, pad: PadReader | None = None
 ) -> int:
-    ap = argparse.ArgumentParser(prog="charles-capture-agent", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="charles capture-agent", description=help_text(__doc__.split("\n\n")[0])
+    )
     config_mod.add_arguments(
         ap,
         "YAML with bus/service sections and a capture section (default: $CHARLES_CONFIG)",

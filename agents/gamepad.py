@@ -31,6 +31,7 @@ import sys
 from charles import config as config_mod
 from charles.agents.common import check_bus, load_agent_config, setup
 from charles.agents.devices import make_pad
+from charles.cli import help_text
 from charles.pad import GamepadAgent, GamepadSettings, Pad
 from charles.runtime import agent_service, run_main
 
@@ -42,7 +43,9 @@ HTTP_PORT = 9111
 
 
 def main(argv: list[str] | None = None, *, pad: Pad | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles-gamepad-agent", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="charles gamepad-agent", description=help_text(__doc__.split("\n\n")[0])
+    )
     config_mod.add_arguments(
         ap,
         "YAML with bus/service sections and a gamepad section (default: $CHARLES_CONFIG)",

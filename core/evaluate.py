@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from charles.cli import help_text
+
 SIM_KEYS = ("km", "km_between_unstucks", "on_road_fraction", "collisions_per_km", "mean_speed_kmh")
 """The figures every evaluation prints (the gym path prints null where an env cannot tell)."""
 DEFAULT_EXPERT = "charles.sim.gym_env:npc_expert"
@@ -187,7 +189,7 @@ def _rounded(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from charles import config as config_mod
 
-    ap = argparse.ArgumentParser(prog="charles eval", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="charles eval", description=help_text(__doc__.split("\n\n")[0]))
     ap.add_argument("--policy", default="npc", help="npc | random | constant | weights:PATH (default npc)")
     ap.add_argument(
         "--seed", type=int, default=0, help="sim seed (town, spawn, targets) or first episode seed"

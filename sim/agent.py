@@ -52,6 +52,7 @@ import numpy as np
 import prometheus_client as prom
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.drive.controls import clean_purpose, clean_speed, combine, wrap_angle
 from charles.pad import GamepadAgent, GamepadSettings
 from charles.proto import Frame, GameFrame
@@ -385,7 +386,7 @@ class SimAgent:
 def main(argv: list[str] | None = None) -> int:
     from charles.runtime import agent_service, setup_logging
 
-    ap = argparse.ArgumentParser(prog="python -m charles.sim.agent", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="charles sim-agent", description=help_text(__doc__.split("\n\n")[0]))
     config_mod.add_arguments(
         ap,
         "run configuration file (default: $CHARLES_CONFIG); the broker's sections win",

@@ -19,11 +19,7 @@ def test_every_command_answers_help(name, capsys):
     assert "usage:" in out and len(out.splitlines()) >= 3, out
 
 
-# Entry points the other half of issue 13 reworks (charles.drive); drop each from here once its help is clean.
-HELP_NOT_YET_CLEAN = {"collector", "player", "eval", "sim-agent", "capture-agent", "gamepad-agent"}
-
-
-@pytest.mark.parametrize("name", sorted(set(COMMANDS) - HELP_NOT_YET_CLEAN))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_help_names_the_real_program_and_shows_no_rest_markup(name, capsys):
     with pytest.raises(SystemExit):
         main([name, "--help"])

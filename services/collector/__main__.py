@@ -10,12 +10,13 @@ import argparse
 import sys
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.collector.service import serve
 from charles.runtime import Service, default_instance, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles collector", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="charles collector", description=help_text(__doc__.split("\n\n")[0]))
     config_mod.add_arguments(
         ap,
         "run configuration file (default: $CHARLES_CONFIG); the broker's wins",

@@ -7,11 +7,12 @@ import socket
 import sys
 
 from charles import config as config_mod
+from charles.cli import help_text
 from charles.runtime import Service, run_main, run_service
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="charles player", description=__doc__)
+    ap = argparse.ArgumentParser(prog="charles player", description=help_text(__doc__))
     config_mod.add_arguments(ap)
     ap.add_argument(
         "--id", help="instance id (heartbeat.<id>, console.<id>, sample.<id>); default: player-<hostname>"
