@@ -39,6 +39,7 @@ PRESET   ?= tiny
 MINUTES  ?= 0
 N        ?= 3
 CYCLES   ?= 10
+KILLS    ?= 3
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-fast test-system test-compose lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
@@ -65,8 +66,8 @@ test: $(STAMP) ## the suite (real sockets, processes, files, browser, Prometheus
 test-fast: $(STAMP) ## the tests not marked slow (a minute or two)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
-test-system: $(STAMP) ## whole-pipeline barrages: kill -9 loops, SIGTERM cycles (CYCLES=10), hostile runs; CI's second step
-	CHARLES_STOP_CYCLES=$(CYCLES) OMP_NUM_THREADS=1 $(PY) -m pytest -m system
+test-system: $(STAMP) ## whole-pipeline barrages: kill -9 rounds (KILLS=3), SIGTERM cycles (CYCLES=10), hostile runs
+	CHARLES_STOP_CYCLES=$(CYCLES) CHARLES_KILLS=$(KILLS) OMP_NUM_THREADS=1 $(PY) -m pytest -m system
 
 test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)
 	@rm -f runs/compose-test/phases.json

@@ -1,7 +1,7 @@
 """The running pipeline survives a stalled trainer, a hostile publisher, and kill -9 of each service.
 
 One ``charles up`` (broker, 4 sim collectors, balancer, trainer, player, viewer; the tiny model at 64x36)
-serves the three tests in this order, each leaving it healthy for the next:
+serves the tests in this order, each leaving it healthy for the next:
 
 1. backpressure: the trainer is stopped (SIGSTOP) while the collectors keep going; every process's memory
    stays bounded, every set sent meanwhile is either received after SIGCONT or counted as dropped, and
@@ -10,7 +10,9 @@ serves the three tests in this order, each leaving it healthy for the next:
    every reject is counted by reason where it lands, and no hostile sample reaches the trainer;
 3. fault injection: broker, balancer, trainer, player and a collector are each killed with SIGKILL; the
    launcher restarts it, the others carry on without a restart, and the trainer resumes at its last
-   checkpoint with its buffers refilled from disk.
+   checkpoint with its buffers refilled from disk; then rounds of kills (``CHARLES_KILLS``, 3 by default,
+   20 for the full loop) of broker, balancer, player and a collector at random moments, with everyone
+   progressing again after each kill, training going on after each round, and the trainer's files whole.
 
 The collectors send raw frames with 1024 history rows (~28 KB a sample) and the balancer flushes a set
 every quarter second, so a stalled trainer is owed far more than the kernel's socket buffers and the
@@ -33,9 +35,10 @@ import numpy as np
 import pytest
 import zmq
 
+from charles.model.presets import get_config
 from charles.proto import Console, Frame, Heartbeat, Sample, SampleSet, Weights, encode
 from charles.proto.messages import ConfigReply
-from charles.trainer.checkpoint import list_checkpoints
+from charles.trainer.checkpoint import list_checkpoints, read_checkpoint
 
 from survive_support import Pipeline, Probe, rss_mb, running, wait_for
 
@@ -429,9 +432,10 @@ def progress(p: Pipeline, name: str) -> float:
     return s.value("charles_messages_total", direction="in", topic=topic)
 
 
-@pytest.mark.parametrize("victim", ["broker", "balancer", "trainer", "player", "collector-2"])
-def test_kill9_a_service_and_the_rest_carry_on(pipeline, victim):
-    p = pipeline
+def kill_and_recover(p: Pipeline, victim: str) -> float:
+    """SIGKILL ``victim``; the launcher restarts it, nobody else restarts, everyone makes progress again,
+    samples, sets and weights cross the bus again. Returns the seconds from the kill to all of that."""
+    t0 = time.monotonic()
     pids = p.pids()
     ckpt_dir = p.run_dir / "tiny" / "tiny_v1" / "checkpoints"
     log_mark = len(p.log("trainer"))
@@ -467,3 +471,52 @@ def test_kill9_a_service_and_the_rest_carry_on(pipeline, victim):
     wait_for(lambda: p.probe.since("weights.tiny", mark), 90, "no weights after the restart")
     assert all(p.healthy(n) for n in p.names)
     assert p.pid(victim) == new_pid
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("victim", ["broker", "balancer", "trainer", "player", "collector-2"])
+def test_kill9_a_service_and_the_rest_carry_on(pipeline, victim):
+    kill_and_recover(pipeline, victim)
+
+
+KILLS = int(os.environ.get("CHARLES_KILLS", "3"))
+"""Rounds of the kill loop: each round kills broker, balancer, player and a collector once, in a random order
+at a random moment. `make test-system` runs 3; CHARLES_KILLS=20 is the issue's twenty kills of each."""
+LOOP_VICTIMS = ["broker", "balancer", "player", "collector-3"]
+"""The trainer has its own twenty kills, mid-training and mid-write (tests/test_survive_crashes.py)."""
+
+
+@pytest.mark.timeout(max(300, KILLS * 240))  # four kills a round, each back within a minute
+def test_kill9_each_service_again_and_again_and_training_goes_on(pipeline):
+    p = pipeline
+    seed = int(os.environ.get("CHARLES_SURVIVE_SEED", str(time.time_ns() % 2**31)))
+    rng = np.random.default_rng(seed)
+    print(f"kill loop seed {seed} (CHARLES_SURVIVE_SEED to replay)")
+    took: dict[str, list[float]] = {v: [] for v in LOOP_VICTIMS}
+    batches = [p.scrape("trainer").value("charles_trainer_batches_total")]
+    for _ in range(KILLS):
+        for victim in rng.permutation(LOOP_VICTIMS):
+            time.sleep(float(rng.uniform(0.0, 2.0)))  # a random moment of its work, not right after a restart
+            took[str(victim)].append(kill_and_recover(p, str(victim)))
+        # the pipeline still trains after every round: batches rise
+        b = batches[-1]
+        wait_for(
+            lambda b=b: p.scrape("trainer").value("charles_trainer_batches_total") > b,
+            90,
+            f"training stopped in round {len(batches)}",
+        )
+        batches.append(p.scrape("trainer").value("charles_trainer_batches_total"))
+    for v, t in took.items():
+        print(
+            f"{v}: {len(t)} kills, back with everyone progressing in median {sorted(t)[len(t) // 2]:.1f}s, max {max(t):.1f}s"
+        )
+    print(f"trainer batches after each round: {[int(b) for b in batches]}")
+    # no corrupt file: the trainer's storage and its newest checkpoint read back whole
+    db = p.run_dir / "tiny" / "tiny_v1" / "storage" / "buffers.sqlite3"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ckpts = list_checkpoints(p.run_dir / "tiny" / "tiny_v1" / "checkpoints")
+    assert ckpts, "no checkpoint after the kill loop"
+    read_checkpoint(
+        ckpts[-1][1], get_config("tiny", width=W, height=H)
+    )  # raises CheckpointError if not whole
