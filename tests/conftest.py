@@ -23,8 +23,8 @@ skipping, so a green CI means the checks that need them ran."""
 
 
 OPT_IN = ("system", "compose")
-"""Markers whose tests run only when -m names them: `make test-system` (barrages of whole-pipeline kills,
-stops and hostile runs: minutes) and `make test-compose` (images and the docker-compose stack: tens of
+"""Markers whose tests run only when -m names them: `make test-system` (whole pipelines: `charles up` under
+Prometheus, the e2e bench in miniature, barrages of kills, stops and hostile runs: minutes) and `make test-compose` (images and the docker-compose stack: tens of
 minutes, a Docker daemon). CI runs both as steps of their own after `make test`, which keeps its time."""
 
 

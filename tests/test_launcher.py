@@ -22,7 +22,7 @@ from conftest import REQUIRE_TOOLS, missing_tool
 from tests_support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a whole pipeline: make test-system
 
 # Small enough that trained weights reach the player within a minute on two busy cores.
 FAST = {
