@@ -411,7 +411,7 @@ SHUTDOWN_S = 10.0
 @dataclass
 class Stopper:
     """Starts one service again and again from a fork server and stops it with SIGTERM: exit 0 within
-    SHUTDOWN_S each time."""
+    SHUTDOWN_S each time (tests/test_survive_stops.py, tests/test_survive_build_stop.py)."""
 
     module: str
     argv: list[str]
@@ -452,9 +452,8 @@ class Stopper:
             assert running(pid), (
                 f"start #{k} exited before it was healthy:\n{log.read_text(errors='replace')[-3000:]}"
             )
-            # A sim builds its town (seconds, more on a loaded box) before its loop runs, and that build does
-            # not look at SIGTERM: a stop then can outlast service.shutdown_s. Until the build is
-            # interruptible, a sim's stop comes once it sends (``sending``: the topic family it publishes).
+            # ``sending`` (the topic family it publishes): stop once it sends, in its loop, not while it
+            # starts (a sim's town build; tests/test_survive_build_stop.py stops one there)
             if sending is not None and self.healthy():
                 return (
                     scrape(self.http_port).value("charles_messages_total", direction="out", topic=sending) > 0

@@ -126,3 +126,22 @@ def test_a_town_is_the_same_bytes_it_was():
     town = _generate(*town_key(PINNED))
     assert (town.buildings, town.obstacles, (town.classes == WATER).any()) == (64, 37, True)
     assert _digests(town) == PINNED_SHA256
+
+
+def test_a_cancelled_build_raises_at_its_next_step_and_is_not_cached():
+    from charles.sim import town as town_mod
+
+    cfg = SimConfig(blocks=2, seed=12345, texture_res_m=1.0, class_res_m=1.0)  # a key nobody else builds
+    asked = 0
+
+    def stop_on_the_fifth_question() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked >= 5
+
+    with pytest.raises(town_mod.BuildCancelled):
+        build_town(cfg, should_stop=stop_on_the_fifth_question)
+    assert asked == 5  # it stopped asking (and building) at the first yes
+    assert town_mod.town_key(cfg) not in town_mod._towns
+    built = build_town(cfg, should_stop=lambda: False)
+    assert build_town(cfg, should_stop=lambda: True) is built  # a cached town needs no build to cancel

@@ -102,6 +102,7 @@ class SimSource:
         unstuck: UnstuckConfig | None = None,
         *,
         expert: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ):
         sim = replace(
             sim or SimConfig(),
@@ -111,7 +112,7 @@ class SimSource:
             cinematic_width=config.console_width,
             cinematic_height=config.console_width * 9 // 16,
         )
-        self.world = SimWorld(sim)
+        self.world = SimWorld(sim, should_stop=should_stop)  # the town: seconds, cancellable
         self.session = DriveSession(self.world, unstuck or UnstuckConfig(), history_rows(cfg))
         self.teleport_hooks: list[Callable[[], None]] = self.session.teleport_hooks
         self.npc = Npc(self.world, cfg=NpcConfig(noise_rate_hz=0.0)) if expert else None
