@@ -92,7 +92,7 @@ def batch_config(cfg, batch: int, **kw) -> BatchConfig:
         outputs=cfg.output_names,
         image_size=(cfg.height, cfg.width),
         stack_len=cfg.frames - 1,
-        history_len=cfg.history_length if cfg.history != "none" else 0,
+        history_len=cfg.history_rows,
         **kw,
     )
 

@@ -12,6 +12,7 @@ actions give identical frames and trajectories.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,10 +78,18 @@ class StepInfo:
 class SimWorld:
     """One running sim instance. Cheap to make once the town is cached (towns are shared per seed)."""
 
-    def __init__(self, cfg: SimConfig | None = None, episode_seed: int | None = None, **overrides):
+    def __init__(
+        self,
+        cfg: SimConfig | None = None,
+        episode_seed: int | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        **overrides,
+    ):
+        """``should_stop``: asked while the town builds (seconds); True gives it up with BuildCancelled."""
         cfg = cfg or SimConfig()
         self.cfg = replace(cfg, **overrides) if overrides else cfg
-        self.town: Town = build_town(self.cfg)
+        self.town: Town = build_town(self.cfg, should_stop)
         self.hood_cam = render.hood_camera(
             self.cfg.hood_width, self.cfg.hood_height, self.cfg.hood_fov_deg, self.cfg.view_distance_m
         )
