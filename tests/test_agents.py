@@ -494,7 +494,7 @@ def test_entry_point_publishes_and_stops_on_sigterm(broker, mod):
             assert b"charles_agent_frames_total" in r.read()
         out = stop_by_sigterm(proc)
         assert "collect mode" in out and "connected" in out
-        wait_for(lambda: srv.messages("stop"), 2, "the agent did not stop the mod's scenario on shutdown")
+        wait_for(lambda: srv.messages("stop"), 10, "the agent did not stop the mod's scenario on shutdown")
     finally:
         if proc.poll() is None:
             proc.kill()
