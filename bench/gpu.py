@@ -153,18 +153,20 @@ PARTS = [
     Part("machine", 30, lambda smoke: ["-c", MACHINE], lambda data, smoke: data),
     Part(
         "decode",
-        30,
+        45,
         lambda smoke: (
             [str(BENCH / "trainer.py"), "--part", "d"]
             + (["--quick", "--b-device", "cpu"] if smoke else ["--b-device", "cuda"])
         ),
         decode_figures,
     ),
-    Part("trainer", 120, trainer_argv, trainer_figures),
-    Part("player", 120, player_argv, player_figures),
+    # two IRv2 builds and 33 steps each (~1 min); the player bench's tiny CPU run, then IRv2 on the GPU in
+    # three processes; eager steps, then inductor compiling IRv2's forward and backward (minutes)
+    Part("trainer", 105, trainer_argv, trainer_figures),
+    Part("player", 150, player_argv, player_figures),
     Part(
         "compile",
-        240,
+        210,
         lambda smoke: trainer_argv(
             smoke, "--b-loops", "ours,compiled", *(["--b-compile-backend", "aot_eager"] if smoke else [])
         ),
