@@ -66,7 +66,7 @@ test: $(STAMP) ## the suite (real sockets, processes, files, browser, Prometheus
 test-fast: $(STAMP) ## the tests not marked slow (a minute or two)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
-test-system: $(STAMP) ## whole pipelines: charles up + Prometheus, e2e bench, kill -9 rounds (KILLS=3), SIGTERM cycles (CYCLES=10), hostile runs
+test-system: $(STAMP) ## whole pipelines: charles up + Prometheus, e2e and GPU benches on the CPU, kill -9 rounds (KILLS=3), SIGTERM cycles (CYCLES=10), hostile runs
 	CHARLES_STOP_CYCLES=$(CYCLES) CHARLES_KILLS=$(KILLS) OMP_NUM_THREADS=1 $(PY) -m pytest -m system
 
 test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)

@@ -40,33 +40,52 @@ def numbers(tree, path=""):
         yield path, tree
 
 
-@pytest.mark.slow
-def test_the_cpu_smoke_run_reports_every_part_with_real_figures():
+def smoke(*parts: str) -> dict:
+    """``gpu.py --cpu-smoke`` (only ``parts`` when given): its JSON line, after the checks every run passes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(GPU_BENCH), "--cpu-smoke"], capture_output=True, text=True, timeout=900, env=env
-    )
+    cmd = [sys.executable, str(GPU_BENCH), "--cpu-smoke"] + (["--parts", ",".join(parts)] if parts else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["mode"] == "cpu-smoke" and r["failed"] == [] and "error" not in r, r
     for where, x in numbers(r):
         assert math.isfinite(x) and x >= 0, f"{where} = {x}"
-
     assert r["machine"]["cuda_available"] is False and r["machine"]["torch"].startswith("2.")
+    return r
+
+
+def check_loop(loop: dict) -> None:
+    assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] <= 1
+    assert loop["peak_gpu_memory_mib"] is None  # no GPU: not measured, not made up
+
+
+@pytest.mark.slow
+def test_the_cpu_smoke_run_of_the_trainer_and_decode_parts_gives_real_figures():
+    """The parts on the trainer's code path (its loops against the plain fp32 one, the CPU decode); the
+    player's and the compiled step's parts take minutes on a CPU: make test-system runs the whole command."""
+    r = smoke("machine", "decode", "trainer")
     trainer = r["trainer"]
     assert trainer["preset"] == "tiny" and trainer["device"] == "cpu" and trainer["speedup"] > 0
+    check_loop(trainer["ours"])
+    check_loop(trainer["plain_fp32"])
+    decode = r["decode"]
+    assert decode["frame"] == [480, 270] and decode["cpu"]["images_per_s"] > 0
+    assert "unavailable" in decode["nvjpeg"] and "images_per_s" not in decode["nvjpeg"]
+    assert set(r["part_seconds"]) == {"machine", "decode", "trainer"}
+
+
+@pytest.mark.slow
+@pytest.mark.system
+def test_the_whole_cpu_smoke_run_reports_every_part_with_real_figures():
+    r = smoke()
+    for loop in (r["trainer"]["ours"], r["trainer"]["plain_fp32"], r["compile"]["ours"]):
+        check_loop(loop)
     compiled = r["compile"]["compiled"]
-    for loop in (trainer["ours"], trainer["plain_fp32"], r["compile"]["ours"], compiled):
-        assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] <= 1
-        assert loop["peak_gpu_memory_mib"] is None  # no GPU: not measured, not made up
+    check_loop(compiled)
     assert compiled["backend"] == "aot_eager" and compiled["speedup_vs_ours"] > 0
     # compiling on the first steps is slower than the eager steps after it (dynamo traces the model)
     assert compiled["compile_s"] > 0
     assert compiled["pays_after_batches"] is None or compiled["pays_after_batches"] >= 1
-
-    decode = r["decode"]
-    assert decode["frame"] == [480, 270] and decode["cpu"]["images_per_s"] > 0
-    assert "unavailable" in decode["nvjpeg"] and "images_per_s" not in decode["nvjpeg"]
     player = r["player"]["tiny"]
     assert player["device"] == "cpu" and player["pps"] > 0 and player["bare_pps"] > 0
     assert 0 < player["latency_p50_ms"] <= player["latency_p99_ms"]
