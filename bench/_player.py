@@ -103,10 +103,10 @@ def bare_window(service, n: int, channels_last: bool = True, folded: bool = Fals
         return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1000.0
 
 
-def on_gpu(run: Callable[[], dict]) -> dict | str:
-    """``run()``'s figures for :data:`GPU_PRESET` on CUDA, or why there are none."""
+def on_gpu(run: Callable[[], dict], preset: str = GPU_PRESET) -> dict | str:
+    """``run()``'s figures for ``preset`` on CUDA, or why there are none."""
     if not torch.cuda.is_available():
-        print(f"GPU: skipped (no CUDA): {GPU_PRESET} at 480x270, p99 <= 33 ms not measured", file=sys.stderr)
+        print(f"GPU: skipped (no CUDA): {preset} at 480x270, p99 <= 33 ms not measured", file=sys.stderr)
         return "skipped: no CUDA"
     torch.set_num_threads(4)
     gpu = run()

@@ -15,9 +15,9 @@ trainer  bench/trainer.py part (b): model_0004 (inception_resnet_v2 at 480x270) 
          the service runs it (bf16 autocast, channels_last, fused AdamW, nvJPEG on the prefetch thread)
          against a plain fp32 loop on the same backbone: images/s, data-wait fraction and peak GPU memory
          of each, and the speed-up.
-player   bench/player.py's command line (--quick): the player as a process of its own, on the GPU for
-         model_0004 at 480x270: predictions/s, p50/p99 frame-to-action latency (goal p99 <= 33 ms).
-         model_0012 (RegNet) is reported as not measured: that command line measures model_0004 only.
+player   bench/player.py's command line (--quick --gpu-presets ...): the player as a process of its own,
+         on the GPU for model_0004 and model_0012 (RegNet) at 480x270: predictions/s, p50/p99
+         frame-to-action latency (goal p99 <= 33 ms).
 compile  our Trainer under torch.compile (inductor) against the same step eager, in one process: steady
          images/s, compile time, speed-up, and after how many batches compiling pays (null: never).
          Last, as the part most likely to run long.
@@ -129,23 +129,20 @@ PLAYER_KEYS = (
 
 
 def player_argv(smoke: bool) -> list[str]:
-    """The player's figures come from its own benchmark's command line, as it is: ``--quick`` measures the
-    tiny line on the CPU and, where CUDA is, model_0004 on the GPU (its JSON's ``gpu``)."""
-    return [str(PLAYER_BENCH), "--quick"]
+    """The player's figures come from its own benchmark's command line: ``--quick`` measures the tiny line
+    on the CPU and, where CUDA is, each of GPU_PRESETS on the GPU (its JSON's ``gpu_presets``)."""
+    return [str(PLAYER_BENCH), "--quick"] + ([] if smoke else ["--gpu-presets", ",".join(GPU_PRESETS)])
 
 
 def player_figures(data: dict, smoke: bool) -> dict:
     if smoke:
         return {data["preset"]: {k: data[k] for k in PLAYER_KEYS}}
-    gpu = data.get("gpu")
-    if not isinstance(gpu, dict):
-        raise ValueError(f"bench/player.py measured nothing on the GPU: {gpu!r}")
-    out = {gpu["preset"]: {**{k: gpu[k] for k in PLAYER_KEYS}, "p99_goal_met": gpu["p99_goal_met"]}}
+    out = {}
     for preset in GPU_PRESETS:
-        out.setdefault(
-            preset,
-            {"not_measured": "bench/player.py's command line measures model_0004 on the GPU only"},
-        )
+        gpu = data.get("gpu_presets", {}).get(preset)
+        if not isinstance(gpu, dict):
+            raise ValueError(f"bench/player.py measured nothing on the GPU for {preset}: {gpu!r}")
+        out[preset] = {**{k: gpu[k] for k in PLAYER_KEYS}, "p99_goal_met": gpu["p99_goal_met"]}
     return out
 
 
