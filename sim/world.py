@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charles.drive.controls import wrap_angle
+from charles.drive.controls import purpose, wrap_angle
 from charles.drive.unstuck import Unstuck, UnstuckConfig
 from charles.sim import render
 from charles.sim.car import DT, Car
@@ -286,8 +286,7 @@ class SimWorld:
     def purpose(self) -> tuple[float, float]:
         """(direction to the target relative to the heading, radians in [-pi, pi], positive left; distance m)."""
         p = self.player
-        dx, dy = self.target[0] - p.x, self.target[1] - p.y
-        return wrap_angle(math.atan2(dy, dx) - p.heading), math.hypot(dx, dy)
+        return purpose((p.x, p.y), p.heading, self.target)
 
     def telemetry(self) -> dict:
         """What a game mod reports: position (x, y, z m), heading (rad), speed (m/s), purpose, game time."""
