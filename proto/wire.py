@@ -228,7 +228,8 @@ def envelope(kind: str, body: type[Struct] | None = None) -> type[Struct]:
 
 
 ENVELOPES: dict[str, type[Struct]] = {kind: envelope(kind) for kind in BODIES}
-"""Kind -> the struct of a whole header of that kind (what a receiver decodes in one call)."""
+"""Kind -> the struct of a whole header of that kind, as senders encode it and schema.json states it (a
+receiver decodes samples and sets with ``envelope(kind, <its own body>)``, the same wire fields)."""
 
 
 # ---------------------------------------------------------------------------------------------- reasons
