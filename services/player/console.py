@@ -1,4 +1,5 @@
-"""What people see of the player: the Player Console for the viewer, and a live view on a terminal.
+"""What people see of the player: the Player Console and the camera stream for the viewer, and a live
+view on a terminal.
 
 The drive loop only hands over references (the hood frame, the cinematic frame it rendered, the predictor
 whose Convcam tap holds the newest activations, a state dict); the painter thread draws the Convcam,
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 
 from charles.model.predictor import Predictor
-from charles.proto import Console, Frame
+from charles.proto import Camera, Console, Frame
 from charles.runtime import Publisher, Service
 
 BAR = 10
@@ -72,7 +73,7 @@ class ConsolePainter:
 
     def paint(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> Console:
         frames = {
-            name: Frame.encode(self._fit(img), "jpeg", self.quality)
+            name: Frame.encode(fit_width(img, self.max_width), "jpeg", self.quality)
             for name, img in images.items()
             if img is not None
         }
@@ -91,13 +92,74 @@ class ConsolePainter:
             sys.stdout.flush()
         return console
 
-    def _fit(self, img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        if w <= self.max_width:
-            return img
-        return cv2.resize(
-            img, (self.max_width, max(1, round(h * self.max_width / w))), interpolation=cv2.INTER_AREA
-        )
+    def close(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+
+def fit_width(img: np.ndarray, max_width: int) -> np.ndarray:
+    """Shrunk to ``max_width`` (aspect kept) when wider; as it is otherwise."""
+    h, w = img.shape[:2]
+    if w <= max_width:
+        return img
+    return cv2.resize(img, (max_width, max(1, round(h * max_width / w))), interpolation=cv2.INTER_AREA)
+
+
+class CameraStream:
+    """``# <= camera_hz -> camera.<instance>``: the cinematic and hood pictures as JPEGs, off the drive loop.
+
+    Newest job only: the loop hands over references and goes on; a job the encoder had not taken yet when
+    the next came is replaced and counted (``charles_drops_total{cause="camera_busy"}``), so a slow encode
+    costs pictures, never frames of the drive. How many people watch does not matter here: the viewer fans
+    the one stream out.
+    """
+
+    def __init__(self, svc: Service, quality: int = 70, max_width: int = 640, pub: Publisher | None = None):
+        self.svc = svc
+        self.quality = quality
+        self.max_width = max_width
+        self.pub = pub or svc.publisher("camera")
+        self.published = 0
+        self._busy = svc.metrics.drops.labels(cause="camera_busy")
+        self._lock = threading.Lock()
+        self._job: tuple[dict[str, np.ndarray], float] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="camera", daemon=True)
+        self._thread.start()
+
+    def submit(self, images: dict[str, np.ndarray | None], captured: float) -> None:
+        """``captured``: Unix time the pictures were taken (the stream page's latency starts there)."""
+        with self._lock:
+            if self._job is not None:
+                self._busy.inc()
+            self._job = ({k: v for k, v in images.items() if v is not None}, captured)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            with self._lock:
+                job, self._job = self._job, None
+                self._wake.clear()
+            if job is None or self._stop.is_set():
+                continue
+            try:
+                self.send(*job)
+            except Exception:  # a picture is never worth the drive
+                self.svc.log.exception("could not send the camera pictures")
+
+    def send(self, images: dict[str, np.ndarray], captured: float) -> Camera | None:
+        if not images:
+            return None
+        frames = {
+            k: Frame.encode(fit_width(v, self.max_width), "jpeg", self.quality) for k, v in images.items()
+        }
+        camera = Camera(self.published, captured, frames)
+        if self.pub.send(f"camera.{self.svc.instance}", camera):
+            self.published += 1
+        return camera
 
     def close(self, timeout_s: float = 1.0) -> None:
         self._stop.set()
