@@ -13,14 +13,16 @@ import math
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from charles.model.predictor import Predictor
 from charles.proto import Camera, Console, Frame
 from charles.runtime import Publisher, Service
+
+if TYPE_CHECKING:  # torch and timm: seconds of import that a tool sending pictures does not need
+    from charles.model.predictor import Predictor
 
 BAR = 10
 """Half-width of the terminal's bars in characters."""
