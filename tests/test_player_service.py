@@ -164,7 +164,11 @@ def test_late_joiner_gets_the_newest_weights_and_drives(player, trainer, client_
     # the rate by the pictures' own clock (what waited in the socket's queue came out in a burst)
     taken = [c.msg.captured for t, c in cameras if t >= t0]
     hz = (len(taken) - 1) / (taken[-1] - taken[0])
-    assert 15 <= hz <= 31, f"camera pictures at {hz:.1f} Hz with camera_hz 30"
+    assert hz <= 31, f"camera pictures at {hz:.1f} Hz with camera_hz 30"
+    # below the cap only where the box is too busy, and then it says why: the loop itself ran slower, or
+    # the encoder fell behind and the pictures it skipped were counted
+    busy = counter_value(reg, "charles_drops_total", {"cause": "camera_busy"})
+    assert hz >= 15 or busy > 0 or service.fps < 20, f"{hz:.1f} Hz, loop {service.fps:.0f} fps, none dropped"
     seqs = [c.msg.seq for _, c in cameras]
     assert seqs == sorted(seqs)
     assert state["model_batch"] == 100 and state["controls"]["throttle"] == pytest.approx(0.6, abs=1e-3)
