@@ -485,9 +485,20 @@ def _stream_parts(
 def test_camera_pictures_are_pushed_to_every_streaming_page(client_factory, viewer):
     port = viewer.port
     assert _get(port, "/stream/player/cinematic.mjpg")[0] == 404  # nobody plays yet
-    _publish_until_shown(client_factory, viewer, {"player-1": player_console()})
     cam = client_factory("player").publisher("camera")
     pic = Frame.encode(_picture((10, 90, 250), 180, 320), "jpeg")
+    reg = viewer.svc.metrics.registry
+    unknown = {"cause": "camera_not_kept"}
+    wait_for(  # pictures of an instance the board has no console of are dropped, and counted
+        lambda: (
+            cam.send("camera.player-1", Camera(0, time.time(), {"cinematic": pic}))
+            and counter_value(reg, "charles_drops_total", unknown) > 0
+        ),
+        5,
+        "a camera picture of an unknown instance was not counted",
+    )
+    assert _get(port, "/stream/player-1/cinematic")[0] == 404
+    _publish_until_shown(client_factory, viewer, {"player-1": player_console()})
     sent = []
 
     def publish() -> None:
@@ -530,7 +541,6 @@ def test_camera_pictures_are_pushed_to_every_streaming_page(client_factory, view
     # the pushed pictures are the board's too: /img and /api/state show the camera's, not the console's
     assert _get(port, "/img/player/cinematic.jpg")[1] == bytes(pic.data)
     assert _state(port)["instances"]["player-1"]["images"]["cinematic"]["shape"] == [180, 320, 3]
-    reg = viewer.svc.metrics.registry
     assert counter_value(reg, "charles_viewer_camera_pictures_total") >= 30
     assert counter_value(reg, "charles_viewer_stream_pictures_total") >= 36
     wait_for(lambda: len(viewer.fanout) == 0, 5, "streams of pages that left stayed open")

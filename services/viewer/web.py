@@ -365,6 +365,8 @@ class Viewer:
         """New pictures of an instance (the receive loop): to every page streaming them."""
         if camera:
             self.metrics.cameras.inc()
+            if not pictures:  # of an instance with no console yet, or older than those held
+                self.svc.metrics.drops.labels(cause="camera_not_kept").inc()
         self.fanout.publish(instance, pictures)
 
     def _open_stream(self, rest: str) -> tuple[int, bytes, str, dict[str, str]]:
