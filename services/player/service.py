@@ -15,7 +15,9 @@ The loop (:meth:`PlayerService.step`, one frame each) is::
 
 Threads: the loop owns the source, the predictors it drives and the sample publisher; the weights feed
 (swap.py) owns the weights socket and loads into the spare predictor; the console painter and the camera
-stream (console.py) own the console and camera sockets; the heartbeat thread reads ``svc.info`` (a new dict each refresh).
+stream (console.py) own the console and camera sockets (the loop renders the chase camera, ~1 ms, once
+per picture they need, after the action is out); the heartbeat thread reads ``svc.info`` (a new dict
+each refresh).
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ class PlayerService:
         return view
 
     def _pictures(self, view: View, now: float, predictor: Predictor | None) -> None:
-        """The camera stream (camera_hz) and the console (console_hz); the chase camera rendered once for both.
+        """The camera stream (camera_hz) and the console (console_hz): the chase camera rendered once for both.
 
         With the stream on, the console leaves the cameras to it and carries state and the Convcam only.
         """
