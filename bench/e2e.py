@@ -78,6 +78,9 @@ def run_config(base: Path, overrides: list[str], dagger: bool | None) -> dict:
         _set_path(data, k.strip(), yaml.safe_load(v) if v else "")
     if dagger is not None:  # else what the configuration says (the demo: on)
         _set_path(data, "player.dagger", bool(dagger))
+    # no viewer, so no camera stream: its pictures (a render and two JPEGs per frame) would take the
+    # cores' time from training (unless --set player.camera_hz=... asks for it)
+    data.setdefault("player", {}).setdefault("camera_hz", 0)
     return data
 
 
