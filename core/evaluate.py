@@ -17,7 +17,9 @@ speed, purpose, its own past actions as history, the frame stack).
 steps (or ``--episodes``), adding ``episode_return`` (mean over finished episodes). Where the env's info
 has ``distance_m``, ``on_road`` and ``collisions`` (Charles/Drive-v0 does) the driving figures come too;
 there is no Unstuck in an env, so ``km_between_unstucks`` divides by the episodes that ended early
-(``terminated``: water, a crash). ``--policy npc`` means the ``--expert`` there.
+(``terminated``: water, a crash). ``--policy npc`` means the ``--expert`` there; ``constant`` is straight
+ahead at half throttle, as in the sim. The env's action layout is ``collector.gym_action`` (and
+``gym_action_table``), the collector's: a model drives through the same adapter that labels an expert.
 
 ``--config``/``--set`` take the ``sim``, ``npc`` and ``unstuck`` sections (and the collector's codec).
 """
@@ -75,9 +77,9 @@ def evaluate_sim(
     return result
 
 
-def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: str) -> Any:
+def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: str, actions: Any) -> Any:
+    from charles.drive.gym import load_callable
     from charles.drive.policy import GymPolicy
-    from charles.sim.evaluate import load_callable
 
     if policy == "npc":
         return load_callable(expert)(env)
@@ -85,13 +87,12 @@ def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: 
         space = env.action_space
         space.seed(seed)
         return lambda obs, info: space.sample()
-    if policy == "constant":
-        space = env.action_space
-        mid = ((space.low + space.high) / 2).astype(space.dtype)
-        return lambda obs, info: mid
+    if policy == "constant":  # the sim's constant: straight ahead at half throttle, in the env's layout
+        action = actions.to_env(0.0, 0.5)
+        return lambda obs, info: action
     if policy.startswith("weights:"):
         mp = model_policy(policy, cfg, device)
-        return GymPolicy(mp, mp.history_rows)
+        return GymPolicy(mp, mp.history_rows, actions)
     raise ValueError(f"unknown policy {policy!r}: npc, random, constant or weights:PATH")
 
 
@@ -110,11 +111,17 @@ def evaluate_env(
     import gymnasium as gym
 
     from charles import config as config_mod
+    from charles.drive.gym import action_adapter
     from charles.sim import gym_env
 
     cfg = cfg or config_mod.load(environ={})
     gym_env.register()
     env = gym.make(env_id, **(env_kwargs or {}))
+    try:
+        actions = action_adapter(env.action_space, cfg.collector.gym_action, cfg.collector.gym_action_table)
+    except ValueError as e:
+        env.close()
+        raise ValueError(f"{env_id}: {e}") from None
     steps_budget = int(round(minutes * 60 * 30))
     returns: list[float] = []
     lengths: list[int] = []
@@ -123,7 +130,7 @@ def evaluate_env(
     has_driving = True
     t0 = time.perf_counter()
     try:
-        act = _gym_actor(policy, env, expert, seed, cfg, device)
+        act = _gym_actor(policy, env, expert, seed, cfg, device, actions)
         ep = 0
         while (episodes is None and steps < steps_budget) or (episodes is not None and ep < episodes):
             obs, info = env.reset(seed=seed + ep)
