@@ -3,6 +3,7 @@
     charles eval --policy npc --seed 1 --minutes 5
     charles eval --policy weights:runs/tiny_v1/latest.safetensors --minutes 5
     charles eval --policy npc --env gym:Charles/Drive-v0 --expert charles.sim.gym_env:npc_expert
+    charles eval --policy weights:PATH --env gym:CarRacing-v3 --config deploy/car_racing.yaml --episodes 3
 
 The sim (default): ``minutes`` of game time with Unstuck active (charles.sim.evaluate.evaluate), giving
 ``km``, ``km_between_unstucks``, ``on_road_fraction``, ``collisions_per_km``, ``mean_speed_kmh`` and the
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="game time to drive, minutes (default 10)")
     ap.add_argument("--env", help="gym:ID to drive a Gymnasium environment instead of the sim")
     ap.add_argument(
-        "--expert", default=DEFAULT_EXPERT, help="gym: module:callable expert factory for --policy npc"
+        "--expert", help="gym: module:callable expert factory for --policy npc (default: collector.expert)"
     )
     ap.add_argument("--episodes", type=int, help="gym: run exactly this many episodes instead of --minutes")
     ap.add_argument("--noise", action="store_true", help="npc: keep the collectors' noise injection on")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.minutes,
                 args.episodes,
-                args.expert,
+                args.expert or cfg.collector.expert,
                 cfg,
                 cfg.collector.gym_kwargs,
                 args.device,

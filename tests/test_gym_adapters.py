@@ -302,3 +302,24 @@ def test_charles_eval_drives_a_trained_model_on_both_layouts(capsys, tiny_weight
         assert cli([*args, *extra, "--policy", policy]) == 0  # a 2-component action used to raise IndexError
         r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert r["episodes"] == 2 and r["ticks"] == 30 and r["env_id"] == env_id
+
+
+# ---------------------------------------------------------------------------------------------- Box2D car racing
+
+
+def test_the_car_racing_expert_drives_round_the_track_and_its_brake_reaches_the_labels():
+    pytest.importorskip("Box2D")
+    from charles.evaluate import evaluate_env
+
+    steps = 250
+    src = GymSource(
+        "CarRacing-v3", "charles.sim.car_racing:expert", seed=3, env_kwargs={"max_episode_steps": steps}
+    )
+    caps = collect(src, steps)
+    assert caps[0].image.shape == (96, 96, 3) and src.returns, "one whole (short) episode"
+    assert min(c.label[1] for c in caps) < -0.1 < 0.1 < max(c.label[1] for c in caps), "gas and brake both"
+    cfg = config.load(data={"collector": {"gym_kwargs": {"max_episode_steps": steps}}}, environ={})
+    rnd = evaluate_env(
+        "CarRacing-v3", "random", seed=3, episodes=1, cfg=cfg, env_kwargs=cfg.collector.gym_kwargs
+    )
+    assert src.returns[0] > 50 > rnd["episode_return"], (src.returns, rnd)
