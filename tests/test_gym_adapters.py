@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -32,6 +33,7 @@ from charles.drive.policy import GymPolicy
 from charles.drive.samples import Encoder, SampleBuilder
 from charles.drive.shape import InputShape
 
+ROOT = Path(__file__).resolve().parent.parent
 GAS_BRAKE = "CharlesTest/GasBrake-v0"
 DISCRETE = "CharlesTest/Discrete-v0"
 TABLE = [[0.0, 0.0], [0.6, 0.0], [-0.6, 0.0], [0.0, 0.2], [0.0, -0.8]]  # CarRacing-v3's discrete set
@@ -184,6 +186,13 @@ def test_a_discrete_set_round_trips_and_a_model_picks_the_nearest():
     assert table.to_env(float("nan"), 0.0) == 2  # a broken value drives as 0
     with pytest.raises(ValueError, match="outside"):
         table.from_env(7)
+
+
+def test_the_car_racing_configuration_loads():
+    cfg = config.load(ROOT / "deploy" / "car_racing.yaml", environ={})
+    assert (
+        cfg.collector.source == "gym:CarRacing-v3" and cfg.collector.expert == "charles.sim.car_racing:expert"
+    )
 
 
 def test_config_refuses_an_unknown_layout_or_a_bad_table():
