@@ -26,6 +26,13 @@ minute): the player reaches half of it only by driving about as far with at most
 
 ``--quick``: 1 minute of training, 0.25 minutes per eval seed (about 2 minutes in all; a smoke run, not a
 proof). The last stdout line is one JSON object.
+
+A Gymnasium env instead of the sim: a configuration whose ``collector.source`` is ``gym:ID`` (e.g.
+``deploy/car_racing.yaml``). The collectors' expert drives the env; no player runs while it trains (the
+player drives the sim); the newest weights then drive one episode of the env per eval seed through
+``charles eval --env`` (the player's code path and the collectors' action adapter), beside the expert
+(``npc``) and random, and each policy's figure is ``episode_return`` (mean and std over the seeds);
+``player_vs_npc`` and ``player_vs_random`` are ratios of those means.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,21 +177,10 @@ class Watcher:
 # ---- evaluation -------------------------------------------------------------------------------------------
 
 
-def eval_one(policy: str, seed: int, minutes: float, config: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "charles.cli",
-        "eval",
-        "--policy",
-        policy,
-        "--seed",
-        str(seed),
-        "--minutes",
-        str(minutes),
-        "--config",
-        str(config),
-    ]
+def eval_one(policy: str, seed: int, minutes: float, config: Path, env_id: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "charles.cli", "eval", "--policy", policy, "--seed", str(seed)]
+    cmd += ["--env", f"gym:{env_id}", "--episodes", "1"] if env_id else ["--minutes", str(minutes)]
+    cmd += ["--config", str(config)]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -216,17 +213,34 @@ def pooled(results: list[dict]) -> dict:
     }
 
 
-def evaluate(weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int) -> dict:
+def pooled_returns(results: list[dict]) -> dict:
+    """One policy's episode returns over the seeds (one episode each) of a Gymnasium env."""
+    returns = [r["episode_return"] for r in results]
+    return {
+        "episode_return": round(statistics.fmean(returns), 2),
+        "episode_return_std": round(statistics.pstdev(returns), 2),
+        "episode_length": round(statistics.fmean(r["episode_length"] for r in results), 1),
+        "per_seed_return": [round(x, 2) for x in returns],
+    }
+
+
+def evaluate(
+    weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int, env_id: str | None = None
+) -> dict:
     policies = {"npc": "npc", "random": "random"}
     if weights is not None:
         policies["player"] = f"weights:{weights}"
     work = [(name, pol, s) for name, pol in policies.items() for s in seeds]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config)), work))
+        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config, env_id)), work))
     out: dict[str, Any] = {"player": None}
     for name in policies:
-        out[name] = pooled([r for n, r in done if n == name])
+        out[name] = (pooled_returns if env_id else pooled)([r for n, r in done if n == name])
     return out
+
+
+def ratio(player: dict | None, other: dict, key: str, digits: int) -> float | None:
+    return round(player[key] / max(abs(other[key]), 1e-9), digits) if player else None
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -288,7 +302,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="charles-e2e-"))
     cfg_path = tmp / "run.yaml"
     run_data = run_config(Path(args.config), args.set, args.dagger)
-    dagger = bool(run_data.get("player", {}).get("dagger", False))
+    source = str(run_data.get("collector", {}).get("source", "sim"))
+    env_id = source.partition(":")[2] if source.startswith("gym:") else None
+    dagger = bool(run_data.get("player", {}).get("dagger", False)) and env_id is None
     cfg_path.write_text(yaml.safe_dump(run_data, sort_keys=False))
     runs, logs = tmp / "runs", tmp / "logs"
     print(
@@ -316,6 +332,7 @@ def main() -> int:
             "--random-ports",
             "--plain",
             "--no-viewer",
+            *(["--no-player"] if env_id else []),  # the player drives the sim, not the env
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -363,12 +380,13 @@ def main() -> int:
         counts["samples_trained"] = max(counts["samples_trained"], int(manifest.samples))
     print(
         f"e2e: evaluating {weights.parent.name if weights else 'no weights'} against npc and random on seeds {seeds}, "
-        f"{eval_minutes:g} game minutes each",
+        + (f"one episode of {env_id} each" if env_id else f"{eval_minutes:g} game minutes each"),
         flush=True,
     )
     t_eval = time.monotonic()
-    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs))
+    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs), env_id)
     player, npc, rnd = ev["player"], ev["npc"], ev["random"]
+    key = "episode_return" if env_id else "km_between_unstucks"
     figures = {
         "minutes_trained": round(trained_s / 60, 2),
         "batches": counts["batches"],
@@ -384,18 +402,15 @@ def main() -> int:
         "weights": str(weights.parent.name) if weights else None,
         "eval": {
             "seeds": seeds,
-            "minutes_per_seed": eval_minutes,
+            "minutes_per_seed": None if env_id else eval_minutes,
             "wall_s": round(time.monotonic() - t_eval, 1),
         },
         "player": player,
         "npc": npc,
         "random": rnd,
-        "player_vs_npc": round(player["km_between_unstucks"] / max(npc["km_between_unstucks"], 1e-9), 3)
-        if player
-        else None,
-        "player_vs_random": round(player["km_between_unstucks"] / max(rnd["km_between_unstucks"], 1e-9), 1)
-        if player
-        else None,
+        "player_vs_npc": ratio(player, npc, key, 3),
+        "player_vs_random": ratio(player, rnd, key, 1),
+        "env": env_id,
         "quick": args.quick,
         "config": str(args.config),
         "overrides": args.set,
