@@ -136,10 +136,11 @@ class Stack:
     """Broker, balancer and trainer as processes on free loopback ports, logs in a temporary folder."""
 
     def __init__(self, tmp: Path):
+        from charles.proto import registry
         from charles.runtime import free_ports
 
         self.tmp = tmp
-        names = ["publish", "subscribe", "control", "subscribe_bulk"]
+        names = list(registry().ports)  # every bus port, as charles up --random-ports gives them
         ports = free_ports(len(names) + 3)
         self.bus = dict(zip(names, ports, strict=False))
         self.http = dict(zip(["broker", "balancer", "trainer"], ports[len(names) :], strict=True))
