@@ -11,7 +11,8 @@
    console) and prints a progress line every ~30 s: batches, loss, buffer fill, samples in and out.
    ``first_weights_s`` is the time from the launcher's start to the first heartbeat in which the player
    drives *trained* weights (``model_batch`` > 0).
-3. After ``--minutes`` the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
+3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches``:
+   smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
    newest checkpoint's weights (``charles.trainer.runs.newest_weights``) are evaluated with ``charles eval``
    on held-out towns (``--eval-seeds``, 9001-9003 by default: towns no collector and no player drove),
    ``--eval-minutes`` of game time per seed, against the NPC (noise off) and the random policy on the
@@ -284,6 +285,13 @@ def main() -> int:
     ap.add_argument(
         "--eval-jobs", type=int, default=2, help="evaluations run side by side (default 2: the cores)"
     )
+    ap.add_argument(
+        "--until-batches",
+        type=int,
+        default=0,
+        help="train past --minutes until the trainer has trained this many batches, at most 4x --minutes "
+        "(smoke runs on a slow or busy box: the trainer's start alone may take most of a short run)",
+    )
     ap.add_argument("--config", default=str(DEMO), help="base run configuration (default deploy/demo.yaml)")
     ap.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
@@ -349,12 +357,14 @@ def main() -> int:
                 raise RuntimeError(f"the launcher did not start: {stop(launcher)[-3000:]}")
             time.sleep(0.1)
         watcher = Watcher(json.loads(ports_file.read_text())["bus"], t0)
-        deadline = t0 + minutes * 60
+        deadline, cap = t0 + minutes * 60, t0 + 4 * minutes * 60
         next_line = t0 + PROGRESS_S
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < deadline or (
+            now < cap and watcher.counts()["batches"] < args.until_batches
+        ):
             if launcher.poll() is not None:
                 raise RuntimeError(f"the launcher stopped early: {stop(launcher)[-3000:]}")
-            watcher.poll(min(1.0, deadline - now))
+            watcher.poll(max(0.05, min(1.0, deadline - now)))
             if time.monotonic() >= next_line:
                 next_line += PROGRESS_S
                 print(watcher.line(), flush=True)

@@ -39,7 +39,10 @@ def run_bench(args: list[str], sets: list[str], timeout: float) -> tuple[dict, s
 
 
 def test_e2e_bench_runs_end_to_end_and_reports_every_figure():
-    figures, stdout = run_bench(["--minutes", "0.5", "--eval-minutes", "0.05", "--dagger"], FAST, 240)
+    # half a minute, or longer (up to 2) until 6 batches: at load average ~11 on two cores the trainer's
+    # start took most of the half minute and 2 runs in 3 trained nothing
+    args = ["--minutes", "0.5", "--until-batches", "6", "--eval-minutes", "0.05", "--dagger"]
+    figures, stdout = run_bench(args, FAST, 330)
     for key in (
         "minutes_trained",
         "batches",
@@ -80,7 +83,9 @@ def test_e2e_bench_trains_on_box2d_car_racing_and_drives_it():
         *FAST[1:],
     ]
     figures, _ = run_bench(
-        ["--config", str(ROOT / "deploy" / "car_racing.yaml"), "--minutes", "0.75"], small, 300
+        ["--config", str(ROOT / "deploy" / "car_racing.yaml"), "--minutes", "0.75", "--until-batches", "4"],
+        small,
+        420,
     )
     assert figures["env"] == "CarRacing-v3" and figures["weights"], figures
     assert figures["batches"] > 0 and figures["samples_balanced"] > 0
