@@ -11,8 +11,8 @@
    console) and prints a progress line every ~30 s: batches, loss, buffer fill, samples in and out.
    ``first_weights_s`` is the time from the launcher's start to the first heartbeat in which the player
    drives *trained* weights (``model_batch`` > 0).
-3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches``:
-   smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
+3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches`` or
+   the player drives no trained weights yet: smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
    newest checkpoint's weights (``charles.trainer.runs.newest_weights``) are evaluated with ``charles eval``
    on held-out towns (``--eval-seeds``, 9001-9003 by default: towns no collector and no player drove),
    ``--eval-minutes`` of game time per seed, against the NPC (noise off) and the random policy on the
@@ -289,8 +289,9 @@ def main() -> int:
         "--until-batches",
         type=int,
         default=0,
-        help="train past --minutes until the trainer has trained this many batches, at most 4x --minutes "
-        "(smoke runs on a slow or busy box: the trainer's start alone may take most of a short run)",
+        help="train past --minutes until the trainer has trained this many batches and the player drives "
+        "trained weights, at most 4x --minutes (smoke runs on a slow or busy box: the trainer's and the "
+        "player's start alone may take most of a short run)",
     )
     ap.add_argument("--config", default=str(DEMO), help="base run configuration (default deploy/demo.yaml)")
     ap.add_argument(
@@ -359,9 +360,17 @@ def main() -> int:
         watcher = Watcher(json.loads(ports_file.read_text())["bus"], t0)
         deadline, cap = t0 + minutes * 60, t0 + 4 * minutes * 60
         next_line = t0 + PROGRESS_S
-        while (now := time.monotonic()) < deadline or (
-            now < cap and watcher.counts()["batches"] < args.until_batches
-        ):
+
+        def short() -> bool:
+            """Not yet what --until-batches asks: that many batches and, where a player runs, trained
+            weights driven by it (a player's start takes a minute on a busy box)."""
+            if not args.until_batches:
+                return False
+            return watcher.counts()["batches"] < args.until_batches or (
+                env_id is None and watcher.first_weights_s is None
+            )
+
+        while (now := time.monotonic()) < deadline or (now < cap and short()):
             if launcher.poll() is not None:
                 raise RuntimeError(f"the launcher stopped early: {stop(launcher)[-3000:]}")
             watcher.poll(max(0.05, min(1.0, deadline - now)))

@@ -39,8 +39,9 @@ def run_bench(args: list[str], sets: list[str], timeout: float) -> tuple[dict, s
 
 
 def test_e2e_bench_runs_end_to_end_and_reports_every_figure():
-    # half a minute, or longer (up to 2) until 6 batches: at load average ~11 on two cores the trainer's
-    # start took most of the half minute and 2 runs in 3 trained nothing
+    # half a minute, or longer (up to 2) until 6 batches and trained weights at the player: at load ~11
+    # the trainer's start took most of the half minute and 2 runs in 3 trained nothing; at load ~25 the
+    # player was not driving yet when 6 batches were done
     args = ["--minutes", "0.5", "--until-batches", "6", "--eval-minutes", "0.05", "--dagger"]
     figures, stdout = run_bench(args, FAST, 330)
     for key in (
