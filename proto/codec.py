@@ -453,8 +453,12 @@ def decode(frames: Sequence, control: bool = False) -> Envelope:
             blobs = [b]
             nbytes = len(topic_b) + hn + len(b)
         else:
-            blobs = [_buf(f) for f in frames[2:]]
-            nbytes = len(topic_b) + hn + sum(map(len, blobs))
+            blobs = []
+            nbytes = len(topic_b) + hn
+            for f in frames[2:]:  # a plain loop: a comprehension is a call, ~0.3 us with none
+                b = _buf(f)
+                nbytes += len(b)
+                blobs.append(b)
         if nbytes > limit or hn > MAX_HEADER_BYTES:
             raise ProtocolError("oversize", f"{nbytes} bytes on {topic[:64]!r}; the limit is {limit}")
         if decoder is None:  # a control request is the kind its header says
