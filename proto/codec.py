@@ -73,6 +73,9 @@ class ProtocolError(ValueError):
 
 
 class Envelope(msgspec.Struct, gc=False):  # one per message received; it holds no cycle
+    """A message received: ``decode`` returns the header msgspec decoded, a struct of this class per
+    kind (the wire's ``body`` is ``msg``), with the topic and the message's size filled in."""
+
     topic: str
     kind: str
     sender: str
@@ -172,7 +175,16 @@ def _sample_out(s: Sample, blobs: _Blobs) -> wire.SampleBody:
 
 def _sample_in(s: Sample, blobs: Sequence) -> Sample:
     """A decoded sample made whole in place: msgspec built it, Frames included, with blob indices where
-    the bytes go; each index becomes its bytes, the history's reference its array."""
+    the bytes go; each index becomes its bytes, the history's reference its array (``decode`` does the
+    same for a sample alone, the one frame inline)."""
+    if s.history is not None or s.stack or s.stack is None:
+        _sample_extras(s, blobs)
+    s.frame.data = _frame_bytes(s.frame, blobs)
+    return s
+
+
+def _sample_extras(s: Sample, blobs: Sequence) -> None:
+    """A sample's history and stack, which most samples do not carry: in place."""
     if s.history is not None:
         s.history = _history_in(s.history, blobs)
     if s.stack:
@@ -180,15 +192,6 @@ def _sample_in(s: Sample, blobs: Sequence) -> Sample:
             f.data = _frame_bytes(f, blobs)
     elif s.stack is None:  # nil on the wire: no stack, as absent
         s.stack = []
-    f = s.frame  # _frame_bytes inlined for the one frame every sample has: a call is a tenth of this
-    i = f.data
-    if i >= len(blobs):
-        raise ProtocolError("bad_blob", f"blob index {i} not among {len(blobs)} blobs")
-    data = blobs[i]
-    if not data or (f.codec == "raw" and len(data) != f.shape[0] * f.shape[1] * f.shape[2]):
-        _frame_bytes(f, blobs)  # names the reason
-    f.data = data
-    return s
 
 
 class _SampleSetIn(wire.SampleSetBody, gc=False):
@@ -334,8 +337,8 @@ def _config_reply_in(b: wire.ConfigReplyBody, blobs: Sequence) -> ConfigReply:
     return ConfigReply(b.config, b.error)
 
 
-_CODECS: dict[str, tuple[type, Callable, Callable]] = {
-    "sample": (Sample, _sample_out, _sample_in),
+_CODECS: dict[str, tuple[type, Callable, Callable | None]] = {
+    "sample": (Sample, _sample_out, None),  # decode makes a sample whole inline (a call costs what it does)
     "sample_set": (SampleSet, _sample_set_out, _sample_set_in),
     "weights": (Weights, _weights_out, _weights_in),
     "config": (ConfigReply, _config_reply_out, _config_reply_in),
@@ -350,10 +353,28 @@ _CODECS: dict[str, tuple[type, Callable, Callable]] = {
 _KIND_OF = {cls: kind for kind, (cls, _, _) in _CODECS.items() if kind != "config"}
 _DECODE_AS = {"sample": Sample, "sample_set": _SampleSetIn}
 """Kinds whose bodies decode into other structs with the same wire fields than the ones they are sent as."""
-_DECODERS = {
-    kind: (msgspec.msgpack.Decoder(wire.envelope(kind, _DECODE_AS.get(kind))), _CODECS[kind][2])
-    for kind in wire.ENVELOPES
-}
+
+
+def _received(kind: str) -> type[Envelope]:
+    """What a receiver decodes a header of ``kind`` into: the Envelope itself, its fields the wire's
+    (``body`` decodes into ``msg``), so a message costs no second object. ``topic`` and ``nbytes`` are not
+    on the wire, ``decode`` fills them in; a header that carries keys of those names has them skipped
+    unread (``Raw``) and overwritten, as any unknown key is skipped."""
+    return msgspec.defstruct(
+        f"{''.join(p.title() for p in kind.split('_'))}Received",
+        [
+            *wire.envelope_fields(kind, _DECODE_AS.get(kind), body_attr="msg"),
+            ("topic", msgspec.Raw, ""),
+            ("nbytes", msgspec.Raw, 0),
+        ],
+        bases=(Envelope,),
+        kw_only=True,
+        module=__name__,
+        gc=False,
+    )
+
+
+_DECODERS = {kind: (msgspec.msgpack.Decoder(_received(kind)), _CODECS[kind][2]) for kind in wire.ENVELOPES}
 """Kind -> (the typed decoder of a whole header of that kind, its body -> message conversion)."""
 
 
@@ -392,9 +413,6 @@ def encode(topic: str, msg: Any, sender: str, kind: str | None = None) -> list:
 
 
 def _buf(f: Any) -> memoryview:
-    # zmq.Frame (recv copy=False) exposes .buffer, already flat bytes; bytes and memoryviews pass through.
-    if f.__class__ is _ZFrame:
-        return f.buffer
     b = memoryview(f)
     # lengths below are byte counts: flatten multi-dimensional views (a numpy array's .data)
     return b if b.ndim == 1 and b.itemsize == 1 else b.cast("B")
@@ -402,72 +420,95 @@ def _buf(f: Any) -> memoryview:
 
 _TOPIC_CACHE = 4096
 _TOPICS: dict[bytes, tuple] = {}
-"""Topic bytes of messages that decoded -> (name, registry entry, its max_bytes, its kind, decoder,
-conversion); bounded so a flood of made-up topics cannot grow it, and filled only by messages that
-passed, so a topic alone never earns a place."""
+"""Topic bytes of messages that decoded -> (name, its max_bytes, its kind, decoder, conversion); bounded
+so a flood of made-up topics cannot grow it, and filled only by messages that passed, so a topic alone
+never earns a place."""
 _MAX_TOPIC = wire.LIMITS.max_topic_bytes
 
 
-def decode(frames: Sequence, *, control: bool = False) -> Envelope:
+def decode(frames: Sequence, control: bool = False) -> Envelope:
     """Validate and decode one multipart message. Raises ProtocolError and nothing else.
 
     ``control`` decodes the broker's control-port messages, whose first frame is a verb, not a topic.
     One function on purpose: this is every receiver's per-message path, and a call costs what the
-    checks of a whole field do.
+    checks of a whole field do (``control`` is not keyword-only for the same reason: a keyword-only
+    default doubles the cost of calling a function).
     """
     try:
-        if len(frames) < 2:
-            raise ProtocolError("truncated", f"{len(frames)} frame(s); a message is [topic, header, *blobs]")
+        n = len(frames)
+        if n < 2:
+            raise ProtocolError("truncated", f"{n} frame(s); a message is [topic, header, *blobs]")
         f0 = frames[0]
-        topic_b = f0.bytes if f0.__class__ is _ZFrame else bytes(_buf(f0))
+        topic_b = f0.bytes if type(f0) is _ZFrame else bytes(_buf(f0))
         # a control verb is not a topic (b"config" is both): never looked up in nor added to the cache
         known = None if control else _TOPICS.get(topic_b)
-        if known is None:
-            topic, entry = _topic(topic_b, control)
-            limit = entry.max_bytes if entry else MAX_HEADER_BYTES
-        else:
-            topic, entry, limit, kind, decoder, to_msg = known
-        # a received zmq.Frame goes to msgspec as it is (its buffer protocol; .buffer costs a memoryview)
+        topic, limit, kind, decoder, to_msg = known or _uncached(topic_b, control)
+        # a received zmq.Frame goes to msgspec as it is (its buffer protocol)
         f1 = frames[1]
-        header_b = f1 if f1.__class__ is _ZFrame else _buf(f1)
+        header_b = f1 if type(f1) is _ZFrame else _buf(f1)
         hn = len(header_b)
-        nbytes = len(topic_b) + hn
-        blobs = []
-        for f in frames[2:]:  # a plain loop: a generator costs ~0.6 us
-            b = memoryview(f) if f.__class__ is _ZFrame else _buf(f)
-            nbytes += len(b)
-            blobs.append(b)
+        if n == 3:  # one blob, as samples and game frames come: no slice, no loop
+            f = frames[2]
+            b = memoryview(f) if type(f) is _ZFrame else _buf(f)
+            blobs = [b]
+            nbytes = len(topic_b) + hn + len(b)
+        else:
+            blobs = []
+            nbytes = len(topic_b) + hn
+            for f in frames[2:]:  # a plain loop: a comprehension is a call, ~0.3 us with none
+                b = _buf(f)
+                nbytes += len(b)
+                blobs.append(b)
         if nbytes > limit or hn > MAX_HEADER_BYTES:
             raise ProtocolError("oversize", f"{nbytes} bytes on {topic[:64]!r}; the limit is {limit}")
-        if known is None:
-            kind = _control_kind(header_b) if control else entry.kind
+        if decoder is None:  # a control request is the kind its header says
+            kind = _control_kind(header_b)
             decoder, to_msg = _DECODERS[kind]
         try:
-            header = decoder.decode(header_b)
+            env = decoder.decode(header_b)  # the Envelope itself, its msg the body as the wire has it
         except msgspec.DecodeError as e:  # ValidationError is one too
             raise _rejection(e, header_b, kind) from None
-        msg = to_msg(header.body, blobs)
+        if to_msg is None:  # a sample, the hot kind: _sample_in, its one frame inline
+            s = env.msg
+            if s.history is not None or s.stack or s.stack is None:
+                _sample_extras(s, blobs)
+            f = s.frame
+            try:
+                data = blobs[f.data]  # the struct proved the index >= 0
+            except IndexError:
+                raise ProtocolError("bad_blob", f"blob index {f.data} not among {len(blobs)} blobs") from None
+            if not data or (f.codec == "raw" and len(data) != f.shape[0] * f.shape[1] * f.shape[2]):
+                _frame_bytes(f, blobs)  # names the reason
+            f.data = data
+        else:
+            env.msg = to_msg(env.msg, blobs)
+        env.topic = topic
+        env.nbytes = nbytes
         if known is None and not control and len(_TOPICS) < _TOPIC_CACHE:
-            _TOPICS[topic_b] = (topic, entry, limit, kind, decoder, to_msg)
-        return Envelope(topic, kind, header.sender, header.t, header.wall, msg, nbytes)
+            _TOPICS[topic_b] = (topic, limit, kind, decoder, to_msg)
+        return env
     except ProtocolError:
         raise
     except Exception as e:  # noqa: BLE001 - the contract: a hostile message never escapes as anything else
         raise ProtocolError("bad_field", f"{type(e).__name__}: {e}") from None
 
 
-def _topic(topic_b: bytes, control: bool) -> tuple[str, Any]:
-    """A topic not seen in a message that decoded: its name and registry entry, or unknown_topic."""
+def _uncached(topic_b: bytes, control: bool) -> tuple:
+    """A topic not seen in a message that decoded: (its name, its max_bytes, its kind, decoder,
+    conversion) as the cache holds them, or unknown_topic. A control verb's kind is what its header says
+    (None here), its limit a header's."""
     if len(topic_b) > _MAX_TOPIC:
         raise ProtocolError("unknown_topic", f"topic of {len(topic_b)} bytes; the limit is {_MAX_TOPIC}")
     try:
         topic = topic_b.decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("unknown_topic", f"topic {topic_b[:40]!r} is not ASCII") from None
-    entry = None if control else registry().topic(topic)
-    if entry is None and not control:
+    if control:
+        return topic, MAX_HEADER_BYTES, None, None, None
+    entry = registry().topic(topic)
+    if entry is None:
         raise ProtocolError("unknown_topic", f"topic {topic[:64]!r} is not in the registry")
-    return topic, entry
+    return topic, entry.max_bytes, entry.kind, *_DECODERS[entry.kind]
 
 
 # ---------------------------------------------------------------------------------------------- rejects

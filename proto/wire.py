@@ -216,19 +216,25 @@ Version = Annotated[
 KindName = Annotated[Literal[ALL_KINDS], Meta(extra=_reasons("unknown_kind", "unknown_kind"))]
 
 
+def envelope_fields(kind: str, body: type[Struct] | None = None, body_attr: str = "body") -> list[tuple]:
+    """The fields of a header of one kind, ``{v, kind, sender, t, wall, body}``, as ``msgspec.defstruct``
+    takes them; ``body`` replaces the kind's body struct by one with the same wire fields, ``body_attr``
+    names the body's attribute (the receive side's ``Envelope.msg``: it is ``body`` on the wire alike)."""
+    return [
+        ("v", Version),
+        ("kind", Literal[kind]),
+        ("sender", Name),
+        ("t", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's monotonic clock, s")]),
+        ("wall", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's Unix time, s")]),
+        (body_attr, body or BODIES[kind], msgspec.field(name="body")),
+    ]
+
+
 def envelope(kind: str, body: type[Struct] | None = None) -> type[Struct]:
-    """The header of one kind: ``{v, kind, sender, t, wall, body}``; ``body`` replaces the kind's body
-    struct by one with the same wire fields (the codec decodes samples straight into messages)."""
+    """The header of one kind as senders encode it (``envelope_fields``)."""
     return msgspec.defstruct(
         f"{''.join(p.title() for p in kind.split('_'))}Message",
-        [
-            ("v", Version),
-            ("kind", Literal[kind]),
-            ("sender", Name),
-            ("t", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's monotonic clock, s")]),
-            ("wall", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's Unix time, s")]),
-            ("body", body or BODIES[kind]),
-        ],
+        envelope_fields(kind, body),
         module=__name__,
         gc=False,
     )
@@ -236,7 +242,7 @@ def envelope(kind: str, body: type[Struct] | None = None) -> type[Struct]:
 
 ENVELOPES: dict[str, type[Struct]] = {kind: envelope(kind) for kind in BODIES}
 """Kind -> the struct of a whole header of that kind, as senders encode it and schema.json states it (a
-receiver decodes samples and sets with ``envelope(kind, <its own body>)``, the same wire fields)."""
+receiver decodes each kind with ``envelope_fields`` into charles.proto's Envelope: the same wire fields)."""
 
 
 # ---------------------------------------------------------------------------------------------- reasons

@@ -118,16 +118,34 @@ def _wire_view(t: type) -> dict:
     return inline(ref)
 
 
-@pytest.mark.parametrize("kind", ["sample", "sample_set"])
+@pytest.mark.parametrize("kind", sorted(wire.ENVELOPES))
 def test_what_a_receiver_decodes_into_accepts_exactly_what_the_contract_says(kind):
-    """Samples decode straight into charles.proto.Sample (and Frame), not the wire's SampleBody: the
-    structs a receiver decodes with must accept the same headers as the contract's (schema.json)."""
+    """A receiver decodes a header straight into an Envelope, and samples into charles.proto.Sample (and
+    Frame), not the wire's SampleBody: the structs it decodes with must accept the same headers as the
+    contract's (schema.json). The Envelope's own topic and nbytes, which decode fills in, take anything and
+    are never required: a header that carries keys of those names passes as when they were unknown keys."""
     decoder = codec_module._DECODERS[kind][0]
     assert decoder.type is not wire.ENVELOPES[kind]  # the receive side's own structs...
-    assert _wire_view(decoder.type) == _wire_view(wire.ENVELOPES[kind])  # ...with the same wire fields
+    got = _wire_view(decoder.type)
+    assert [got["properties"].pop(k) for k in ("topic", "nbytes")] == [{}, {}]
+    assert got == _wire_view(wire.ENVELOPES[kind])  # ...with the same wire fields
     # and the view sees a difference where there is one: a bound changed in a copy of the body
     loose = msgspec.defstruct("Loose", [("speed", float)], bases=(Sample,))
     assert _wire_view(wire.envelope("sample", loose)) != _wire_view(wire.ENVELOPES["sample"])
+
+
+def test_keys_named_like_the_envelopes_own_fields_are_skipped_as_unknown_keys():
+    """topic and nbytes are decode's to fill in: a header that says them anyway (any value, an
+    extension type included) decodes as before they were fields, with the real topic and size."""
+    good = _sample_frames("sample.c")
+    size = sum(map(len, good))
+    header = msgpack.unpackb(good[1])
+    bad_time = msgspec.msgpack.Ext(-1, b"\xff" * 3)  # a timestamp extension that is not one
+    for junk in ("sample.other", -1, {"a": [1, 2]}, msgspec.msgpack.Ext(5, b"x"), bad_time, None):
+        frames = [good[0], msgspec.msgpack.encode({**header, "topic": junk, "nbytes": junk}), good[2]]
+        env = decode(frames)
+        assert (env.topic, env.kind, env.sender, env.msg.seq) == ("sample.c", "sample", "t", 1)
+        assert env.nbytes == sum(map(len, frames)) > size
 
 
 def test_a_decoded_sample_is_a_sample_of_frames_with_their_bytes():
