@@ -26,7 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 _HTTP_LINE = re.compile(r"(?:/metrics and /healthz|stream page) on http://127\.0\.0\.1:(\d+)")
-_BUS_LINE = re.compile(r"broker up: publish=(\d+), subscribe=(\d+), control=(\d+)")
+_BUS_LINE = re.compile(r"broker up: ((?:\w+=\d+, )*\w+=\d+)")
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -202,7 +202,7 @@ class Pipeline:
     def bus(self) -> dict[str, int]:
         if not self.bus_ports:
             m = wait_for(lambda: _BUS_LINE.search(self.log("broker")), 60, "the broker never came up")
-            self.bus_ports = dict(zip(("publish", "subscribe", "control"), map(int, m.groups()), strict=True))
+            self.bus_ports = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split(", "))}
         return self.bus_ports
 
     def scrape(self, name: str) -> Scrape:

@@ -150,7 +150,17 @@ def test_console_flood_never_evicts_the_weights(broker, client_factory):
     )
     n = b.cfg.snapshot_hwm + 20
     for i in range(n):
-        pub.send(f"console.p{i}", Console("player", {"i": i}))
+        # a few at a time: the cache's own queue holds the main lane's hwm + 1 (a longer burst is dropped
+        # there, and counted, before the cache sees it)
+        wait_for(
+            lambda i=i: (
+                pub.send(f"console.p{i}", Console("player", {"i": i})) and f"console.p{i}" in b.lvc.items
+                if i % 8 == 7
+                else pub.send(f"console.p{i}", Console("player", {"i": i}))
+            ),
+            5,
+            f"console.p{i} not cached",
+        )
     reg = b.svc.metrics.registry
     wait_for(
         lambda: (
@@ -315,6 +325,89 @@ def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, clien
     assert _through(b) == before + 200, "the subscription messages going upstream are no messages"
 
 
+def _raw_sub(b, port: str, *prefixes: bytes) -> zmq.Socket:
+    """A bare SUB on one of the broker's ports: what a client in any language gets there."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for p in prefixes:
+        sub.setsockopt(zmq.SUBSCRIBE, p)
+    sub.connect(f"tcp://127.0.0.1:{b.ports[port]}")
+    return sub
+
+
+def _topics(sub: zmq.Socket, wait_ms: int = 300) -> list[bytes]:
+    out = []
+    while sub.poll(wait_ms):
+        out.append(sub.recv_multipart()[0])
+    return out
+
+
+def test_each_family_leaves_the_broker_on_its_lane_in_queues_sized_for_it(broker, client_factory):
+    """Sets and weights (up to 1 GB) on subscribe_bulk, the rest (up to 16 MB) on subscribe: a subscriber to
+    everything on one lane's port never gets the other's, and each lane's high-water mark comes from
+    queue_bytes and its own largest message."""
+    b, _ = broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    main, bulk = _raw_sub(b, "subscribe", b""), _raw_sub(b, "subscribe_bulk", b"")
+    pub = client_factory("sender").publisher()
+    w = Weights("m", "m_v1", 3, {"k": 1}, b"\x01" * 5000)
+    try:
+        wait_for(
+            lambda: pub.send("heartbeat.x", Heartbeat("t", "x")) and pub.send("weights.m", w) and main.poll(50)
+            and bulk.poll(50), 5, "a lane never got its family",
+        )  # fmt: skip
+        _topics(main, 100), _topics(bulk, 100)
+        msgs = {
+            "heartbeat.x": Heartbeat("t", "x"),
+            "weights.m": w,
+            "set.steering": SampleSet(["steering"], 3, [_sample(1)]),
+            "action.p": Action(1, 0.1, 0.2, 0.0),
+            "console.p": Console("player", {"fps": 30}),
+        }
+        for topic, m in msgs.items():
+            assert pub.send(topic, m)
+        assert sorted(_topics(main)) == [b"action.p", b"console.p", b"heartbeat.x"]
+        assert sorted(_topics(bulk)) == [b"set.steering", b"weights.m"]
+    finally:
+        main.close()
+        bulk.close()
+    reg = b.svc.metrics.registry
+    hwm = {q: counter_value(reg, "charles_broker_queue_hwm", {"queue": q}) for q in b.queues}
+    bound = {q: counter_value(reg, "charles_broker_queue_bound_bytes", {"queue": q}) for q in b.queues}
+    assert b.cfg.queue_bytes == 256_000_000  # the default: 16 messages of the main lane's 16 MB
+    assert hwm["subscribe"] == 15 and bound["subscribe"] == 256e6
+    assert hwm["subscribe_bulk"] == 2 and bound["subscribe_bulk"] == 3e9  # weights: 1 GB each
+    assert hwm["publish"] == 2 and bound["publish"] == 3e9  # a frame may be 1 GB (weights)
+    assert "secure_subscribe" not in hwm or hwm["secure_subscribe"] == 0  # no CURVE side: not exported
+
+
+def test_a_message_over_its_family_max_bytes_is_refused_at_the_broker(broker, client_factory):
+    """libzmq bounds a frame (ZMQ_MAXMSGSIZE), not a message: a heartbeat of two 40 KB frames passes it. The
+    broker refuses it whole (a heartbeat is at most 64 KiB), counts it, and no subscriber's queue holds it."""
+    b, _ = broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    sub = _raw_sub(b, "subscribe", b"heartbeat")
+    pub = client_factory("sender").publisher()
+    reg = b.svc.metrics.registry
+    try:
+        wait_for(lambda: pub.send("heartbeat.a", Heartbeat("t", "a")) and sub.poll(50), 5, "no heartbeat")
+        _topics(sub, 100)
+        before = counter_value(reg, "charles_rejects_total", {"reason": "oversize"})
+        frames = encode("heartbeat.big", Heartbeat("t", "big"), "sender")
+        pub.send_frames("heartbeat.big", [*frames, b"\0" * 40_000, b"\0" * 40_000])
+        pub.send("heartbeat.after", Heartbeat("t", "after"))
+        assert _topics(sub) == [b"heartbeat.after"]
+        wait_for(
+            lambda: counter_value(reg, "charles_rejects_total", {"reason": "oversize"}) == before + 1,
+            5,
+            "the oversize message was not counted",
+        )
+    finally:
+        sub.close()
+
+
 @pytest.mark.parametrize(
     "broker", [{"count_with": "auto", "count_every_s": 0.0}, {"count_with": "capture"}], indirect=True
 )
@@ -338,12 +431,19 @@ def test_the_counting_proxy_binds_only_to_a_libzmq_this_process_has_loaded():
     assert path is not None and "libzmq" in path
     with pytest.raises(OSError, match="not loaded in this process"):
         _countproxy.load("/nonexistent/libzmq.so.5")  # never a second copy of libzmq: its sockets are others
-    with pytest.raises(ValueError, match="int64"):
-        _countproxy.run(0, 0, 0, (b"sample",), np.zeros(2, np.int64), zmq.ETERM)  # sample + unknown: 4
+    with pytest.raises(ValueError, match="int64"):  # sample + unknown: 8
+        _countproxy.run(0, (0,), 0, (b"sample",), (0, 0), (10, 10), np.zeros(4, np.int64), zmq.ETERM)
+    with pytest.raises(ValueError, match="not a back"):  # a lane with no XPUB
+        _countproxy.run(0, (0,), 0, (b"sample",), (1, 0), (10, 10), np.zeros(8, np.int64), zmq.ETERM)
 
 
 @pytest.mark.parametrize(
-    "broker", [{"count_with": "capture", "count_every_s": 0.5, "count_queue": 16}], indirect=True
+    # queue_bytes 0: the bus's own queues unbounded (libzmq's proxy gives every lane one queue sized for
+    # weights, 2 messages: a 300-message burst would lose some there, uncounted); the capture queue is this
+    # test's
+    "broker",
+    [{"count_with": "capture", "count_every_s": 0.5, "count_queue": 16, "queue_bytes": 0}],
+    indirect=True,
 )
 def test_a_full_counting_queue_is_reported_and_the_bus_loses_nothing(broker, client_factory):
     b, _ = broker
@@ -450,6 +550,47 @@ def test_curve_accepts_the_right_key_and_refuses_a_wrong_one(secure_broker):
     finally:
         ok.close()
         rogue.close()
+
+
+def test_a_stalled_curve_subscriber_overflows_its_queue_alone_and_it_is_counted(secure_broker):
+    """The secure lanes count their overflows as the bus does: a CURVE subscriber that stops reading costs
+    the broker its queue and no more, a plain one reading alongside loses nothing."""
+    b, data, keys, _ = secure_broker
+    agent = _client(data, keys, "agent-ok")
+    plain = _client(data, keys, "agent-ok")
+    plain.cfg.bus.secure = False
+    plain.endpoints = plain._endpoints(__import__("charles.proto", fromlist=["registry"]).registry())
+    stalled = agent.socket(zmq.SUB)  # with the agent's CURVE keys
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 65536)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"heartbeat.big")
+    stalled.connect(agent.endpoints["subscribe"])
+    reader = plain.subscriber(["heartbeat.big"], hwm=10_000, late_join=False)
+    pub = plain.publisher()
+    big = Heartbeat("t", "big", info={"pad": "x" * 60_000})  # near a heartbeat's 64 KiB
+    reg = b.svc.metrics.registry
+    try:
+        wait_for(
+            lambda: pub.send("heartbeat.big", big) and stalled.poll(50) and reader.recv(50) is not None, 10,
+            "the subscribers never got a heartbeat",
+        )  # fmt: skip
+        reader.drain()
+        got = 0
+        for _ in range(400):  # 24 MB: past the socket buffers and the 15-message queue
+            assert pub.send("heartbeat.big", big)
+            got += len(reader.drain())
+        deadline = time.monotonic() + 10
+        while got < 400 and time.monotonic() < deadline:
+            got += reader.recv(100) is not None
+        assert got == 400, f"the plain reader lost {400 - got} heartbeats to the stalled CURVE subscriber"
+        wait_for(
+            lambda: counter_value(reg, "charles_drops_total", {"cause": "queue_overflow_heartbeat"}) >= 1,
+            5,
+            "the stalled subscriber's overflow was not counted",
+        )
+    finally:
+        agent.close()
+        plain.close()
 
 
 # ---------------------------------------------------------------------------------------------- process

@@ -20,7 +20,7 @@ import zmq.auth
 from charles.proto import Action, Heartbeat, encode
 from charles.tools import make_keys
 
-from conftest import free_ports
+from conftest import free_ports, random_bus_ports
 from survive_support import healthz, overrides, rss_mb, scrape, service_env, start_service, stop, wait_for
 
 KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
@@ -30,8 +30,7 @@ KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
 def broker(tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, KEYS)
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
-    ports = dict(zip(names, free_ports(6), strict=True))
+    ports = random_bus_ports()
     http = free_ports(1)[0]
     proc = start_service(
         "charles.broker",
@@ -172,11 +171,10 @@ def test_a_proxy_thread_that_dies_makes_the_broker_degraded(tmp_path):
 
     keys = tmp_path / "keys"
     make_keys(keys, ["player"])
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
     data = {
         "bus": {
             "host": "127.0.0.1",
-            "ports": dict(zip(names, free_ports(6), strict=True)),
+            "ports": random_bus_ports(),
             "keys_dir": str(keys),
         },
         "broker": {"secure": True, "secure_bind": "127.0.0.1"},

@@ -33,7 +33,7 @@ from charles.proto import Action, Frame, GameFrame, Weights
 from charles.runtime import Service
 from charles.tools import make_keys
 
-from conftest import free_ports
+from conftest import free_ports, random_bus_ports
 from survive_support import kill9, overrides, running, scrape, service_env, start_service, stop, wait_for
 from tests_support import weights_message
 
@@ -100,8 +100,7 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
     make_keys(keys, ["pad-1:gamepad_agent", "capture-agent"])
     make_keys(rogue, ["capture-agent"])  # a real-looking key pair the broker never allowed
     shutil.copy(keys / "broker.key", rogue / "broker.key")
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
-    ports = dict(zip(names, free_ports(6), strict=True))
+    ports = random_bus_ports()
     http = dict(zip(["broker", "player", "pad"], free_ports(3), strict=True))
 
     procs = {

@@ -4,9 +4,19 @@
  * libzmq's own proxy can only count through a capture socket, which hands a reference to every part of
  * every message to a second socket; the Python side then has to read them all, and 400 KB buffers stay
  * alive until it has (bench/broker.py: 10-15 % of the bus's 400 KB throughput on two cores). This loop
- * forwards exactly as zmq_proxy does (publishers' messages front -> back, subscriptions back -> front, in
- * bursts) and, for each message going to the subscribers, adds 1 and its size in bytes to its family's
- * two counters in a buffer the broker's Python side reads now and then.
+ * forwards as zmq_proxy does (publishers' messages front -> back, subscriptions back -> front, in bursts),
+ * with three differences, each counted per family in a buffer the broker's Python side reads now and then:
+ *
+ *  - lanes: there is one back (an XPUB) per lane, and a message goes to its family's lane. A lane's queues
+ *    are sized by the largest message it carries (broker.queue_bytes), so the small messages never share a
+ *    queue sized for weights;
+ *  - a message larger than its family's max_bytes (all its frames together: libzmq's ZMQ_MAXMSGSIZE
+ *    bounds one frame) is refused, never queued for anyone ("refused");
+ *  - a subscriber's queue that overflows is counted ("overflows"): the backs are XPUB_NODROP, so a send
+ *    that a full queue cannot take says so (EAGAIN) instead of dropping in silence; it is then sent
+ *    again, lossy, to every subscriber that has room. libzmq then passes the full one by, unseen (it is
+ *    no longer a candidate), until it has read its way back below its high-water mark: one count per
+ *    overflow, not per message lost; receivers count those from sequence numbers.
  *
  * It uses the libzmq that pyzmq has already loaded (found with dlopen(RTLD_NOLOAD) by its path), so the
  * sockets pyzmq made are this library's sockets. Optional: where it does not build or load, the broker
@@ -14,10 +24,12 @@
  *
  * Python API (charles.broker._countproxy):
  *   load(path)                          bind to the loaded libzmq at path; raises OSError if it is not loaded
- *   run(front, back, control, families, counts, eterm)
- *       front/back/control: pyzmq Socket.underlying addresses (XSUB, XPUB, a PAIR for "TERMINATE");
- *       families: tuple of bytes (family names); counts: writable int64 buffer of 2 * (len(families) + 1)
- *       (messages, bytes per family; the last pair is "unknown"); eterm: zmq.ETERM.
+ *   run(front, backs, control, families, lanes, limits, counts, eterm)
+ *       front/control: pyzmq Socket.underlying addresses (XSUB, a PAIR for "TERMINATE"); backs: a tuple of
+ *       them (XPUBs, one per lane); families: tuple of bytes (family names); lanes, limits: tuples of
+ *       len(families) + 1 ints, each family's back and max_bytes, the last for "unknown"; counts: writable
+ *       int64 buffer of 4 * (len(families) + 1): per family (messages, bytes) forwarded, overflows of a
+ *       subscriber's queue, messages refused over max_bytes; eterm: zmq.ETERM.
  *       Returns when "TERMINATE" arrives on control or the context is terminated; raises OSError on
  *       any other libzmq error. Releases the GIL for its whole life.
  */
@@ -27,13 +39,17 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ZMQ_DONTWAIT 1
 #define ZMQ_SNDMORE 2
 #define ZMQ_POLLIN 1
+#define ZMQ_XPUB_NODROP 69
 #define BURST 1000 /* messages forwarded per socket per poll, as zmq_proxy does */
 #define MAX_FAMILIES 64
+#define MAX_LANES 4
+#define COUNTERS 4 /* per family: messages, bytes, overflows, refused */
 
 typedef struct {
     unsigned char _[64];
@@ -54,6 +70,7 @@ static void *(*z_msg_data)(zmsg_t *);
 static size_t (*z_msg_size)(const zmsg_t *);
 static int (*z_msg_more)(const zmsg_t *);
 static int (*z_poll)(zpollitem_t *, int, long);
+static int (*z_setsockopt)(void *, int, const void *, size_t);
 static int (*z_errno)(void);
 static int loaded = 0;
 
@@ -74,7 +91,7 @@ static PyObject *load(PyObject *self, PyObject *args) {
         {"zmq_msg_send", (void **)&z_msg_send}, {"zmq_msg_close", (void **)&z_msg_close},
         {"zmq_msg_data", (void **)&z_msg_data}, {"zmq_msg_size", (void **)&z_msg_size},
         {"zmq_msg_more", (void **)&z_msg_more}, {"zmq_poll", (void **)&z_poll},
-        {"zmq_errno", (void **)&z_errno},
+        {"zmq_setsockopt", (void **)&z_setsockopt}, {"zmq_errno", (void **)&z_errno},
     };
     enum { N = sizeof(syms) / sizeof(syms[0]) };
     void *found[N];
@@ -95,6 +112,8 @@ typedef struct {
     int n;
     const char *name[MAX_FAMILIES];
     size_t len[MAX_FAMILIES];
+    int lane[MAX_FAMILIES + 1];        /* the last: "unknown" */
+    int64_t limit[MAX_FAMILIES + 1];   /* max_bytes of a whole message */
 } families_t;
 
 /* The family of a topic: the bytes before the first '.', matched exactly; n ("unknown") otherwise. */
@@ -107,44 +126,129 @@ static int family_of(const families_t *f, const char *topic, size_t size) {
     return f->n;
 }
 
-/* Forward up to BURST whole messages; count them when counts is not NULL. 0, or -1 with errno set. */
-static int forward(void *from, void *to, const families_t *f, int64_t *counts) {
-    for (int n = 0; n < BURST; n++) {
-        zmsg_t msg;
-        z_msg_init(&msg);
-        if (z_msg_recv(&msg, from, ZMQ_DONTWAIT) < 0) {
+/* The parts of the message being forwarded. libzmq has taken the whole message before the first part can
+ * be read, so holding the parts costs their zmq_msg_t only (64 bytes each), never a copy. */
+typedef struct {
+    zmsg_t *part;
+    size_t n, cap;
+} parts_t;
+
+static void close_parts(parts_t *p) {
+    for (size_t i = 0; i < p->n; i++)
+        z_msg_close(&p->part[i]);
+    p->n = 0;
+}
+
+/* Receive one whole message into p (the first part DONTWAIT): 1, 0 when none is waiting, -1 on an error. */
+static int recv_message(void *from, parts_t *p) {
+    for (;;) {
+        if (p->n == p->cap) {
+            size_t cap = p->cap ? 2 * p->cap : 16;
+            zmsg_t *grown = realloc(p->part, cap * sizeof(zmsg_t));
+            if (grown == NULL) {
+                errno = ENOMEM;
+                return -1;
+            }
+            p->part = grown;
+            p->cap = cap;
+        }
+        zmsg_t *msg = &p->part[p->n];
+        z_msg_init(msg);
+        if (z_msg_recv(msg, from, p->n == 0 ? ZMQ_DONTWAIT : 0) < 0) {
             int e = z_errno();
-            z_msg_close(&msg);
-            if (e == EAGAIN)
+            z_msg_close(msg);
+            if (e == EAGAIN && p->n == 0)
                 return 0;
             errno = e;
             return -1;
         }
-        int family = counts ? family_of(f, (const char *)z_msg_data(&msg), z_msg_size(&msg)) : 0;
+        p->n++;
+        if (!z_msg_more(msg))
+            return 1;
+    }
+}
+
+/* Send p's parts from *sent on (DONTWAIT), advancing *sent: 0 when all went, -1 with errno set. */
+static int send_parts(void *to, parts_t *p, size_t *sent) {
+    for (; *sent < p->n; (*sent)++)
+        if (z_msg_send(&p->part[*sent], to, (*sent + 1 < p->n ? ZMQ_SNDMORE : 0) | ZMQ_DONTWAIT) < 0) {
+            errno = z_errno();
+            return -1;
+        }
+    return 0;
+}
+
+/* Send a message to an XPUB_NODROP back: 1 when every matching subscriber took it, 0 when some queue was
+ * full (it went to the others: the back is lossy for the rest of this message), -1 on an error. */
+static int publish(void *to, parts_t *p) {
+    size_t sent = 0;
+    if (send_parts(to, p, &sent) == 0)
+        return 1;
+    /* EAGAIN: a matching subscriber's queue is full (libzmq checks before the first part; the rest of a
+     * message follows its first part) */
+    if (errno != EAGAIN)
+        return -1;
+    int lossy = 0, nodrop = 1;
+    int rc = z_setsockopt(to, ZMQ_XPUB_NODROP, &lossy, sizeof lossy);
+    if (rc < 0)
+        errno = z_errno();
+    else
+        rc = send_parts(to, p, &sent);
+    int e = errno;
+    if (z_setsockopt(to, ZMQ_XPUB_NODROP, &nodrop, sizeof nodrop) < 0 && rc == 0) {
+        rc = -1;
+        e = z_errno();
+    }
+    errno = e;
+    return rc < 0 ? -1 : 0;
+}
+
+/* Publishers' messages: up to BURST, each to its family's lane, counted. 0, or -1 with errno set. */
+static int forward(void *from, void *const *backs, const families_t *f, int64_t *counts, parts_t *p) {
+    for (int n = 0; n < BURST; n++) {
+        int got = recv_message(from, p);
+        if (got <= 0) {
+            int e = errno;
+            close_parts(p);
+            errno = e;
+            return got;
+        }
+        int family = family_of(f, (const char *)z_msg_data(&p->part[0]), z_msg_size(&p->part[0]));
         int64_t bytes = 0;
-        for (;;) { /* the other parts of a message are there already: libzmq delivers it whole */
-            int more = z_msg_more(&msg);
-            bytes += (int64_t)z_msg_size(&msg);
-            if (z_msg_send(&msg, to, more ? ZMQ_SNDMORE : 0) < 0) {
-                int e = z_errno();
-                z_msg_close(&msg);
-                errno = e;
-                return -1;
-            }
-            if (!more)
-                break;
-            z_msg_init(&msg);
-            if (z_msg_recv(&msg, from, 0) < 0) {
-                int e = z_errno();
-                z_msg_close(&msg);
-                errno = e;
-                return -1;
-            }
+        for (size_t i = 0; i < p->n; i++)
+            bytes += (int64_t)z_msg_size(&p->part[i]);
+        int64_t *c = counts + COUNTERS * family;
+        if (bytes > f->limit[family]) {
+            c[3] += 1; /* refused: no receiver may accept it, and no queue may hold it */
+            close_parts(p);
+            continue;
         }
-        if (counts) {
-            counts[2 * family] += 1;
-            counts[2 * family + 1] += bytes;
+        int sent = publish(backs[f->lane[family]], p);
+        int e = errno;
+        close_parts(p);
+        if (sent < 0) {
+            errno = e;
+            return -1;
         }
+        c[0] += 1;
+        c[1] += bytes;
+        c[2] += sent == 0;
+    }
+    return 0;
+}
+
+/* Subscriptions (a back's messages) to the publishers, up to BURST, as zmq_proxy does. */
+static int relay(void *from, void *to, parts_t *p) {
+    for (int n = 0; n < BURST; n++) {
+        size_t sent = 0;
+        int got = recv_message(from, p);
+        if (got > 0 && send_parts(to, p, &sent) < 0)
+            got = -1;
+        int e = errno;
+        close_parts(p);
+        errno = e;
+        if (got <= 0)
+            return got;
     }
     return 0;
 }
@@ -172,74 +276,114 @@ static int control_says_stop(void *control) {
     return stop;
 }
 
+static int int_items(PyObject *tuple, int n, const char *what, int64_t *out) {
+    if (PyTuple_GET_SIZE(tuple) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d items", what, n);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple, i));
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
 static PyObject *run(PyObject *self, PyObject *args) {
-    unsigned long long front_addr, back_addr, control_addr;
-    PyObject *names;
+    unsigned long long front_addr, control_addr;
+    PyObject *back_addrs, *names, *lanes, *limits;
     Py_buffer counts;
     int eterm;
     if (!loaded) {
         PyErr_SetString(PyExc_RuntimeError, "call load(path) first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KKKO!w*i", &front_addr, &back_addr, &control_addr, &PyTuple_Type, &names,
-                          &counts, &eterm))
+    if (!PyArg_ParseTuple(args, "KO!KO!O!O!w*i", &front_addr, &PyTuple_Type, &back_addrs, &control_addr,
+                          &PyTuple_Type, &names, &PyTuple_Type, &lanes, &PyTuple_Type, &limits, &counts,
+                          &eterm))
         return NULL;
     families_t f;
+    void *backs[MAX_LANES];
+    int nb = (int)PyTuple_GET_SIZE(back_addrs);
     f.n = (int)PyTuple_GET_SIZE(names);
-    if (f.n > MAX_FAMILIES) {
-        PyBuffer_Release(&counts);
-        return PyErr_Format(PyExc_ValueError, "at most %d families", MAX_FAMILIES);
+    int64_t lane[MAX_FAMILIES + 1], back[MAX_LANES];
+    int bad = 1; /* an exception is set */
+    if (f.n > MAX_FAMILIES)
+        PyErr_Format(PyExc_ValueError, "at most %d families", MAX_FAMILIES);
+    else if (nb < 1 || nb > MAX_LANES)
+        PyErr_Format(PyExc_ValueError, "1 to %d backs", MAX_LANES);
+    else if (counts.len < (Py_ssize_t)(COUNTERS * (f.n + 1) * sizeof(int64_t)) ||
+             counts.itemsize != sizeof(int64_t))
+        PyErr_Format(PyExc_ValueError, "counts must be %d int64", COUNTERS * (f.n + 1));
+    else if (int_items(back_addrs, nb, "backs", back) == 0 && int_items(lanes, f.n + 1, "lanes", lane) == 0 &&
+             int_items(limits, f.n + 1, "limits", f.limit) == 0)
+        bad = 0;
+    for (int i = 0; !bad && i <= f.n; i++) {
+        if (lane[i] < 0 || lane[i] >= nb) {
+            PyErr_Format(PyExc_ValueError, "lane %lld of family %d is not a back", (long long)lane[i], i);
+            bad = 1;
+        }
+        f.lane[i] = (int)lane[i];
     }
-    if (counts.len < (Py_ssize_t)(2 * (f.n + 1) * sizeof(int64_t)) || counts.itemsize != sizeof(int64_t)) {
-        PyBuffer_Release(&counts);
-        return PyErr_Format(PyExc_ValueError, "counts must be %d int64", 2 * (f.n + 1));
-    }
-    for (int i = 0; i < f.n; i++) {
+    for (int i = 0; !bad && i < f.n; i++) {
         PyObject *b = PyTuple_GET_ITEM(names, i);
         if (!PyBytes_Check(b)) {
-            PyBuffer_Release(&counts);
-            return PyErr_Format(PyExc_TypeError, "family names must be bytes");
+            PyErr_Format(PyExc_TypeError, "family names must be bytes");
+            bad = 1;
         }
-        f.name[i] = PyBytes_AS_STRING(b); /* the tuple is held by the caller for the whole run */
-        f.len[i] = (size_t)PyBytes_GET_SIZE(b);
+        f.name[i] = bad ? NULL : PyBytes_AS_STRING(b); /* the tuple is held by the caller for the run */
+        f.len[i] = bad ? 0 : (size_t)PyBytes_GET_SIZE(b);
+    }
+    if (bad) {
+        PyBuffer_Release(&counts);
+        return NULL;
     }
     int64_t *c = (int64_t *)counts.buf;
-    zpollitem_t items[3] = {
-        {(void *)(uintptr_t)front_addr, 0, ZMQ_POLLIN, 0},
-        {(void *)(uintptr_t)back_addr, 0, ZMQ_POLLIN, 0},
-        {(void *)(uintptr_t)control_addr, 0, ZMQ_POLLIN, 0},
-    };
-    int err = 0;
+    zpollitem_t items[MAX_LANES + 2];
+    items[0] = (zpollitem_t){(void *)(uintptr_t)front_addr, 0, ZMQ_POLLIN, 0};
+    items[1] = (zpollitem_t){(void *)(uintptr_t)control_addr, 0, ZMQ_POLLIN, 0};
+    for (int i = 0; i < nb; i++) {
+        backs[i] = (void *)(uintptr_t)back[i];
+        items[2 + i] = (zpollitem_t){backs[i], 0, ZMQ_POLLIN, 0};
+    }
+    parts_t p = {NULL, 0, 0};
+    int rc = 0, one = 1, err_no = 0;
     Py_BEGIN_ALLOW_THREADS;
-    for (;;) {
-        if (z_poll(items, 3, -1) < 0) {
-            err = z_errno();
-            if (err == EINTR) {
-                err = 0;
+    for (int i = 0; i < nb && rc == 0; i++) /* a full queue says so (EAGAIN): see publish() */
+        rc = z_setsockopt(backs[i], ZMQ_XPUB_NODROP, &one, sizeof one);
+    err_no = rc < 0 ? z_errno() : 0;
+    while (err_no == 0) {
+        if (z_poll(items, 2 + nb, -1) < 0) {
+            err_no = z_errno();
+            if (err_no == EINTR) {
+                err_no = 0;
                 continue;
             }
             break;
         }
-        if (items[2].revents & ZMQ_POLLIN) {
-            int stop = control_says_stop(items[2].socket);
+        if (items[1].revents & ZMQ_POLLIN) {
+            int stop = control_says_stop(items[1].socket);
             if (stop != 0) {
-                err = stop < 0 ? errno : 0;
+                err_no = stop < 0 ? errno : 0;
                 break;
             }
         }
-        if ((items[0].revents & ZMQ_POLLIN) && forward(items[0].socket, items[1].socket, &f, c) < 0) {
-            err = errno;
+        if ((items[0].revents & ZMQ_POLLIN) && forward(items[0].socket, backs, &f, c, &p) < 0) {
+            err_no = errno;
             break;
         }
-        if ((items[1].revents & ZMQ_POLLIN) && forward(items[1].socket, items[0].socket, &f, NULL) < 0) {
-            err = errno;
-            break;
-        }
+        for (int i = 0; i < nb; i++)
+            if ((items[2 + i].revents & ZMQ_POLLIN) && relay(backs[i], items[0].socket, &p) < 0) {
+                err_no = errno;
+                break;
+            }
     }
     Py_END_ALLOW_THREADS;
+    close_parts(&p);
+    free(p.part);
     PyBuffer_Release(&counts);
-    if (err != 0 && err != eterm)
-        return PyErr_Format(PyExc_OSError, "counting proxy stopped: libzmq error %d", err);
+    if (err_no != 0 && err_no != eterm)
+        return PyErr_Format(PyExc_OSError, "counting proxy stopped: libzmq error %d", err_no);
     Py_RETURN_NONE;
 }
 
