@@ -58,6 +58,14 @@ def healthz(port: int) -> tuple[int, dict]:
     return code, json.loads(body)
 
 
+def is_healthy(port: int) -> bool:
+    """/healthz answers 200 (False while nothing answers yet)."""
+    try:
+        return healthz(port)[0] == 200
+    except (OSError, ValueError):
+        return False
+
+
 def state(port: int) -> dict:
     return json.loads(http_get(port, "/state")[1])
 

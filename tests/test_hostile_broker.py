@@ -21,7 +21,17 @@ from charles.proto import Action, Heartbeat, encode
 from charles.tools import make_keys
 
 from conftest import free_ports, random_bus_ports
-from survive_support import healthz, overrides, rss_mb, scrape, service_env, start_service, stop, wait_for
+from survive_support import (
+    healthz,
+    is_healthy,
+    overrides,
+    rss_mb,
+    scrape,
+    service_env,
+    start_service,
+    stop,
+    wait_for,
+)
 
 KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
 
@@ -40,18 +50,11 @@ def broker(tmp_path):
     )
     ctx = zmq.Context()
     try:
-        wait_for(lambda: _healthy(http), 30, "broker never became healthy")
+        wait_for(lambda: is_healthy(http), 30, "broker never became healthy")
         yield proc, ports, http, keys, ctx
     finally:
         ctx.destroy(linger=0)
         stop(proc)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return healthz(port)[0] == 200
-    except (OSError, ValueError):
-        return False
 
 
 def _secure(ctx: zmq.Context, keys, name: str, kind: int, port: int) -> zmq.Socket:
