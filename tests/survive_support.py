@@ -117,6 +117,27 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+RSS_GROWTH_MB = 50.0
+"""What a hostile barrage may cost a service in memory, from warmed up to after it."""
+
+
+def rss_growth_within(
+    before: dict[str, float],
+    pids: dict[str, int],
+    what: str,
+    exempt: Iterable[str] = (),
+    limit_mb: float = RSS_GROWTH_MB,
+) -> dict[str, float]:
+    """Read every process's RSS now and hold its growth since ``before`` (rss_mb by name) to ``limit_mb``;
+    ``exempt`` ones are read and reported, not held. Returns the readings; the assertion names every figure."""
+    after = {n: rss_mb(pid) for n, pid in pids.items()}
+    figures = ", ".join(f"{n} {before[n]:.0f} -> {after[n]:.0f} ({after[n] - before[n]:+.0f})" for n in after)
+    print(f"RSS MiB {what}: {figures}")
+    over = [n for n in after if n not in exempt and after[n] - before[n] > limit_mb]
+    assert not over, f"{', '.join(over)} grew more than {limit_mb:.0f} MiB {what}; RSS MiB: {figures}"
+    return after
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie (a killed child its parent has not reaped yet still has a pid)."""
     try:

@@ -41,7 +41,7 @@ from charles.proto import Console, Frame, Heartbeat, Sample, SampleSet, Weights,
 from charles.proto.messages import ConfigReply
 from charles.trainer.checkpoint import list_checkpoints, read_checkpoint
 
-from survive_support import Pipeline, Probe, rss_mb, running, wait_for
+from survive_support import Pipeline, Probe, rss_growth_within, rss_mb, running, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
@@ -353,6 +353,7 @@ EXPECTED = {
 def test_a_hostile_publisher_is_counted_and_never_reaches_training(pipeline):
     p = pipeline
     pids = p.pids()
+    rss0 = {n: rss_mb(pid) for n, pid in pids.items()}  # warmed up: the pipeline has trained
     rejects0 = {n: p.scrape(n).by("charles_rejects_total", "reason") for n in EXPECTED}
     # the balancer's counts are a snapshot taken about once a second: wait for a fresh one, then count
     # what the collectors sent (so nothing it counts later was sent before sent0)
@@ -418,6 +419,10 @@ def test_a_hostile_publisher_is_counted_and_never_reaches_training(pipeline):
         90,
         "training stopped after the flood",
     )
+    # and the barrage cost no service its memory (the broker's queues may hold up to broker.queue_bytes by
+    # design: tests/test_broker_queues.py holds it to that)
+    assert p.pids() == pids, "a service restarted (crashed) after the flood"
+    rss_growth_within(rss0, pids, "after the hostile barrage", exempt=("broker",))
 
 
 # ---------------------------------------------------------------------------------------------- kill -9
