@@ -384,7 +384,8 @@ def test_each_family_leaves_the_broker_on_its_lane_in_queues_sized_for_it(broker
 
 def test_a_message_over_its_family_max_bytes_is_refused_at_the_broker(broker, client_factory):
     """libzmq bounds a frame (ZMQ_MAXMSGSIZE), not a message: a heartbeat of two 40 KB frames passes it. The
-    broker refuses it whole (a heartbeat is at most 64 KiB), counts it, and no subscriber's queue holds it."""
+    broker refuses it whole (a heartbeat is at most 64 KiB), counts it, and no subscriber's queue holds it;
+    one of 5000 small frames under the limit crosses whole."""
     b, _ = broker
     if b.counting != "c":
         missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
@@ -399,6 +400,9 @@ def test_a_message_over_its_family_max_bytes_is_refused_at_the_broker(broker, cl
         pub.send_frames("heartbeat.big", [*frames, b"\0" * 40_000, b"\0" * 40_000])
         pub.send("heartbeat.after", Heartbeat("t", "after"))
         assert _topics(sub) == [b"heartbeat.after"]
+        many = [b"heartbeat.many", frames[1], *[b"x"] * 5000]  # under 64 KiB in all: it crosses, whole
+        pub.send_frames("heartbeat.many", many)
+        assert sub.poll(2000) and sub.recv_multipart() == many
         wait_for(
             lambda: counter_value(reg, "charles_rejects_total", {"reason": "oversize"}) == before + 1,
             5,

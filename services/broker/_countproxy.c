@@ -133,10 +133,17 @@ typedef struct {
     size_t n, cap;
 } parts_t;
 
+#define KEEP_PARTS 1024 /* a message of more frames grows the array for itself alone */
+
 static void close_parts(parts_t *p) {
     for (size_t i = 0; i < p->n; i++)
         z_msg_close(&p->part[i]);
     p->n = 0;
+    if (p->cap > KEEP_PARTS) {
+        free(p->part);
+        p->part = NULL;
+        p->cap = 0;
+    }
 }
 
 /* Receive one whole message into p (the first part DONTWAIT): 1, 0 when none is waiting, -1 on an error. */
