@@ -87,8 +87,9 @@ class BrokerConfig:
         "auto: a counting proxy in C (services/broker/_countproxy.c) forwards and counts, no Python per "
         "message; where it is not built, or with capture, libzmq's proxy hands a copy of every message to "
         "a capture socket that Python reads (10-15 % slower at 400 KB on two cores). Only the C proxy keeps "
-        "the lanes apart, refuses a message over its family's max_bytes and counts what a full queue "
-        "dropped; libzmq's proxy serves both lanes from one queue sized for the largest message (weights)",
+        "the lanes apart, refuses a message over its family's max_bytes and counts a full queue's "
+        "overflows; libzmq's proxy serves both lanes from one queue with the main lane's hwm, which then "
+        "may hold that many weights (the start log says how much)",
     )
     count_every_s: float = knob(
         0.02,

@@ -19,7 +19,7 @@ import zmq
 from charles.proto import Frame, Sample, decode, encode
 from charles.runtime import SeqGaps
 
-from conftest import free_ports, random_bus_ports
+from conftest import free_ports, missing_tool, random_bus_ports
 from survive_support import (
     healthz,
     is_healthy,
@@ -88,6 +88,8 @@ def test_a_stalled_subscriber_costs_the_broker_its_queue_bytes_and_is_counted(tm
     reader = None
     try:
         wait_for(lambda: proc.poll() is None and is_healthy(http), 30, "the broker never became healthy")
+        if "counting per topic: c\n" not in log.read_text():
+            missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
         m = scrape(http)
         hwm = m.value("charles_broker_queue_hwm", queue="subscribe")
         bound = m.value("charles_broker_queue_bound_bytes", queue="subscribe")

@@ -22,7 +22,7 @@
  * sockets pyzmq made are this library's sockets. Optional: where it does not build or load, the broker
  * counts through the capture socket.
  *
- * Python API (charles.broker._countproxy):
+ * Python API (charles.broker._countproxy), API = 2:
  *   load(path)                          bind to the loaded libzmq at path; raises OSError if it is not loaded
  *   run(front, backs, control, families, lanes, limits, counts, eterm)
  *       front/control: pyzmq Socket.underlying addresses (XSUB, a PAIR for "TERMINATE"); backs: a tuple of
@@ -403,4 +403,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_countproxy",
                                     "The broker's counting proxy (see the file's header).", -1, methods};
 
-PyMODINIT_FUNC PyInit__countproxy(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__countproxy(void) {
+    PyObject *m = PyModule_Create(&module);
+    /* the run() this file defines: a build of an older file is not used (broker.py's COUNTPROXY_API) */
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -78,12 +78,19 @@ def loaded_libzmq() -> str | None:
     return None
 
 
+COUNTPROXY_API = 2
+"""The ``run()`` of ``_countproxy.c`` this file calls (lanes, limits, four counters a family)."""
+
+
 def counting_proxy() -> Any | None:
-    """The C counting proxy (``_countproxy.c``) bound to pyzmq's libzmq, or None where it is not built
-    or cannot find the library (the capture socket counts then)."""
+    """The C counting proxy (``_countproxy.c``) bound to pyzmq's libzmq, or None where it is not built,
+    was built from another version of the file (``make install`` builds it again), or cannot find the
+    library (libzmq's proxy forwards then, and the capture socket counts)."""
     try:
         from charles.broker import _countproxy
     except ImportError:
+        return None
+    if getattr(_countproxy, "API", 1) != COUNTPROXY_API:
         return None
     path = loaded_libzmq()
     if path is None:
@@ -124,8 +131,8 @@ def queue(budget: int, largest: int) -> Queue:
 def queue_plan(budget: int, lanes: bool) -> dict[str, Queue]:
     """Each broker port's data queue per connection, by port name: what publishers send (``publish``,
     ``secure_publish``: up to ``ZMQ_MAXMSGSIZE`` a frame) and what each lane's subscribers are sent.
-    ``lanes`` false: one XPUB serves every lane (libzmq's proxy cannot tell them apart), sized for the
-    largest message of all."""
+    ``lanes`` false: one XPUB serves every lane (libzmq's proxy cannot tell them apart) with the main lane's
+    hwm, so that bursts of small messages still pass: its bound is then that many of the largest message."""
     reg = registry()
     everything = max(t.max_bytes for t in reg.topics.values())
     plan = {
@@ -133,7 +140,9 @@ def queue_plan(budget: int, lanes: bool) -> dict[str, Queue]:
         "secure_publish": queue(budget, max(t.max_bytes for t in reg.topics.values() if t.publish)),
     }
     for lane in LANES:
-        q = queue(budget, reg.lane_max_bytes(lane) if lanes else everything)
+        q = queue(budget, reg.lane_max_bytes(lane))
+        if not lanes:
+            q = Queue(queue(budget, reg.lane_max_bytes(LANES[0])).hwm, everything)
         plan[subscribe_port(lane)] = plan[subscribe_port(lane, secure=True)] = q
     return plan
 
@@ -556,9 +565,10 @@ class Broker:
             )
         if len(self.lane_xpubs) == 1:
             self.svc.log.warning(
-                "libzmq's proxy forwards (the C counting proxy is not in use): one queue per subscriber for "
-                "every lane, sized for the largest message; overflows are not counted, nor a message over "
-                "its family's max_bytes refused"
+                "libzmq's proxy forwards (the C counting proxy is not built, or not from this version: "
+                "make install): one queue per subscriber for both lanes, the main lane's hwm of messages up to "
+                "1 GB (bounds below); overflows are not counted, nor a message over its family's max_bytes "
+                "refused"
             )
         budget = self.cfg.queue_bytes / 1e6
         self.svc.log.info(
