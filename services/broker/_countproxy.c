@@ -5,11 +5,16 @@
  * every message to a second socket; the Python side then has to read them all, and 400 KB buffers stay
  * alive until it has (bench/broker.py: 10-15 % of the bus's 400 KB throughput on two cores). This loop
  * forwards as zmq_proxy does (publishers' messages front -> back, subscriptions back -> front, in bursts),
- * with three differences, each counted per family in a buffer the broker's Python side reads now and then:
+ * with these differences, counted per family and lane in buffers the broker's Python side reads now and then:
  *
- *  - lanes: there is one back (an XPUB) per lane, and a message goes to its family's lane. A lane's queues
- *    are sized by the largest message it carries (broker.queue_bytes), so the small messages never share a
- *    queue sized for weights;
+ *  - lanes: there is one back (an XPUB) per lane, and a message goes to its family's lane;
+ *  - a byte budget per subscriber: libzmq bounds a subscriber's queue in messages (ZMQ_SNDHWM), so this loop
+ *    keeps each lane's high-water mark at budget / (the largest message the lane's queues hold now) - 1,
+ *    between min_hwm and max_hwm. It knows what they hold: the last part of each message it sends is a
+ *    zmq_msg_init_data() view of the received one, whose free function (called by libzmq when the last
+ *    subscriber's queue lets go of the message) takes it off the lane's tally. The mark is lowered before a
+ *    larger message is sent, raised again when the large ones are gone, so a queue holds at most
+ *    max(budget, (min_hwm + 1) x its largest message), and a burst of small messages still passes;
  *  - a message larger than its family's max_bytes (all its frames together: libzmq's ZMQ_MAXMSGSIZE
  *    bounds one frame) is refused, never queued for anyone ("refused");
  *  - a subscriber's queue that overflows is counted ("overflows"): the backs are XPUB_NODROP, so a send
@@ -22,14 +27,16 @@
  * sockets pyzmq made are this library's sockets. Optional: where it does not build or load, the broker
  * counts through the capture socket.
  *
- * Python API (charles.broker._countproxy), API = 2:
+ * Python API (charles.broker._countproxy), API = 3:
  *   load(path)                          bind to the loaded libzmq at path; raises OSError if it is not loaded
- *   run(front, backs, control, families, lanes, limits, counts, eterm)
+ *   run(front, backs, control, families, lanes, limits, counts, held, budget, min_hwm, max_hwm, eterm)
  *       front/control: pyzmq Socket.underlying addresses (XSUB, a PAIR for "TERMINATE"); backs: a tuple of
  *       them (XPUBs, one per lane); families: tuple of bytes (family names); lanes, limits: tuples of
  *       len(families) + 1 ints, each family's back and max_bytes, the last for "unknown"; counts: writable
  *       int64 buffer of 4 * (len(families) + 1): per family (messages, bytes) forwarded, overflows of a
- *       subscriber's queue, messages refused over max_bytes; eterm: zmq.ETERM.
+ *       subscriber's queue, messages refused over max_bytes; held: writable int64 buffer of 3 * len(backs):
+ *       per lane its high-water mark now, the bytes and the messages its queues hold (refreshed at least
+ *       every 0.1 s); budget: bytes a subscriber's queue may hold (0: unbounded); eterm: zmq.ETERM.
  *       Returns when "TERMINATE" arrives on control or the context is terminated; raises OSError on
  *       any other libzmq error. Releases the GIL for its whole life.
  */
@@ -41,15 +48,21 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define ZMQ_DONTWAIT 1
 #define ZMQ_SNDMORE 2
 #define ZMQ_POLLIN 1
+#define ZMQ_SNDHWM 23
 #define ZMQ_XPUB_NODROP 69
 #define BURST 1000 /* messages forwarded per socket per poll, as zmq_proxy does */
 #define MAX_FAMILIES 64
 #define MAX_LANES 4
 #define COUNTERS 4 /* per family: messages, bytes, overflows, refused */
+#define HELD 3     /* per lane: high-water mark, bytes held, messages held */
+#define SIZE_CLASSES 256
+#define PART_OVERHEAD 128 /* bytes libzmq spends on a queued part beside its data (zmq_msg_t, content) */
+#define TICK_MS 100       /* the marks rise again, and Python's view is refreshed, at least this often */
 
 typedef struct {
     unsigned char _[64];
@@ -62,7 +75,10 @@ typedef struct {
     short revents;
 } zpollitem_t; /* zmq_pollitem_t on POSIX */
 
+typedef void(zfree_fn)(void *data, void *hint);
+
 static int (*z_msg_init)(zmsg_t *);
+static int (*z_msg_init_data)(zmsg_t *, void *, size_t, zfree_fn *, void *);
 static int (*z_msg_recv)(zmsg_t *, void *, int);
 static int (*z_msg_send)(zmsg_t *, void *, int);
 static int (*z_msg_close)(zmsg_t *);
@@ -87,7 +103,8 @@ static PyObject *load(PyObject *self, PyObject *args) {
         const char *name;
         void **slot;
     } syms[] = {
-        {"zmq_msg_init", (void **)&z_msg_init}, {"zmq_msg_recv", (void **)&z_msg_recv},
+        {"zmq_msg_init", (void **)&z_msg_init}, {"zmq_msg_init_data", (void **)&z_msg_init_data},
+        {"zmq_msg_recv", (void **)&z_msg_recv},
         {"zmq_msg_send", (void **)&z_msg_send}, {"zmq_msg_close", (void **)&z_msg_close},
         {"zmq_msg_data", (void **)&z_msg_data}, {"zmq_msg_size", (void **)&z_msg_size},
         {"zmq_msg_more", (void **)&z_msg_more}, {"zmq_poll", (void **)&z_poll},
@@ -210,8 +227,121 @@ static int publish(void *to, parts_t *p) {
     return rc < 0 ? -1 : 0;
 }
 
+/* What each lane's subscriber queues hold, all subscribers together (a message queued for several is held
+ * once: they share it). The proxy thread adds a message before it sends it; release() takes it off, in
+ * whichever thread libzmq lets go of it, so the tally outlives run() until the last message is gone. */
+typedef struct {
+    int64_t refs; /* run() and each message held */
+    int64_t bytes[MAX_LANES], msgs[MAX_LANES];
+    int64_t held[MAX_LANES][SIZE_CLASSES]; /* messages held, by size class */
+} flight_t;
+
+typedef struct {
+    zmsg_t orig; /* the received last part, kept alive while the view of it is queued */
+    flight_t *flight;
+    int lane, size_class;
+    int64_t bytes;
+} hold_t;
+
+/* Four classes an octave: every size in class c is below class_top(c), at most 25 % above it. */
+static int size_class(int64_t x) {
+    if (x < 4)
+        return (int)x;
+    int log = 63 - __builtin_clzll((unsigned long long)x);
+    return 4 * log + (int)((x >> (log - 2)) & 3);
+}
+
+static int64_t class_top(int c) {
+    return c < 4 ? c + 1 : (int64_t)(4 + c % 4 + 1) << (c / 4 - 2);
+}
+
+static void release(void *data, void *hint) {
+    (void)data;
+    hold_t *h = hint;
+    flight_t *f = h->flight;
+    __atomic_sub_fetch(&f->held[h->lane][h->size_class], 1, __ATOMIC_RELEASE);
+    __atomic_sub_fetch(&f->bytes[h->lane], h->bytes, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&f->msgs[h->lane], 1, __ATOMIC_RELAXED);
+    z_msg_close(&h->orig);
+    free(h);
+    if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(f);
+}
+
+/* Put p's last part on lane's tally: it becomes a view of itself that tells release() when libzmq is done
+ * with it (all parts of a message leave a queue together, the last one last). 0, or -1 with errno set. */
+static int hold(flight_t *f, int lane, parts_t *p, int64_t weight) {
+    hold_t *h = malloc(sizeof *h);
+    if (h == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    zmsg_t *last = &p->part[p->n - 1];
+    memcpy(&h->orig, last, sizeof(zmsg_t)); /* moved: libzmq's own queues copy zmq_msg_t by value */
+    h->flight = f;
+    h->lane = lane;
+    h->size_class = size_class(weight);
+    h->bytes = weight;
+    __atomic_add_fetch(&f->refs, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->held[lane][h->size_class], 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->bytes[lane], weight, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
+    if (z_msg_init_data(last, z_msg_data(&h->orig), z_msg_size(&h->orig), release, h) < 0) {
+        int e = z_errno();
+        memcpy(last, &h->orig, sizeof(zmsg_t));
+        __atomic_sub_fetch(&f->held[lane][h->size_class], 1, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&f->bytes[lane], weight, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&f->refs, 1, __ATOMIC_RELAXED);
+        free(h);
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int n;
+    void *back[MAX_LANES];
+    int hwm[MAX_LANES]; /* what each back's ZMQ_SNDHWM is now */
+    int64_t budget, min_hwm, max_hwm;
+    flight_t *flight;
+    int64_t *out; /* HELD per lane, for Python */
+} lanes_t;
+
+/* The mark a lane's queues may have now: budget over the largest message they hold, bounded. */
+static int lane_hwm(const lanes_t *l, int lane) {
+    if (l->budget == 0)
+        return 0;
+    int64_t largest = 0;
+    for (int c = SIZE_CLASSES - 1; c >= 0; c--)
+        if (__atomic_load_n(&l->flight->held[lane][c], __ATOMIC_ACQUIRE) > 0) {
+            largest = class_top(c);
+            break;
+        }
+    int64_t hwm = largest ? l->budget / largest - 1 : l->max_hwm;
+    return (int)(hwm < l->min_hwm ? l->min_hwm : hwm > l->max_hwm ? l->max_hwm : hwm);
+}
+
+/* Set a lane's mark: lower at once (``lower``), higher once it is a quarter up (or always, ``raise``);
+ * ``again``: even when it is the same (libzmq gives a new subscriber's queue the mark the socket had when it
+ * was bound, and the others the one set last: setting it again gives it the new one too). */
+static int set_hwm(lanes_t *l, int lane, int lower, int raise, int again) {
+    int hwm = lane_hwm(l, lane), cur = l->hwm[lane];
+    if ((hwm == cur && !again) || (hwm < cur && !lower) ||
+        (hwm > cur && !raise && 4 * (int64_t)hwm < 5 * (int64_t)cur))
+        return 0;
+    if (z_setsockopt(l->back[lane], ZMQ_SNDHWM, &hwm, sizeof hwm) < 0) {
+        errno = z_errno();
+        return -1;
+    }
+    l->hwm[lane] = hwm;
+    l->out[HELD * lane] = hwm;
+    return 0;
+}
+
 /* Publishers' messages: up to BURST, each to its family's lane, counted. 0, or -1 with errno set. */
-static int forward(void *from, void *const *backs, const families_t *f, int64_t *counts, parts_t *p) {
+static int forward(void *from, lanes_t *l, const families_t *f, int64_t *counts, parts_t *p) {
     for (int n = 0; n < BURST; n++) {
         int got = recv_message(from, p);
         if (got <= 0) {
@@ -230,7 +360,14 @@ static int forward(void *from, void *const *backs, const families_t *f, int64_t 
             close_parts(p);
             continue;
         }
-        int sent = publish(backs[f->lane[family]], p);
+        int lane = f->lane[family];
+        if (hold(l->flight, lane, p, bytes + PART_OVERHEAD * (int64_t)p->n) < 0 || set_hwm(l, lane, 1, 0, 0) < 0) {
+            int e = errno;
+            close_parts(p);
+            errno = e;
+            return -1;
+        }
+        int sent = publish(l->back[lane], p);
         int e = errno;
         close_parts(p);
         if (sent < 0) {
@@ -296,37 +433,55 @@ static int int_items(PyObject *tuple, int n, const char *what, int64_t *out) {
     return 0;
 }
 
+static int64_t now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static void refresh(lanes_t *l) {
+    for (int i = 0; i < l->n; i++) {
+        l->out[HELD * i + 1] = __atomic_load_n(&l->flight->bytes[i], __ATOMIC_RELAXED);
+        l->out[HELD * i + 2] = __atomic_load_n(&l->flight->msgs[i], __ATOMIC_RELAXED);
+    }
+}
+
 static PyObject *run(PyObject *self, PyObject *args) {
     unsigned long long front_addr, control_addr;
     PyObject *back_addrs, *names, *lanes, *limits;
-    Py_buffer counts;
+    Py_buffer counts, held;
+    long long budget, min_hwm, max_hwm;
     int eterm;
     if (!loaded) {
         PyErr_SetString(PyExc_RuntimeError, "call load(path) first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!KO!O!O!w*i", &front_addr, &PyTuple_Type, &back_addrs, &control_addr,
-                          &PyTuple_Type, &names, &PyTuple_Type, &lanes, &PyTuple_Type, &limits, &counts,
-                          &eterm))
+    if (!PyArg_ParseTuple(args, "KO!KO!O!O!w*w*LLLi", &front_addr, &PyTuple_Type, &back_addrs, &control_addr,
+                          &PyTuple_Type, &names, &PyTuple_Type, &lanes, &PyTuple_Type, &limits, &counts, &held,
+                          &budget, &min_hwm, &max_hwm, &eterm))
         return NULL;
     families_t f;
-    void *backs[MAX_LANES];
-    int nb = (int)PyTuple_GET_SIZE(back_addrs);
+    lanes_t l;
+    l.n = (int)PyTuple_GET_SIZE(back_addrs);
     f.n = (int)PyTuple_GET_SIZE(names);
     int64_t lane[MAX_FAMILIES + 1], back[MAX_LANES];
     int bad = 1; /* an exception is set */
     if (f.n > MAX_FAMILIES)
         PyErr_Format(PyExc_ValueError, "at most %d families", MAX_FAMILIES);
-    else if (nb < 1 || nb > MAX_LANES)
+    else if (l.n < 1 || l.n > MAX_LANES)
         PyErr_Format(PyExc_ValueError, "1 to %d backs", MAX_LANES);
     else if (counts.len < (Py_ssize_t)(COUNTERS * (f.n + 1) * sizeof(int64_t)) ||
              counts.itemsize != sizeof(int64_t))
         PyErr_Format(PyExc_ValueError, "counts must be %d int64", COUNTERS * (f.n + 1));
-    else if (int_items(back_addrs, nb, "backs", back) == 0 && int_items(lanes, f.n + 1, "lanes", lane) == 0 &&
+    else if (held.len < (Py_ssize_t)(HELD * l.n * sizeof(int64_t)) || held.itemsize != sizeof(int64_t))
+        PyErr_Format(PyExc_ValueError, "held must be %d int64", HELD * l.n);
+    else if (budget < 0 || min_hwm < 1 || max_hwm < min_hwm || max_hwm > INT32_MAX)
+        PyErr_Format(PyExc_ValueError, "budget >= 0 and 1 <= min_hwm <= max_hwm");
+    else if (int_items(back_addrs, l.n, "backs", back) == 0 && int_items(lanes, f.n + 1, "lanes", lane) == 0 &&
              int_items(limits, f.n + 1, "limits", f.limit) == 0)
         bad = 0;
     for (int i = 0; !bad && i <= f.n; i++) {
-        if (lane[i] < 0 || lane[i] >= nb) {
+        if (lane[i] < 0 || lane[i] >= l.n) {
             PyErr_Format(PyExc_ValueError, "lane %lld of family %d is not a back", (long long)lane[i], i);
             bad = 1;
         }
@@ -341,26 +496,42 @@ static PyObject *run(PyObject *self, PyObject *args) {
         f.name[i] = bad ? NULL : PyBytes_AS_STRING(b); /* the tuple is held by the caller for the run */
         f.len[i] = bad ? 0 : (size_t)PyBytes_GET_SIZE(b);
     }
+    if (!bad && (l.flight = calloc(1, sizeof(flight_t))) == NULL) {
+        PyErr_NoMemory();
+        bad = 1;
+    }
     if (bad) {
         PyBuffer_Release(&counts);
+        PyBuffer_Release(&held);
         return NULL;
     }
+    l.flight->refs = 1;
+    l.budget = budget;
+    l.min_hwm = min_hwm;
+    l.max_hwm = max_hwm;
+    l.out = (int64_t *)held.buf;
     int64_t *c = (int64_t *)counts.buf;
     zpollitem_t items[MAX_LANES + 2];
     items[0] = (zpollitem_t){(void *)(uintptr_t)front_addr, 0, ZMQ_POLLIN, 0};
     items[1] = (zpollitem_t){(void *)(uintptr_t)control_addr, 0, ZMQ_POLLIN, 0};
-    for (int i = 0; i < nb; i++) {
-        backs[i] = (void *)(uintptr_t)back[i];
-        items[2 + i] = (zpollitem_t){backs[i], 0, ZMQ_POLLIN, 0};
+    for (int i = 0; i < l.n; i++) {
+        l.back[i] = (void *)(uintptr_t)back[i];
+        l.hwm[i] = -1; /* set below */
+        items[2 + i] = (zpollitem_t){l.back[i], 0, ZMQ_POLLIN, 0};
     }
     parts_t p = {NULL, 0, 0};
-    int rc = 0, one = 1, err_no = 0;
+    int one = 1, err_no = 0;
     Py_BEGIN_ALLOW_THREADS;
-    for (int i = 0; i < nb && rc == 0; i++) /* a full queue says so (EAGAIN): see publish() */
-        rc = z_setsockopt(backs[i], ZMQ_XPUB_NODROP, &one, sizeof one);
-    err_no = rc < 0 ? z_errno() : 0;
+    for (int i = 0; i < l.n && err_no == 0; i++) {
+        if (z_setsockopt(l.back[i], ZMQ_XPUB_NODROP, &one, sizeof one) < 0) /* see publish() */
+            err_no = z_errno();
+        else if (set_hwm(&l, i, 1, 1, 1) < 0)
+            err_no = errno;
+    }
+    int64_t next_tick = now_ms() + TICK_MS;
     while (err_no == 0) {
-        if (z_poll(items, 2 + nb, -1) < 0) {
+        refresh(&l);
+        if (z_poll(items, 2 + l.n, TICK_MS) < 0) {
             err_no = z_errno();
             if (err_no == EINTR) {
                 err_no = 0;
@@ -375,20 +546,31 @@ static PyObject *run(PyObject *self, PyObject *args) {
                 break;
             }
         }
-        if ((items[0].revents & ZMQ_POLLIN) && forward(items[0].socket, backs, &f, c, &p) < 0) {
+        if ((items[0].revents & ZMQ_POLLIN) && forward(items[0].socket, &l, &f, c, &p) < 0) {
             err_no = errno;
             break;
         }
-        for (int i = 0; i < nb; i++)
-            if ((items[2 + i].revents & ZMQ_POLLIN) && relay(backs[i], items[0].socket, &p) < 0) {
+        /* the large messages may have left: raise the marks; a subscriber came (it subscribes) or may have
+         * come (every TICK_MS): give its queue the mark now */
+        int tick = now_ms() >= next_tick;
+        if (tick)
+            next_tick = now_ms() + TICK_MS;
+        for (int i = 0; i < l.n && err_no == 0; i++) {
+            int subscribed = items[2 + i].revents & ZMQ_POLLIN;
+            if (subscribed && relay(l.back[i], items[0].socket, &p) < 0)
                 err_no = errno;
-                break;
-            }
+            else if (set_hwm(&l, i, 0, 1, subscribed || tick) < 0)
+                err_no = errno;
+        }
     }
     Py_END_ALLOW_THREADS;
     close_parts(&p);
     free(p.part);
+    refresh(&l);
     PyBuffer_Release(&counts);
+    PyBuffer_Release(&held);
+    if (__atomic_sub_fetch(&l.flight->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(l.flight);
     if (err_no != 0 && err_no != eterm)
         return PyErr_Format(PyExc_OSError, "counting proxy stopped: libzmq error %d", err_no);
     Py_RETURN_NONE;
@@ -406,7 +588,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_countproxy",
 PyMODINIT_FUNC PyInit__countproxy(void) {
     PyObject *m = PyModule_Create(&module);
     /* the run() this file defines: a build of an older file is not used (broker.py's COUNTPROXY_API) */
-    if (m != NULL && PyModule_AddIntConstant(m, "API", 2) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }
