@@ -117,13 +117,12 @@ class BrokerConfig:
     queue_bytes: int = knob(
         256_000_000,
         "Bytes the broker may queue for one connection in one direction (a stalled subscriber, a fast "
-        "publisher). ZeroMQ counts messages, so the high-water marks are derived: a lane's is queue_bytes // "
-        "the largest message its queues hold now - 1 (one more crosses the wire), between 2 (two "
-        "back-to-back messages, a set per output, never dropped for a healthy peer) and 1000; a publisher's "
-        "is the same for the largest frame it may send. A queue whose messages are over a third of "
-        "queue_bytes holds 3 of them (the bulk lane: weights, 1 GB). Past it the broker drops, for that peer "
-        "alone, and counts each overflow (drops{cause=queue_overflow_<family>}; receivers count the messages "
-        "lost, drops{cause=seq_gap}). The bounds are logged at start and exported as "
+        "publisher). ZeroMQ counts messages, so each socket's high-water mark is derived: queue_bytes // the "
+        "largest message it carries - 1 (one more crosses the wire), at least 2: a queue whose largest "
+        "message is over a third of queue_bytes holds 3 of them (the bulk lane: weights, 1 GB). A full queue "
+        "gets 20 ms to make room (a burst to a healthy subscriber passes); past that the broker drops, for "
+        "that peer alone, and counts each overflow (drops{cause=queue_overflow_<family>}; receivers count "
+        "the messages lost, drops{cause=seq_gap}). The bounds are logged at start and exported as "
         "charles_broker_queue_bound_bytes{queue}. 0: unbounded (benchmarks only)",
         min=0,
     )

@@ -5,16 +5,19 @@
  * every message to a second socket; the Python side then has to read them all, and 400 KB buffers stay
  * alive until it has (bench/broker.py: 10-15 % of the bus's 400 KB throughput on two cores). This loop
  * forwards as zmq_proxy does (publishers' messages front -> back, subscriptions back -> front, in bursts),
- * with these differences, counted per family and lane in buffers the broker's Python side reads now and then:
+ * with these differences, counted in buffers the broker's Python side reads now and then:
  *
- *  - lanes: there is one back (an XPUB) per lane, and a message goes to its family's lane;
- *  - a byte budget per subscriber: libzmq bounds a subscriber's queue in messages (ZMQ_SNDHWM), so this loop
- *    keeps each lane's high-water mark at budget / (the largest message the lane's queues hold now) - 1,
- *    between min_hwm and max_hwm. It knows what they hold: the last part of each message it sends is a
- *    zmq_msg_init_data() view of the received one, whose free function (called by libzmq when the last
- *    subscriber's queue lets go of the message) takes it off the lane's tally. The mark is lowered before a
- *    larger message is sent, raised again when the large ones are gone, so a queue holds at most
- *    max(budget, (min_hwm + 1) x its largest message), and a burst of small messages still passes;
+ *  - lanes: there is one back (an XPUB) per lane, and a message goes to its family's lane (the broker sizes
+ *    each lane's queues for the largest message it carries);
+ *  - a queue that looks full gets patience_ms to make room before its subscriber loses the message: a
+ *    healthy subscriber behind a burst catches up (libzmq learns what it has taken by commands, which a
+ *    send reads at most once a millisecond, and its I/O thread may not have run yet), a stalled one is
+ *    passed by. A lane waits at most wait_per_s_ms a second in all, so a slow subscriber cannot slow the
+ *    bus down. (The marks themselves never change: libzmq's low-water protocol can leave a queue stuck when
+ *    one does, since its reader reports what it took every lwm messages, lwm from the mark);
+ *  - what the subscribers' queues hold is known ("held", per lane, a message queued for several counted
+ *    once): the last part of each message it sends is a zmq_msg_init_data() view of the received one,
+ *    whose free function (called by libzmq when the last queue lets go of it) takes it off the tally;
  *  - a message larger than its family's max_bytes (all its frames together: libzmq's ZMQ_MAXMSGSIZE
  *    bounds one frame) is refused, never queued for anyone ("refused");
  *  - a subscriber's queue that overflows is counted ("overflows"): the backs are XPUB_NODROP, so a send
@@ -27,16 +30,16 @@
  * sockets pyzmq made are this library's sockets. Optional: where it does not build or load, the broker
  * counts through the capture socket.
  *
- * Python API (charles.broker._countproxy), API = 3:
+ * Python API (charles.broker._countproxy), API = 4:
  *   load(path)                          bind to the loaded libzmq at path; raises OSError if it is not loaded
- *   run(front, backs, control, families, lanes, limits, counts, held, budget, min_hwm, max_hwm, eterm)
+ *   run(front, backs, control, families, lanes, limits, counts, held, patience_ms, wait_per_s_ms, eterm)
  *       front/control: pyzmq Socket.underlying addresses (XSUB, a PAIR for "TERMINATE"); backs: a tuple of
  *       them (XPUBs, one per lane); families: tuple of bytes (family names); lanes, limits: tuples of
  *       len(families) + 1 ints, each family's back and max_bytes, the last for "unknown"; counts: writable
  *       int64 buffer of 4 * (len(families) + 1): per family (messages, bytes) forwarded, overflows of a
- *       subscriber's queue, messages refused over max_bytes; held: writable int64 buffer of 3 * len(backs):
- *       per lane its high-water mark now, the bytes and the messages its queues hold (refreshed at least
- *       every 0.1 s); budget: bytes a subscriber's queue may hold (0: unbounded); eterm: zmq.ETERM.
+ *       subscriber's queue, messages refused over max_bytes; held: writable int64 buffer of 2 * len(backs):
+ *       per lane the bytes and the messages its queues hold (refreshed at least every 0.1 s); patience_ms,
+ *       wait_per_s_ms: see publish(); eterm: zmq.ETERM.
  *       Returns when "TERMINATE" arrives on control or the context is terminated; raises OSError on
  *       any other libzmq error. Releases the GIL for its whole life.
  */
@@ -53,16 +56,15 @@
 #define ZMQ_DONTWAIT 1
 #define ZMQ_SNDMORE 2
 #define ZMQ_POLLIN 1
-#define ZMQ_SNDHWM 23
+#define ZMQ_EVENTS 15
 #define ZMQ_XPUB_NODROP 69
 #define BURST 1000 /* messages forwarded per socket per poll, as zmq_proxy does */
 #define MAX_FAMILIES 64
 #define MAX_LANES 4
 #define COUNTERS 4 /* per family: messages, bytes, overflows, refused */
-#define HELD 3     /* per lane: high-water mark, bytes held, messages held */
-#define SIZE_CLASSES 256
+#define HELD 2     /* per lane: bytes held, messages held */
 #define PART_OVERHEAD 128 /* bytes libzmq spends on a queued part beside its data (zmq_msg_t, content) */
-#define TICK_MS 100       /* the marks rise again, and Python's view is refreshed, at least this often */
+#define TICK_MS 100       /* Python's view of what is held is refreshed at least this often */
 
 typedef struct {
     unsigned char _[64];
@@ -87,6 +89,7 @@ static size_t (*z_msg_size)(const zmsg_t *);
 static int (*z_msg_more)(const zmsg_t *);
 static int (*z_poll)(zpollitem_t *, int, long);
 static int (*z_setsockopt)(void *, int, const void *, size_t);
+static int (*z_getsockopt)(void *, int, void *, size_t *);
 static int (*z_errno)(void);
 static int loaded = 0;
 
@@ -108,7 +111,8 @@ static PyObject *load(PyObject *self, PyObject *args) {
         {"zmq_msg_send", (void **)&z_msg_send}, {"zmq_msg_close", (void **)&z_msg_close},
         {"zmq_msg_data", (void **)&z_msg_data}, {"zmq_msg_size", (void **)&z_msg_size},
         {"zmq_msg_more", (void **)&z_msg_more}, {"zmq_poll", (void **)&z_poll},
-        {"zmq_setsockopt", (void **)&z_setsockopt}, {"zmq_errno", (void **)&z_errno},
+        {"zmq_setsockopt", (void **)&z_setsockopt}, {"zmq_getsockopt", (void **)&z_getsockopt},
+        {"zmq_errno", (void **)&z_errno},
     };
     enum { N = sizeof(syms) / sizeof(syms[0]) };
     void *found[N];
@@ -202,16 +206,111 @@ static int send_parts(void *to, parts_t *p, size_t *sent) {
     return 0;
 }
 
-/* Send a message to an XPUB_NODROP back: 1 when every matching subscriber took it, 0 when some queue was
- * full (it went to the others: the back is lossy for the rest of this message), -1 on an error. */
-static int publish(void *to, parts_t *p) {
+static int64_t now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* What each lane's subscriber queues hold, all subscribers together (a message queued for several is held
+ * once: they share it). The proxy thread adds a message before it sends it; release() takes it off, in
+ * whichever thread libzmq lets go of it, so the tally outlives run() until the last message is gone. */
+typedef struct {
+    int64_t refs; /* run() and each message held */
+    int64_t bytes[MAX_LANES], msgs[MAX_LANES];
+} flight_t;
+
+typedef struct {
+    zmsg_t orig; /* the received last part, kept alive while the view of it is queued */
+    flight_t *flight;
+    int lane;
+    int64_t bytes;
+} hold_t;
+
+static void release(void *data, void *hint) {
+    (void)data;
+    hold_t *h = hint;
+    flight_t *f = h->flight;
+    __atomic_sub_fetch(&f->bytes[h->lane], h->bytes, __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&f->msgs[h->lane], 1, __ATOMIC_RELAXED);
+    z_msg_close(&h->orig);
+    free(h);
+    if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(f);
+}
+
+/* Put p's last part on lane's tally: it becomes a view of itself that tells release() when libzmq is done
+ * with it (all parts of a message leave a queue together, the last one last). 0, or -1 with errno set. */
+static int hold(flight_t *f, int lane, parts_t *p, int64_t bytes) {
+    hold_t *h = malloc(sizeof *h);
+    if (h == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    zmsg_t *last = &p->part[p->n - 1];
+    memcpy(&h->orig, last, sizeof(zmsg_t)); /* moved: libzmq's own queues copy zmq_msg_t by value */
+    h->flight = f;
+    h->lane = lane;
+    h->bytes = bytes;
+    __atomic_add_fetch(&f->refs, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->bytes[lane], bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
+    if (z_msg_init_data(last, z_msg_data(&h->orig), z_msg_size(&h->orig), release, h) < 0) {
+        int e = z_errno();
+        memcpy(last, &h->orig, sizeof(zmsg_t));
+        __atomic_sub_fetch(&f->bytes[lane], bytes, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&f->refs, 1, __ATOMIC_RELAXED);
+        free(h);
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int n;
+    void *back[MAX_LANES];
+    int64_t credit_us[MAX_LANES], refilled_ms[MAX_LANES]; /* what each lane may still wait, and since when */
+    int64_t patience_ms, wait_per_s_ms;
+    flight_t *flight;
+    int64_t *out; /* HELD per lane, for Python */
+} lanes_t;
+
+/* Send a message to a lane's XPUB_NODROP back: 1 when every matching subscriber took it, 0 when a queue
+ * stayed full (it went to the others: the back is lossy for the rest of this message), -1 on an error. */
+static int publish(lanes_t *l, int lane, parts_t *p) {
+    void *to = l->back[lane];
     size_t sent = 0;
     if (send_parts(to, p, &sent) == 0)
         return 1;
     /* EAGAIN: a matching subscriber's queue is full (libzmq checks before the first part; the rest of a
-     * message follows its first part) */
+     * message follows its first part). Patience first, unless the lane has just lost one anyway */
     if (errno != EAGAIN)
         return -1;
+    int64_t now = now_ms(), credit = l->credit_us[lane] + (now - l->refilled_ms[lane]) * l->wait_per_s_ms;
+    credit = credit > 1000 * l->wait_per_s_ms ? 1000 * l->wait_per_s_ms : credit; /* a second's worth */
+    l->refilled_ms[lane] = now;
+    int64_t start = now, wait_ms = credit / 1000 < l->patience_ms ? credit / 1000 : l->patience_ms;
+    int64_t deadline = now + wait_ms;
+    while (now < deadline) {
+        struct timespec nap = {0, 200000};
+        nanosleep(&nap, NULL);
+        int events;
+        size_t size = sizeof events;
+        if (z_getsockopt(to, ZMQ_EVENTS, &events, &size) < 0) { /* reads the socket's commands */
+            errno = z_errno();
+            return -1;
+        }
+        if (send_parts(to, p, &sent) == 0) {
+            l->credit_us[lane] = credit - 1000 * (now_ms() - start);
+            return 1;
+        }
+        if (errno != EAGAIN)
+            return -1;
+        now = now_ms();
+    }
+    l->credit_us[lane] = credit - 1000 * (now - start);
     int lossy = 0, nodrop = 1;
     int rc = z_setsockopt(to, ZMQ_XPUB_NODROP, &lossy, sizeof lossy);
     if (rc < 0)
@@ -225,119 +324,6 @@ static int publish(void *to, parts_t *p) {
     }
     errno = e;
     return rc < 0 ? -1 : 0;
-}
-
-/* What each lane's subscriber queues hold, all subscribers together (a message queued for several is held
- * once: they share it). The proxy thread adds a message before it sends it; release() takes it off, in
- * whichever thread libzmq lets go of it, so the tally outlives run() until the last message is gone. */
-typedef struct {
-    int64_t refs; /* run() and each message held */
-    int64_t bytes[MAX_LANES], msgs[MAX_LANES];
-    int64_t held[MAX_LANES][SIZE_CLASSES]; /* messages held, by size class */
-} flight_t;
-
-typedef struct {
-    zmsg_t orig; /* the received last part, kept alive while the view of it is queued */
-    flight_t *flight;
-    int lane, size_class;
-    int64_t bytes;
-} hold_t;
-
-/* Four classes an octave: every size in class c is below class_top(c), at most 25 % above it. */
-static int size_class(int64_t x) {
-    if (x < 4)
-        return (int)x;
-    int log = 63 - __builtin_clzll((unsigned long long)x);
-    return 4 * log + (int)((x >> (log - 2)) & 3);
-}
-
-static int64_t class_top(int c) {
-    return c < 4 ? c + 1 : (int64_t)(4 + c % 4 + 1) << (c / 4 - 2);
-}
-
-static void release(void *data, void *hint) {
-    (void)data;
-    hold_t *h = hint;
-    flight_t *f = h->flight;
-    __atomic_sub_fetch(&f->held[h->lane][h->size_class], 1, __ATOMIC_RELEASE);
-    __atomic_sub_fetch(&f->bytes[h->lane], h->bytes, __ATOMIC_RELAXED);
-    __atomic_sub_fetch(&f->msgs[h->lane], 1, __ATOMIC_RELAXED);
-    z_msg_close(&h->orig);
-    free(h);
-    if (__atomic_sub_fetch(&f->refs, 1, __ATOMIC_ACQ_REL) == 0)
-        free(f);
-}
-
-/* Put p's last part on lane's tally: it becomes a view of itself that tells release() when libzmq is done
- * with it (all parts of a message leave a queue together, the last one last). 0, or -1 with errno set. */
-static int hold(flight_t *f, int lane, parts_t *p, int64_t weight) {
-    hold_t *h = malloc(sizeof *h);
-    if (h == NULL) {
-        errno = ENOMEM;
-        return -1;
-    }
-    zmsg_t *last = &p->part[p->n - 1];
-    memcpy(&h->orig, last, sizeof(zmsg_t)); /* moved: libzmq's own queues copy zmq_msg_t by value */
-    h->flight = f;
-    h->lane = lane;
-    h->size_class = size_class(weight);
-    h->bytes = weight;
-    __atomic_add_fetch(&f->refs, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&f->held[lane][h->size_class], 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&f->bytes[lane], weight, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
-    if (z_msg_init_data(last, z_msg_data(&h->orig), z_msg_size(&h->orig), release, h) < 0) {
-        int e = z_errno();
-        memcpy(last, &h->orig, sizeof(zmsg_t));
-        __atomic_sub_fetch(&f->held[lane][h->size_class], 1, __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&f->bytes[lane], weight, __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&f->msgs[lane], 1, __ATOMIC_RELAXED);
-        __atomic_sub_fetch(&f->refs, 1, __ATOMIC_RELAXED);
-        free(h);
-        errno = e;
-        return -1;
-    }
-    return 0;
-}
-
-typedef struct {
-    int n;
-    void *back[MAX_LANES];
-    int hwm[MAX_LANES]; /* what each back's ZMQ_SNDHWM is now */
-    int64_t budget, min_hwm, max_hwm;
-    flight_t *flight;
-    int64_t *out; /* HELD per lane, for Python */
-} lanes_t;
-
-/* The mark a lane's queues may have now: budget over the largest message they hold, bounded. */
-static int lane_hwm(const lanes_t *l, int lane) {
-    if (l->budget == 0)
-        return 0;
-    int64_t largest = 0;
-    for (int c = SIZE_CLASSES - 1; c >= 0; c--)
-        if (__atomic_load_n(&l->flight->held[lane][c], __ATOMIC_ACQUIRE) > 0) {
-            largest = class_top(c);
-            break;
-        }
-    int64_t hwm = largest ? l->budget / largest - 1 : l->max_hwm;
-    return (int)(hwm < l->min_hwm ? l->min_hwm : hwm > l->max_hwm ? l->max_hwm : hwm);
-}
-
-/* Set a lane's mark: lower at once (``lower``), higher once it is a quarter up (or always, ``raise``);
- * ``again``: even when it is the same (libzmq gives a new subscriber's queue the mark the socket had when it
- * was bound, and the others the one set last: setting it again gives it the new one too). */
-static int set_hwm(lanes_t *l, int lane, int lower, int raise, int again) {
-    int hwm = lane_hwm(l, lane), cur = l->hwm[lane];
-    if ((hwm == cur && !again) || (hwm < cur && !lower) ||
-        (hwm > cur && !raise && 4 * (int64_t)hwm < 5 * (int64_t)cur))
-        return 0;
-    if (z_setsockopt(l->back[lane], ZMQ_SNDHWM, &hwm, sizeof hwm) < 0) {
-        errno = z_errno();
-        return -1;
-    }
-    l->hwm[lane] = hwm;
-    l->out[HELD * lane] = hwm;
-    return 0;
 }
 
 /* Publishers' messages: up to BURST, each to its family's lane, counted. 0, or -1 with errno set. */
@@ -361,13 +347,13 @@ static int forward(void *from, lanes_t *l, const families_t *f, int64_t *counts,
             continue;
         }
         int lane = f->lane[family];
-        if (hold(l->flight, lane, p, bytes + PART_OVERHEAD * (int64_t)p->n) < 0 || set_hwm(l, lane, 1, 0, 0) < 0) {
+        if (hold(l->flight, lane, p, bytes + PART_OVERHEAD * (int64_t)p->n) < 0) {
             int e = errno;
             close_parts(p);
             errno = e;
             return -1;
         }
-        int sent = publish(l->back[lane], p);
+        int sent = publish(l, lane, p);
         int e = errno;
         close_parts(p);
         if (sent < 0) {
@@ -433,16 +419,10 @@ static int int_items(PyObject *tuple, int n, const char *what, int64_t *out) {
     return 0;
 }
 
-static int64_t now_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 static void refresh(lanes_t *l) {
     for (int i = 0; i < l->n; i++) {
-        l->out[HELD * i + 1] = __atomic_load_n(&l->flight->bytes[i], __ATOMIC_RELAXED);
-        l->out[HELD * i + 2] = __atomic_load_n(&l->flight->msgs[i], __ATOMIC_RELAXED);
+        l->out[HELD * i] = __atomic_load_n(&l->flight->bytes[i], __ATOMIC_RELAXED);
+        l->out[HELD * i + 1] = __atomic_load_n(&l->flight->msgs[i], __ATOMIC_RELAXED);
     }
 }
 
@@ -450,15 +430,15 @@ static PyObject *run(PyObject *self, PyObject *args) {
     unsigned long long front_addr, control_addr;
     PyObject *back_addrs, *names, *lanes, *limits;
     Py_buffer counts, held;
-    long long budget, min_hwm, max_hwm;
+    long long patience_ms, wait_per_s_ms;
     int eterm;
     if (!loaded) {
         PyErr_SetString(PyExc_RuntimeError, "call load(path) first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "KO!KO!O!O!w*w*LLLi", &front_addr, &PyTuple_Type, &back_addrs, &control_addr,
+    if (!PyArg_ParseTuple(args, "KO!KO!O!O!w*w*LLi", &front_addr, &PyTuple_Type, &back_addrs, &control_addr,
                           &PyTuple_Type, &names, &PyTuple_Type, &lanes, &PyTuple_Type, &limits, &counts, &held,
-                          &budget, &min_hwm, &max_hwm, &eterm))
+                          &patience_ms, &wait_per_s_ms, &eterm))
         return NULL;
     families_t f;
     lanes_t l;
@@ -475,8 +455,6 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "counts must be %d int64", COUNTERS * (f.n + 1));
     else if (held.len < (Py_ssize_t)(HELD * l.n * sizeof(int64_t)) || held.itemsize != sizeof(int64_t))
         PyErr_Format(PyExc_ValueError, "held must be %d int64", HELD * l.n);
-    else if (budget < 0 || min_hwm < 1 || max_hwm < min_hwm || max_hwm > INT32_MAX)
-        PyErr_Format(PyExc_ValueError, "budget >= 0 and 1 <= min_hwm <= max_hwm");
     else if (int_items(back_addrs, l.n, "backs", back) == 0 && int_items(lanes, f.n + 1, "lanes", lane) == 0 &&
              int_items(limits, f.n + 1, "limits", f.limit) == 0)
         bad = 0;
@@ -506,17 +484,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
         return NULL;
     }
     l.flight->refs = 1;
-    l.budget = budget;
-    l.min_hwm = min_hwm;
-    l.max_hwm = max_hwm;
     l.out = (int64_t *)held.buf;
+    l.patience_ms = patience_ms;
+    l.wait_per_s_ms = wait_per_s_ms;
     int64_t *c = (int64_t *)counts.buf;
     zpollitem_t items[MAX_LANES + 2];
     items[0] = (zpollitem_t){(void *)(uintptr_t)front_addr, 0, ZMQ_POLLIN, 0};
     items[1] = (zpollitem_t){(void *)(uintptr_t)control_addr, 0, ZMQ_POLLIN, 0};
     for (int i = 0; i < l.n; i++) {
         l.back[i] = (void *)(uintptr_t)back[i];
-        l.hwm[i] = -1; /* set below */
+        l.credit_us[i] = 1000 * wait_per_s_ms;
+        l.refilled_ms[i] = now_ms();
         items[2 + i] = (zpollitem_t){l.back[i], 0, ZMQ_POLLIN, 0};
     }
     parts_t p = {NULL, 0, 0};
@@ -525,10 +503,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     for (int i = 0; i < l.n && err_no == 0; i++) {
         if (z_setsockopt(l.back[i], ZMQ_XPUB_NODROP, &one, sizeof one) < 0) /* see publish() */
             err_no = z_errno();
-        else if (set_hwm(&l, i, 1, 1, 1) < 0)
-            err_no = errno;
     }
-    int64_t next_tick = now_ms() + TICK_MS;
     while (err_no == 0) {
         refresh(&l);
         if (z_poll(items, 2 + l.n, TICK_MS) < 0) {
@@ -550,18 +525,9 @@ static PyObject *run(PyObject *self, PyObject *args) {
             err_no = errno;
             break;
         }
-        /* the large messages may have left: raise the marks; a subscriber came (it subscribes) or may have
-         * come (every TICK_MS): give its queue the mark now */
-        int tick = now_ms() >= next_tick;
-        if (tick)
-            next_tick = now_ms() + TICK_MS;
-        for (int i = 0; i < l.n && err_no == 0; i++) {
-            int subscribed = items[2 + i].revents & ZMQ_POLLIN;
-            if (subscribed && relay(l.back[i], items[0].socket, &p) < 0)
+        for (int i = 0; i < l.n && err_no == 0; i++)
+            if ((items[2 + i].revents & ZMQ_POLLIN) && relay(l.back[i], items[0].socket, &p) < 0)
                 err_no = errno;
-            else if (set_hwm(&l, i, 0, 1, subscribed || tick) < 0)
-                err_no = errno;
-        }
     }
     Py_END_ALLOW_THREADS;
     close_parts(&p);
@@ -588,7 +554,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_countproxy",
 PyMODINIT_FUNC PyInit__countproxy(void) {
     PyObject *m = PyModule_Create(&module);
     /* the run() this file defines: a build of an older file is not used (broker.py's COUNTPROXY_API) */
-    if (m != NULL && PyModule_AddIntConstant(m, "API", 3) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -8,17 +8,19 @@ in batches every ``broker.count_every_s`` (a PUB capture socket: if Python falls
 dropped and counted as such, never the data; bench/broker.py: 10-15 % slower at 400 KB on two cores,
 because the copies keep 400 KB buffers alive until Python has read them).
 
-Queues: ZeroMQ bounds a queue in messages; the broker bounds it in bytes, ``broker.queue_bytes`` per
-connection and direction, or 3 of the largest message it may carry where that is more (``queue_plan``).
-Subscribers get their families through one of two *lanes* (registry.yaml ``lane``): the main lane (up to
-16 MB a message) and the bulk lane (sets and weights, up to 1 GB), each its own XPUB and ports. The C proxy
-keeps each lane's high-water mark at queue_bytes over the largest message the lane's queues hold now
-(between MIN_HWM and MAX_HWM): 1000 small sets may wait for a trainer, 2 weights of 1 GB for a player, and
-a heartbeat never waits behind a mark made short by weights. It sends each message to its family's lane,
-refuses one over its family's ``max_bytes`` (libzmq's ``ZMQ_MAXMSGSIZE`` bounds a frame, not a message)
-and counts each overflow of a subscriber's queue (``drops{cause=queue_overflow_<family>}``: once per
-overflow, since libzmq then passes that subscriber by unseen until it reads again; receivers count what
-they lost from sequence numbers, ``drops{cause=seq_gap}``). Python sees only:
+Queues: ZeroMQ bounds a queue in messages, so bytes come from ``broker.queue_bytes`` and the largest message
+each socket carries (``queue_plan``): per connection and direction at most queue_bytes, or 3 of the largest
+message where that is more. Subscribers get their families through one of two *lanes* (registry.yaml
+``lane``): the main lane (at most 16 MB a message: hwm 15 at the default 256 MB) and the bulk lane (sets
+and weights, up to 1 GB: hwm 2), each its own XPUB and ports, so a heartbeat never waits in a queue that
+must be short because it may hold weights. (The marks stay put: libzmq's low-water protocol can leave a
+queue stuck when its mark changes.) The C proxy sends each message to its family's lane, refuses one over
+its family's ``max_bytes`` (libzmq's ``ZMQ_MAXMSGSIZE`` bounds a frame, not a message), gives a full queue
+PATIENCE_MS to make room (a burst to a healthy subscriber passes a short queue) and counts each overflow
+(``drops{cause=queue_overflow_<family>}``: once per overflow, since libzmq then passes that subscriber by
+unseen until it reads again; receivers count what they lost from sequence numbers,
+``drops{cause=seq_gap}``). What the lanes' queues hold is ``charles_broker_queue_held_bytes``. Python sees
+only:
 
 * the *last-value* families (weights, config, console) through an internal SUB, to keep the newest
   message per topic for late joiners (served on the control port as a snapshot);
@@ -41,7 +43,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,9 @@ def loaded_libzmq() -> str | None:
     return None
 
 
-COUNTPROXY_API = 3
-"""The ``run()`` of ``_countproxy.c`` this file calls (lanes, limits, four counters a family, the byte budget
-that sets each lane's high-water mark)."""
+COUNTPROXY_API = 4
+"""The ``run()`` of ``_countproxy.c`` this file calls (lanes, limits, four counters a family, what the lanes'
+queues hold, patience)."""
 
 
 def counting_proxy() -> Any | None:
@@ -108,10 +110,30 @@ MIN_HWM = 2
 """The smallest high-water mark a broker queue gets, whatever queue_bytes says: two messages sent back to
 back (a set per balanced output) must not cost a healthy subscriber the second while the first is still
 on its way out."""
-MAX_HWM = 1000
-"""The most messages a subscriber's queue holds, however small they are (what every queue had before
-queue_bytes). The C proxy keeps each lane's mark at queue_bytes over the largest message the lane's queues
-hold now, between MIN_HWM and this: a burst of small sets passes while no weights are queued."""
+PATIENCE_MS = 20
+"""How long a subscriber's full queue gets to make room before the subscriber loses the message: enough for
+a healthy one behind a burst (its broker-side I/O has not run yet, or libzmq has not yet told the sender
+what it took), short enough that a stalled one costs the bus little: libzmq then leaves it out, without
+waiting, until it reads again."""
+WAIT_PER_S_MS = 50
+"""What a lane may wait for full queues in all, a second: a subscriber that is slow, not stalled, cannot make
+the bus wait PATIENCE_MS a message."""
+
+
+class Patience:
+    """What a lane may still wait for full queues: WAIT_PER_S_MS a second, PATIENCE_MS at a time (the C
+    proxy's publish() does the same for the bus's lanes)."""
+
+    def __init__(self) -> None:
+        self.credit = WAIT_PER_S_MS / 1000
+        self.refilled = time.monotonic()
+
+    def allowed(self) -> float:
+        """Seconds the next wait may take."""
+        now = time.monotonic()
+        self.credit = min(WAIT_PER_S_MS / 1000, self.credit + (now - self.refilled) * WAIT_PER_S_MS / 1000)
+        self.refilled = now
+        return min(PATIENCE_MS / 1000, self.credit)
 
 
 @dataclass(frozen=True)
@@ -119,8 +141,7 @@ class Queue:
     """One direction of one connection of a broker socket: ZeroMQ's high-water mark and the bytes it allows."""
 
     hwm: int
-    """Messages (0: unbounded) when they are the largest; a lane's mark is higher while its messages are
-    smaller (the C proxy's, up to MAX_HWM), this one when they are not"""
+    """Messages (0: unbounded)"""
     largest: int
     """The largest message this direction carries, bytes"""
 
@@ -154,20 +175,36 @@ def queue_plan(budget: int, lanes: bool) -> dict[str, Queue]:
     return plan
 
 
-def publish_counted(sock: zmq.Socket, frames: list) -> bool:
+def publish_counted(sock: zmq.Socket, frames: list, patience: Patience | None = None) -> bool:
     """Send to an ``XPUB_NODROP`` socket without blocking: True when every matching subscriber took it,
     False when a queue overflowed (the message then goes, lossy, to the others; libzmq passes the full one
-    by, unseen, until it reads again). A plain XPUB drops in silence."""
+    by, unseen, until it reads again). A plain XPUB drops in silence. With ``patience``, a full queue first
+    gets what it allows to make room."""
     try:
         sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
         return True
     except zmq.Again:  # from the first frame, before anything was sent
-        sock.setsockopt(zmq.XPUB_NODROP, 0)
+        pass
+    if patience is not None:
+        start = time.monotonic()
+        deadline = start + patience.allowed()
         try:
-            sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            while time.monotonic() < deadline:
+                time.sleep(0.0002)
+                sock.getsockopt(zmq.EVENTS)  # reads the socket's commands: what its subscribers have taken
+                try:
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
         finally:
-            sock.setsockopt(zmq.XPUB_NODROP, 1)
-        return False
+            patience.credit -= time.monotonic() - start
+    sock.setsockopt(zmq.XPUB_NODROP, 0)
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    finally:
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+    return False
 
 
 class LastValues:
@@ -268,13 +305,11 @@ def load_allowed(allowed: Path, log: Any) -> dict[str, ClientKey]:
 class SecureLane:
     """One secure subscribe side: an XSUB on a lane's inproc XPUB, and the CURVE XPUB it feeds."""
 
-    index: int
-    """The lane XPUB's (Broker.lane_xpubs) place: its high-water mark is this one's too."""
     bridge_out: zmq.Socket
     sec_xpub: zmq.Socket
     families: set[bytes]
     """Families this lane's bridge_out subscribes on the bus, each once."""
-    hwm: int = -1
+    patience: Patience = field(default_factory=Patience)
 
 
 class SecureBridge:
@@ -352,10 +387,6 @@ class SecureBridge:
                 return
             self.prefixes.add(prefix)
         lane.sec_xpub.setsockopt(zmq.SUBSCRIBE, prefix)
-        hwm = self.b.lane_hwm(lane.index)
-        if hwm is not None:  # again: a new subscriber's queue has the mark of when the socket was bound
-            lane.sec_xpub.setsockopt(zmq.SNDHWM, hwm)
-            lane.hwm = hwm
         family = prefix.split(b".", 1)[0]
         if family not in lane.families:
             lane.families.add(family)
@@ -390,13 +421,7 @@ class SecureBridge:
                         frames = lane.bridge_out.recv_multipart(copy=False, flags=nb)
                     except zmq.Again:
                         break
-                    # the C proxy sized the lane's mark for what its queues hold, this message and the
-                    # ones queued here among them (they are the same messages): the same mark here
-                    hwm = self.b.lane_hwm(lane.index)
-                    if hwm is not None and hwm != lane.hwm:
-                        lane.sec_xpub.setsockopt(zmq.SNDHWM, hwm)
-                        lane.hwm = hwm
-                    if not publish_counted(lane.sec_xpub, frames):
+                    if not publish_counted(lane.sec_xpub, frames, lane.patience):
                         self.b.count_overflow(frames[0].bytes)
                 for _ in range(256 if lane.sec_xpub in events else 0):  # agents' subscriptions, checked
                     try:
@@ -450,8 +475,7 @@ class Broker:
         )
         self.m_queue_hwm = prom.Gauge(
             "charles_broker_queue_hwm",
-            "High-water mark (messages) of one connection's data queue now, by port (0: unbounded); a lane's "
-            "follows the largest message its queues hold",
+            "High-water mark (messages) of one connection's data queue, by port (0: unbounded)",
             ["queue"],
             registry=r,
         )
@@ -487,9 +511,9 @@ class Broker:
         """The C proxy's counts per family, the last row "unknown": messages and bytes forwarded, overflows of
         a subscriber's queue, messages refused over max_bytes; it writes, we read."""
         self._counted = self._counts.copy()
-        self._held = np.zeros((len(LANES), 3), np.int64)
-        """Per lane XPUB, as the C proxy last saw it: its high-water mark now, the bytes and the messages its
-        subscribers' queues hold (a message queued for several counted once); it writes, we read."""
+        self._held = np.zeros((len(LANES), 2), np.int64)
+        """Per lane XPUB, as the C proxy last saw them: the bytes and the messages its subscribers' queues hold
+        (a message queued for several counted once); it writes, we read."""
 
     # -- endpoints -----------------------------------------------------------------------------------------
 
@@ -586,9 +610,7 @@ class Broker:
             self.m_queue_hwm.labels(name).set(q.hwm)
             self.m_queue_bound.labels(name).set(q.bound)
             size = "unbounded" if q.hwm == 0 else f"{q.bound / 1e6:.0f} MB"
-            follows = self.counting == "c" and "subscribe" in name and q.hwm
-            marks = f"hwm {MAX_HWM} while its messages are small, {q.hwm}" if follows else f"hwm {q.hwm}"
-            parts.append(f"{name} {size} ({marks} at {q.largest / 1e6:g} MB a message)")
+            parts.append(f"{name} {size} (hwm {q.hwm}, messages up to {q.largest / 1e6:g} MB)")
             if q.bound > self.cfg.queue_bytes > 0:
                 over.append(name)
         if over:
@@ -646,7 +668,7 @@ class Broker:
         main_xsub.connect(_INPROC_SECURE_IN)
         # bus -> agents, per lane: XSUB on the lane's inproc XPUB -> secure XPUB (subscriptions checked, manual)
         lanes = []
-        for index, served in enumerate(self.lane_xpubs):
+        for served in self.lane_xpubs:
             bridge_out = s(zmq.XSUB, hwm=1)  # the lane's hwm + 1, as a subscriber's (inproc adds both ends')
             bridge_out.setsockopt(zmq.SNDHWM, subs.hwm)
             bridge_out.connect(_INPROC_OUT.format(served[0]))
@@ -659,7 +681,7 @@ class Broker:
             for lane in served:
                 name = subscribe_port(lane, secure=True)
                 self.ports[name] = self._bind(sec_xpub, host, ports[name])
-            lanes.append(SecureLane(index, bridge_out, sec_xpub, set()))
+            lanes.append(SecureLane(bridge_out, sec_xpub, set()))
         self.secure_control = server(zmq.ROUTER)
         self.secure_control.setsockopt(zmq.MAXMSGSIZE, self.reg.topics["config"].max_bytes)
         self.ports["secure_control"] = self._bind(self.secure_control, host, ports["secure_control"])
@@ -733,9 +755,8 @@ class Broker:
                         limits,
                         self._counts,
                         self._held,
-                        self.cfg.queue_bytes,
-                        MIN_HWM,
-                        MAX_HWM,
+                        PATIENCE_MS,
+                        WAIT_PER_S_MS,
                         zmq.ETERM,
                     )
                 else:
@@ -808,16 +829,9 @@ class Broker:
         self.svc.info["through_msgs"] = self.through
         return n
 
-    def lane_hwm(self, index: int) -> int | None:
-        """The high-water mark the C proxy gives the lane XPUB at ``index`` now (None without it)."""
-        return int(self._held[index, 0]) if self.counting == "c" else None
-
     def _report_held(self) -> None:
         for i, lanes in enumerate(self.lane_xpubs):
-            self.m_queue_held.labels(lanes[0]).set(int(self._held[i, 1]))
-            if self.counting == "c":
-                for lane in lanes:
-                    self.m_queue_hwm.labels(subscribe_port(lane)).set(int(self._held[i, 0]))
+            self.m_queue_held.labels(lanes[0]).set(int(self._held[i, 0]))
 
     def count_overflow(self, topic: bytes) -> None:
         """A queue on the secure side overflowed at this message (the C proxy counts the bus's)."""
