@@ -285,7 +285,7 @@ static int publish(lanes_t *l, int lane, parts_t *p) {
     if (send_parts(to, p, &sent) == 0)
         return 1;
     /* EAGAIN: a matching subscriber's queue is full (libzmq checks before the first part; the rest of a
-     * message follows its first part). Patience first, unless the lane has just lost one anyway */
+     * message follows its first part). Patience first, as long as the lane has waiting left */
     if (errno != EAGAIN)
         return -1;
     int64_t now = now_ms(), credit = l->credit_us[lane] + (now - l->refilled_ms[lane]) * l->wait_per_s_ms;
