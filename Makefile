@@ -42,7 +42,7 @@ CYCLES   ?= 10
 KILLS    ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast test-system test-compose lint format bench bench-e2e validate schema keys up down logs scale images clean prometheus
+.PHONY: help install run test test-fast test-system test-compose lint format bench bench-e2e bench-gpu validate schema keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,7 +66,7 @@ test: $(STAMP) ## the suite (real sockets, processes, files, browser, Prometheus
 test-fast: $(STAMP) ## the tests not marked slow (a minute or two)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow"
 
-test-system: $(STAMP) ## whole-pipeline barrages: kill -9 rounds (KILLS=3), SIGTERM cycles (CYCLES=10), hostile runs
+test-system: $(STAMP) ## whole pipelines: charles up + Prometheus, e2e and GPU benches on the CPU, kill -9 rounds (KILLS=3), SIGTERM cycles (CYCLES=10), hostile runs
 	CHARLES_STOP_CYCLES=$(CYCLES) CHARLES_KILLS=$(KILLS) OMP_NUM_THREADS=1 $(PY) -m pytest -m system
 
 test-compose: $(STAMP) ## the real stack: make images, docker-compose up, scale, restart, down (needs dockerd)
@@ -83,8 +83,11 @@ format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP) ## every benchmark, quick mode; each prints one JSON line last
-	@for b in bench/[a-z]*.py; do case $$b in bench/e2e.py) continue;; esac; \
+	@for b in bench/[a-z]*.py; do case $$b in bench/e2e.py|bench/gpu.py) continue;; esac; \
 	  echo "== $$b"; (cd bench && ../$(PY) $$(basename $$b) --quick) || exit 1; done
+
+bench-gpu: $(STAMP) ## on an NVIDIA GPU: trainer bf16 vs fp32, torch.compile, player latency, nvJPEG; one JSON line (< 10 min)
+	cd bench && ../$(PY) gpu.py
 
 bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, npc and random (MINUTES=20)
 	cd bench && ../$(PY) e2e.py --minutes $(if $(filter 0,$(MINUTES)),20,$(MINUTES))

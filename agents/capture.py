@@ -49,7 +49,7 @@ from charles.agents.devices import (
 )
 from charles.cli import help_text
 from charles.config import knob
-from charles.drive.controls import wrap_angle
+from charles.drive.controls import purpose
 from charles.drive.frames import fit_frame
 from charles.drive.samples import Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
@@ -336,10 +336,8 @@ class CaptureAgent:
         tgt = self.s.purpose_target
         if not tgt or pos is None:
             return 0.0, 0.0
-        dx, dy = tgt[0] - pos[0], tgt[1] - pos[1]
-        dist = min(1e7, math.hypot(dx, dy))
-        angle = 0.0 if heading is None else wrap_angle(math.atan2(dy, dx) - heading)
-        return angle, dist
+        angle, dist = purpose(pos, 0.0 if heading is None else heading, tgt)
+        return (0.0 if heading is None else angle), min(1e7, dist)  # the wire's bound on the distance
 
     def process(self, t: float, img: np.ndarray, msg: GameMessage | None) -> bool:
         """One tick: labels, Unstuck, publish, history. True if something was published."""

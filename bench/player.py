@@ -1,11 +1,11 @@
-"""Benchmark the player's frame-to-action loop: predictions per second and latency, against a bare forward.
+"""Benchmark the player as a process of its own: predictions per second and latency, against a bare forward.
 
     python bench/player.py [--quick] [--profile] [--strict] [--inflight N]
 
-**Headline: the player as a process of its own** (``pps``, ``latency_p50_ms``, ``latency_p99_ms``,
-``ratio_to_bare``). A broker, the built-in sim as a game process (``python -m charles.sim.agent
---lockstep --ahead --inflight 2``) and the player in remote mode (``player.source: remote``, as against GTA V) run as
-separate processes: tiny preset at 160x90, one torch thread each, the Player Console at its normal 5 Hz.
+**Headline** (``pps``, ``latency_p50_ms``, ``latency_p99_ms``, ``ratio_to_bare``). A broker, the built-in
+sim as a game process (``python -m charles.sim.agent --lockstep --ahead --inflight 2``) and the player in
+remote mode (``player.source: remote``, as against GTA V) run as separate processes: tiny preset at 160x90,
+one torch thread each, the Player Console at its normal 5 Hz.
 Lockstep with two frames in flight (``--inflight 2``): the game sends the next frame the moment an action
 is in, and keeps two out unanswered, so the player finds the next frame waiting when it finishes one (never
 idle for want of a frame) and the round trip through the broker is off its loop, as a game that does not
@@ -24,29 +24,25 @@ per answered frame (all its threads, from /proc), which other load on a shared b
 ``ratio_to_bare_cpu`` = bare forward CPU time / player process CPU time per frame, the player's own cost
 whatever the box.
 
-**In process** (``pps_inprocess``, ``ratio_inprocess``, ``latency_*_inprocess_ms``): the real loop
-(``PlayerService.step``) drives the built-in sim inside the bench process (sim source, no pacing), so the
-sim's own work is part of every frame; ``sim_ms_per_frame`` says how much, ``ratio_inprocess_excl_sim``
-leaves it out. Latency there is frame ready (rendered) -> action decided.
-
 The player folds batch norm into the convolutions when it loads weights (``bn_folded``; the same outputs
 to float rounding, one op less per layer). ``bare_pps`` is the network as built, unfolded: what a plain timm
 forward costs. ``bare_folded_pps`` is the player's folded net run bare, so ``ratio_to_bare_folded`` is the
 loop's own overhead, whatever folding bought.
 
 In the same run the same model's bare forward (batch 1, ``torch.inference_mode``, the same input size and
-the channels_last layout the player feeds it) gives ``bare_pps``; ``ratio_to_bare = pps / bare_pps`` (goal
->= 0.9). Windows of the three alternate (the sim agent is paused with SIGSTOP while the others run) and
-each figure is from the best window of its kind: a shared box is noisy.
+the channels_last layout the player feeds it; bench/_player.py) gives ``bare_pps``; ``ratio_to_bare = pps /
+bare_pps`` (goal >= 0.9). Windows of the two alternate (the sim agent is paused with SIGSTOP while the bare
+forward runs) and each figure is from the best window of its kind: a shared box is noisy.
 
-On a GPU: ``model_0004_inceptionresnetv2`` at 480x270 through the same loops, p99 latency goal <= 33 ms.
+The player's loop inside one process, with the sim's work on it, is bench/player_inprocess.py.
+
+On a GPU: ``model_0004_inceptionresnetv2`` at 480x270 through the same processes, p99 latency goal <= 33 ms.
 
 The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import signal
@@ -62,134 +58,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from charles.runtime import free_ports  # noqa: E402
 
 from _common import report  # noqa: E402
+from _player import GPU_PRESET, bare_window, make_player, on_gpu, setup, warm_up  # noqa: E402
 
 GAME_ID = "sim-bench"
 PLAYER_ID = "player-bench"
-
-
-def make_player(preset: str, device: str, console_hz: float = 5.0, threads: int = 1):
-    """A PlayerService on its sim, with weights of the preset already swapped in (no broker needed)."""
-    from charles import config
-    from charles.model.weights import save_weights
-    from charles.player.service import PlayerService
-    from charles.player.swap import WeightsMeta
-    from charles.runtime import Service
-
-    names = ["publish", "subscribe", "control"]
-    data = {
-        "model": {"preset": preset},
-        "bus": {"host": "127.0.0.1", "ports": dict(zip(names, free_ports(3), strict=True))},
-        "player": {
-            "realtime": False,
-            "terminal": False,
-            "console_hz": console_hz,
-            "device": device,
-            "threads": threads,
-        },
-        # untrained weights drive into walls: a long stuck window keeps Unstuck's non-predicting frames
-        # (fade, settle) out of a throughput figure (water still triggers it; predicted_fraction says)
-        "unstuck": {"window_s": 1e6},
-    }
-    svc = Service(
-        "player", config.load(data=data, environ={}), instance="player-bench", http=False, signals=False
-    )
-    service = PlayerService(svc)
-    p = service.swapper.predictors[0]
-    service.swapper.load(
-        save_weights(p.model, service.cfg, half=True),
-        WeightsMeta(preset, f"{preset}_bench", 1, time.time(), ""),
-    )
-    return svc, service
-
-
-class Timed:
-    """Wraps the source's next/act to measure the sim's own share of a frame."""
-
-    def __init__(self, source):
-        self.source = source
-        self.seconds = 0.0
-        self._next, self._act = source.next, source.act
-        source.next, source.act = self.next, self.act
-
-    def next(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return self._next(*a, **k)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-    def act(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return self._act(*a, **k)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-def loop_window(service, timed: Timed, frames: int) -> dict:
-    service.latencies = collections.deque(maxlen=frames)
-    p0, s0 = service.predictions, timed.seconds
-    t0 = time.perf_counter()
-    for _ in range(frames):
-        service.step()
-    wall = time.perf_counter() - t0
-    preds = service.predictions - p0
-    sim = timed.seconds - s0
-    lat = np.asarray(service.latencies) * 1000.0
-    return {
-        "pps": preds / wall,
-        "fps": frames / wall,
-        "sim_ms": sim / frames * 1000.0,
-        "player_ms": (wall - sim) / frames * 1000.0,
-        "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-        "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        "predicted": preds / frames,
-    }
-
-
-def bare_window(service, n: int, channels_last: bool = True, folded: bool = False) -> tuple[float, float]:
-    """The same model's plain forward: batch 1, inference mode, the player's input size. The network as
-    timm and CharlesNet build it (``folded``: the player's own, batch norm folded into the convolutions).
-
-    Returns (forwards per second of wall clock, CPU ms per forward of this process)."""
-    active = service.swapper.active
-    model, cfg, dev = (active.net if folded else active.model), service.cfg, active.device
-    x = torch.randn(1, cfg.in_chans, cfg.height, cfg.width, device=dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = service.swapper.active.autocast
-    with torch.inference_mode():
-        for _ in range(3):
-            model(image=x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            if autocast is not None:
-                with torch.autocast(dev.type, dtype=autocast):
-                    model(image=x)
-            else:
-                model(image=x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - t0), (time.process_time() - c0) / n * 1000.0
-
-
-def profile(service, frames: int) -> None:
-    import cProfile
-    import pstats
-
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(frames):
-        service.step()
-    pr.disable()
-    pstats.Stats(pr, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -518,7 +394,7 @@ def run(
 ) -> dict:
     from charles.model.weights import save_weights
 
-    svc, service = make_player(preset, device)
+    svc, service = make_player(preset, device)  # the weights it sends, and the bare forward to compare
     prof_path = (
         str(Path(tempfile.gettempdir()) / f"charles-bench-player-{os.getpid()}.prof") if prof else None
     )
@@ -528,27 +404,20 @@ def run(
     )
     try:
         stack.spawn()  # they start up while this process warms up its own player
-        timed = Timed(service.source)
-        for _ in range(30):
-            service.step()  # first swap, allocations, the painter's first JPEGs
+        warm_up(service)
         stack.ready()
-        if prof:
-            profile(service, frames)
         stack.window(1.0)  # the remote player's first predictions and console pictures
-        remotes, loops, bares, bares_nchw, bares_folded = [], [], [], [], []
+        remotes, bares, bares_nchw, bares_folded = [], [], [], []
         for _ in range(repeats):
             remotes.append(stack.window(seconds))
-            loops.append(loop_window(service, timed, frames))
             bares.append(bare_window(service, frames))
             bares_nchw.append(bare_window(service, frames, channels_last=False))
             bares_folded.append(bare_window(service, frames, folded=True))
         remote = max(remotes, key=lambda r: r["pps"])
-        best = max(loops, key=lambda r: r["pps"])
         bare = max(b[0] for b in bares)
         bare_cpu = min(b[1] for b in bares)
         cpu = {k: min(r["cpu_ms"][k] for r in remotes) for k in remote["cpu_ms"]}
-        player_pps = 1000.0 / best["player_ms"] * best["predicted"]
-        out = {
+        return {
             "pps": round(remote["pps"], 1),
             "latency_p50_ms": round(remote["p50"], 2),
             "latency_p99_ms": round(remote["p99"], 2),
@@ -565,14 +434,6 @@ def run(
             "broker_cpu_ms_per_frame": round(cpu["broker"], 3),
             "bare_cpu_ms": round(bare_cpu, 3),
             "ratio_to_bare_cpu": round(bare_cpu / cpu["player"], 3) if cpu["player"] > 0 else None,
-            "pps_inprocess": round(best["pps"], 1),
-            "ratio_inprocess": round(best["pps"] / bare, 3),
-            "latency_p50_inprocess_ms": round(best["p50"], 2),
-            "latency_p99_inprocess_ms": round(best["p99"], 2),
-            "sim_ms_per_frame": round(best["sim_ms"], 2),
-            "player_ms_per_frame": round(best["player_ms"], 2),
-            "ratio_inprocess_excl_sim": round(player_pps / bare, 3),
-            "predicted_fraction_inprocess": round(best["predicted"], 3),
             "bare_pps_nchw": round(max(b[0] for b in bares_nchw), 1),
             "bn_folded": service.swapper.active.fold_bn,
             "bare_folded_pps": round(folded := max(b[0] for b in bares_folded), 1),
@@ -584,7 +445,6 @@ def run(
             "window_s": seconds,
             "console_hz": service.config.console_hz,
         }
-        return out
     finally:
         stack.close()
         service.shutdown()
@@ -601,9 +461,9 @@ def run(
 def main() -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="player frame-to-action latency and predictions per second")
+    ap = argparse.ArgumentParser(description="the player as a process: predictions per second and latency")
     ap.add_argument("--quick", action="store_true", help="finish in under 30 seconds")
-    ap.add_argument("--profile", action="store_true", help="print cProfiles of both loops to stderr")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the player process to stderr")
     ap.add_argument(
         "--strict",
         action="store_true",
@@ -612,12 +472,15 @@ def main() -> None:
     ap.add_argument(
         "--inflight", type=int, default=2, help="frames the game has out unanswered at once (default 2)"
     )
+    ap.add_argument(
+        "--gpu-presets",
+        default=GPU_PRESET,
+        help=f"comma-separated model lines measured on CUDA (default {GPU_PRESET}); the first is the JSON's "
+        "gpu, every one is in gpu_presets",
+    )
     args = ap.parse_args()
     inflight = 1 if args.strict else args.inflight
-    torch.set_num_threads(1)
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
+    setup()
     frames, repeats, seconds = (120, 4, 1.0) if args.quick else (600, 5, 4.0)
     t0 = time.perf_counter()
     out = run("tiny", "cpu", frames, repeats, seconds, not args.strict, args.profile, inflight)
@@ -626,29 +489,20 @@ def main() -> None:
         f"latency p50 {out['latency_p50_ms']} ms p99 {out['latency_p99_ms']} ms; bare forward {out['bare_pps']}/s "
         f"-> ratio {out['ratio_to_bare']} (folded bare {out['bare_folded_pps']}/s -> {out['ratio_to_bare_folded']}); CPU per frame: player {out['player_cpu_ms_per_frame']} ms "
         f"(bare {out['bare_cpu_ms']} ms, ratio {out['ratio_to_bare_cpu']}), sim agent "
-        f"{out['sim_agent_cpu_ms_per_frame']} ms, broker {out['broker_cpu_ms_per_frame']} ms. In process: "
-        f"{out['pps_inprocess']} pps (ratio {out['ratio_inprocess']}; sim {out['sim_ms_per_frame']} ms + player "
-        f"{out['player_ms_per_frame']} ms a frame, ratio without the sim {out['ratio_inprocess_excl_sim']})",
+        f"{out['sim_agent_cpu_ms_per_frame']} ms, broker {out['broker_cpu_ms_per_frame']} ms",
         file=sys.stderr,
     )
-    if torch.cuda.is_available():
-        torch.set_num_threads(4)
-        gpu = run(
-            "model_0004_inceptionresnetv2",
-            "cuda",
-            *((150, 2, 2.0) if args.quick else (600, 3, 4.0)),
-            not args.strict,
-            inflight=inflight,
-        )
+
+    presets = [p for p in args.gpu_presets.split(",") if p]
+
+    def gpu_run(preset: str) -> dict:
+        quick = (150, 2, 2.0) if args.quick else (600, 3, 4.0)
+        gpu = run(preset, "cuda", *quick, not args.strict, inflight=inflight)
         gpu["p99_goal_met"] = gpu["latency_p99_ms"] <= 33.0
-        out["gpu"] = gpu
-        print(f"GPU: {gpu}", file=sys.stderr)
-    else:
-        print(
-            "GPU: skipped (no CUDA): model_0004_inceptionresnetv2 at 480x270, p99 <= 33 ms not measured",
-            file=sys.stderr,
-        )
-        out["gpu"] = "skipped: no CUDA"
+        return gpu
+
+    out["gpu_presets"] = {p: on_gpu(lambda p=p: gpu_run(p), p) for p in presets}
+    out["gpu"] = out["gpu_presets"][presets[0]] if presets else "skipped: no preset asked for"
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     report(out)
 

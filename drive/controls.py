@@ -1,4 +1,4 @@
-"""Controls and the wire's ranges: the one throttle/brake split, the one angle wrap.
+"""Controls and the wire's ranges: the one throttle/brake split, the one angle wrap, the one purpose.
 
 A car takes (steering, throttle_brake): steering in [-1, 1], negative left; throttle_brake in [-1, 1],
 positive is throttle, negative is brake (GTA's combined pedal). A pad has two triggers instead, and some
@@ -8,13 +8,20 @@ model lines predict throttle and brake separately: :func:`combine` and :func:`sp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
 def wrap_angle(a: Any) -> Any:
     """An angle in [-pi, pi) (radians); a float or a numpy array of them."""
     return (a + math.pi) % (2 * math.pi) - math.pi
+
+
+def purpose(position: Sequence[float], heading: float, target: Sequence[float]) -> tuple[float, float]:
+    """A sample's ``purpose`` from where the car is: the direction to ``target`` relative to ``heading``
+    (radians in [-pi, pi), positive left) and the distance to it (m); positions are (x, y, ...) in m."""
+    dx, dy = target[0] - position[0], target[1] - position[1]
+    return wrap_angle(math.atan2(dy, dx) - heading), math.hypot(dx, dy)
 
 
 def clamp(v: float, lo: float, hi: float) -> float:

@@ -27,7 +27,7 @@ class InputShape:
             height=model_cfg.height,
             frames=model_cfg.frames,
             frame_stride=model_cfg.frame_stride,
-            history_rows=max(history_rows, model_cfg.history_length if model_cfg.history != "none" else 0),
+            history_rows=max(history_rows, model_cfg.history_rows),
         )
 
     @property

@@ -215,6 +215,11 @@ class ModelConfig:
         return 3 * self.frames
 
     @property
+    def history_rows(self) -> int:
+        """Rows of history the model reads: ``history_length``, or 0 for a line without history."""
+        return self.history_length if self.history != "none" else 0
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
 

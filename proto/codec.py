@@ -71,7 +71,7 @@ class ProtocolError(ValueError):
         self.detail = detail
 
 
-class Envelope(msgspec.Struct):
+class Envelope(msgspec.Struct, gc=False):  # one per message received; it holds no cycle
     topic: str
     kind: str
     sender: str
@@ -106,14 +106,17 @@ def _blob(blobs: Sequence, index: int) -> memoryview:
 
 
 def _frame_out(f: Frame, blobs: _Blobs) -> wire.FrameRef:
-    return wire.FrameRef(codec=f.codec, shape=f.shape, blob=blobs.add(f.data))
+    return wire.FrameRef(f.codec, f.shape, blobs.add(f.data))
 
 
 def _frame_in(f: wire.FrameRef, blobs: Sequence) -> Frame:
-    i = f.blob
-    if i >= len(blobs):
-        raise ProtocolError("bad_blob", f"blob index {i} not among {len(blobs)} blobs")
-    data = blobs[i]
+    """The Frame a FrameRef names (GameFrame and Console bodies; a sample's frames are bound in place)."""
+    return Frame(f.codec, f.shape, _frame_bytes(f, blobs))
+
+
+def _frame_bytes(f: wire.FrameRef, blobs: Sequence) -> memoryview:
+    """The blob a frame reference names, checked against its codec and shape."""
+    data = _blob(blobs, f.data)
     n = len(data)
     shape = f.shape
     if f.codec == "raw" and n != shape[0] * shape[1] * shape[2]:
@@ -122,7 +125,7 @@ def _frame_in(f: wire.FrameRef, blobs: Sequence) -> Frame:
         )
     if n == 0:
         raise ProtocolError("size_mismatch", "empty frame")
-    return Frame(f.codec, shape, data)
+    return data
 
 
 _NFIELDS = len(HISTORY_FIELDS)
@@ -166,32 +169,31 @@ def _sample_out(s: Sample, blobs: _Blobs) -> wire.SampleBody:
     return body
 
 
-def _sample_in(b: wire.SampleBody, blobs: Sequence) -> Sample:
-    history = None if b.history is None else _history_in(b.history, blobs)
-    stack = [_frame_in(f, blobs) for f in b.stack] if b.stack else []
-    f = b.frame  # _frame_in inlined for the one frame every sample has: a call is a tenth of this
-    i = f.blob
+def _sample_in(s: Sample, blobs: Sequence) -> Sample:
+    """A decoded sample made whole in place: msgspec built it, Frames included, with blob indices where
+    the bytes go; each index becomes its bytes, the history's reference its array."""
+    if s.history is not None:
+        s.history = _history_in(s.history, blobs)
+    if s.stack:
+        for f in s.stack:
+            f.data = _frame_bytes(f, blobs)
+    elif s.stack is None:  # nil on the wire: no stack, as absent
+        s.stack = []
+    f = s.frame  # _frame_bytes inlined for the one frame every sample has: a call is a tenth of this
+    i = f.data
     if i >= len(blobs):
         raise ProtocolError("bad_blob", f"blob index {i} not among {len(blobs)} blobs")
     data = blobs[i]
-    n = len(data)
-    shape = f.shape
-    if n == 0 or (f.codec == "raw" and n != shape[0] * shape[1] * shape[2]):
-        _frame_in(f, blobs)  # names the reason
-    return Sample(
-        b.collector,
-        b.seq,
-        b.game_time,
-        Frame(f.codec, shape, data),
-        b.steering,
-        b.throttle_brake,
-        b.speed,
-        b.purpose,
-        history,
-        stack,
-        b.previous,
-        b.source,
-    )
+    if not data or (f.codec == "raw" and len(data) != f.shape[0] * f.shape[1] * f.shape[2]):
+        _frame_bytes(f, blobs)  # names the reason
+    f.data = data
+    return s
+
+
+class _SampleSetIn(wire.SampleSetBody, gc=False):
+    """A set's header as a receiver decodes it: its samples straight into Samples."""
+
+    samples: wire.SetOf[Sample]
 
 
 def _sample_set_out(s: SampleSet, blobs: _Blobs) -> wire.SampleSetBody:
@@ -204,7 +206,7 @@ def _sample_set_out(s: SampleSet, blobs: _Blobs) -> wire.SampleSetBody:
     )
 
 
-def _sample_set_in(b: wire.SampleSetBody, blobs: Sequence) -> SampleSet:
+def _sample_set_in(b: _SampleSetIn, blobs: Sequence) -> SampleSet:
     return SampleSet(
         outputs=b.outputs,
         version=b.version,
@@ -335,7 +337,12 @@ _CODECS: dict[str, tuple[type, Callable, Callable]] = {
     "config_reply": (ConfigReply, _config_reply_out, _config_reply_in),
 }
 _KIND_OF = {cls: kind for kind, (cls, _, _) in _CODECS.items() if kind != "config"}
-_DECODERS = {kind: (msgspec.msgpack.Decoder(env), _CODECS[kind][2]) for kind, env in wire.ENVELOPES.items()}
+_DECODE_AS = {"sample": Sample, "sample_set": _SampleSetIn}
+"""Kinds whose bodies decode into other structs with the same wire fields than the ones they are sent as."""
+_DECODERS = {
+    kind: (msgspec.msgpack.Decoder(wire.envelope(kind, _DECODE_AS.get(kind))), _CODECS[kind][2])
+    for kind in wire.ENVELOPES
+}
 """Kind -> (the typed decoder of a whole header of that kind, its body -> message conversion)."""
 
 
@@ -484,7 +491,7 @@ def _rejection(e: msgspec.DecodeError, header_b: Any, kind: str | None) -> Proto
             )
     if kind is not None and got.kind != kind:
         return ProtocolError("kind_mismatch", f"the topic carries {kind}, the header says {got.kind}")
-    top = wire.ENVELOPES[kind or got.kind]
+    top = _DECODERS[kind or got.kind][0].type
     return ProtocolError(wire.reason_of(str(e), top, lambda p: _value_at(header_b, p)), _detail(e))
 
 

@@ -35,10 +35,15 @@ class FrameError(ValueError):
         self.reason = reason
 
 
-class Frame(msgspec.Struct, gc=False):  # holds no containers: nothing for the collector to find
-    codec: str
-    shape: tuple[int, int, int]
-    data: bytes | memoryview
+class Frame(wire.FrameRef, gc=False):  # holds no containers: nothing for the collector to find
+    """An encoded image: ``Frame(codec, shape, data)``, ``data`` the encoded bytes (a memoryview of the
+    received ZeroMQ frame on the way in).
+
+    It is the wire's ``FrameRef`` with methods: on the wire ``data`` is ``blob``, the index of the blob
+    that holds the bytes, so a received sample decodes straight into Frames and the codec swaps each
+    index for its bytes. In memory ``data`` always holds bytes (a Frame never goes on the wire as it is:
+    ``charles.proto.encode`` writes the index).
+    """
 
     @classmethod
     def encode(cls, image: np.ndarray, codec: str = "jpeg", quality: int = 90) -> Frame:

@@ -8,42 +8,38 @@ validating on the way in. Units: metres, seconds, metres per second, radians. Co
 
 from __future__ import annotations
 
-import numpy as np
 from msgspec import Struct, field
 
+from charles.proto import wire
 from charles.proto.frames import Frame
 
 HISTORY_FIELDS = ("steering", "throttle_brake", "speed", "purpose_angle", "purpose_distance")
 """Columns of a sample's history array, oldest row first."""
 
 
-class Sample(Struct):
-    """One frame of driving and what the driver did on it (collector -> balancer -> trainer)."""
+class Sample(wire.SampleBody, gc=False):
+    """One frame of driving and what the driver did on it (collector -> balancer -> trainer).
 
-    collector: str
-    """Sender id of the collector replica."""
-    seq: int
-    """Per-collector sequence number, from 0; gaps mean drops."""
-    game_time: float
-    """Seconds of game time since the collector started (30 Hz steps)."""
+    - ``collector``: sender id of the collector replica; ``seq``: its sequence number, from 0 (gaps mean
+      drops); ``game_time``: seconds of game time since the collector started (30 Hz steps).
+    - ``frame``: the hood camera, RGB. Labels: ``steering`` in [-1, 1] (negative left) and
+      ``throttle_brake``, combined throttle (positive) and brake (negative) in [-1, 1].
+    - ``speed`` in m/s, >= 0; ``purpose``: direction to the target relative to the heading (radians,
+      [-pi, pi], positive left) and its distance (m).
+    - ``history``: float32 [T, 5] of HISTORY_FIELDS for the T frames *before* this one, oldest first;
+      never this label (None: the line keeps no history).
+    - ``stack``: past hood frames, oldest first, when the model line stacks frames.
+    - ``previous``: (steering, throttle_brake) of the frame before; discrete-delta outputs bin the change
+      from it. ``source``: who drove: npc, human, dagger (player frames labelled by the expert).
+
+    It is the wire's ``SampleBody`` with Frames for its frame references, so a receiver decodes a sample in
+    one call of msgspec's typed decoder, every range checked; ``charles.proto.codec`` then swaps each
+    frame's blob index for its bytes and the history's reference for the array (``history`` is annotated
+    as the wire's reference and holds the array in memory).
+    """
+
     frame: Frame
-    """Hood camera, RGB."""
-    steering: float
-    """Label: steering in [-1, 1], negative left."""
-    throttle_brake: float
-    """Label: combined throttle (positive) and brake (negative) in [-1, 1]."""
-    speed: float
-    """Speed in m/s, >= 0."""
-    purpose: tuple[float, float]
-    """Direction to the target relative to the heading (radians, [-pi, pi], positive left) and distance (m)."""
-    history: np.ndarray | None = None
-    """float32 [T, 5] of HISTORY_FIELDS for the T frames *before* this one, oldest first; never this label."""
-    stack: list[Frame] = field(default_factory=list)
-    """Past hood frames, oldest first, when the model line stacks frames."""
-    previous: tuple[float, float] | None = None
-    """(steering, throttle_brake) of the frame before; discrete-delta outputs bin the change from it."""
-    source: str = "npc"
-    """Who drove: npc, human, dagger (player frames labelled by the expert)."""
+    stack: wire.Stack[Frame] | None = field(default_factory=list)
 
 
 class SampleSet(Struct):

@@ -23,7 +23,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -62,23 +62,38 @@ Purpose = tuple[_num(-_PI, _PI, "rad, positive left"), _num(0.0, 1e7, "m")]
 Controls = tuple[Unit, Unit]
 BlobIndex = Annotated[int, Meta(ge=0, le=2**31, extra=_reasons("bad_blob", "bad_blob"))]
 Side = Annotated[int, Meta(ge=1, le=LIMITS.max_side)]
+T = TypeVar("T")
+Stack = Annotated[list[T], Meta(max_length=LIMITS.max_stack)]
+"""A sample's past frames (of FrameRef on the way out, of Frame on the way in)."""
+SetOf = Annotated[list[T], Meta(max_length=LIMITS.max_set)]
+"""A set's samples."""
+
+
+FrameCodec = Annotated[Literal[CODECS], Meta(extra=_reasons("bad_codec", "bad_codec"))]
+FrameShape = Annotated[
+    tuple[Side, Side, Literal[1, 3]],
+    Meta(description="height, width, channels", extra=_reasons("bad_shape", "bad_shape")),
+]
+FrameDtype = Annotated[Literal["uint8"], Meta(extra=_reasons("bad_field"))]
 
 
 class FrameHeader(Struct, gc=False, kw_only=True):
     """What a frame is, without where its bytes are (trainer storage keeps this part too)."""
 
-    codec: Annotated[Literal[CODECS], Meta(extra=_reasons("bad_codec", "bad_codec"))]
-    shape: Annotated[
-        tuple[Side, Side, Literal[1, 3]],
-        Meta(description="height, width, channels", extra=_reasons("bad_shape", "bad_shape")),
-    ]
-    dtype: Annotated[Literal["uint8"], Meta(extra=_reasons("bad_field"))] = "uint8"
+    codec: FrameCodec
+    shape: FrameShape
+    dtype: FrameDtype = "uint8"
 
 
-class FrameRef(FrameHeader, kw_only=True, gc=False):
+class FrameRef(Struct, gc=False):
     """A frame in a body: its bytes are blob number ``blob`` (0 = the message's third ZeroMQ frame)."""
 
-    blob: BlobIndex
+    # ``data`` in Python, ``blob`` on the wire: charles.proto.Frame is this struct with its methods, so a
+    # sample's frames decode straight into Frames and the codec swaps each index for the bytes it names.
+    codec: FrameCodec
+    shape: FrameShape
+    data: BlobIndex = msgspec.field(name="blob")
+    dtype: FrameDtype = "uint8"
 
 
 class HistoryRef(Struct, gc=False, kw_only=True):
@@ -92,7 +107,11 @@ class HistoryRef(Struct, gc=False, kw_only=True):
     blob: BlobIndex
 
 
-class SampleBody(Struct, gc=False, kw_only=True, omit_defaults=True):
+class SampleBody(Struct, gc=False, omit_defaults=True):
+    # charles.proto.Sample is this struct with Frames for FrameRefs, decoded in one call; the codec then
+    # swaps each frame's blob index for its bytes and the HistoryRef for the array. Positional, in the
+    # order Sample's callers use.
+
     collector: Name
     seq: Count
     game_time: _num(0.0, about="s since the collector started")
@@ -101,16 +120,16 @@ class SampleBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     throttle_brake: Unit
     speed: _num(0.0, 200.0, "m/s")
     purpose: Purpose
-    previous: Controls | None = None
     history: HistoryRef | None = None
-    stack: Annotated[list[FrameRef], Meta(max_length=LIMITS.max_stack)] | None = None
+    stack: Stack[FrameRef] | None = None
+    previous: Controls | None = None
     source: Short = "npc"
 
 
-class SampleSetBody(Struct, gc=False, kw_only=True, omit_defaults=True):
+class SampleSetBody(Struct, gc=False, omit_defaults=True):
     outputs: Names
     version: Annotated[int, Meta(ge=1, le=4)]
-    samples: Annotated[list[SampleBody], Meta(max_length=LIMITS.max_set)]
+    samples: SetOf[SampleBody]
     labels_kept: Names = []
     seq: Count | UnsetType = UNSET
 
@@ -190,8 +209,9 @@ Version = Annotated[
 KindName = Annotated[Literal[ALL_KINDS], Meta(extra=_reasons("unknown_kind", "unknown_kind"))]
 
 
-def _envelope(kind: str) -> type[Struct]:
-    """The header of one kind: ``{v, kind, sender, t, wall, body}``."""
+def envelope(kind: str, body: type[Struct] | None = None) -> type[Struct]:
+    """The header of one kind: ``{v, kind, sender, t, wall, body}``; ``body`` replaces the kind's body
+    struct by one with the same wire fields (the codec decodes samples straight into messages)."""
     return msgspec.defstruct(
         f"{''.join(p.title() for p in kind.split('_'))}Message",
         [
@@ -200,15 +220,16 @@ def _envelope(kind: str) -> type[Struct]:
             ("sender", Name),
             ("t", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's monotonic clock, s")]),
             ("wall", Annotated[float, Meta(ge=-_MAXF, le=_MAXF, description="sender's Unix time, s")]),
-            ("body", BODIES[kind]),
+            ("body", body or BODIES[kind]),
         ],
         module=__name__,
         gc=False,
     )
 
 
-ENVELOPES: dict[str, type[Struct]] = {kind: _envelope(kind) for kind in BODIES}
-"""Kind -> the struct of a whole header of that kind (what a receiver decodes in one call)."""
+ENVELOPES: dict[str, type[Struct]] = {kind: envelope(kind) for kind in BODIES}
+"""Kind -> the struct of a whole header of that kind, as senders encode it and schema.json states it (a
+receiver decodes samples and sets with ``envelope(kind, <its own body>)``, the same wire fields)."""
 
 
 # ---------------------------------------------------------------------------------------------- reasons

@@ -59,6 +59,7 @@ from charles.proto import Frame, GameFrame
 from charles.proto.codec import Envelope
 from charles.runtime import Publisher, Service, Subscriber, run_main
 from charles.sim.session import DriveSession
+from charles.sim.town import BuildCancelled
 from charles.sim.world import SimWorld
 
 log = logging.getLogger("charles.sim_agent")
@@ -133,7 +134,7 @@ class SimAgent:
         sim = replace(
             sim, seed=sim.seed if seed is None else seed, hood_width=model.width, hood_height=model.height
         )
-        self.world = SimWorld(sim)
+        self.world = SimWorld(sim, should_stop=svc.stop_event.is_set)  # the town: seconds, cancellable
         # Unstuck runs here, as the capture agent runs it; the player keeps its own history rows
         self.session = DriveSession(self.world, cfg.unstuck, history_len=0)
         collector = cfg.sections.get("collector")
@@ -460,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             deadman_s=args.deadman,
         )
         agent.run()
+    except BuildCancelled:
+        log.info("stopped while building the town")
     except KeyboardInterrupt:
         pass
     finally:

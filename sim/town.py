@@ -19,15 +19,21 @@ World coordinates: x east, y north, metres; heading counter-clockwise from +x. T
 
 from __future__ import annotations
 
-import functools
+import collections
 import heapq
+import logging
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from charles.sim.config import SimConfig
+
+log = logging.getLogger("charles.sim.town")
 
 # Surface classes of the class map.
 TERRAIN, ROAD, WATER, BUILDING, OBSTACLE = 0, 1, 2, 3, 4
@@ -278,6 +284,10 @@ class Town:
 
 
 # --- generation --------------------------------------------------------------------------------------
+class BuildCancelled(Exception):
+    """A town build given up because its ``should_stop`` said so (its service is stopping)."""
+
+
 def town_key(cfg: SimConfig) -> tuple:
     """The fields of a SimConfig that shape the town (everything else is per instance)."""
     return (
@@ -293,15 +303,34 @@ def town_key(cfg: SimConfig) -> tuple:
     )
 
 
-def build_town(cfg: SimConfig) -> Town:
-    """The town of a config; towns are cached (a few per process) because building one takes ~1 s."""
-    return _build_cached(town_key(cfg))
+TOWNS_CACHED = 3
+"""Towns kept per process: one per seed a process drives (a collector one, the tests a few)."""
+_towns: collections.OrderedDict[tuple, Town] = collections.OrderedDict()
+_towns_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=3)
-def _build_cached(key: tuple) -> Town:
-    seed, blocks, block_m, curved, removed, lakes, tex_res, cls_res, obst = key
-    return _generate(seed, blocks, block_m, curved, removed, lakes, tex_res, cls_res, obst)
+def build_town(cfg: SimConfig, should_stop: Callable[[], bool] | None = None) -> Town:
+    """The town of a config; towns are cached (a few per process) because building one takes seconds.
+
+    ``should_stop`` is asked between the build's steps and its rows: once it says True the build raises
+    :class:`BuildCancelled`, so a service stopped while it builds ends at once instead of seconds later
+    (a default town takes ~3.5 s on a loaded 2-core box). A cancelled build leaves nothing in the cache.
+    """
+    key = town_key(cfg)
+    with _towns_lock:
+        town = _towns.get(key)
+        if town is not None:
+            _towns.move_to_end(key)
+            return town
+    log.info(f"building the town of seed {cfg.seed} ({cfg.blocks} blocks)")
+    t0 = time.perf_counter()
+    town = _generate(*key, should_stop=should_stop)  # outside the lock: two seeds build side by side
+    log.info(f"town of seed {cfg.seed} built in {time.perf_counter() - t0:.1f} s")
+    with _towns_lock:
+        _towns[key] = town
+        while len(_towns) > TOWNS_CACHED:
+            _towns.popitem(last=False)
+    return town
 
 
 def sample_curve(p0: np.ndarray, p1: np.ndarray, ctrl: np.ndarray | None, step: float) -> np.ndarray:
@@ -348,45 +377,81 @@ def _connected(n_nodes: int, edges: list[tuple[int, int]]) -> bool:
     return len(seen) == n_nodes
 
 
-def _generate(
-    seed: int,
-    blocks: int,
-    block_m: float,
-    curved: float,
-    removed: float,
-    n_lakes: int,
-    tex_res: float,
-    cls_res: float,
-    obst_per_100m: float,
-) -> Town:
-    rng = np.random.default_rng(seed)
-    n = blocks + 1
-    margin = 70.0  # coast room around the outer streets (m): sand, sea and the odd close shave
-    size = 2 * margin + blocks * block_m
+def _raster(points: np.ndarray) -> np.ndarray:
+    """World points -> int32 pixels of the AUX_RES helper rasters."""
+    return np.round(points / AUX_RES).astype(np.int32)
 
-    # Junctions: a grid jittered by up to 15 % of a block so streets meet at varied angles.
-    ij = [(i, j) for j in range(n) for i in range(n)]
-    nodes = np.array([(margin + i * block_m, margin + j * block_m) for i, j in ij], np.float64)
-    inner = np.array([0 < i < n - 1 and 0 < j < n - 1 for i, j in ij])
-    nodes[inner] += rng.uniform(-0.15, 0.15, (int(inner.sum()), 2)) * block_m
 
-    def nid(i: int, j: int) -> int:
-        return j * n + i
+class _Checkpoint:
+    """Called between the build's steps: raises BuildCancelled once ``should_stop`` says True."""
 
-    ring: set[tuple[int, int]] = set()
-    edges: list[tuple[int, int]] = []
-    for j in range(n):
-        for i in range(n):
-            for di, dj in ((1, 0), (0, 1)):
-                if i + di < n and j + dj < n:
-                    e = (nid(i, j), nid(i + di, j + dj))
-                    edges.append(e)
-                    if (dj == 0 and j in (0, n - 1)) or (di == 0 and i in (0, n - 1)):
-                        ring.add(e)
-    # Remove some inner streets for T-junctions, keeping every junction on >= 2 streets (no dead ends, so
-    # NPCs never need a U-turn) and the network connected.
+    def __init__(self, should_stop: Callable[[], bool] | None):
+        self.should_stop = should_stop
+
+    def __call__(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise BuildCancelled("the town build was cancelled")
+
+
+@dataclass
+class _Grid:
+    """The junctions: an n x n grid (node ``j * n + i`` at column i, row j), inner ones jittered."""
+
+    n: int
+    nodes: np.ndarray
+    """[n * n, 2] m."""
+
+    @staticmethod
+    def jittered(rng: np.random.Generator, n: int, block_m: float, margin: float) -> _Grid:
+        """Jittered by up to 15 % of a block, so streets meet at varied angles; the ring stays square."""
+        ij = [(i, j) for j in range(n) for i in range(n)]
+        nodes = np.array([(margin + i * block_m, margin + j * block_m) for i, j in ij], np.float64)
+        inner = np.array([0 < i < n - 1 and 0 < j < n - 1 for i, j in ij])
+        nodes[inner] += rng.uniform(-0.15, 0.15, (int(inner.sum()), 2)) * block_m
+        return _Grid(n, nodes)
+
+    def id(self, i: int, j: int) -> int:
+        return j * self.n + i
+
+    def streets(self) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
+        """Every grid street (u, v) with u < v, and the set of those on the outer ring."""
+        n = self.n
+        ring: set[tuple[int, int]] = set()
+        edges: list[tuple[int, int]] = []
+        for j in range(n):
+            for i in range(n):
+                for di, dj in ((1, 0), (0, 1)):
+                    if i + di < n and j + dj < n:
+                        e = (self.id(i, j), self.id(i + di, j + dj))
+                        edges.append(e)
+                        if (dj == 0 and j in (0, n - 1)) or (di == 0 and i in (0, n - 1)):
+                            ring.add(e)
+        return edges, ring
+
+    def ring_nodes(self) -> list[int]:
+        """The outer junctions in order round the town (the island's hull)."""
+        n, nid = self.n, self.id
+        ring = [nid(i, 0) for i in range(n)] + [nid(n - 1, j) for j in range(1, n)]
+        return ring + [nid(i, n - 1) for i in range(n - 2, -1, -1)] + [nid(0, j) for j in range(n - 2, 0, -1)]
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """City blocks by their south-west junction (i, j), row by row."""
+        return [(i, j) for j in range(self.n - 1) for i in range(self.n - 1)]
+
+    def block(self, i: int, j: int) -> np.ndarray:
+        """[4, 2] corners of block (i, j), counter-clockwise from its south-west junction."""
+        nid = self.id
+        return self.nodes[[nid(i, j), nid(i + 1, j), nid(i + 1, j + 1), nid(i, j + 1)]]
+
+
+def _remove_streets(
+    rng: np.random.Generator, n_nodes: int, edges: list[tuple[int, int]], ring: set, fraction: float
+) -> list[tuple[int, int]]:
+    """Remove ``fraction`` of the inner streets for T-junctions (sorted survivors), keeping every junction on
+    >= 2 streets (no dead ends, so NPCs never need a U-turn) and the network connected."""
     order = rng.permutation(len(edges))
-    target_removed = int(removed * len(edges))
+    target_removed = int(fraction * len(edges))
     kept = list(edges)
     for k in order:
         if len(edges) - len(kept) >= target_removed:
@@ -394,19 +459,23 @@ def _generate(
         e = edges[k]
         if e in ring:
             continue
-        deg = {}
+        deg: dict[int, int] = {}
         for u, v in kept:
             deg[u] = deg.get(u, 0) + 1
             deg[v] = deg.get(v, 0) + 1
         if deg[e[0]] <= 2 or deg[e[1]] <= 2:
             continue
         trial = [x for x in kept if x != e]
-        if _connected(len(nodes), trial):
+        if _connected(n_nodes, trial):
             kept = trial
-    edges = sorted(kept)
+    return sorted(kept)
 
-    # Street centre lines: straight, or a quadratic curve bulging sideways; ring streets only bulge inwards
-    # so the coast stays clear of them.
+
+def _centerlines(
+    rng: np.random.Generator, nodes: np.ndarray, edges: list[tuple[int, int]], ring: set, curved: float
+) -> list[np.ndarray]:
+    """Street centre lines: straight, or a quadratic curve bulging sideways; ring streets only bulge
+    inwards so the coast stays clear of them."""
     centre = nodes.mean(axis=0)
     centerlines = []
     for u, v in edges:
@@ -424,56 +493,96 @@ def _generate(
                 sign = -sign
             ctrl = mid + normal * sign * rng.uniform(0.15, 0.35) * length
         centerlines.append(sample_curve(p0, p1, ctrl, LANE_STEP))
+    return centerlines
 
-    # Lanes: right-hand lane of each direction, trimmed at the junctions.
+
+def _lanes(
+    n_nodes: int, edges: list[tuple[int, int]], centerlines: list[np.ndarray]
+) -> tuple[list[Lane], dict[int, list[int]]]:
+    """The right-hand lane of each direction of each street, trimmed at the junctions, and the lanes
+    leaving each junction (what NPCs route on)."""
     lanes: list[Lane] = []
-    out_lanes: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    out_lanes: dict[int, list[int]] = {i: [] for i in range(n_nodes)}
     trim = int(JUNCTION_TRIM / LANE_STEP)
     for e, (u, v) in enumerate(edges):
         for pts, tail, head in ((centerlines[e], u, v), (centerlines[e][::-1].copy(), v, u)):
             lane_pts = _offset_right(pts, LANE_W / 2)[trim:-trim]
             lanes.append(Lane(lane_pts, _headings(lane_pts), tail, head))
             out_lanes[tail].append(len(lanes) - 1)
+    return lanes, out_lanes
 
-    # --- helper rasters at AUX_RES: distance to streets, land, lakes -----------------------------------
-    aux = int(math.ceil(size / AUX_RES))
+
+# Helper rasters at AUX_RES (aux x aux cells): where streets, water and buildings are, for placing things.
+
+
+def _road_distance(centerlines: list[np.ndarray], aux: int) -> np.ndarray:
+    """Distance (m) from every cell to the nearest street centre line."""
     street = np.full((aux, aux), 255, np.uint8)
     for line in centerlines:
-        cv2.polylines(street, [np.round(line / AUX_RES).astype(np.int32)], False, 0, 1)
-    road_dist = cv2.distanceTransform(street, cv2.DIST_L2, 5) * AUX_RES
+        cv2.polylines(street, [_raster(line)], False, 0, 1)
+    return cv2.distanceTransform(street, cv2.DIST_L2, 5) * AUX_RES
 
-    # The island: the street grid's hull grown by a coast of 12..45 m (noise), so some stretches of the
-    # ring road have sea a few metres past the sidewalk.
+
+def _island(
+    rng: np.random.Generator, grid: _Grid, centerlines: list[np.ndarray], aux: int, size: float
+) -> np.ndarray:
+    """Land: the street grid's hull grown by a coast of 12..45 m (noise), so some stretches of the ring
+    road have sea a few metres past the sidewalk."""
     hull = np.zeros((aux, aux), np.uint8)
-    ring_nodes = [nid(i, 0) for i in range(n)] + [nid(n - 1, j) for j in range(1, n)]
-    ring_nodes += [nid(i, n - 1) for i in range(n - 2, -1, -1)] + [nid(0, j) for j in range(n - 2, 0, -1)]
-    cv2.fillPoly(hull, [np.round(nodes[ring_nodes] / AUX_RES).astype(np.int32)], 255)
+    cv2.fillPoly(hull, [_raster(grid.nodes[grid.ring_nodes()])], 255)
     for line in centerlines:
-        cv2.polylines(hull, [np.round(line / AUX_RES).astype(np.int32)], False, 255, 3)
+        cv2.polylines(hull, [_raster(line)], False, 255, 3)
     outside = cv2.distanceTransform(255 - hull, cv2.DIST_L2, 5) * AUX_RES
     coast = 12.0 + 33.0 * _smooth_noise(rng, (aux, aux), max(4, int(size / 60)))
-    land = outside < coast
+    return outside < coast
 
-    # Lakes: whole blocks whose interior (beyond a 2.5..8 m bank) is water; the bank is as thin as a
-    # sidewalk in places, so noise or a bad model can drive into it.
+
+def _lakes(rng: np.random.Generator, grid: _Grid, road_dist: np.ndarray, n_lakes: int) -> np.ndarray:
+    """Whole blocks whose interior (beyond a 2.5..8 m bank) is water; the bank is as thin as a sidewalk
+    in places, so noise or a bad model can drive into it."""
+    aux = len(road_dist)
     lake = np.zeros((aux, aux), bool)
-    cells = [(i, j) for j in range(n - 1) for i in range(n - 1)]
-    for ci in rng.permutation(len(cells))[: max(0, n_lakes)]:
-        i, j = cells[ci]
-        quad = nodes[[nid(i, j), nid(i + 1, j), nid(i + 1, j + 1), nid(i, j + 1)]]
+    blocks = grid.blocks
+    for b in rng.permutation(len(blocks))[: max(0, n_lakes)]:
         mask = np.zeros((aux, aux), np.uint8)
-        cv2.fillPoly(mask, [np.round(quad / AUX_RES).astype(np.int32)], 1)
+        cv2.fillPoly(mask, [_raster(grid.block(*blocks[b]))], 1)
         bank = ROAD_W / 2 + SIDEWALK_W + 0.5 + 6.0 * _smooth_noise(rng, (aux, aux), 8)
         lake |= (mask > 0) & (road_dist > bank)
-    water = ~land | lake
+    return lake
 
-    # --- buildings ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Props:
+    """Boxes placed so far, as lists: corners [4, 2], height (m), colour."""
+
+    quads: list[np.ndarray] = field(default_factory=list)
+    heights: list[float] = field(default_factory=list)
+    colors: list = field(default_factory=list)
+
+    def add(self, quad: np.ndarray, height: float, color) -> None:
+        self.quads.append(quad)
+        self.heights.append(height)
+        self.colors.append(color)
+
+
+def _place_buildings(
+    rng: np.random.Generator,
+    grid: _Grid,
+    road_dist: np.ndarray,
+    water: np.ndarray,
+    town_r: float,
+    check: _Checkpoint,
+) -> tuple[_Props, np.ndarray]:
+    """Buildings in every block, set back from the streets, off the water, apart from each other; and the
+    raster of the cells they occupy."""
+    aux = len(road_dist)
     occupied = np.zeros((aux, aux), np.uint8)
-    building_quads, building_h, building_c = [], [], []
-    town_r = blocks * block_m / 2
-    for ci in range(len(cells)):
-        i, j = cells[ci]
-        quad = nodes[[nid(i, j), nid(i + 1, j), nid(i + 1, j + 1), nid(i, j + 1)]]
+    out = _Props()
+    centre = grid.nodes.mean(axis=0)
+    setback = ROAD_W / 2 + SIDEWALK_W + 3.0
+    for i, j in grid.blocks:
+        check()
+        quad = grid.block(i, j)
         lo, hi = quad.min(axis=0), quad.max(axis=0)
         d = quad[1] - quad[0]
         base_angle = math.atan2(d[1], d[0])
@@ -485,23 +594,34 @@ def _generate(
             probe = np.concatenate([rect, (rect + np.roll(rect, -1, axis=0)) / 2, [[cx, cy]]])
             pu = np.clip((probe[:, 0] / AUX_RES).astype(int), 0, aux - 1)
             pv = np.clip((probe[:, 1] / AUX_RES).astype(int), 0, aux - 1)
-            setback = ROAD_W / 2 + SIDEWALK_W + 3.0
             if (road_dist[pv, pu] < setback).any() or water[pv, pu].any():
                 continue
             u0, v0 = max(0, pu.min() - 2), max(0, pv.min() - 2)
             if occupied[v0 : pv.max() + 3, u0 : pu.max() + 3].any():
                 continue
-            cv2.fillConvexPoly(occupied, np.round(rect / AUX_RES).astype(np.int32), 1)
+            cv2.fillConvexPoly(occupied, _raster(rect), 1)
             # Taller towards the middle of town, like a downtown.
             r = float(np.linalg.norm([cx, cy] - centre)) / town_r
-            building_quads.append(rect)
-            building_h.append(rng.uniform(5, 14) + max(0.0, 1.0 - r) * rng.uniform(0, 45))
-            building_c.append(FACADES[rng.integers(len(FACADES))] * rng.uniform(0.85, 1.1))
+            height = rng.uniform(5, 14) + max(0.0, 1.0 - r) * rng.uniform(0, 45)
+            out.add(rect, height, FACADES[rng.integers(len(FACADES))] * rng.uniform(0.85, 1.1))
+    return out, occupied
 
-    # --- obstacles along the streets, on the verge beyond the sidewalk ---------------------------------------
-    obst_quads, obst_h, obst_c = [], [], []
-    spacing = 100.0 / obst_per_100m if obst_per_100m > 0 else math.inf
+
+def _place_obstacles(
+    rng: np.random.Generator,
+    centerlines: list[np.ndarray],
+    road_dist: np.ndarray,
+    water: np.ndarray,
+    occupied: np.ndarray,
+    per_100m: float,
+    check: _Checkpoint,
+) -> _Props:
+    """Obstacles along the streets, on the verge beyond the sidewalk, never on the road or in water."""
+    aux = len(road_dist)
+    out = _Props()
+    spacing = 100.0 / per_100m if per_100m > 0 else math.inf
     for line in centerlines:
+        check()
         length = (len(line) - 1) * LANE_STEP
         s = 14.0 + rng.uniform(0, min(spacing, length))
         hd = _headings(line)
@@ -518,20 +638,66 @@ def _generate(
                 continue
             if road_dist[av, au] < ROAD_W / 2 + SIDEWALK_W:
                 continue  # a curve or junction brought another street close: keep the road clear
-            obst_quads.append(oriented_rect(ox, oy, hd[k], kind[1], kind[1]))
-            obst_h.append(kind[2])
-            obst_c.append(kind[3])
+            out.add(oriented_rect(ox, oy, hd[k], kind[1], kind[1]), kind[2], kind[3])
+    return out
 
-    boxes = Boxes(
-        np.array(building_quads + obst_quads, np.float32).reshape(-1, 4, 2),
-        np.zeros(len(building_quads) + len(obst_quads), np.float32),
-        np.array(building_h + obst_h, np.float32),
-        np.array(building_c + obst_c, np.float32).reshape(-1, 3),
+
+def _boxes(buildings: _Props, obstacles: _Props) -> Boxes:
+    """Buildings then obstacles as one Boxes, standing on the ground."""
+    return Boxes(
+        np.array(buildings.quads + obstacles.quads, np.float32).reshape(-1, 4, 2),
+        np.zeros(len(buildings.quads) + len(obstacles.quads), np.float32),
+        np.array(buildings.heights + obstacles.heights, np.float32),
+        np.array(buildings.colors + obstacles.colors, np.float32).reshape(-1, 3),
     )
 
-    # --- class map ---------------------------------------------------------------------------------------
-    classes = _rasterize_classes(size, cls_res, water, centerlines, building_quads, obst_quads)
-    texture = _paint_texture(rng, size, tex_res, water, centerlines, nodes, building_quads)
+
+def _generate(
+    seed: int,
+    blocks: int,
+    block_m: float,
+    curved: float,
+    removed: float,
+    n_lakes: int,
+    tex_res: float,
+    cls_res: float,
+    obst_per_100m: float,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> Town:
+    """The town, step by step. One random stream feeds every step in this order: reordering the steps, or
+    drawing more or less in one, changes every town after it (tests/test_sim_town.py pins a town's bytes)."""
+    check = _Checkpoint(should_stop)
+    rng = np.random.default_rng(seed)
+    margin = 70.0  # coast room around the outer streets (m): sand, sea and the odd close shave
+    size = 2 * margin + blocks * block_m
+
+    # the street graph
+    grid = _Grid.jittered(rng, blocks + 1, block_m, margin)
+    nodes = grid.nodes
+    edges, ring = grid.streets()
+    edges = _remove_streets(rng, len(nodes), edges, ring, removed)
+    centerlines = _centerlines(rng, nodes, edges, ring, curved)
+    lanes, out_lanes = _lanes(len(nodes), edges, centerlines)
+    check()
+
+    # land and water
+    aux = int(math.ceil(size / AUX_RES))
+    road_dist = _road_distance(centerlines, aux)
+    land = _island(rng, grid, centerlines, aux, size)
+    check()
+    water = ~land | _lakes(rng, grid, road_dist, n_lakes)
+    check()
+
+    # what stands on it
+    buildings, occupied = _place_buildings(rng, grid, road_dist, water, blocks * block_m / 2, check)
+    obstacles = _place_obstacles(rng, centerlines, road_dist, water, occupied, obst_per_100m, check)
+
+    # what collisions and cameras read
+    check()
+    classes = _rasterize_classes(size, cls_res, water, centerlines, buildings.quads, obstacles.quads)
+    check()
+    texture = _paint_texture(rng, size, tex_res, water, centerlines, nodes, buildings.quads, check)
     return Town(
         seed,
         size,
@@ -544,9 +710,9 @@ def _generate(
         tex_res,
         classes,
         cls_res,
-        boxes,
-        len(building_quads),
-        len(obst_quads),
+        _boxes(buildings, obstacles),
+        len(buildings.quads),
+        len(obstacles.quads),
     )
 
 
@@ -589,8 +755,12 @@ def _paint_texture(
     centerlines: list[np.ndarray],
     nodes: np.ndarray,
     buildings: list[np.ndarray],
+    check: Callable[[], None] = lambda: None,
 ) -> np.ndarray:
-    """The unlit ground texture (RGB uint8); lighting and weather are applied per instance elsewhere."""
+    """The unlit ground texture (RGB uint8); lighting and weather are applied per instance elsewhere.
+
+    ``check`` runs between row chunks: the texture is most of a town's build time.
+    """
     px = int(math.ceil(size / res))
     # Grass with dirt patches and fine grain: grain from a small random tile repeated (cheap, and the
     # repeat is far larger than anything a camera resolves).
@@ -607,6 +777,7 @@ def _paint_texture(
     tex = np.empty((px, px, 3), np.uint8)
     grass, dirt = np.array(GRASS, np.float32), np.array(DIRT, np.float32)
     for r0 in range(0, px, 256):  # in row chunks: float32 full-size temporaries would cost ~150 MB
+        check()
         rows = slice(r0, min(px, r0 + 256))
         p = patches[rows, :, None] * 0.7
         g = grain[rows, :, None]
@@ -638,6 +809,7 @@ def _paint_texture(
         )
     dark = np.array(ASPHALT, np.float32)
     for r0 in range(0, px, 256):  # blend anti-aliased asphalt with grain, in row chunks (memory)
+        check()
         rows = slice(r0, min(px, r0 + 256))
         a = asphalt[rows, :, None].astype(np.float32) / 255.0
         if not a.any():
@@ -653,6 +825,7 @@ def _paint_texture(
     mark = 2
     trim = int(JUNCTION_TRIM / LANE_STEP)
     for line in centerlines:
+        check()
         inner = line[trim:-trim]
         if len(inner) < 2:
             continue

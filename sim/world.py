@@ -12,11 +12,12 @@ actions give identical frames and trajectories.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from charles.drive.controls import wrap_angle
+from charles.drive.controls import purpose, wrap_angle
 from charles.drive.unstuck import Unstuck, UnstuckConfig
 from charles.sim import render
 from charles.sim.car import DT, Car
@@ -77,10 +78,18 @@ class StepInfo:
 class SimWorld:
     """One running sim instance. Cheap to make once the town is cached (towns are shared per seed)."""
 
-    def __init__(self, cfg: SimConfig | None = None, episode_seed: int | None = None, **overrides):
+    def __init__(
+        self,
+        cfg: SimConfig | None = None,
+        episode_seed: int | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        **overrides,
+    ):
+        """``should_stop``: asked while the town builds (seconds); True gives it up with BuildCancelled."""
         cfg = cfg or SimConfig()
         self.cfg = replace(cfg, **overrides) if overrides else cfg
-        self.town: Town = build_town(self.cfg)
+        self.town: Town = build_town(self.cfg, should_stop)
         self.hood_cam = render.hood_camera(
             self.cfg.hood_width, self.cfg.hood_height, self.cfg.hood_fov_deg, self.cfg.view_distance_m
         )
@@ -277,8 +286,7 @@ class SimWorld:
     def purpose(self) -> tuple[float, float]:
         """(direction to the target relative to the heading, radians in [-pi, pi], positive left; distance m)."""
         p = self.player
-        dx, dy = self.target[0] - p.x, self.target[1] - p.y
-        return wrap_angle(math.atan2(dy, dx) - p.heading), math.hypot(dx, dy)
+        return purpose((p.x, p.y), p.heading, self.target)
 
     def telemetry(self) -> dict:
         """What a game mod reports: position (x, y, z m), heading (rad), speed (m/s), purpose, game time."""

@@ -3,6 +3,7 @@ turns a missing system tool from a skip into a failure in CI."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -23,8 +24,8 @@ skipping, so a green CI means the checks that need them ran."""
 
 
 OPT_IN = ("system", "compose")
-"""Markers whose tests run only when -m names them: `make test-system` (barrages of whole-pipeline kills,
-stops and hostile runs: minutes) and `make test-compose` (images and the docker-compose stack: tens of
+"""Markers whose tests run only when -m names them: `make test-system` (whole pipelines: `charles up` under
+Prometheus, the e2e bench in miniature, barrages of kills, stops and hostile runs: minutes) and `make test-compose` (images and the docker-compose stack: tens of
 minutes, a Docker daemon). CI runs both as steps of their own after `make test`, which keeps its time."""
 
 
@@ -103,6 +104,26 @@ def client_factory(broker):
         svc = Service(name, config.load(data=d, environ={}), http=False, signals=False)
         made.append(svc)
         return svc
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def stopper(broker, tmp_path):
+    """Make survive_support.Stoppers on the test broker: a service's real entry point, started from a fork
+    server and stopped with SIGTERM (``stopper(module, argv, warm_imports, **env)``); closed at the end."""
+    from survive_support import Stopper
+
+    _, data = broker
+    made: list[Stopper] = []
+
+    def make(module: str, argv: list[str], warm: list[str] = (), **env: str) -> Stopper:
+        base = {"CHARLES__BUS__PORTS": json.dumps(data["bus"]["ports"]), **env}
+        s = Stopper(module, argv, base, tmp_path, list(warm))
+        made.append(s)
+        return s
 
     yield make
     for s in made:

@@ -86,6 +86,10 @@ class DeepGtavServer:
             try:
                 self._write(conn, reader)
             finally:
+                # the client's last messages ("stop") may still be in the socket when writing fails:
+                # the reader takes them before the socket closes (it ends at the client's EOF)
+                if not self._closed:
+                    reader.join(timeout=5.0)
                 self._scenario_running = False
                 conn.close()
                 self._conn = None

@@ -7,6 +7,7 @@ and noisy, so a test waits for an *outcome*, never for a fixed time to pass.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,11 +20,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from charles.runtime import free_ports
 
 _HTTP_LINE = re.compile(r"(?:/metrics and /healthz|stream page) on http://127\.0\.0\.1:(\d+)")
 _BUS_LINE = re.compile(r"broker up: ((?:\w+=\d+, )*\w+=\d+)")
@@ -425,3 +429,91 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- stops
+
+SHUTDOWN_S = 10.0
+"""service.shutdown_s of every process a Stopper starts: the budget a stop must keep."""
+
+
+@dataclass
+class Stopper:
+    """Starts one service again and again from a fork server and stops it with SIGTERM: exit 0 within
+    SHUTDOWN_S each time (tests/test_survive_stops.py, tests/test_survive_build_stop.py)."""
+
+    module: str
+    argv: list[str]
+    env: dict[str, str]
+    tmp: Path
+    warm: list[str] = field(default_factory=list)
+    stops: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        (self.http_port,) = free_ports(1)
+        self.env = {
+            **self.env,
+            "CHARLES__SERVICE__HTTP_PORT": str(self.http_port),
+            "CHARLES__SERVICE__SHUTDOWN_S": str(SHUTDOWN_S),
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+        self.server = ForkServer(self.module, self.warm)
+
+    def healthy(self) -> bool:
+        try:
+            code, h = healthz(self.http_port)
+        except (OSError, ValueError):
+            return False
+        return code == 200 and h["healthy"]  # starting and waiting (for weights, actions) are healthy
+
+    def cycle(
+        self,
+        k: int,
+        argv: list[str] | None = None,
+        busy: Callable[[Path], None] | None = None,
+        sending: str | None = None,
+    ) -> Path:
+        """One start, ready (and busy, if given), SIGTERM, reaped: exit 0 inside the budget. Returns the log."""
+        log = self.tmp / f"{Path(self.module).stem}-{k}.log"
+        pid = self.server.start(argv if argv is not None else self.argv, self.env, log)
+
+        def up() -> bool:
+            assert running(pid), (
+                f"start #{k} exited before it was healthy:\n{log.read_text(errors='replace')[-3000:]}"
+            )
+            # ``sending`` (the topic family it publishes): stop once it sends, in its loop, not while it
+            # starts (a sim's town build; tests/test_survive_build_stop.py stops one there)
+            if sending is not None and self.healthy():
+                return (
+                    scrape(self.http_port).value("charles_messages_total", direction="out", topic=sending) > 0
+                )
+            return sending is None and self.healthy()
+
+        wait_for(up, 60, f"start #{k} never became healthy ({log})")
+        if busy is not None:
+            busy(log)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        try:
+            status = self.server.reap(pid, timeout=SHUTDOWN_S + 30)
+        except AssertionError as e:  # it hung past both watchdogs: fail, and leave no stray process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError(
+                f"start #{k} did not end after SIGTERM\n{log.read_text(errors='replace')[-3000:]}"
+            ) from e
+        took = time.monotonic() - t0
+        tail = log.read_text(errors="replace")[-3000:]
+        assert os.waitstatus_to_exitcode(status) == 0, (
+            f"start #{k}: exit {os.waitstatus_to_exitcode(status)}\n{tail}"
+        )
+        assert took < SHUTDOWN_S, f"start #{k} took {took:.1f}s to stop\n{tail}"
+        self.stops.append(took)
+        return log
+
+    def report(self, name: str) -> None:
+        s = sorted(self.stops)
+        print(f"{name}: {len(s)} stops, exit 0 each, median {s[len(s) // 2]:.2f}s, max {s[-1]:.2f}s")
+
+    def close(self) -> None:
+        self.server.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -42,7 +41,7 @@ from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
 from mod_support import PAD_BYTE, DeepGtavServer, frame_rgb, labels
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, stop_by_sigterm, wait_for
 
 
 @pytest.fixture
@@ -493,11 +492,9 @@ def test_entry_point_publishes_and_stops_on_sigterm(broker, mod):
 
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as r:
             assert b"charles_agent_frames_total" in r.read()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        out = proc.stdout.read().decode()
+        out = stop_by_sigterm(proc)
         assert "collect mode" in out and "connected" in out
-        wait_for(lambda: srv.messages("stop"), 2, "the agent did not stop the mod's scenario on shutdown")
+        wait_for(lambda: srv.messages("stop"), 10, "the agent did not stop the mod's scenario on shutdown")
     finally:
         if proc.poll() is None:
             proc.kill()

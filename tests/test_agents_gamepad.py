@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from charles.proto import Action
 from charles.proto.codec import Envelope
 from charles.runtime import Service
 
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, stop_by_sigterm, wait_for
 
 
 class FakePad:
@@ -293,9 +292,7 @@ def test_entry_point_refuses_plain_bus_and_empty_allow_list_then_runs(broker):
         # generous: a cold interpreter on a loaded 2-core box can take many seconds to start and connect
         _drive(player.publisher("action"), "action.pad-9", 45, until=applied)
         assert applied(), "the entry point applied no actions"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        out = proc.stdout.read().decode()
+        out = stop_by_sigterm(proc)
         assert "no virtual pad on this system" in out and "released every input (shutdown)" in out
     finally:
         if proc.poll() is None:

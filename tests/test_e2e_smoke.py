@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a whole pipeline: make test-system
 
 FAST = [
     "model.overrides={width: 64, height: 36, use_speed: true}",

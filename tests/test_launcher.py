@@ -18,11 +18,11 @@ import yaml
 
 from charles.proto import registry
 
-from conftest import REQUIRE_TOOLS, missing_tool
+from conftest import REQUIRE_TOOLS, free_ports, missing_tool
 from tests_support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system]  # a whole pipeline: make test-system
 
 # Small enough that trained weights reach the player within a minute on two busy cores.
 FAST = {
@@ -143,9 +143,7 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
             conf["global"]["scrape_interval"] = "1s"
             conf["global"]["scrape_timeout"] = "1s"
             (tmp_path / "prom.yml").write_text(yaml.safe_dump(conf))
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                prom_port = s.getsockname()[1]
+            (prom_port,) = free_ports(1)
             prom = subprocess.Popen(
                 [
                     prometheus,

@@ -465,6 +465,15 @@ def test_listed_player_metrics_are_what_the_player_exposes():
     assert set(exposed) == listed
 
 
+def test_a_player_stopped_before_its_town_is_built_gives_the_build_up(client_factory):
+    from charles.sim.town import BuildCancelled
+
+    svc = client_factory("player", player={**PLAYER, "seed": 97531})  # a town no other test has cached
+    svc.stop()  # what SIGTERM does; the player's main logs it and returns (exit 0)
+    with pytest.raises(BuildCancelled):
+        PlayerService(svc)
+
+
 # ---------------------------------------------------------------------------------------------- process
 
 

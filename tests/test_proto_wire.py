@@ -11,6 +11,7 @@ import sys
 import zlib
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 from msgspec import inspect as mi
@@ -97,6 +98,43 @@ def test_every_kind_has_a_struct_and_the_registry_bounds_are_the_structs_bounds(
     assert field(wire.ConsoleBody, "images").max_length == lim.max_images
     assert lim.max_header_bytes == codec_module.MAX_HEADER_BYTES
     assert field(wire.ENVELOPES["sample"], "v").values == (reg.schema_version,)
+
+
+def _wire_view(t: type) -> dict:
+    """A struct's JSON Schema with every $ref inlined and names, prose and defaults dropped: what it
+    accepts (a default says what an absent field becomes in memory: a Sample's stack is [], not None)."""
+    (ref,), defs = msgspec.json.schema_components([t], ref_template="#/$defs/{name}")
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            kept = {k: inline(v) for k, v in node.items() if k not in ("title", "description", "default")}
+            return {**kept, "required": sorted(kept["required"])} if "required" in kept else kept
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(ref)
+
+
+@pytest.mark.parametrize("kind", ["sample", "sample_set"])
+def test_what_a_receiver_decodes_into_accepts_exactly_what_the_contract_says(kind):
+    """Samples decode straight into charles.proto.Sample (and Frame), not the wire's SampleBody: the
+    structs a receiver decodes with must accept the same headers as the contract's (schema.json)."""
+    decoder = codec_module._DECODERS[kind][0]
+    assert decoder.type is not wire.ENVELOPES[kind]  # the receive side's own structs...
+    assert _wire_view(decoder.type) == _wire_view(wire.ENVELOPES[kind])  # ...with the same wire fields
+    # and the view sees a difference where there is one: a bound changed in a copy of the body
+    loose = msgspec.defstruct("Loose", [("speed", float)], bases=(Sample,))
+    assert _wire_view(wire.envelope("sample", loose)) != _wire_view(wire.ENVELOPES["sample"])
+
+
+def test_a_decoded_sample_is_a_sample_of_frames_with_their_bytes():
+    got = decode(_sample_frames(codec="jpeg"))
+    s = got.msg
+    assert type(s) is Sample and type(s.frame) is Frame and s.stack == [] and s.history is None
+    assert isinstance(s.frame.data, memoryview) and np.array_equal(s.frame.decode().shape, IMG.shape)
 
 
 # ---------------------------------------------------------------------------------------------- #15

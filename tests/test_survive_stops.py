@@ -19,17 +19,13 @@ status 0).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
 import threading
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -39,113 +35,14 @@ from charles.trainer.synthetic import make_frames, make_sample, make_set
 
 from conftest import free_ports
 from mod_support import DeepGtavServer
-from survive_support import ForkServer, healthz, overrides, running, wait_for
+from survive_support import overrides, wait_for
 from tests_support import weights_message
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 CYCLES = int(os.environ.get("CHARLES_STOP_CYCLES", "10"))
 """Starts per service: `make test-system` runs 10 (CYCLES=30 there, CHARLES_STOP_CYCLES=30 here: the full barrage)."""
-SHUTDOWN_S = 10.0
-"""service.shutdown_s of every process here: the budget a stop must keep."""
 H, W = 36, 64
-
-
-@dataclass
-class Stopper:
-    """Starts one service again and again from a fork server and stops it with SIGTERM."""
-
-    module: str
-    argv: list[str]
-    env: dict[str, str]
-    tmp: Path
-    warm: list[str] = field(default_factory=list)
-    stops: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        (self.http_port,) = free_ports(1)
-        self.env = {
-            **self.env,
-            "CHARLES__SERVICE__HTTP_PORT": str(self.http_port),
-            "CHARLES__SERVICE__SHUTDOWN_S": str(SHUTDOWN_S),
-            "CUDA_VISIBLE_DEVICES": "",
-        }
-        self.server = ForkServer(self.module, self.warm)
-
-    def healthy(self) -> bool:
-        try:
-            code, h = healthz(self.http_port)
-        except (OSError, ValueError):
-            return False
-        return code == 200 and h["healthy"]  # starting and waiting (for weights, actions) are healthy
-
-    def cycle(
-        self,
-        k: int,
-        argv: list[str] | None = None,
-        busy: Callable[[Path], None] | None = None,
-        sending: str | None = None,
-    ) -> Path:
-        """One start, ready (and busy, if given), SIGTERM, reaped: exit 0 inside the budget. Returns the log."""
-        log = self.tmp / f"{Path(self.module).stem}-{k}.log"
-        pid = self.server.start(argv if argv is not None else self.argv, self.env, log)
-
-        def up() -> bool:
-            assert running(pid), (
-                f"start #{k} exited before it was healthy:\n{log.read_text(errors='replace')[-3000:]}"
-            )
-            # A sim builds its town (seconds, more on a loaded box) before its loop runs, and that build does
-            # not look at SIGTERM: a stop then can outlast service.shutdown_s. Until the build is
-            # interruptible, a sim's stop comes once it sends (``sending``: the topic family it publishes).
-            if sending is not None and self.healthy():
-                out = f'charles_messages_total{{direction="out",topic="{sending}"}}'
-                return metric(self.http_port, out) > 0
-            return sending is None and self.healthy()
-
-        wait_for(up, 60, f"start #{k} never became healthy ({log})")
-        if busy is not None:
-            busy(log)
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGTERM)
-        try:
-            status = self.server.reap(pid, timeout=SHUTDOWN_S + 30)
-        except AssertionError as e:  # it hung past both watchdogs: fail, and leave no stray process behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            raise AssertionError(
-                f"start #{k} did not end after SIGTERM\n{log.read_text(errors='replace')[-3000:]}"
-            ) from e
-        took = time.monotonic() - t0
-        tail = log.read_text(errors="replace")[-3000:]
-        assert os.waitstatus_to_exitcode(status) == 0, (
-            f"start #{k}: exit {os.waitstatus_to_exitcode(status)}\n{tail}"
-        )
-        assert took < SHUTDOWN_S, f"start #{k} took {took:.1f}s to stop\n{tail}"
-        self.stops.append(took)
-        return log
-
-    def report(self, name: str) -> None:
-        s = sorted(self.stops)
-        print(f"{name}: {len(s)} stops, exit 0 each, median {s[len(s) // 2]:.2f}s, max {s[-1]:.2f}s")
-
-    def close(self) -> None:
-        self.server.close()
-
-
-@pytest.fixture
-def stopper(broker, tmp_path):
-    _, data = broker
-    made: list[Stopper] = []
-
-    def make(module: str, argv: list[str], warm: list[str] = (), **env: str) -> Stopper:
-        base = {"CHARLES__BUS__PORTS": json.dumps(data["bus"]["ports"]), **env}
-        s = Stopper(module, argv, base, tmp_path, list(warm))
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 class Pump:

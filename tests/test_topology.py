@@ -125,6 +125,9 @@ def test_cpu_setup_agrees_and_reserves_no_gpu(compose_cpu):
         (lambda m: m["services"]["trainer"]["volumes"].pop(), "storage"),
         (lambda m: m["services"].pop("tensorboard"), "tensorboard"),
         (lambda m: m["services"]["collector"]["deploy"].__setitem__("replicas", 3), "replicas 3"),
+        (lambda m: _compose_gpus(m, "player").__setitem__("count", 2), "asks for 2 GPUs, expected 1"),
+        (lambda m: _compose_gpus(m, "trainer").__setitem__("count", 1) or _trainer_procs(m, "2"), "on 1 GPU"),
+        (lambda m: _trainer_procs(m, "many"), "not a number of processes"),
     ],
 )
 def test_compose_check_notices(compose, breakage, expected):
@@ -132,6 +135,26 @@ def test_compose_check_notices(compose, breakage, expected):
     breakage(broken)
     problems = t.check_compose(broken)
     assert any(expected in p for p in problems), problems
+
+
+def _compose_gpus(model: dict, name: str) -> dict:
+    return model["services"][name]["deploy"]["resources"]["reservations"]["devices"][0]
+
+
+def _trainer_procs(model: dict, procs: str) -> None:
+    model["services"]["trainer"]["environment"]["CHARLES__TRAINER__PROCS"] = procs
+
+
+def test_compose_trainer_takes_every_gpu_and_runs_trainer_gpus_processes(compose):
+    trainer = compose["services"]["trainer"]
+    assert (
+        _compose_gpus(compose, "trainer")["count"] == "all" and _compose_gpus(compose, "player")["count"] == 1
+    )
+    assert trainer["environment"]["CHARLES__TRAINER__PROCS"] == "${TRAINER_GPUS:-1}"
+    for procs in ("1", "4"):  # TRAINER_GPUS unset, TRAINER_GPUS=4
+        resolved = copy.deepcopy(compose)
+        _trainer_procs(resolved, procs)
+        assert t.check_compose(resolved) == []
 
 
 def test_compose_check_notices_a_gpu_left_in_the_cpu_variant(compose):
@@ -189,6 +212,27 @@ def _deployment(docs, name):
     return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
 
 
+def _limits(docs, name) -> dict:
+    return _deployment(docs, name)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def _set_env(docs, name: str, key: str, value: str) -> None:
+    env = _deployment(docs, name)["spec"]["template"]["spec"]["containers"][0]["env"]
+    entry = next((e for e in env if e["name"] == key), None)
+    if entry is None:
+        env.append({"name": key, "value": value})
+    else:
+        entry["value"] = value
+
+
+def test_k8s_trainer_takes_several_gpus_by_one_number(rendered):
+    docs = copy.deepcopy(rendered["gpu"])
+    env = _deployment(docs, "trainer")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "CHARLES__TRAINER__PROCS", "value": "0"} in env  # one process per GPU it gets
+    _limits(docs, "trainer")["nvidia.com/gpu"] = 4  # what overlays/gpu/trainer-gpus.yaml says
+    assert t.check_k8s(docs) == []
+
+
 def _k8s_breakages():
     def svc_port(docs):
         s = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "broker")
@@ -224,9 +268,22 @@ def _k8s_breakages():
             "clusterIP"
         )
 
+    def two_player_gpus(docs):
+        _limits(docs, "player")["nvidia.com/gpu"] = 2
+
+    def more_procs_than_gpus(docs):
+        _set_env(docs, "trainer", "CHARLES__TRAINER__PROCS", "2")
+
+    def gpus_unused(docs):
+        _limits(docs, "trainer")["nvidia.com/gpu"] = 4
+        _set_env(docs, "trainer", "CHARLES__TRAINER__PROCS", "1")
+
     return [
         (svc_port, "Service does not expose bus port"),
-        (no_gpu, "nvidia.com/gpu is absent"),
+        (no_gpu, "nvidia.com/gpu: asks for no GPUs"),
+        (two_player_gpus, "asks for 2 GPUs, expected 1"),
+        (more_procs_than_gpus, "2 training processes on 1 GPU"),
+        (gpus_unused, "takes 4 GPUs but runs 1 training process"),
         (probe, "livenessProbe"),
         (annotation, "prometheus.io/port"),
         (replicas, "replicas 5"),

@@ -6,6 +6,7 @@ the subprocess test runs the real entry point. The model is the tiny preset at 6
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -278,20 +279,29 @@ def test_samples_drawn_again_are_counted_per_output(trainers, client_factory):
     stop(service, t)
 
 
-@pytest.mark.slow
-def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(broker, tmp_path):
-    from conftest import free_ports
-
-    _, data = broker
-    runs = tmp_path / "runs"
-    # storage left by an earlier session: the trainer trains from it without any collector
-    store = Storage(
-        StorageConfig(path=str(runs / "tiny" / "tiny_v1" / "storage" / "buffers.sqlite3")), capacity=64
-    )
+def stored(path, start: int = 0, n: int = 40) -> None:
+    """Storage left by an earlier session at ``path``: a trainer trains from it without any collector."""
+    store = Storage(StorageConfig(path=str(path)), capacity=64)
     buffers = Buffers(["steering", "throttle_brake"], BufferConfig(capacity=64), observer=store)
-    for s in sets(0, 40):
+    for s in sets(start, n):
         buffers.add_set(s)
     store.close()
+
+
+def left_in_storage(path) -> int:
+    store = Storage(StorageConfig(path=str(path), mirror_removals=False), capacity=64)
+    try:
+        return store.refill(Buffers(["steering", "throttle_brake"], BufferConfig(capacity=64))).total
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def trainer_process(broker, runs, **environ):
+    """``python -m charles.trainer`` of the tiny line at 64x36 on the broker, training from runs/; yields
+    (GET of its HTTP API, stop: SIGTERM, then its exit status and output), and kills it if still running.
+    The output goes to a file beside runs/, so no pipe fills up and stalls it."""
+    _, data = broker
     (http_port,) = free_ports(1)
     env = {
         **os.environ,
@@ -301,39 +311,53 @@ def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(bro
         "CHARLES__SERVICE__SHUTDOWN_S": "5",
         "CHARLES__MODEL__OVERRIDES": json.dumps(MODEL["overrides"]),
         "OMP_NUM_THREADS": "1",
+        **environ,
     }
     cmd = [
         sys.executable, "-m", "charles.trainer", "--preset", "tiny", "--id", "trainer-smoke",
         "--set", "trainer.batch_size=4", "--set", "trainer.buffer.capacity=64",
         "--set", "trainer.buffer.start_fraction=0.1", "--set", "trainer.decode_threads=1",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
+    out = runs.parent / "trainer.log"
+    with out.open("wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
     def get(path: str):
-        with urllib.request.urlopen(url + path, timeout=1) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=1) as r:
             return json.load(r)
 
-    def trained():
-        try:
-            return get("/state")["info"].get("batch", 0) >= 2
-        except OSError:
-            return False
+    def stop(timeout: float) -> tuple[int, str]:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=timeout)
+        return rc, out.read_text()
 
     try:
-        wait_for(trained, 60, "the trainer never trained from its storage")
-        health = get("/healthz")
-        assert health["healthy"] and health["instance"] == "trainer-smoke"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=15)
-        out = proc.stdout.read().decode()
-        assert rc == 0, out
-        assert time.monotonic() - t0 < 6, "SIGTERM took longer than service.shutdown_s"
+        yield get, stop
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def batches_trained(get) -> int:
+    try:
+        return get("/state")["info"].get("batch", 0)
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(broker, tmp_path):
+    runs = tmp_path / "runs"
+    stored(runs / "tiny" / "tiny_v1" / "storage" / "buffers.sqlite3")
+    with trainer_process(broker, runs) as (get, stop):
+        wait_for(lambda: batches_trained(get) >= 2, 60, "the trainer never trained from its storage")
+        health = get("/healthz")
+        assert health["healthy"] and health["instance"] == "trainer-smoke"
+        t0 = time.monotonic()
+        rc, out = stop(15)
+        assert rc == 0, out
+        assert time.monotonic() - t0 < 6, "SIGTERM took longer than service.shutdown_s"
     run = RunDir(runs / "tiny" / "tiny_v1")
     m = run.manifest
     assert m.batch >= 2 and m.periods[-1].open is False and m.periods[-1].stop_batch == m.batch
@@ -341,6 +365,47 @@ def test_trainer_process_is_healthy_trains_from_storage_and_stops_on_sigterm(bro
     assert (run.path / m.checkpoint / "weights.safetensors").is_file(), out
     assert run.newest_weights() == run.path / m.checkpoint / "weights.safetensors"
     assert models_main(["--run-dir", str(runs), "--line", "tiny"]) == 0
+
+
+def test_trainer_procs_is_one_process_per_gpu(monkeypatch):
+    from charles.trainer import launch
+
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
+    assert [launch.processes(n, "auto") for n in (0, 1, 2, 4)] == [4, 1, 2, 4]
+    with pytest.raises(ValueError, match="trainer.procs is 8 but this machine shows 4 GPU"):
+        launch.processes(8, "cuda")
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    assert [launch.processes(n, "auto") for n in (0, 1, 2)] == [1, 1, 2]  # gloo ranks on the CPU
+    assert [launch.processes(n, "cpu") for n in (0, 1, 3)] == [1, 1, 3]
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        launch.processes(2, "cuda")
+    assert launch.is_worker({"LOCAL_RANK": "0"}) and not launch.is_worker({})
+
+
+@pytest.mark.slow
+def test_the_trainer_command_trains_two_ranks_under_torchrun_when_procs_is_two(broker, tmp_path):
+    # the command compose and k8s run, with the one setting they pass (trainer.procs): it starts torchrun
+    # itself (gloo on the CPU here); each rank trains from its own storage file, as on the bus each keeps
+    # its own share of the sets
+    runs = tmp_path / "runs"
+    storage = runs / "tiny" / "tiny_v1" / "storage"
+    files = [storage / "buffers.sqlite3", storage / "buffers.rank1.sqlite3"]
+    for rank, path in enumerate(files):
+        stored(path, start=1000 * rank)
+        assert left_in_storage(path) == 80
+    two_ranks = {"CHARLES__TRAINER__PROCS": "2", "CHARLES__TRAINER__DEVICE": "cpu"}
+    with trainer_process(broker, runs, **two_ranks) as (get, stop):
+        wait_for(lambda: batches_trained(get) >= 3, 120, "the two ranks never trained together")
+        rc, out = stop(30)  # SIGTERM to the command: it stops the ranks, and torchrun exits 0
+        assert rc == 0, out
+    run = RunDir(runs / "tiny" / "tiny_v1")
+    m = run.manifest
+    state = json.loads((run.path / m.checkpoint / "state.json").read_text())
+    assert m.batch >= 3 and state["world"] == 2, out
+    assert m.samples == m.batch * 4 * 2, "a step trains batch_size samples on each rank"
+    for path in files:  # every step took 2 samples from each of a rank's two buffers, on both ranks
+        assert left_in_storage(path) <= 80 - 4 * m.batch, path.name
+    assert "starting 2 training processes" in out and "torchrun exited" not in out, out
 
 
 def test_each_set_belongs_to_exactly_one_rank():
@@ -392,24 +457,13 @@ d.close()
 
 @pytest.mark.slow
 def test_torchrun_ranks_step_together_on_their_own_data(tmp_path):
+    from charles.trainer.launch import torchrun_command, torchrun_env
+
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    # Everything on loopback by address: a CI box's hostname need not resolve, and torchrun would
-    # otherwise hand the workers that name as MASTER_ADDR (and gloo would look it up for its device).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    (port,) = free_ports(1)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--local-addr=127.0.0.1",
-        str(script),
-        str(tmp_path),
-    ]
+    # torchrun as `charles trainer` starts it (everything on loopback)
+    cmd = torchrun_command(2, [str(script), str(tmp_path)])
+    env = torchrun_env({**os.environ, "OMP_NUM_THREADS": "1"})
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, "torchrun failed:\n" + (done.stdout + done.stderr)[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

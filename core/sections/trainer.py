@@ -160,6 +160,12 @@ class TrainerConfig:
     )
     compile: bool = knob(False, "torch.compile the model: minutes of compiling that pay on long GPU runs")
     torch_threads: int = knob(0, "CPU intra-op threads; 0: torch's default", min=0)
+    procs: int = knob(
+        1,
+        "Training processes on this machine, one per GPU: above 1 `charles trainer` starts itself under "
+        "torchrun --nproc_per_node=N (DDP, each rank its share of the sets); 0: one per GPU it sees",
+        min=0,
+    )
     # -- checkpoints, publishing, logging --------------------------------------------------------------
     checkpoint_every: int = knob(
         250, "Checkpoint every N batches (and at shutdown); the seed's counters step by 250", min=1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from charles.topology.facts import (
     env_dict,
     expect_env,
     facts,
+    gpu_count_problems,
     unique,
 )
 
@@ -138,6 +140,10 @@ def _port(p: Any) -> tuple[str, int | None, int]:
     return parts[0], int(parts[1]), int(parts[2])
 
 
+_VARIABLE = re.compile(r"\$\{\w+:-([^}]*)\}")
+"""A compose ``${NAME:-default}``: the files as written (not yet through docker-compose config) hold them."""
+
+
 def _gpu_devices(svc: Mapping) -> list:
     res = ((svc.get("deploy") or {}).get("resources") or {}).get("reservations") or {}
     return [d for d in res.get("devices") or [] if "gpu" in (d.get("capabilities") or [])]
@@ -219,6 +225,11 @@ def check_compose(model: Mapping, *, cpu: bool = False, reg: Registry | None = N
             problems.append(
                 f"{w}: runs on the GPU image but reserves no GPU (deploy.resources.reservations.devices)"
             )
+        elif f.gpu and not cpu:
+            count = gpus[0].get("count", "all")  # absent: every GPU
+            count = "all" if count == -1 else str(count)
+            resolved = {k: _VARIABLE.sub(r"\1", str(v)) for k, v in env.items()}  # the defaults, as unset
+            problems += gpu_count_problems(f"{w}: GPU reservation", f.name, count, resolved)
         if (cpu or not f.gpu) and gpus:
             problems.append(f"{w}: reserves a GPU but runs on the CPU")
         mounts = {_volume_target(v): _volume_source(v) for v in svc.get("volumes") or []}

@@ -200,6 +200,33 @@ def env_dict(env: Any) -> dict[str, str]:
     return out
 
 
+PROCS_ENV = "CHARLES__TRAINER__PROCS"
+"""trainer.procs: training processes, one per GPU (0: one per GPU the container sees)."""
+
+
+def gpu_count_problems(where: str, name: str, gpus: str, env: Mapping[str, str]) -> list[str]:
+    """A GPU service takes one GPU; the trainer one per training process, so it may take several, or every
+    GPU of the machine (``all``: compose's count), as long as it has a GPU for each process it runs.
+
+    ``gpus``: the k8s limit or the compose count, "" when there is none."""
+    if name != "trainer":
+        return [] if gpus == "1" else [f"{where}: asks for {gpus or 'no'} GPUs, expected 1"]
+    procs = str(env.get(PROCS_ENV, "1"))
+    if not procs.isdigit():
+        return [f"{where}: {PROCS_ENV}={procs!r} is not a number of processes"]
+    if gpus == "all":
+        return []
+    if not gpus.isdigit() or int(gpus) < 1:
+        return [f"{where}: asks for {gpus or 'no'} GPUs, expected a count of at least 1"]
+    if int(procs) > int(gpus):
+        return [f"{where}: {PROCS_ENV}={procs} training processes on {gpus} GPU(s): one GPU each"]
+    if int(gpus) > 1 and procs not in ("0", gpus):
+        return [
+            f"{where}: takes {gpus} GPUs but runs {procs} training process(es) ({PROCS_ENV} 0: one per GPU)"
+        ]
+    return []
+
+
 def expect_env(where: str, env: Mapping[str, str], expected: Mapping[str, str]) -> list[str]:
     problems = []
     for k, v in expected.items():

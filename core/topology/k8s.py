@@ -18,6 +18,7 @@ from charles.topology.facts import (
     check_env_names,
     expect_env,
     facts,
+    gpu_count_problems,
     unique,
 )
 
@@ -138,8 +139,8 @@ def check_k8s(
             if get.get("path") != HEALTH_PATH or get.get("port") not in ("http", f.http_port):
                 problems.append(f"{w}: {probe} does not ask {HEALTH_PATH} on the http port")
         gpus = str(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", ""))
-        if f.gpu and not cpu and gpus != "1":
-            problems.append(f"{w}: limits nvidia.com/gpu is {gpus or 'absent'}, expected 1")
+        if f.gpu and not cpu:
+            problems += gpu_count_problems(f"{w}: limits nvidia.com/gpu", f.name, gpus, env)
         if (cpu or not f.gpu) and gpus:
             problems.append(f"{w}: asks for nvidia.com/gpu {gpus} but runs on the CPU")
         volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}

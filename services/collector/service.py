@@ -29,6 +29,7 @@ from charles.drive.shape import InputShape
 from charles.proto import Console, Sample
 from charles.runtime import Publisher, Service
 from charles.sections.collector import CollectorConfig
+from charles.sim.town import BuildCancelled
 
 MAX_IDLE_WAIT_S = 0.1
 """Longest wait for a remote game's frame: SIGTERM only sets a flag, so the loop looks at it this often."""
@@ -71,6 +72,7 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
         restart_turn_deg=c.restart_turn_deg,
         restart_offset_m=c.restart_offset_m,
         repaint=c.repaint,
+        should_stop=svc.stop_event.is_set,
     )
 
 
@@ -94,7 +96,11 @@ def serve(
     svc.log.info(
         f"run configuration from the broker: model {cfg.model.preset}, source {cfg.collector.source}, seed {seed}"
     )
-    source = make_source(cfg, svc, seed)
+    try:
+        source = make_source(cfg, svc, seed)
+    except BuildCancelled:
+        svc.log.info("stopped while building the town")
+        return
     CollectorService(svc, cfg, source).run()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -99,6 +100,7 @@ class SimSource:
         repaint: bool = False,
         restart_turn_deg: float = 0.0,
         restart_offset_m: float = 0.0,
+        should_stop: Callable[[], bool] | None = None,
     ):
         from charles.sim.npc import Npc
         from charles.sim.session import DriveSession
@@ -109,7 +111,7 @@ class SimSource:
         if look == "seed":
             changes.update(seeded_look(seed))
         self.sim_cfg = replace(sim, **changes)
-        self.world = SimWorld(self.sim_cfg)
+        self.world = SimWorld(self.sim_cfg, should_stop=should_stop)  # the town: seconds, cancellable
         self.npc = Npc(self.world, cfg=npc or NpcConfig())
         # The history samples carry is the SampleBuilder's; history_len > 0 keeps the session's own record
         # of the same rows too (the tests compare the two).

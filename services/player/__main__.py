@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         svc.log.info(f"run configuration from the broker: model {run.model.preset}")
 
         from charles.player.service import PlayerService  # torch and timm: after the config is known good
+        from charles.sim.town import BuildCancelled
 
-        service = PlayerService(svc, model_cfg)
+        try:
+            service = PlayerService(svc, model_cfg)
+        except BuildCancelled:
+            svc.log.info("stopped while building the town")
+            return
         svc.start_heartbeat()
         service.run()
 

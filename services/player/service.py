@@ -153,7 +153,14 @@ class PlayerService:
                 source = RemoteSource(svc, config, self.cfg, unstuck)
             else:
                 expert = config.dagger or config.before_weights == "npc"
-                source = SimSource(config, self.cfg, run.sections.get("sim"), unstuck, expert=expert)
+                source = SimSource(
+                    config,
+                    self.cfg,
+                    run.sections.get("sim"),
+                    unstuck,
+                    expert=expert,
+                    should_stop=svc.stop_event.is_set,
+                )
         self.source = source
         self.source.teleport_hooks.append(self.policy.reset)
         self.deadzones = config.deadzones

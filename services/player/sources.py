@@ -74,11 +74,6 @@ class View:
         return self.unstuck.driving
 
 
-def history_rows(cfg: ModelConfig) -> int:
-    """Rows kept: what the model reads (collectors send at least 60; the model reads the newest rows)."""
-    return cfg.history_length if cfg.history != "none" else 0
-
-
 def _wire_history(h: np.ndarray) -> np.ndarray:
     """Speed in the wire's range, as the collectors' History records it (the sim's car can roll backwards)."""
     if len(h):
@@ -102,6 +97,7 @@ class SimSource:
         unstuck: UnstuckConfig | None = None,
         *,
         expert: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ):
         sim = replace(
             sim or SimConfig(),
@@ -111,8 +107,8 @@ class SimSource:
             cinematic_width=config.console_width,
             cinematic_height=config.console_width * 9 // 16,
         )
-        self.world = SimWorld(sim)
-        self.session = DriveSession(self.world, unstuck or UnstuckConfig(), history_rows(cfg))
+        self.world = SimWorld(sim, should_stop=should_stop)  # the town: seconds, cancellable
+        self.session = DriveSession(self.world, unstuck or UnstuckConfig(), cfg.history_rows)
         self.teleport_hooks: list[Callable[[], None]] = self.session.teleport_hooks
         self.npc = Npc(self.world, cfg=NpcConfig(noise_rate_hz=0.0)) if expert else None
         if self.npc is not None:
@@ -213,7 +209,7 @@ class RemoteSource:
         )
         self.pub = pub or svc.publisher("action")
         self.unstuck = Unstuck(unstuck or UnstuckConfig())
-        self.history = History(history_rows(cfg))
+        self.history = History(cfg.history_rows)  # what the model reads (collectors send at least 60)
         self.teleport_hooks: list[Callable[[], None]] = []
         self.name = f"remote-{self.source_id or '?'}"
         self.seq = -1

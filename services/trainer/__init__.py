@@ -2,7 +2,7 @@
 
 Its section (TrainerConfig, BufferConfig, StorageConfig) is charles.sections.trainer. One idea per module: ``buffers`` and ``storage`` (the sample pools and
 their on-disk mirror), ``batches`` (decoding and collating), ``training`` (the model, optimizer and
-torchrun), ``checkpoint`` and ``initial`` (what weights are saved and where a new run starts), ``runs``
+joining a torchrun job), ``launch`` (starting one: several training processes from one command), ``checkpoint`` and ``initial`` (what weights are saved and where a new run starts), ``runs``
 (run directories and which run a process trains), ``resume`` (where training continues), ``receiver``
 (the receive loop), ``reporting`` (metrics, rates, TensorBoard), ``console`` (the console view), and
 ``service``, the thin wiring of those to the bus. ``runs`` and ``checkpoint`` are the public API for

@@ -3,7 +3,8 @@
     charles trainer --preset tiny                 resume the newest run of the line (v1 if none)
     charles trainer --preset tiny --new-version   start the line's next version from scratch
     charles trainer --preset tiny --version 3     train (or resume) tiny_v3
-    torchrun --nproc_per_node 4 -m charles.trainer --preset model_0004_inceptionresnetv2
+    CHARLES__TRAINER__PROCS=4 charles trainer     four processes, one per GPU: it starts torchrun itself
+    torchrun --nproc_per_node 4 -m charles.trainer --preset model_0004_inceptionresnetv2   (the same, by hand)
 
 Runs live under $CHARLES_RUN_DIR (default runs/): runs/<line>/<line>_v<N>/ (see charles.trainer.runs).
 """
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--console", action="store_true", help="live console on the terminal (when stdout is a TTY)"
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
 
     overrides = list(args.set)
@@ -51,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"charles trainer: configuration error: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.service.log_level, cfg.service.log_format)
+
+    from charles.trainer import launch
+
+    if not launch.is_worker():
+        try:
+            procs = launch.processes(cfg.trainer.procs, cfg.trainer.device)
+        except ValueError as e:
+            print(f"charles trainer: configuration error: {e}", file=sys.stderr)
+            return 2
+        if procs > 1:
+            return launch.run_ranks(procs, argv)
 
     # Heavy imports after the configuration is known to be good: torch, timm and the model.
     import torch

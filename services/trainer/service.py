@@ -112,7 +112,7 @@ class TrainerService:
             image_size=(self.mcfg.height, self.mcfg.width),
             channels=3,
             stack_len=self.mcfg.frames - 1,
-            history_len=self.mcfg.history_length if self.mcfg.history != "none" else 0,
+            history_len=self.mcfg.history_rows,
             decode_threads=self.tcfg.threads_for_decode,
             gpu_decode=self.tcfg.gpu_decode,
             prefetch=self.tcfg.prefetch,

@@ -179,7 +179,10 @@ class Trainer:
         device: str | torch.device = "cpu",
         dist: Distributed | None = None,
         model: nn.Module | None = None,
+        compile_backend: str = "inductor",
     ):
+        """``compile_backend``: torch.compile's backend when ``cfg.compile`` is on (benches take aot_eager
+        to smoke-test the compiled step on a CPU, where inductor's C++ build of a model takes minutes)."""
         self.mcfg = model_cfg
         self.cfg = cfg
         self.device = torch.device(device)
@@ -203,7 +206,7 @@ class Trainer:
             # grads live in the all-reduce buckets: no copy, and no stride mismatch for 1x1 conv weights
             self.model = DDP(self.module, device_ids=ids, gradient_as_bucket_view=True)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, backend=compile_backend)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         self.autocast = cuda and cfg.bf16
