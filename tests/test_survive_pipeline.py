@@ -41,7 +41,7 @@ from charles.proto import Console, Frame, Heartbeat, Sample, SampleSet, Weights,
 from charles.proto.messages import ConfigReply
 from charles.trainer.checkpoint import list_checkpoints, read_checkpoint
 
-from survive_support import Pipeline, Probe, rss_growth_within, rss_mb, running, wait_for
+from survive_support import Pipeline, Probe, resting_rss_mb, rss_growth_within, rss_mb, running, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
@@ -96,6 +96,13 @@ def pipeline(tmp_path_factory):
             240,
             "the pipeline never trained",
         )
+        # Warmed up means the player too: it imports torch, builds its predictors and its town (a minute
+        # at a load of 10; the trainer has its first batches long before) and keeps growing for its first
+        # frames driven (alone: +11 MiB from prediction 430 to 950, a few more by 1700, flat after). A
+        # baseline taken before is no baseline: the hostile test saw "player 802 -> 902" with no hostile
+        # cost behind it (hostile weights at full speed, 268k sent, cost a warm player +0.1 MiB), and a
+        # player whose weights feed was not even subscribed during the barrage.
+        wait_for(lambda: warm(p), 240, "the player never drove trained weights for a while", 0.5)
         p.probe = Probe(p.bus(), ["sample.", "set.", "weights.", "console.", "heartbeat."], MARK)
         yield p
     finally:
@@ -103,6 +110,21 @@ def pipeline(tmp_path_factory):
             p.probe.close()
         rc = p.close()
     assert rc == 0, f"charles up exited with {rc}; see {p.root}"
+
+
+WARM_PREDICTIONS = 300
+"""Frames the player has driven with trained weights before any test measures it (see the fixture)."""
+
+
+def warm(p: Pipeline) -> bool:
+    """The player drives trained weights, has swapped them at least once and made WARM_PREDICTIONS."""
+    s = p.try_scrape("player")
+    return bool(
+        s
+        and s.value("charles_player_weights_batch") >= 0
+        and s.value("charles_player_swaps_total") >= 1
+        and s.value("charles_player_predictions_total") >= WARM_PREDICTIONS
+    )
 
 
 def totals(p: Pipeline, trainer: bool = True) -> dict[str, float]:
@@ -363,7 +385,7 @@ EXPECTED = {
 def test_a_hostile_publisher_is_counted_and_never_reaches_training(pipeline):
     p = pipeline
     pids = p.pids()
-    rss0 = {n: rss_mb(pid) for n, pid in pids.items()}  # warmed up: the pipeline has trained
+    rss0 = resting_rss_mb(pids)  # warmed up: the pipeline has trained, the player has driven (the fixture)
     rejects0 = {n: p.scrape(n).by("charles_rejects_total", "reason") for n in EXPECTED}
     # the balancer's counts are a snapshot taken about once a second: wait for a fresh one, then count
     # what the collectors sent (so nothing it counts later was sent before sent0)
