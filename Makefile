@@ -42,7 +42,7 @@ CYCLES   ?= 10
 KILLS    ?= 3
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast test-system test-compose lint format bench bench-e2e bench-gpu validate schema keys up down logs scale images clean prometheus
+.PHONY: help install run test test-fast test-system test-compose lint format bench bench-viewer bench-e2e bench-gpu validate schema keys up down logs scale images clean prometheus
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench: $(STAMP) ## every benchmark, quick mode; each prints one JSON line last
 
 bench-gpu: $(STAMP) ## on an NVIDIA GPU: trainer bf16 vs fp32, torch.compile, player latency, nvJPEG; one JSON line (< 10 min)
 	cd bench && ../$(PY) gpu.py
+
+bench-viewer: $(STAMP) ## the stream page in headless Chromium while charles up runs: painted fps and latency (chromium)
+	cd bench && ../$(PY) viewer.py
 
 bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, npc and random (MINUTES=20)
 	cd bench && ../$(PY) e2e.py --minutes $(if $(filter 0,$(MINUTES)),20,$(MINUTES))

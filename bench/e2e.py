@@ -11,7 +11,8 @@
    console) and prints a progress line every ~30 s: batches, loss, buffer fill, samples in and out.
    ``first_weights_s`` is the time from the launcher's start to the first heartbeat in which the player
    drives *trained* weights (``model_batch`` > 0).
-3. After ``--minutes`` the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
+3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches``:
+   smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
    newest checkpoint's weights (``charles.trainer.runs.newest_weights``) are evaluated with ``charles eval``
    on held-out towns (``--eval-seeds``, 9001-9003 by default: towns no collector and no player drove),
    ``--eval-minutes`` of game time per seed, against the NPC (noise off) and the random policy on the
@@ -26,6 +27,13 @@ minute): the player reaches half of it only by driving about as far with at most
 
 ``--quick``: 1 minute of training, 0.25 minutes per eval seed (about 2 minutes in all; a smoke run, not a
 proof). The last stdout line is one JSON object.
+
+A Gymnasium env instead of the sim: a configuration whose ``collector.source`` is ``gym:ID`` (e.g.
+``deploy/car_racing.yaml``). The collectors' expert drives the env; no player runs while it trains (the
+player drives the sim); the newest weights then drive one episode of the env per eval seed through
+``charles eval --env`` (the player's code path and the collectors' action adapter), beside the expert
+(``npc``) and random, and each policy's figure is ``episode_return`` (mean and std over the seeds);
+``player_vs_npc`` and ``player_vs_random`` are ratios of those means.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +87,9 @@ def run_config(base: Path, overrides: list[str], dagger: bool | None) -> dict:
         _set_path(data, k.strip(), yaml.safe_load(v) if v else "")
     if dagger is not None:  # else what the configuration says (the demo: on)
         _set_path(data, "player.dagger", bool(dagger))
+    # no viewer, so no camera stream: its pictures (a render and two JPEGs per frame) would take the
+    # cores' time from training (unless --set player.camera_hz=... asks for it)
+    data.setdefault("player", {}).setdefault("camera_hz", 0)
     return data
 
 
@@ -166,21 +178,10 @@ class Watcher:
 # ---- evaluation -------------------------------------------------------------------------------------------
 
 
-def eval_one(policy: str, seed: int, minutes: float, config: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "charles.cli",
-        "eval",
-        "--policy",
-        policy,
-        "--seed",
-        str(seed),
-        "--minutes",
-        str(minutes),
-        "--config",
-        str(config),
-    ]
+def eval_one(policy: str, seed: int, minutes: float, config: Path, env_id: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "charles.cli", "eval", "--policy", policy, "--seed", str(seed)]
+    cmd += ["--env", f"gym:{env_id}", "--episodes", "1"] if env_id else ["--minutes", str(minutes)]
+    cmd += ["--config", str(config)]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -213,17 +214,34 @@ def pooled(results: list[dict]) -> dict:
     }
 
 
-def evaluate(weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int) -> dict:
+def pooled_returns(results: list[dict]) -> dict:
+    """One policy's episode returns over the seeds (one episode each) of a Gymnasium env."""
+    returns = [r["episode_return"] for r in results]
+    return {
+        "episode_return": round(statistics.fmean(returns), 2),
+        "episode_return_std": round(statistics.pstdev(returns), 2),
+        "episode_length": round(statistics.fmean(r["episode_length"] for r in results), 1),
+        "per_seed_return": [round(x, 2) for x in returns],
+    }
+
+
+def evaluate(
+    weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int, env_id: str | None = None
+) -> dict:
     policies = {"npc": "npc", "random": "random"}
     if weights is not None:
         policies["player"] = f"weights:{weights}"
     work = [(name, pol, s) for name, pol in policies.items() for s in seeds]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config)), work))
+        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config, env_id)), work))
     out: dict[str, Any] = {"player": None}
     for name in policies:
-        out[name] = pooled([r for n, r in done if n == name])
+        out[name] = (pooled_returns if env_id else pooled)([r for n, r in done if n == name])
     return out
+
+
+def ratio(player: dict | None, other: dict, key: str, digits: int) -> float | None:
+    return round(player[key] / max(abs(other[key]), 1e-9), digits) if player else None
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -267,6 +285,13 @@ def main() -> int:
     ap.add_argument(
         "--eval-jobs", type=int, default=2, help="evaluations run side by side (default 2: the cores)"
     )
+    ap.add_argument(
+        "--until-batches",
+        type=int,
+        default=0,
+        help="train past --minutes until the trainer has trained this many batches, at most 4x --minutes "
+        "(smoke runs on a slow or busy box: the trainer's start alone may take most of a short run)",
+    )
     ap.add_argument("--config", default=str(DEMO), help="base run configuration (default deploy/demo.yaml)")
     ap.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
@@ -285,7 +310,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="charles-e2e-"))
     cfg_path = tmp / "run.yaml"
     run_data = run_config(Path(args.config), args.set, args.dagger)
-    dagger = bool(run_data.get("player", {}).get("dagger", False))
+    source = str(run_data.get("collector", {}).get("source", "sim"))
+    env_id = source.partition(":")[2] if source.startswith("gym:") else None
+    dagger = bool(run_data.get("player", {}).get("dagger", False)) and env_id is None
     cfg_path.write_text(yaml.safe_dump(run_data, sort_keys=False))
     runs, logs = tmp / "runs", tmp / "logs"
     print(
@@ -313,6 +340,7 @@ def main() -> int:
             "--random-ports",
             "--plain",
             "--no-viewer",
+            *(["--no-player"] if env_id else []),  # the player drives the sim, not the env
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -329,12 +357,14 @@ def main() -> int:
                 raise RuntimeError(f"the launcher did not start: {stop(launcher)[-3000:]}")
             time.sleep(0.1)
         watcher = Watcher(json.loads(ports_file.read_text())["bus"], t0)
-        deadline = t0 + minutes * 60
+        deadline, cap = t0 + minutes * 60, t0 + 4 * minutes * 60
         next_line = t0 + PROGRESS_S
-        while (now := time.monotonic()) < deadline:
+        while (now := time.monotonic()) < deadline or (
+            now < cap and watcher.counts()["batches"] < args.until_batches
+        ):
             if launcher.poll() is not None:
                 raise RuntimeError(f"the launcher stopped early: {stop(launcher)[-3000:]}")
-            watcher.poll(min(1.0, deadline - now))
+            watcher.poll(max(0.05, min(1.0, deadline - now)))
             if time.monotonic() >= next_line:
                 next_line += PROGRESS_S
                 print(watcher.line(), flush=True)
@@ -360,12 +390,13 @@ def main() -> int:
         counts["samples_trained"] = max(counts["samples_trained"], int(manifest.samples))
     print(
         f"e2e: evaluating {weights.parent.name if weights else 'no weights'} against npc and random on seeds {seeds}, "
-        f"{eval_minutes:g} game minutes each",
+        + (f"one episode of {env_id} each" if env_id else f"{eval_minutes:g} game minutes each"),
         flush=True,
     )
     t_eval = time.monotonic()
-    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs))
+    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs), env_id)
     player, npc, rnd = ev["player"], ev["npc"], ev["random"]
+    key = "episode_return" if env_id else "km_between_unstucks"
     figures = {
         "minutes_trained": round(trained_s / 60, 2),
         "batches": counts["batches"],
@@ -381,18 +412,15 @@ def main() -> int:
         "weights": str(weights.parent.name) if weights else None,
         "eval": {
             "seeds": seeds,
-            "minutes_per_seed": eval_minutes,
+            "minutes_per_seed": None if env_id else eval_minutes,
             "wall_s": round(time.monotonic() - t_eval, 1),
         },
         "player": player,
         "npc": npc,
         "random": rnd,
-        "player_vs_npc": round(player["km_between_unstucks"] / max(npc["km_between_unstucks"], 1e-9), 3)
-        if player
-        else None,
-        "player_vs_random": round(player["km_between_unstucks"] / max(rnd["km_between_unstucks"], 1e-9), 1)
-        if player
-        else None,
+        "player_vs_npc": ratio(player, npc, key, 3),
+        "player_vs_random": ratio(player, rnd, key, 1),
+        "env": env_id,
         "quick": args.quick,
         "config": str(args.config),
         "overrides": args.set,

@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trainer": ("charles.trainer.__main__", "buffers, training, checkpoints, weights for players"),
     "player": ("charles.player.__main__", "drive with the newest weights; Convcam and console"),
     "viewer": ("charles.viewer.__main__", "the stream layout as a web page"),
+    "clip": (
+        "charles.viewer.clip",
+        "the player's cinematic camera to MP4, or highlights: before each Unstuck, swap",
+    ),
     "config": ("charles.tools", "show the resolved configuration (charles config show)"),
     "keys": ("charles.tools", "make CURVE key pairs for the broker and agents"),
     "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),

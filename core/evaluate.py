@@ -3,6 +3,7 @@
     charles eval --policy npc --seed 1 --minutes 5
     charles eval --policy weights:runs/tiny_v1/latest.safetensors --minutes 5
     charles eval --policy npc --env gym:Charles/Drive-v0 --expert charles.sim.gym_env:npc_expert
+    charles eval --policy weights:PATH --env gym:CarRacing-v3 --config deploy/car_racing.yaml --episodes 3
 
 The sim (default): ``minutes`` of game time with Unstuck active (charles.sim.evaluate.evaluate), giving
 ``km``, ``km_between_unstucks``, ``on_road_fraction``, ``collisions_per_km``, ``mean_speed_kmh`` and the
@@ -17,7 +18,9 @@ speed, purpose, its own past actions as history, the frame stack).
 steps (or ``--episodes``), adding ``episode_return`` (mean over finished episodes). Where the env's info
 has ``distance_m``, ``on_road`` and ``collisions`` (Charles/Drive-v0 does) the driving figures come too;
 there is no Unstuck in an env, so ``km_between_unstucks`` divides by the episodes that ended early
-(``terminated``: water, a crash). ``--policy npc`` means the ``--expert`` there.
+(``terminated``: water, a crash). ``--policy npc`` means the ``--expert`` there; ``constant`` is straight
+ahead at half throttle, as in the sim. The env's action layout is ``collector.gym_action`` (and
+``gym_action_table``), the collector's: a model drives through the same adapter that labels an expert.
 
 ``--config``/``--set`` take the ``sim``, ``npc`` and ``unstuck`` sections (and the collector's codec).
 """
@@ -75,9 +78,9 @@ def evaluate_sim(
     return result
 
 
-def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: str) -> Any:
+def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: str, actions: Any) -> Any:
+    from charles.drive.gym import load_callable
     from charles.drive.policy import GymPolicy
-    from charles.sim.evaluate import load_callable
 
     if policy == "npc":
         return load_callable(expert)(env)
@@ -85,13 +88,12 @@ def _gym_actor(policy: str, env: Any, expert: str, seed: int, cfg: Any, device: 
         space = env.action_space
         space.seed(seed)
         return lambda obs, info: space.sample()
-    if policy == "constant":
-        space = env.action_space
-        mid = ((space.low + space.high) / 2).astype(space.dtype)
-        return lambda obs, info: mid
+    if policy == "constant":  # the sim's constant: straight ahead at half throttle, in the env's layout
+        action = actions.to_env(0.0, 0.5)
+        return lambda obs, info: action
     if policy.startswith("weights:"):
         mp = model_policy(policy, cfg, device)
-        return GymPolicy(mp, mp.history_rows)
+        return GymPolicy(mp, mp.history_rows, actions)
     raise ValueError(f"unknown policy {policy!r}: npc, random, constant or weights:PATH")
 
 
@@ -110,11 +112,17 @@ def evaluate_env(
     import gymnasium as gym
 
     from charles import config as config_mod
+    from charles.drive.gym import action_adapter
     from charles.sim import gym_env
 
     cfg = cfg or config_mod.load(environ={})
     gym_env.register()
     env = gym.make(env_id, **(env_kwargs or {}))
+    try:
+        actions = action_adapter(env.action_space, cfg.collector.gym_action, cfg.collector.gym_action_table)
+    except ValueError as e:
+        env.close()
+        raise ValueError(f"{env_id}: {e}") from None
     steps_budget = int(round(minutes * 60 * 30))
     returns: list[float] = []
     lengths: list[int] = []
@@ -123,7 +131,7 @@ def evaluate_env(
     has_driving = True
     t0 = time.perf_counter()
     try:
-        act = _gym_actor(policy, env, expert, seed, cfg, device)
+        act = _gym_actor(policy, env, expert, seed, cfg, device, actions)
         ep = 0
         while (episodes is None and steps < steps_budget) or (episodes is not None and ep < episodes):
             obs, info = env.reset(seed=seed + ep)
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="game time to drive, minutes (default 10)")
     ap.add_argument("--env", help="gym:ID to drive a Gymnasium environment instead of the sim")
     ap.add_argument(
-        "--expert", default=DEFAULT_EXPERT, help="gym: module:callable expert factory for --policy npc"
+        "--expert", help="gym: module:callable expert factory for --policy npc (default: collector.expert)"
     )
     ap.add_argument("--episodes", type=int, help="gym: run exactly this many episodes instead of --minutes")
     ap.add_argument("--noise", action="store_true", help="npc: keep the collectors' noise injection on")
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 args.minutes,
                 args.episodes,
-                args.expert,
+                args.expert or cfg.collector.expert,
                 cfg,
                 cfg.collector.gym_kwargs,
                 args.device,

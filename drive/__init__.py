@@ -14,7 +14,8 @@ outputs with these modules, so there is one of each rule:
 - ``samples``  the tick rate, a tick as a source saw it (:class:`Capture`), the sample builder with its
   timing rule (a tick becomes history only after its own sample is built) and the sample encoder.
 - ``policy``   :class:`ModelPolicy`: weights in, controls out, on exactly the inputs the trainer saw.
-- ``gym``      reading a Gymnasium observation and action.
+- ``gym``      reading a Gymnasium observation, and the action adapters between (steering, throttle_brake)
+  and an env's own action layout ([steer, gas, brake], a discrete table...).
 
 Imports: ``charles.proto`` only (and ``charles.model`` lazily, when a ModelPolicy is made), so every
 process can use it without pulling in torch, the sim or a service. tests/test_architecture.py holds it to

@@ -37,7 +37,7 @@ import numpy as np
 
 from charles.drive.controls import clean_control, clean_purpose, clean_speed, control_pair, signals
 from charles.drive.frames import as_trainer_sees
-from charles.drive.gym import observation_parts
+from charles.drive.gym import Actions, PairActions, observation_parts
 from charles.drive.past import FrameStack, History
 
 
@@ -128,21 +128,25 @@ class ModelPolicy:
 class GymPolicy:
     """A (frame, speed, purpose, history) policy as a Gymnasium actor ``act(obs, info) -> action``.
 
-    It keeps the history itself (its own executed actions, speed and purpose, as DriveSession does) and
-    forgets it on :meth:`reset` (call at every env.reset).
+    ``actions`` (charles.drive.gym.action_adapter of the env's space; default [steering, throttle_brake])
+    turns the policy's controls into the env's action, the mirror of how a collector labels an expert's.
+    It keeps the history itself (what the env was given, read back through the same adapter, with speed
+    and purpose, as DriveSession does) and forgets it on :meth:`reset` (call at every env.reset).
     """
 
-    def __init__(self, policy: Callable, history_rows: int = 60):
+    def __init__(self, policy: Callable, history_rows: int = 60, actions: Actions | None = None):
         self.policy = policy
         self.history = History(max(1, history_rows))
+        self.actions = actions or PairActions()
 
     def reset(self) -> None:
         self.history.clear()
         if hasattr(self.policy, "reset"):
             self.policy.reset()
 
-    def __call__(self, obs: Any, info: dict) -> np.ndarray:
+    def __call__(self, obs: Any, info: dict) -> Any:
         image, speed, purpose = observation_parts(obs, info)
-        st, tb = self.policy(image, speed, purpose, self.history.copy())
-        self.history.push((st, tb), clean_speed(speed), clean_purpose(purpose))
-        return np.array([st, tb], np.float32)
+        action = self.actions.to_env(*self.policy(image, speed, purpose, self.history.copy()))
+        # what the car was given: a discrete env's nearest table entry, not the raw prediction
+        self.history.push(self.actions.from_env(action), clean_speed(speed), clean_purpose(purpose))
+        return action

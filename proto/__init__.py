@@ -8,6 +8,7 @@ from charles.proto.frames import Frame, FrameError
 from charles.proto.messages import (
     HISTORY_FIELDS,
     Action,
+    Camera,
     ConfigReply,
     ConfigRequest,
     Console,
@@ -24,6 +25,7 @@ __all__ = [
     "REASONS",
     "SCHEMA_VERSION",
     "Action",
+    "Camera",
     "ConfigReply",
     "ConfigRequest",
     "Console",

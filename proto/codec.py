@@ -26,6 +26,7 @@ from charles.proto.frames import Frame
 from charles.proto.messages import (
     HISTORY_FIELDS,
     Action,
+    Camera,
     ConfigReply,
     ConfigRequest,
     Console,
@@ -298,6 +299,15 @@ def _console_in(b: wire.ConsoleBody, blobs: Sequence) -> Console:
     return Console(b.service, b.state, images)
 
 
+def _camera_out(c: Camera, blobs: _Blobs) -> wire.CameraBody:
+    images = {k: _frame_out(f, blobs) for k, f in c.images.items()}
+    return wire.CameraBody(seq=c.seq, captured=c.captured, images=images)
+
+
+def _camera_in(b: wire.CameraBody, blobs: Sequence) -> Camera:
+    return Camera(b.seq, b.captured, {k: _frame_in(v, blobs) for k, v in b.images.items()})
+
+
 def _heartbeat_out(h: Heartbeat, blobs: _Blobs) -> wire.HeartbeatBody:
     return wire.HeartbeatBody(
         service=h.service, instance=h.instance, state=h.state, uptime=h.uptime, info=h.info
@@ -332,6 +342,7 @@ _CODECS: dict[str, tuple[type, Callable, Callable]] = {
     "game_frame": (GameFrame, _game_frame_out, _game_frame_in),
     "action": (Action, _action_out, _action_in),
     "console": (Console, _console_out, _console_in),
+    "camera": (Camera, _camera_out, _camera_in),
     "heartbeat": (Heartbeat, _heartbeat_out, _heartbeat_in),
     "config_request": (ConfigRequest, _config_request_out, _config_request_in),
     "config_reply": (ConfigReply, _config_reply_out, _config_reply_in),

@@ -135,6 +135,22 @@ class Console(Struct):
     """Named images (hood, cinematic, convcam, loss) as frames."""
 
 
+class Camera(Struct):
+    """Camera pictures at the player's frame rate, for the stream page's tiles (player -> viewer).
+
+    Apart from the console (which carries state and the Convcam a few times a second) so that pictures
+    can move at 30 Hz on a family of their own, rate-capped and never a last value: a camera frame is
+    stale 33 ms later, and a viewer that falls behind drops pictures, never consoles.
+    """
+
+    seq: int
+    """The sender's count of camera messages, from 0 (a gap: pictures dropped on the way)."""
+    captured: float
+    """Unix time the pictures were taken (the stream page measures its latency from it)."""
+    images: dict[str, Frame] = field(default_factory=dict)
+    """Named pictures of that moment (cinematic, hood), JPEG as a rule."""
+
+
 class Heartbeat(Struct):
     service: str
     """Service name (broker, collector, ...)."""

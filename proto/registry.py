@@ -9,7 +9,17 @@ from importlib import resources
 
 import yaml
 
-KINDS = ("sample", "sample_set", "weights", "config", "game_frame", "action", "console", "heartbeat")
+KINDS = (
+    "sample",
+    "sample_set",
+    "weights",
+    "config",
+    "game_frame",
+    "action",
+    "console",
+    "camera",
+    "heartbeat",
+)
 """Message kinds on the bus, plus the request/reply kinds of the broker's control port."""
 CONTROL_KINDS = ("config_request", "config_reply", "snapshot_request", "snapshot_end")
 

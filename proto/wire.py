@@ -181,6 +181,12 @@ class ConsoleBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     images: Annotated[dict[str, FrameRef], Meta(max_length=LIMITS.max_images)] | None = None
 
 
+class CameraBody(Struct, gc=False, kw_only=True):
+    seq: Count
+    captured: _num(0.0, about="Unix time the picture was taken, s")
+    images: Annotated[dict[Name, FrameRef], Meta(max_length=LIMITS.max_images)]
+
+
 class HeartbeatBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     service: Name
     instance: Name
@@ -197,6 +203,7 @@ BODIES: dict[str, type[Struct]] = {
     "game_frame": GameFrameBody,
     "action": ActionBody,
     "console": ConsoleBody,
+    "camera": CameraBody,
     "heartbeat": HeartbeatBody,
     "config_request": ConfigRequestBody,
     "config_reply": ConfigReplyBody,

@@ -12,7 +12,8 @@ Modules (import what you need; nothing is re-exported here so ``import charles.s
 - ``npc``      Npc autopilot: routing, lane keeping, speed planning, proximity sensors, noise injection.
 - ``session``  DriveSession: the 30 Hz loop shared by collector, player and eval (Unstuck + history).
 - ``evaluate`` evaluate() / evaluate_gym() and the builtin policies; ``python -m charles.sim.evaluate``.
-- ``gym_env``  DrivingEnv, ``Charles/Drive-v0`` after register().
+- ``gym_env``  DrivingEnv, ``Charles/Drive-v0`` (registered on import: ``gymnasium.make("charles.sim.gym_env:Charles/Drive-v0")``).
+- ``car_racing`` an expert for Gymnasium's Box2D ``CarRacing-v3`` (``charles.sim.car_racing:expert``).
 - ``agent``    ``python -m charles.sim.agent``: the sim as a remote game (GameFrames out, Actions in).
 
 Unstuck (charles.drive.unstuck) and the history ring (charles.drive.past) are charles.drive's: the capture

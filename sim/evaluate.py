@@ -24,7 +24,6 @@ Run: ``python -m charles.sim.evaluate --policy npc --minutes 20`` (prints one JS
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import json
 import math
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from charles.drive.gym import load_callable
 from charles.drive.unstuck import UnstuckConfig
 from charles.sim.config import NpcConfig, SimConfig
 from charles.sim.npc import Npc
@@ -108,19 +108,6 @@ class ConstantPolicy:
 
 
 BUILTIN = {"npc": NpcPolicy, "random": RandomPolicy, "constant": ConstantPolicy}
-
-
-def load_callable(spec: str) -> Callable:
-    """``"package.module:name"`` -> the object. Only for specs from our own config or command line."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"expected 'module:callable', got {spec!r}")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    return obj
 
 
 def make_policy(policy: str | Callable, seed: int = 0, npc: NpcConfig | None = None) -> Callable:

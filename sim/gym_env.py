@@ -1,4 +1,13 @@
-"""The sim as a Gymnasium environment: ``Charles/Drive-v0`` (call :func:`register` first).
+"""The sim as a Gymnasium environment: ``Charles/Drive-v0``, registered when this module is imported.
+
+In any process, with nothing imported first::
+
+    gymnasium.make("charles.sim.gym_env:Charles/Drive-v0")   # Gymnasium imports the module, then makes the env
+
+Gymnasium 1.x has no plugin discovery (the ``gymnasium.envs`` entry points of gym 0.2x were removed in
+1.0), so a bare ``gymnasium.make("Charles/Drive-v0")`` works only once this module is imported
+(``import charles.sim.gym_env``, or ``gymnasium.register_envs(charles.sim.gym_env)``); the module-qualified
+id above is Gymnasium's own way to name an env a package registers.
 
 Observation: the hood camera, small by default (96x54 RGB uint8) so RL baselines train on a CPU; with
 ``obs="dict"`` also speed (m/s) and purpose (angle rad, distance m). Action: Box [-1, 1]^2 =
@@ -33,7 +42,7 @@ ENV_ID = "Charles/Drive-v0"
 
 
 def register() -> None:
-    """Register ``Charles/Drive-v0`` with Gymnasium (idempotent)."""
+    """Register ``Charles/Drive-v0`` with Gymnasium (idempotent; importing this module already did)."""
     if ENV_ID not in gym.registry:
         gym.register(id=ENV_ID, entry_point="charles.sim.gym_env:DrivingEnv")
 
@@ -163,3 +172,6 @@ def npc_expert(env: gym.Env) -> Callable[[Any, dict], np.ndarray]:
         return np.array(label, np.float32)
 
     return act
+
+
+register()  # at import: what makes "charles.sim.gym_env:Charles/Drive-v0" work in a fresh process

@@ -124,3 +124,49 @@ def test_prometheus_view_matches_the_stats(balancer):
         value("charles_balancer_bin_emitted", group="steering", output="steering", bin="0")
         == st.groups["steering"].emitted["steering"][10]
     )
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def test_the_live_picture_blits_bars_over_axes_drawn_once_and_shows_what_figure_shows():
+    from charles.balancer.plot import LivePicture
+
+    b = Balancer(BalancerConfig(version=3, set_timeout_s=5.0))
+    stream = samples_from_labels(synthetic_labels(8000, seed=7))
+    live = LivePicture()
+    seen = []
+    for k, s in enumerate(stream, 1):
+        b.add(s, k / 30.0)
+        if k in (3000, 3250, 8000):
+            st = b.stats(k / 30.0)
+            seen.append((live.render(st), live.full_draws, _pixels(histogram_png(st))))
+    (first, draws_1, whole_1), (second, draws_2, whole_2), (third, draws_3, _) = seen
+    # the first picture draws the axes; with the same y axes it is figure()'s picture pixel for pixel
+    assert draws_1 == 1 and first.shape == whole_1.shape and first.dtype == np.uint8
+    assert np.array_equal(first, whole_1)
+    # 250 samples later the bars moved under the same axes: blitted, not drawn whole, and still exact
+    assert draws_2 == 1, "the axes did not need drawing again"
+    assert not np.array_equal(second, first), "new counts, new bars and titles"
+    assert np.array_equal(second, whole_2)
+    # later the tallest raw bars shrank to 0.55 of a 0.65 axis: still over half of it, the axes stay
+    assert draws_3 == 1 and third.shape == first.shape
+
+
+def test_the_live_picture_draws_its_axes_again_when_a_bar_outgrows_them():
+    from charles.balancer.plot import LivePicture
+
+    live = LivePicture()
+    even = {"throttle": {"bins": ["0", "(0,0.5)", "1"], "raw": [30, 30, 30], "emitted": [4, 4, 4]}}
+    live.render(even)
+    live.render({"throttle": {**even["throttle"], "raw": [31, 30, 29]}})
+    assert live.full_draws == 1
+    tall = {"throttle": {**even["throttle"], "raw": [90, 5, 5]}}
+    assert np.array_equal(live.render(tall), _pixels(histogram_png(tall)))
+    assert live.full_draws == 2, "a bar at 0.9 does not fit an axis that ends at 0.4"
+    other = {"steering": {"bins": ["(-1,0)", "0", "(0,1)"], "raw": [1, 2, 1], "emitted": [1, 1, 1]}}
+    assert np.array_equal(live.render(other), _pixels(histogram_png(other)))
+    assert live.full_draws == 3, "other panels, other axes"

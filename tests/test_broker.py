@@ -19,6 +19,7 @@ import zmq
 from charles.broker.broker import LastValues
 from charles.proto import (
     Action,
+    Camera,
     Console,
     Frame,
     GameFrame,
@@ -64,7 +65,7 @@ def _connected(pub, sub, topic: str, msg) -> None:
 def test_every_message_kind_crosses_the_broker(client_factory):
     pub = client_factory("sender").publisher()
     sub = client_factory("receiver").subscriber(
-        ["sample", "set", "weights", "game", "action", "console", "heartbeat"], late_join=False
+        ["sample", "set", "weights", "game", "action", "console", "camera", "heartbeat"], late_join=False
     )
     _connected(pub, sub, "heartbeat.x", Heartbeat("t", "x"))
     msgs = {
@@ -74,6 +75,7 @@ def test_every_message_kind_crosses_the_broker(client_factory):
         "game.pc": GameFrame("pc", 1, 0.0, Frame.encode(IMG, "raw"), 1.0),
         "action.pad": Action(1, 0.1, 0.2, 0.0),
         "console.player": Console("player", {"fps": 30}),
+        "camera.player": Camera(0, 1.7e9, {"cinematic": Frame.encode(IMG, "jpeg")}),
         "heartbeat.x": Heartbeat("t", "x"),
     }
     for topic, msg in msgs.items():

@@ -17,6 +17,7 @@ from charles.proto import (
     REASONS,
     SCHEMA_VERSION,
     Action,
+    Camera,
     ConfigReply,
     Console,
     Frame,
@@ -144,6 +145,11 @@ def test_every_other_kind_round_trips():
     c = Console("player", {"fps": 30.0, "model": "m"}, {"hood": Frame.encode(IMG, "jpeg")})
     got = roundtrip("console.player", c).msg
     assert got.state == {"fps": 30.0, "model": "m"} and got.images["hood"].decode().shape == IMG.shape
+
+    cam = Camera(7, 1.7e9, {"cinematic": Frame.encode(IMG, "jpeg"), "hood": Frame.encode(IMG, "png")})
+    got = roundtrip("camera.player-1", cam).msg
+    assert (got.seq, got.captured, sorted(got.images)) == (7, 1.7e9, ["cinematic", "hood"])
+    assert got.images["hood"].decode().shape == IMG.shape
 
     got = roundtrip("heartbeat.b1", Heartbeat("broker", "b1", "ok", 3.0, {"n": 1})).msg
     assert (got.service, got.instance, got.state, got.uptime, got.info) == (
@@ -329,6 +335,7 @@ def _decode_is_contained(frames) -> None:
         "weights",
         "action",
         "console",
+        "camera",
         "config",
         "game_frame",
         "heartbeat",

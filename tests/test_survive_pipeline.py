@@ -76,6 +76,7 @@ CONFIG = {
     "player": {
         "threads": 1,
         "console_hz": 1,
+        "camera_hz": 0,  # nobody watches: the console's pictures are enough here
         "console_width": 128,
         "terminal": False,
         "swap": "immediate",

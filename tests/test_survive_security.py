@@ -131,6 +131,7 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
                 "player.swap=immediate",
                 "player.threads=1",
                 "player.console_hz=0",
+                "player.camera_hz=0",
                 "player.terminal=false",
             ),
             service_env(

@@ -66,12 +66,22 @@ def test_the_report_keeps_metrics_losses_and_derived_counters_current():
     assert (value("charles_trainer_batch"), value("charles_trainer_loss", output="steering")) == (7, 0.2)
     assert value("charles_trainer_loss", output="total") == 0.5
 
-    def stats(reused: int, evicted: int) -> dict:
-        return {"steering": {"fill": 0.5, "reused": reused, "evicted": evicted}}
+    def stats(reused: int, evicted: int, inserted: int = 0, drawn: int = 0) -> dict:
+        return {
+            "steering": {
+                "fill": 0.5,
+                "reused": reused,
+                "evicted": evicted,
+                "inserted": inserted,
+                "drawn": drawn,
+            }
+        }
 
-    report.look(0.0, 7, 8, 0.0, trained=True, buffers=stats(3, 1), storage_dropped=2)
-    report.look(2.0, 9, 16, 1.0, trained=True, buffers=stats(5, 1), storage_dropped=None)
+    report.look(0.0, 7, 8, 0.0, trained=True, buffers=stats(3, 1, 40, 8), storage_dropped=2)
+    report.look(2.0, 9, 16, 1.0, trained=True, buffers=stats(5, 1, 64, 16), storage_dropped=None)
     assert value("charles_trainer_samples_reused_total", output="steering") == 5
+    assert value("charles_trainer_samples_inserted_total", output="steering") == 64
+    assert value("charles_trainer_samples_drawn_total", output="steering") == 16
     assert value("charles_drops_total", cause="buffer_evicted") == 1
     assert value("charles_drops_total", cause="storage_queue") == 2
     assert value("charles_trainer_buffer_fill_ratio", output="steering") == 0.5

@@ -1,8 +1,10 @@
-"""The viewer: the board's bounds, its HTTP routes fed through a real broker, its process, and the page in
-a real browser (Debian's chromium, headless; skipped only when it is not installed, and never in CI)."""
+"""The viewer: the board's bounds, its HTTP routes fed through a real broker, the pushed camera stream, its
+process, and the page in a real browser (Debian's chromium, headless; skipped only when it is not
+installed, and never in CI), painting pushed pictures at frame rate."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -18,9 +20,10 @@ import cv2
 import numpy as np
 import pytest
 
-from charles.proto import Console, Frame
+from charles.proto import Camera, Console, Frame
 from charles.viewer.app import serve
-from charles.viewer.board import Board, jsonable
+from charles.viewer.board import Board, Picture, jsonable
+from charles.viewer.stream import Fanout
 from charles.viewer.web import Viewer
 
 from conftest import require_tool
@@ -433,3 +436,159 @@ def test_page_tolerates_missing_and_odd_state(chromium, client_factory, viewer, 
     for tile in ("player", "trainer"):
         classes = re.search(rf'<section class="([^"]*)" id="tile-{tile}"', dom)
         assert classes and "live" in classes.group(1).split(), f"tile {tile} did not show the console it has"
+
+
+# ---------------------------------------------------------------------------------------------- stream
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "viewer.py")
+
+
+def test_a_page_too_slow_for_its_stream_loses_the_oldest_pictures_and_they_are_counted():
+    drops = []
+    fan = Fanout(max_feeds=2, depth=2, on_drop=lambda: drops.append(1))
+    fast, slow = fan.open("player-1", "cinematic"), fan.open("player-1", "cinematic")
+    assert fan.open("player-1", "hood") is None  # max_feeds pages stream at once, no more
+    pics = [Picture(CINEMATIC, seq) for seq in range(5)]
+    for pic in pics:
+        fan.publish("player-1", {"cinematic": pic, "hood": Picture(HOOD, pic.seq)})
+        assert fast.get(0.1) is pic  # a page that keeps up gets every picture, in order
+    assert [slow.get(0.1).seq, slow.get(0.1).seq] == [3, 4] and slow.get(0.01) is None
+    assert slow.dropped == 3 and len(drops) == 3 and fast.dropped == 0
+    fan.publish("player-2", {"cinematic": pics[0]})  # nobody watches player-2
+    fan.close(slow)
+    assert len(fan) == 1 and fan.open("player-1", "hood") is not None
+
+
+def _stream_parts(
+    port: int, path: str, n: int, timeout: float = 10.0
+) -> tuple[dict, list[tuple[dict, bytes]]]:
+    """The response headers and the first ``n`` parts of a multipart stream (each part's headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        headers = dict(r.headers)
+        parts = []
+        while r.status == 200 and len(parts) < n:
+            assert r.readline() == b"--frame\r\n"
+            ph = {}
+            while (line := r.readline()) != b"\r\n":
+                k, _, v = line.decode().partition(":")
+                ph[k.strip()] = v.strip()
+            parts.append((ph, r.read(int(ph["Content-Length"]))))
+            assert r.read(2) == b"\r\n"
+        return {"status": r.status, **headers}, parts
+    finally:
+        conn.close()
+
+
+def test_camera_pictures_are_pushed_to_every_streaming_page(client_factory, viewer):
+    port = viewer.port
+    assert _get(port, "/stream/player/cinematic.mjpg")[0] == 404  # nobody plays yet
+    cam = client_factory("player").publisher("camera")
+    pic = Frame.encode(_picture((10, 90, 250), 180, 320), "jpeg")
+    reg = viewer.svc.metrics.registry
+    unknown = {"cause": "camera_not_kept"}
+    wait_for(  # pictures of an instance the board has no console of are dropped, and counted
+        lambda: (
+            cam.send("camera.player-1", Camera(0, time.time(), {"cinematic": pic}))
+            and counter_value(reg, "charles_drops_total", unknown) > 0
+        ),
+        5,
+        "a camera picture of an unknown instance was not counted",
+    )
+    assert _get(port, "/stream/player-1/cinematic")[0] == 404
+    _publish_until_shown(client_factory, viewer, {"player-1": player_console()})
+    sent = []
+
+    def publish() -> None:
+        for _ in range(100):
+            taken = time.time()
+            cam.send("camera.player-1", Camera(len(sent), taken, {"cinematic": pic, "hood": HOOD}))
+            sent.append(taken)
+            time.sleep(1 / 30)
+
+    pages = []
+    threads = [
+        threading.Thread(
+            target=lambda: pages.append(_stream_parts(port, "/stream/player/cinematic.mjpg", 12))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    for t in threads:
+        t.join(15)
+    publisher.join(10)
+    assert len(pages) == 3
+    for headers, parts in pages:
+        assert (
+            headers["status"] == 200
+            and headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+        )
+        assert len(parts) == 12
+        # the newest picture at once (a page never starts blank: the console's, unless a camera picture
+        # came before the page did), then the camera's as they come
+        assert parts[0][1] in (bytes(CINEMATIC.data), bytes(pic.data))
+        camera_parts = [(h, body) for h, body in parts[1:] if body == bytes(pic.data)]
+        assert len(camera_parts) >= 10 and all(h["Content-Type"] == "image/jpeg" for h, _ in camera_parts)
+        seqs = [int(h["X-Seq"]) for h, _ in parts]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # when the player took each picture, to the microsecond
+        assert all(min(abs(float(h["X-Captured"]) - t) for t in sent) < 2e-6 for h, _ in camera_parts)
+    # the pushed pictures are the board's too: /img and /api/state show the camera's, not the console's
+    assert _get(port, "/img/player/cinematic.jpg")[1] == bytes(pic.data)
+    assert _state(port)["instances"]["player-1"]["images"]["cinematic"]["shape"] == [180, 320, 3]
+    assert counter_value(reg, "charles_viewer_camera_pictures_total") >= 30
+    assert counter_value(reg, "charles_viewer_stream_pictures_total") >= 36
+    wait_for(lambda: len(viewer.fanout) == 0, 5, "streams of pages that left stayed open")
+    viewer.fanout.max_feeds = 0
+    assert _get(port, "/stream/player/cinematic.mjpg")[0] == 503
+
+
+def test_pages_report_their_paints_and_bad_reports_are_counted(client_factory, viewer):
+    port = viewer.port
+
+    def post(body: bytes) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/paints", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=3) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    now = time.time()
+    good = {"client": "page-1", "paints": [["cinematic", 7, now - 0.05, now], ["hood", 8, now - 0.04, now]]}
+    assert post(json.dumps(good).encode()) == 204
+    got = json.loads(_get(port, "/api/paints?client=page-1")[1])["paints"]
+    assert got == good["paints"]
+    for bad in (
+        b"not json",
+        b'{"client": 1, "paints": []}',
+        b'{"client": "x", "paints": [["c", "NaN", 1, 2]]}',
+    ):
+        assert post(bad) == 400
+    assert post(b"x" * 70000) == 413
+    reg = viewer.svc.metrics.registry
+    assert counter_value(reg, "charles_rejects_total", {"reason": "bad_paints"}) == 3
+    assert counter_value(reg, "charles_viewer_painted_total", {"name": "cinematic"}) == 1
+    assert counter_value(reg, "charles_viewer_paint_latency_seconds_count") == 2
+
+
+@pytest.mark.slow
+def test_a_browser_paints_pushed_camera_pictures_at_frame_rate(chromium):
+    """The bench's replay source (broker, viewer, real camera messages at 30 Hz) and headless Chromium: a
+    lenient floor (15 of 30 pictures a second painted, on a loaded 2-core box) that a page falling back to
+    polling, or a stream that buffers, would not reach."""
+    out = subprocess.run(
+        [sys.executable, BENCH, "--source", "replay", "--seconds", "6"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["paint_fps"] >= 15, figures
+    assert figures["latency_p95_ms"] <= 1000, figures  # the goal is 200; this catches a stream that queues

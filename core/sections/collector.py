@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from charles.config import ConfigError, knob
+from charles.drive.gym import ACTION_LAYOUTS, TableActions
 
 CODECS = ("jpeg", "png", "raw")
 
@@ -30,6 +31,20 @@ class CollectorConfig:
         "gym source: module:callable factory, called with the env, returning act(obs, info) -> action",
     )
     gym_kwargs: dict = knob({}, "gym source: keyword arguments for gymnasium.make (e.g. {max_steps: 600})")
+    gym_action: str = knob(
+        "auto",
+        "gym source and charles eval --env: how the env's action holds (steering, throttle_brake): pair "
+        "([steering, throttle_brake]), gas_brake ([steer, gas, brake], the pedal split in two), table (a "
+        "discrete action set, gym_action_table), module:callable (a factory called with the action space), "
+        "or auto (pair for 2 components, gas_brake for 3 whose last two are >= 0, table for a discrete "
+        "space with a table; anything else is refused)",
+    )
+    gym_action_table: list = knob(
+        [],
+        "gym_action table: [steering, throttle_brake] for each discrete action index, in order (e.g. "
+        "CarRacing-v3 with continuous=false: [[0, 0], [0.6, 0], [-0.6, 0], [0, 0.2], [0, -0.8]]); a model "
+        "drives with the nearest entry",
+    )
     codec: Literal["jpeg", "png", "raw"] = knob(
         "jpeg", "Frame codec on the wire: jpeg (small), png or raw (lossless)"
     )
@@ -92,6 +107,15 @@ class CollectorConfig:
     console_s: float = knob(1.0, "Seconds between console.<id> updates for the viewer", min=0.1)
 
     def __post_init__(self) -> None:
+        if self.gym_action not in ACTION_LAYOUTS and ":" not in self.gym_action:
+            raise ConfigError(
+                f"collector.gym_action: {self.gym_action!r} is not {', '.join(ACTION_LAYOUTS)} or module:callable"
+            )
+        if self.gym_action_table:
+            try:
+                TableActions(self.gym_action_table)
+            except ValueError as e:
+                raise ConfigError(f"collector.gym_action_table: {e}") from None
         kind, _, arg = self.source.partition(":")
         if kind == "sim" and not arg:
             return

@@ -80,6 +80,20 @@ class PlayerConfig:
         640, "sim: width of the cinematic image in the console (16:9, JPEG)", min=64, max=1920
     )
     jpeg_quality: int = knob(80, "JPEG quality of the console images", min=10, max=100)
+    camera_hz: float = knob(
+        30.0,
+        "Camera pictures (cinematic, hood) per second on camera.<id> for the stream page; 0: none (the "
+        "console carries them instead, at console_hz)",
+        min=0.0,
+        max=60.0,
+    )
+    camera_width: int = knob(
+        640, "Width of the camera pictures (wider ones are shrunk; the sim renders the cinematic this wide)",
+        min=64, max=1920,
+    )  # fmt: skip
+    camera_quality: int = knob(
+        70, "JPEG quality of the camera pictures (with camera_width: the stream's bandwidth)", min=10, max=100
+    )
     terminal: bool = knob(True, "Draw a live view on stdout when stdout is a terminal")
 
     dagger: bool = knob(

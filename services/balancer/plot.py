@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 import urllib.error
 import urllib.request
@@ -100,13 +101,33 @@ def histograms(source: Plottable) -> tuple[list[OutputHistogram], str]:
     return list(source), "Balancing"
 
 
-def _bars(ax: Axes, labels: list[str], counts: np.ndarray, colour: str, title: str) -> None:
-    x = np.arange(len(labels))
+YLIM_STEP = 0.05
+"""Each panel's y axis ends on a multiple of this share: a live picture's axes (the costly part to draw)
+stay put while its bars move, and only a bar outgrowing its axis redraws them (:class:`LivePicture`)."""
+
+
+def _top(counts: np.ndarray, n_labels: int) -> float:
+    """Where a panel's y axis ends: above its tallest share and the even line, on a :data:`YLIM_STEP`."""
     total = int(counts.sum())
-    share = counts / total if total else counts.astype(float)
+    tallest = float(counts.max()) / total if total and len(counts) else 0.0
+    top = max(tallest, 1.0 / max(n_labels, 1)) * 1.12
+    return min(1.0 + YLIM_STEP, math.ceil(top / YLIM_STEP - 1e-9) * YLIM_STEP)
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    total = int(counts.sum())
+    return counts / total if total else counts.astype(float)
+
+
+def _panel_title(title: str, counts: np.ndarray) -> str:
+    return f"{title} (n={int(counts.sum()):,})"
+
+
+def _bars(ax: Axes, labels: list[str], counts: np.ndarray, colour: str, title: str, top: float) -> None:
+    x = np.arange(len(labels))
     # exact-value bins (no parenthesis) are hatched: "exactly 0" and "exactly full" are what a raw
     # stream is made of, and the reader should see them apart from the ranges around them
-    bars = ax.bar(x, share, color=colour, width=0.85)
+    bars = ax.bar(x, _shares(counts), color=colour, width=0.85)
     for bar, label in zip(bars, labels, strict=True):
         if not label.startswith("("):
             bar.set_hatch("///")
@@ -116,36 +137,126 @@ def _bars(ax: Axes, labels: list[str], counts: np.ndarray, colour: str, title: s
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=90, fontsize=6)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(f"{title} (n={total:,})", fontsize=8)
-    top = max(float(share.max()) if len(share) else 0.0, 1.0 / max(len(labels), 1))
-    ax.set_ylim(0.0, top * 1.12)
+    ax.set_title(_panel_title(title, counts), fontsize=8)
+    ax.set_ylim(0.0, top)
+
+
+@dataclass
+class _Panel:
+    """One panel of the picture: where it sits and what it shows."""
+
+    row: int
+    col: int
+    labels: list[str]
+    counts: np.ndarray
+    colour: str
+    title: str
+
+
+def _layout(source: Plottable) -> tuple[list[_Panel], int, int, str]:
+    """The picture's panels, its grid (rows, columns) and its title."""
+    rows, title = histograms(source)
+    ncols = 3 if any(r.cross is not None for r in rows) else 2
+    panels = []
+    for r, row in enumerate(rows):
+        group = row.balanced_by or row.name
+        panels.append(_Panel(r, 0, row.bin_labels, row.raw, RAW_COLOUR, f"{row.name}: raw stream"))
+        panels.append(
+            _Panel(r, 1, row.bin_labels, row.emitted, EMITTED_COLOUR, f"{row.name}: emitted in {group} sets")
+        )
+        if row.cross is not None:
+            panels.append(
+                _Panel(
+                    r, 2, row.bin_labels, row.cross, CROSS_COLOUR, f"{row.name}: in the other outputs' sets"
+                )
+            )
+    return panels, max(len(rows), 1), ncols, title + "  (hatched: exact-value bins; dashed: even)"
+
+
+def _draw(
+    panels: list[_Panel], nrows: int, ncols: int, title: str, tops: list[float] | None = None
+) -> tuple[Figure, list[Axes]]:
+    """A figure of these panels on an Agg canvas, each y axis ending at ``tops`` (default: :func:`_top`
+    of its counts); returns it and each panel's axes, in panel order."""
+    if tops is None:
+        tops = [_top(p.counts, len(p.labels)) for p in panels]
+    fig = Figure(figsize=(4.2 * ncols, 2.6 * nrows + 0.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for p, top in zip(panels, tops, strict=True):
+        _bars(axes[p.row][p.col], p.labels, p.counts, p.colour, p.title, top)
+    for r in range(nrows):
+        axes[r][0].set_ylabel("share of samples", fontsize=7)
+        for c in range(ncols):
+            if not any(p.row == r and p.col == c for p in panels):
+                axes[r][c].set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    return fig, [axes[p.row][p.col] for p in panels]
 
 
 def figure(source: Plottable) -> Figure:
     """The picture: one row per output; raw stream, emitted, and (v3/v4) the output inside other sets."""
-    rows, title = histograms(source)
-    ncols = 3 if any(r.cross is not None for r in rows) else 2
-    fig = Figure(figsize=(4.2 * ncols, 2.6 * max(len(rows), 1) + 0.6), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(max(len(rows), 1), ncols, squeeze=False)
-    for r, row in enumerate(rows):
-        _bars(axes[r][0], row.bin_labels, row.raw, RAW_COLOUR, f"{row.name}: raw stream")
-        group = row.balanced_by or row.name
-        _bars(axes[r][1], row.bin_labels, row.emitted, EMITTED_COLOUR, f"{row.name}: emitted in {group} sets")
-        axes[r][0].set_ylabel("share of samples", fontsize=7)
-        if ncols == 3:
-            if row.cross is not None:
-                _bars(
-                    axes[r][2],
-                    row.bin_labels,
-                    row.cross,
-                    CROSS_COLOUR,
-                    f"{row.name}: in the other outputs' sets",
-                )
-            else:
-                axes[r][2].set_axis_off()
-    fig.suptitle(title + "  (hatched: exact-value bins; dashed: even)", fontsize=9)
-    return fig
+    return _draw(*_layout(source))[0]
+
+
+class LivePicture:
+    """The picture of a running balancer, redrawn every few seconds at a fraction of :func:`figure`'s cost.
+
+    Drawing the whole figure costs matplotlib 1-2.5 s of CPU (laying out and rendering some 200 tick
+    labels), every ``balancer.picture_s``: on a 2-core box that is CPU taken from learning. Between
+    pictures only the bars and the titles' counts change, so this keeps one figure, its axes rendered
+    once into a background, and per picture restores the background and draws the bars, the even lines
+    and the titles over it (blitting). The axes are drawn again only when the panels change, a bar
+    outgrows its axis or the tallest bar fills less than half of it; in between a y axis may end higher
+    than :func:`figure` would end it, otherwise the pixels are :func:`figure`'s.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._tops: list[float] = []
+        self._fig: Figure | None = None
+        self._axes: list[Axes] = []
+        self._background = None
+        self.full_draws = 0
+        """How many times the axes were drawn from scratch (the rest were blits)."""
+
+    def render(self, source: Plottable) -> np.ndarray:
+        """The picture of ``source`` as an RGB uint8 array (H x W x 3)."""
+        panels, nrows, ncols, title = _layout(source)
+        key = (nrows, ncols, tuple((p.row, p.col, p.colour, tuple(p.labels)) for p in panels))
+        need = [_top(p.counts, len(p.labels)) for p in panels]
+        # an axis is kept while its bars fit and the tallest still fills over half of it
+        if key != self._key or any(n > t or n < t / 2 for n, t in zip(need, self._tops, strict=True)):
+            self._redraw(panels, nrows, ncols, title, need)
+            self._key, self._tops = key, need
+        fig = self._fig
+        canvas = fig.canvas
+        canvas.restore_region(self._background)
+        for ax, p in zip(self._axes, panels, strict=True):
+            for bar, h in zip(ax.patches, _shares(p.counts), strict=True):
+                bar.set_height(h)
+                ax.draw_artist(bar)
+            for artist in (*ax.lines, *ax.spines.values()):  # over the bars, as figure() draws them
+                ax.draw_artist(artist)
+            ax.title.set_text(_panel_title(p.title, p.counts))
+            ax.draw_artist(ax.title)
+        fig._suptitle.set_text(title)
+        fig.draw_artist(fig._suptitle)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+    def _redraw(self, panels: list[_Panel], nrows: int, ncols: int, title: str, tops: list[float]) -> None:
+        """A new figure, laid out and rendered once without what :meth:`render` draws over it."""
+        fig, axes = _draw(panels, nrows, ncols, title, tops)
+        moving = [fig._suptitle]
+        for ax in axes:
+            moving += [*ax.patches, *ax.lines, *ax.spines.values(), ax.title]
+        for artist in moving:
+            artist.set_animated(True)  # left out of canvas.draw(): the background is the axes alone
+        fig.canvas.draw()  # constrained layout runs here, once per figure
+        fig.set_layout_engine("none")  # the positions it found stay as they are
+        self._background = fig.canvas.copy_from_bbox(fig.bbox)
+        self._fig, self._axes = fig, axes
+        self.full_draws += 1
 
 
 def plot_histograms(stats_or_counts: Plottable, path: str | Path) -> Path:

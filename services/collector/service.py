@@ -58,7 +58,7 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
             arg, sub, svc.reject, cfg.unstuck, drop=lambda cause, n: drops.labels(cause=cause).inc(n)
         )
     if kind == "gym":
-        return sources.GymSource(arg, c.expert, seed, c.gym_kwargs)
+        return sources.GymSource(arg, c.expert, seed, c.gym_kwargs, c.gym_action, c.gym_action_table)
     return sources.SimSource(
         seed,
         shape.width,

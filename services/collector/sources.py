@@ -11,8 +11,10 @@ the collector's :class:`~charles.drive.samples.SampleBuilder` turns into samples
   Unstuck: the agent's own (it moves the car) marks its recovery frames ``recovering``; a sender that
   does not say gets the same Unstuck run here on its telemetry (position, else speed). Either way a
   recovery's frames are not driving and each recovery counts one unstuck.
-- :class:`GymSource` steps any Gymnasium env with image observations and a continuous action space,
-  driven by an expert (``module:callable`` factory, called with the env, returning ``act(obs, info)``).
+- :class:`GymSource` steps any Gymnasium env with image observations, driven by an expert
+  (``module:callable`` factory, called with the env, returning ``act(obs, info)``); the env's action
+  layout (charles.drive.gym.action_adapter: [steering, throttle_brake], [steer, gas, brake], a discrete
+  table, or a factory) turns the expert's actions into labels.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from charles.drive.gym import action_pair, observation_parts
+from charles.drive.gym import action_adapter, load_callable, observation_parts
 from charles.drive.samples import TICK_HZ, Capture
 from charles.drive.unstuck import Phase, Unstuck, UnstuckConfig
 from charles.proto import GameFrame
@@ -281,18 +283,27 @@ class GymSource:
 
     paced = False
 
-    def __init__(self, env_id: str, expert: str, seed: int = 0, env_kwargs: dict | None = None):
+    def __init__(
+        self,
+        env_id: str,
+        expert: str,
+        seed: int = 0,
+        env_kwargs: dict | None = None,
+        action: str = "auto",
+        action_table: list | None = None,
+    ):
         import gymnasium as gym
 
         from charles.sim import gym_env
-        from charles.sim.evaluate import load_callable
 
         gym_env.register()
         self.name = f"gym:{env_id}"
         self.env = gym.make(env_id, **(env_kwargs or {}))
-        space = self.env.action_space
-        if not hasattr(space, "low") or not np.issubdtype(space.dtype, np.floating):
-            raise ValueError(f"{env_id}: the collector needs a continuous (Box) action space, got {space}")
+        try:
+            self.actions = action_adapter(self.env.action_space, action, action_table or ())
+        except ValueError as e:
+            self.env.close()
+            raise ValueError(f"{env_id}: {e}") from None
         self.act = load_callable(expert)(self.env)
         self.seed = seed
         self.episodes = 0
@@ -315,7 +326,7 @@ class GymSource:
         obs, info = self._obs, self._info
         image, speed, purpose = observation_parts(obs, info)
         action = self.act(obs, info)
-        pair = action_pair(action)
+        pair = self.actions.from_env(action)
         self._obs, reward, terminated, truncated, self._info = self.env.step(action)
         self.episode_return += float(reward)
         odo = float(self._info.get("distance_m", self._odometer))

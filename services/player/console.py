@@ -1,4 +1,5 @@
-"""What people see of the player: the Player Console for the viewer, and a live view on a terminal.
+"""What people see of the player: the Player Console and the camera stream for the viewer, and a live
+view on a terminal.
 
 The drive loop only hands over references (the hood frame, the cinematic frame it rendered, the predictor
 whose Convcam tap holds the newest activations, a state dict); the painter thread draws the Convcam,
@@ -12,50 +13,48 @@ import math
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from charles.model.predictor import Predictor
-from charles.proto import Console, Frame
+from charles.proto import Camera, Console, Frame
 from charles.runtime import Publisher, Service
+
+if TYPE_CHECKING:  # torch and timm: seconds of import that a tool sending pictures does not need
+    from charles.model.predictor import Predictor
 
 BAR = 10
 """Half-width of the terminal's bars in characters."""
 
 
-class ConsolePainter:
-    """``# <= console_hz -> console.<instance>``: Convcam, JPEGs and the publish, off the drive loop."""
+class NewestOnly:
+    """A thread that works on the newest job the drive loop handed over, never on a queue of them.
 
-    def __init__(
-        self,
-        svc: Service,
-        quality: int = 80,
-        max_width: int = 640,
-        pub: Publisher | None = None,
-        terminal: bool = False,
-    ):
+    The loop hands over references and goes on; a job not yet taken when the next comes is replaced
+    (counted in ``overtaken`` where given), so slow work costs pictures, never frames of the drive.
+    """
+
+    def __init__(self, svc: Service, name: str, what: str, overtaken: Any = None):
         self.svc = svc
-        self.quality = quality
-        self.max_width = max_width
-        """Wider pictures (a remote game's full-HD capture) are shrunk to this width before the JPEG."""
-        self.pub = pub or svc.publisher("console")
-        self.terminal = terminal and sys.stdout.isatty()
-        self.published = 0
-        self.last_state: dict[str, Any] = {}
+        self._what = what
+        self._overtaken = overtaken
         self._lock = threading.Lock()
-        self._job: tuple[dict, dict[str, np.ndarray], Predictor | None] | None = None
+        self._job: tuple | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._last_terminal = 0.0
-        self._thread = threading.Thread(target=self._run, name="console", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> None:
+    def _hand(self, job: tuple) -> None:
         with self._lock:
-            self._job = (state, images, predictor)
+            if self._job is not None and self._overtaken is not None:
+                self._overtaken.inc()
+            self._job = job
         self._wake.set()
+
+    def work(self, *job: Any) -> Any:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -66,13 +65,46 @@ class ConsolePainter:
             if job is None or self._stop.is_set():
                 continue
             try:
-                self.paint(*job)
+                self.work(*job)
             except Exception:  # a picture is never worth the drive
-                self.svc.log.exception("could not draw the Player Console")
+                self.svc.log.exception(f"could not {self._what}")
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+
+class ConsolePainter(NewestOnly):
+    """``# <= console_hz -> console.<instance>``: Convcam, JPEGs and the publish, off the drive loop."""
+
+    def __init__(
+        self,
+        svc: Service,
+        quality: int = 80,
+        max_width: int = 640,
+        pub: Publisher | None = None,
+        terminal: bool = False,
+    ):
+        self.quality = quality
+        self.max_width = max_width
+        """Wider pictures (a remote game's full-HD capture) are shrunk to this width before the JPEG."""
+        self.pub = pub or svc.publisher("console")
+        self.terminal = terminal and sys.stdout.isatty()
+        self.published = 0
+        self.last_state: dict[str, Any] = {}
+        self._last_terminal = 0.0
+        super().__init__(svc, "console", "draw the Player Console")
+
+    def submit(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> None:
+        self._hand((state, images, predictor))
+
+    def work(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> Console:
+        return self.paint(state, images, predictor)
 
     def paint(self, state: dict, images: dict[str, np.ndarray], predictor: Predictor | None) -> Console:
         frames = {
-            name: Frame.encode(self._fit(img), "jpeg", self.quality)
+            name: Frame.encode(fit_width(img, self.max_width), "jpeg", self.quality)
             for name, img in images.items()
             if img is not None
         }
@@ -91,18 +123,48 @@ class ConsolePainter:
             sys.stdout.flush()
         return console
 
-    def _fit(self, img: np.ndarray) -> np.ndarray:
-        h, w = img.shape[:2]
-        if w <= self.max_width:
-            return img
-        return cv2.resize(
-            img, (self.max_width, max(1, round(h * self.max_width / w))), interpolation=cv2.INTER_AREA
+
+def fit_width(img: np.ndarray, max_width: int) -> np.ndarray:
+    """Shrunk to ``max_width`` (aspect kept) when wider; as it is otherwise."""
+    h, w = img.shape[:2]
+    if w <= max_width:
+        return img
+    return cv2.resize(img, (max_width, max(1, round(h * max_width / w))), interpolation=cv2.INTER_AREA)
+
+
+class CameraStream(NewestOnly):
+    """``# <= camera_hz -> camera.<instance>``: the cinematic and hood pictures as JPEGs, off the drive loop.
+
+    Newest job only; an overtaken one is ``charles_drops_total{cause="camera_busy"}``. How many people
+    watch does not matter here: the viewer fans the one stream out.
+    """
+
+    def __init__(self, svc: Service, quality: int = 70, max_width: int = 640, pub: Publisher | None = None):
+        self.quality = quality
+        self.max_width = max_width
+        self.pub = pub or svc.publisher("camera")
+        self.published = 0
+        super().__init__(
+            svc, "camera", "send the camera pictures", svc.metrics.drops.labels(cause="camera_busy")
         )
 
-    def close(self, timeout_s: float = 1.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout_s)
+    def submit(self, images: dict[str, np.ndarray | None], captured: float) -> None:
+        """``captured``: Unix time the pictures were taken (the stream page's latency starts there)."""
+        self._hand(({k: v for k, v in images.items() if v is not None}, captured))
+
+    def work(self, images: dict[str, np.ndarray], captured: float) -> Camera | None:
+        return self.send(images, captured)
+
+    def send(self, images: dict[str, np.ndarray], captured: float) -> Camera | None:
+        if not images:
+            return None
+        frames = {
+            k: Frame.encode(fit_width(v, self.max_width), "jpeg", self.quality) for k, v in images.items()
+        }
+        camera = Camera(self.published, captured, frames)
+        if self.pub.send(f"camera.{self.svc.instance}", camera):
+            self.published += 1
+        return camera
 
 
 # ---------------------------------------------------------------------------------------------- terminal

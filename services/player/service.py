@@ -3,7 +3,8 @@
 The loop (:meth:`PlayerService.step`, one frame each) is::
 
     # sim: 30 Hz paced (or as fast as it goes) <- the sim's hood camera; remote: 30 Hz <- game.<source>
-    #   -> action.<target> (remote), sample.<id> (dagger), console.<id> (<= console_hz)
+    #   -> action.<target> (remote), sample.<id> (dagger), console.<id> (<= console_hz),
+    #      camera.<id> (<= camera_hz)
     view = source.next()              # the picture, speed, purpose, history rows, Unstuck phase
     swapper.maybe_swap(view.driving)  # ready weights take over between frames, by policy
     decider.decide(view, predictor)   # decide.py's table: the brake (Unstuck, no weights yet), the NPC
@@ -13,8 +14,10 @@ The loop (:meth:`PlayerService.step`, one frame each) is::
     source.act(...)                   # and, with dagger, the frame as a sample labelled by the NPC
 
 Threads: the loop owns the source, the predictors it drives and the sample publisher; the weights feed
-(swap.py) owns the weights socket and loads into the spare predictor; the console painter (console.py)
-owns the console socket; the heartbeat thread reads ``svc.info`` (a new dict each refresh).
+(swap.py) owns the weights socket and loads into the spare predictor; the console painter and the camera
+stream (console.py) own the console and camera sockets (the loop renders the chase camera, ~1 ms, once
+per picture they need, after the action is out); the heartbeat thread reads ``svc.info`` (a new dict
+each refresh).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from charles.drive.samples import Encoder, Pending
 from charles.drive.shape import InputShape
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
-from charles.player.console import ConsolePainter
+from charles.player.console import CameraStream, ConsolePainter
 from charles.player.decide import Decider
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.player.sources import RemoteSource, SimSource, View
@@ -170,6 +173,9 @@ class PlayerService:
             if config.console_hz > 0
             else None
         )
+        self.cameras = (
+            CameraStream(svc, config.camera_quality, config.camera_width) if config.camera_hz > 0 else None
+        )
         self.sample_pub = sample_pub or (svc.publisher("sample") if config.dagger else None)
         self.decider = Decider(
             self.policy,
@@ -196,6 +202,7 @@ class PlayerService:
         self._marks = (time.monotonic(), 0, 0)
         self._next_refresh = 0.0
         self._next_console = 0.0
+        self._next_camera = 0.0
         self._status = "waiting for weights"
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -207,7 +214,8 @@ class PlayerService:
         self.svc.status = "waiting"  # healthy, but no weights yet
         try:
             # 30 Hz (sim: paced, or as fast as it goes) <- sim hood camera | game.<source>
-            #   -> action.<target> (remote), sample.<id> (dagger), console.<id> (console_hz)
+            #   -> action.<target> (remote), sample.<id> (dagger), console.<id> (console_hz),
+            #      camera.<id> (camera_hz)
             while self.svc.running:
                 self.step()
         finally:
@@ -255,15 +263,36 @@ class PlayerService:
             )
         )
         self._count()
-        if self.painter is not None and now >= self._next_console:
-            self._next_console = now + 1.0 / self.config.console_hz
-            self.painter.submit(
-                self.state(), {"cinematic": self.source.cinematic(), "hood": view.frame}, predictor
-            )
+        self._pictures(view, now, predictor)
         if now >= self._next_refresh:
             self.refresh(now)
         self._loop_time.observe(time.perf_counter() - t0)
         return view
+
+    def _pictures(self, view: View, now: float, predictor: Predictor | None) -> None:
+        """The camera stream (camera_hz) and the console (console_hz): the chase camera rendered once for both.
+
+        With the stream on, the console leaves the cameras to it and carries state and the Convcam only.
+        """
+        camera = False
+        if self.cameras is not None:
+            period = 1.0 / self.config.camera_hz
+            # a quarter period of slack: a 30 Hz source's frames, a hair early, still make a 30 Hz stream
+            camera = now + period / 4 >= self._next_camera
+            if camera:
+                self._next_camera = max(self._next_camera + period, now)
+        console = self.painter is not None and now >= self._next_console
+        if not camera and not console:
+            return
+        cameras = {"cinematic": self.source.cinematic(), "hood": view.frame}
+        if camera:
+            assert self.cameras is not None
+            # the picture's moment: when the frame came in, on the wall clock the page reads too
+            self.cameras.submit(cameras, time.time() - (time.perf_counter() - view.arrived))
+        if console:
+            assert self.painter is not None
+            self._next_console = now + 1.0 / self.config.console_hz
+            self.painter.submit(self.state(), {} if self.cameras is not None else cameras, predictor)
 
     def _count(self) -> None:
         u = self.source.unstucks
@@ -390,6 +419,8 @@ class PlayerService:
         self.feed.close()
         if self.painter is not None:
             self.painter.close()
+        if self.cameras is not None:
+            self.cameras.close()
         self.source.close()
         self.refresh(time.monotonic())
         self.svc.log.info(

@@ -84,6 +84,11 @@ def _wire_history(h: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- sim
 
 
+def _cinematic_width(config: PlayerConfig) -> int:
+    """The chase camera as wide as the widest picture made of it (the console's, the camera stream's)."""
+    return max(config.console_width, config.camera_width if config.camera_hz > 0 else 0)
+
+
 class SimSource:
     """The built-in sim: 30 Hz of game time, paced to the wall clock or as fast as it can go."""
 
@@ -104,8 +109,8 @@ class SimSource:
             seed=config.seed,
             hood_width=cfg.width,
             hood_height=cfg.height,
-            cinematic_width=config.console_width,
-            cinematic_height=config.console_width * 9 // 16,
+            cinematic_width=_cinematic_width(config),
+            cinematic_height=_cinematic_width(config) * 9 // 16,
         )
         self.world = SimWorld(sim, should_stop=should_stop)  # the town: seconds, cancellable
         self.session = DriveSession(self.world, unstuck or UnstuckConfig(), cfg.history_rows)

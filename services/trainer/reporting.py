@@ -40,6 +40,18 @@ class TrainerMetrics:
         self.loss = prom.Gauge(
             "charles_trainer_loss", "Loss of the last batch per output (and total)", ["output"], registry=r
         )
+        self.inserted = prom.Counter(
+            "charles_trainer_samples_inserted_total",
+            "Samples of balanced sets put into the buffers, per balanced output (the data rate learning gets)",
+            ["output"],
+            registry=r,
+        )
+        self.drawn = prom.Counter(
+            "charles_trainer_samples_drawn_total",
+            "Samples drawn from the buffers for batches, per balanced output (with inserted: the reuse ratio)",
+            ["output"],
+            registry=r,
+        )
         self.reused = prom.Counter(
             "charles_trainer_samples_reused_total",
             "Draws of a sample already trained on (buffer.samples_per_insert > 1), per balanced output",
@@ -129,6 +141,8 @@ class Report:
         self.loss_total: float | None = None
         self.rates = Rates()
         self.reused = Deltas()
+        self.inserted = Deltas()
+        self.drawn = Deltas()
         self.drops = Deltas()
 
     def trained(self, batch: int, res: Any) -> None:
@@ -163,6 +177,10 @@ class Report:
             m.fill.labels(name).set(s["fill"])
             if grew := self.reused.step(name, s["reused"]):
                 m.reused.labels(name).inc(grew)
+            if grew := self.inserted.step(name, s["inserted"]):
+                m.inserted.labels(name).inc(grew)
+            if grew := self.drawn.step(name, s["drawn"]):
+                m.drawn.labels(name).inc(grew)
         m.wait.set(rates.data_wait)
         m.batches_per_s.set(rates.batches_per_s)
         m.samples_per_s.set(rates.samples_per_s)

@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from charles.proto import Console, Frame
+from charles.proto import Camera, Console, Frame
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 ROLES = ("player", "trainer", "balancer")
@@ -58,6 +58,8 @@ class Picture:
 
     frame: Frame
     seq: int
+    captured: float = 0.0
+    """Unix time the picture was taken (a console's: when it was sent)."""
     _served: tuple[bytes, str] | None = None
 
     def bytes_and_type(self) -> tuple[bytes, str]:
@@ -90,6 +92,8 @@ class Entry:
     """Sender's Unix time of this console."""
     updates: int = 0
     json_state: Any = field(default=None)
+    cameras: dict[str, Picture] = field(default_factory=dict)
+    """The newest camera pictures (camera.<instance>, up to 30 Hz); they outrank the console's images."""
 
 
 class Board:
@@ -122,7 +126,7 @@ class Board:
             self._seq += 1
             seq = self._seq
             images = {
-                str(name): Picture(Frame(f.codec, tuple(f.shape), bytes(f.data)), seq)
+                str(name): Picture(Frame(f.codec, tuple(f.shape), bytes(f.data)), seq, wall)
                 for name, f in console.images.items()
             }
             state = console.state if isinstance(console.state, dict) else {}
@@ -137,10 +141,34 @@ class Board:
                 wall=wall,
                 updates=(old.updates + 1) if old is not None else 1,
                 json_state=jsonable(state),
+                cameras=old.cameras if old is not None else {},
             )
             self._entries[instance] = entry
             self._prune(now)
             return entry
+
+    def camera(self, instance: str, camera: Camera) -> dict[str, Picture]:
+        """Keep these camera pictures as the newest of an instance the board knows; the pictures kept.
+
+        An instance must have sent a console first (it says which service it is; the broker serves the
+        newest console to a viewer that starts late, so a player is known within a console period). An
+        older picture than the one held (reordered on the way) is not kept.
+        """
+        with self._lock:
+            e = self._entries.get(instance)
+            if e is None:
+                return {}
+            kept = {}
+            for name, f in camera.images.items():
+                old = e.cameras.get(name)
+                if old is not None and camera.captured < old.captured:
+                    continue
+                self._seq += 1
+                kept[str(name)] = Picture(
+                    Frame(f.codec, tuple(f.shape), bytes(f.data)), self._seq, camera.captured
+                )
+            e.cameras.update(kept)
+            return kept
 
     def _prune(self, now: float) -> None:
         for k in [k for k, e in self._entries.items() if now - e.last_seen > self.stale_s]:
@@ -199,7 +227,7 @@ class Board:
                     "state": e.json_state,
                     "images": {
                         n: {"seq": p.seq, "codec": p.frame.codec, "shape": list(p.frame.shape)}
-                        for n, p in e.images.items()
+                        for n, p in {**e.images, **e.cameras}.items()
                     },
                 }
                 for e in sorted(self._entries.values(), key=lambda e: (e.service, e.instance))
@@ -223,4 +251,4 @@ class Board:
             return None
         with self._lock:
             e = self._entries.get(instance)
-            return e.images.get(name) if e is not None else None
+            return (e.cameras.get(name) or e.images.get(name)) if e is not None else None

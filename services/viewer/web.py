@@ -8,6 +8,8 @@ One server for everything, so a stream host and Prometheus both use the viewer's
 | ``/static/<file>`` | the page's script and style |
 | ``/api/state`` | roles (which instance each tile shows) and every instance's newest console state |
 | ``/img/<who>/<name>[.jpg/.png]`` | newest image ``name`` of ``who`` (instance id, or player/trainer/balancer) |
+| ``/stream/<who>/<name>[.mjpg]`` | every new picture ``name`` of ``who``, pushed as MJPEG (stream.py says why) |
+| ``/api/paints`` | POST: what a page painted (picture, taken, painted); GET ``?client=``: the newest paints |
 | ``/metrics`` ``/healthz`` ``/state`` | as every service |
 
 ``/img`` takes ``?have=<seq>``: if the newest image is still that one the answer is ``204`` with no
@@ -19,9 +21,11 @@ bytes go out exactly as the publisher encoded them (JPEG/PNG); raw frames are en
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -34,7 +38,8 @@ import prometheus_client as prom
 
 from charles.proto import registry
 from charles.runtime import RateLimitedLog, Service
-from charles.viewer.board import ROLES, Board
+from charles.viewer.board import ROLES, Board, Picture
+from charles.viewer.stream import Fanout, Feed
 
 log = logging.getLogger("charles.viewer")
 
@@ -48,6 +53,12 @@ _STATIC_TYPES = {
 }
 ACTIVE_S = 10.0
 """A client that polled /api/state within this many seconds counts as watching."""
+KEEPALIVE_S = 2.0
+"""A stream with no new picture this long sends the newest again: a page that went away is noticed (the
+write fails) and its thread freed, and a page that came in during a pause has a picture."""
+MAX_POST = 65536
+"""Bytes of a page's paint report at most (a second of paints is ~3 KB)."""
+PAINT_LATENCY_BUCKETS = (0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 
 
 class Clients:
@@ -78,6 +89,54 @@ class Clients:
             return sum(1 for t in self._seen.values() if now - t <= ACTIVE_S)
 
 
+class Paints:
+    """What pages say they painted: per client, the newest paints (picture name, seq, taken, painted).
+
+    Bounded both ways (clients and paints per client). The stream page posts its paints once a second, so
+    /metrics shows what viewers actually see and ``bench/viewer.py`` reads frame rate and latency from it.
+    """
+
+    def __init__(self, per_client: int = 2048, clients: int = 64):
+        self.per_client = per_client
+        self.clients = clients
+        self._paints: dict[str, collections.deque[tuple[str, int, float, float]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, client: str, paints: list[tuple[str, int, float, float]]) -> None:
+        with self._lock:
+            mine = self._paints.pop(client, None)  # re-inserted last: the dict's order is recency
+            if mine is None:
+                mine = collections.deque(maxlen=self.per_client)
+                while len(self._paints) >= self.clients:
+                    del self._paints[next(iter(self._paints))]
+            self._paints[client] = mine
+            mine.extend(paints)
+
+    def of(self, client: str) -> list[tuple[str, int, float, float]]:
+        with self._lock:
+            return list(self._paints.get(client, ()))
+
+
+def parse_paints(body: bytes) -> tuple[str, list[tuple[str, int, float, float]]]:
+    """A page's report ``{client, paints: [[name, seq, taken_s, painted_s], ...]}``; ValueError if odd."""
+    doc = json.loads(body)
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("client"), str)
+        or not isinstance(doc.get("paints"), list)
+    ):
+        raise ValueError("a paint report is {client: str, paints: [[name, seq, taken, painted], ...]}")
+    out = []
+    for p in doc["paints"][:1024]:
+        if not (isinstance(p, list) and len(p) == 4 and isinstance(p[0], str)):
+            raise ValueError(f"a paint is [name, seq, taken, painted], not {str(p)[:80]}")
+        seq, taken, painted = (float(x) for x in p[1:])
+        if not all(map(math.isfinite, (seq, taken, painted))):
+            raise ValueError("a paint's numbers must be finite")
+        out.append((p[0][:32], int(seq), taken, painted))
+    return doc["client"][:64], out
+
+
 class ViewerMetrics:
     def __init__(self, svc: Service):
         r = svc.metrics.registry
@@ -101,6 +160,27 @@ class ViewerMetrics:
         )
         self.busy = prom.Counter(
             "charles_viewer_busy_total", "Requests refused because too many were in flight", registry=r
+        )
+        self.cameras = prom.Counter(
+            "charles_viewer_camera_pictures_total", "Camera pictures received (camera.*)", registry=r
+        )
+        self.streams = prom.Gauge("charles_viewer_streams", "Picture streams open to pages now", registry=r)
+        self.streamed = prom.Counter(
+            "charles_viewer_stream_pictures_total", "Pictures written to streaming pages", registry=r
+        )
+        self.stream_drops = prom.Counter(
+            "charles_viewer_stream_drops_total",
+            "Pictures a streaming page was too slow for (dropped, oldest first)",
+            registry=r,
+        )
+        self.painted = prom.Counter(
+            "charles_viewer_painted_total", "Pictures pages reported painted", ["name"], registry=r
+        )
+        self.paint_latency = prom.Histogram(
+            "charles_viewer_paint_latency_seconds",
+            "Picture taken (player) to painted (page), as pages report it",
+            buckets=PAINT_LATENCY_BUCKETS,
+            registry=r,
         )
 
 
@@ -152,6 +232,27 @@ class _Handler(BaseHTTPRequestHandler):
             v.metrics.errors.inc()
             v.errors.warn(type(e).__name__, f"{path} failed: {e!r}")
             code, body, ctype, headers = 500, b"internal error\n", "text/plain", {}
+        if code == 0:  # a stream: body is empty, the handler writes as pictures come
+            v.stream(self, ctype, headers["instance"], headers["name"])
+            return
+        self.reply(code, body, ctype, headers)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        v = self.server.viewer
+        path = unquote(urlsplit(self.path).path)
+        try:
+            n = int(self.headers.get("Content-Length", "-1"))
+        except ValueError:
+            n = -1
+        if path != "/api/paints":
+            code, body = 404, b"not found\n"
+        elif not 0 <= n <= MAX_POST:
+            code, body = 413, b"a paint report is at most 64 KB with a Content-Length\n"
+        else:
+            code, body = v.paints_posted(self.rfile.read(n))
+        self.reply(code, body, "text/plain", {})
+
+    def reply(self, code: int, body: bytes, ctype: str, headers: dict[str, str]) -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.send_response(code)
             self.send_header("Content-Type", ctype)
@@ -175,6 +276,8 @@ class Viewer:
         self.clients = Clients()
         self.metrics = ViewerMetrics(svc)
         self.errors = RateLimitedLog(log, svc.cfg.service.reject_log_period_s)
+        self.fanout = Fanout(on_drop=self.metrics.stream_drops.inc)
+        self.paints = Paints()
         self._http: _Server | None = None
         self.port = 0
 
@@ -193,6 +296,13 @@ class Viewer:
         if path.startswith("/img/"):
             self.metrics.requests.labels("image").inc()
             return self._image(path[len("/img/") :], query)
+        if path.startswith("/stream/"):
+            self.metrics.requests.labels("stream").inc()
+            return self._open_stream(path[len("/stream/") :])
+        if path == "/api/paints":
+            self.metrics.requests.labels("paints").inc()
+            paints = [list(p) for p in self.paints.of(query.get("client", ""))]
+            return 200, json.dumps({"paints": paints}).encode(), "application/json", {}
         if path == "/metrics":
             self.metrics.requests.labels("metrics").inc()
             self.refresh()
@@ -223,12 +333,16 @@ class Viewer:
         snap = self.board.snapshot(pins)
         return 200, json.dumps(snap, allow_nan=False, separators=(",", ":")).encode(), "application/json", {}
 
-    def _image(self, rest: str, query: dict[str, str]) -> tuple[int, bytes, str, dict[str, str]]:
+    @staticmethod
+    def _who_and_name(rest: str) -> tuple[str, str]:
         who, _, name = rest.rpartition("/")
-        for ext in (".jpg", ".jpeg", ".png"):
+        for ext in (".jpg", ".jpeg", ".png", ".mjpg"):
             if name.endswith(ext):
-                name = name[: -len(ext)]
-                break
+                return who, name[: -len(ext)]
+        return who, name
+
+    def _image(self, rest: str, query: dict[str, str]) -> tuple[int, bytes, str, dict[str, str]]:
+        who, name = self._who_and_name(rest)
         pic = self.board.image(who, name) if who and name else None
         if pic is None:
             return 404, b"no such image yet\n", "text/plain", {}
@@ -244,6 +358,80 @@ class Viewer:
         self.metrics.images.inc()
         self.metrics.image_bytes.inc(len(body))
         return 200, body, ctype, headers
+
+    # -- pushed pictures ----------------------------------------------------------------------------------
+
+    def pictures(self, instance: str, pictures: dict[str, Picture], camera: bool) -> None:
+        """New pictures of an instance (the receive loop): to every page streaming them."""
+        if camera:
+            self.metrics.cameras.inc()
+            if not pictures:  # of an instance with no console yet, or older than those held
+                self.svc.metrics.drops.labels(cause="camera_not_kept").inc()
+        self.fanout.publish(instance, pictures)
+
+    def _open_stream(self, rest: str) -> tuple[int, bytes, str, dict[str, str]]:
+        """Code 0 tells the handler to stream; the instance is resolved once, when the page asks."""
+        who, name = self._who_and_name(rest)
+        instance = self.board.resolve(who) if who and name else None
+        if instance is None:
+            return 404, b"nobody by that name yet\n", "text/plain", {}
+        return 0, b"", "multipart/x-mixed-replace; boundary=frame", {"instance": instance, "name": name}
+
+    def stream(self, handler: _Handler, ctype: str, instance: str, name: str) -> None:
+        """Write every new picture of ``instance``'s ``name`` as one part until the page goes or we stop."""
+        feed = self.fanout.open(instance, name)
+        if feed is None:
+            self.metrics.busy.inc()
+            handler.reply(503, b"too many streams\n", "text/plain", {"Retry-After": "1"})
+            return
+        self.metrics.streams.set(len(self.fanout))
+        handler.close_connection = True
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", ctype)
+            handler.send_header("Cache-Control", "no-store")
+            handler.send_header("Connection", "close")
+            handler.end_headers()
+            last = self.board.image(instance, name)  # the newest at once: a page never starts blank
+            if last is not None:
+                self._part(handler, feed, last)
+            while self.svc.running and not feed.closed:
+                pic = feed.get(KEEPALIVE_S)
+                if pic is None:
+                    pic = self.board.image(instance, name)
+                    if pic is None:
+                        break  # the instance was forgotten: the page asks again for whoever plays now
+                self._part(handler, feed, pic)
+        except (OSError, ValueError):
+            pass  # the page went away (broken pipe, reset, a write timed out) or a raw frame was odd
+        finally:
+            self.fanout.close(feed)
+            self.metrics.streams.set(len(self.fanout))
+
+    def _part(self, handler: _Handler, feed: Feed, pic: Picture) -> None:
+        body, ctype = pic.bytes_and_type()
+        head = (
+            f"--frame\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"X-Seq: {pic.seq}\r\nX-Captured: {pic.captured:.6f}\r\n\r\n"
+        ).encode()
+        handler.wfile.write(head + body + b"\r\n")
+        handler.wfile.flush()
+        feed.sent += 1
+        self.metrics.streamed.inc()
+        self.metrics.image_bytes.inc(len(body))
+
+    def paints_posted(self, body: bytes) -> tuple[int, bytes]:
+        try:
+            client, paints = parse_paints(body)
+        except (ValueError, TypeError, OverflowError) as e:
+            self.svc.reject("bad_paints", str(e)[:200])
+            return 400, b"bad paint report\n"
+        self.paints.add(client, paints)
+        for name, _, taken, painted in paints:
+            self.metrics.painted.labels(name).inc()
+            if taken > 0:
+                self.metrics.paint_latency.observe(max(0.0, painted - taken))
+        return 204, b""
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -277,6 +465,7 @@ class Viewer:
         return self.port
 
     def close(self) -> None:
+        self.fanout.close_all()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

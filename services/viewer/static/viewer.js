@@ -1,7 +1,10 @@
-// The stream page: polls /api/state (consoles, 2 Hz) and each picture (10 Hz at most, 204 when
-// unchanged), and draws the seed's layout. No interaction needed: it is meant for an OBS browser source.
-// A tile shows a "waiting for ..." placeholder until its first picture or state arrives, and never an
-// <img> without a successfully loaded picture behind it.
+// The stream page: polls /api/state (consoles, 2 Hz), takes the camera tiles' pictures as the viewer
+// pushes them (/stream/..., MJPEG read with fetch, painted on canvases at the next animation frame), polls
+// the other pictures (204 when unchanged), and draws the seed's layout. No interaction needed: it is meant
+// for an OBS browser source. A tile shows a "waiting for ..." placeholder until its first picture or state
+// arrives, and never an <img> without a successfully loaded picture behind it. What it paints (picture,
+// when taken, when painted) goes back to the viewer once a second (/api/paints): /metrics and
+// bench/viewer.py read the frame rate and latency people actually see from it.
 "use strict";
 
 (() => {
@@ -10,7 +13,9 @@
   const STALE_S = 5; // say so when a tile's source has been silent this long
   const ROLES = ["player", "trainer", "balancer"];
   const params = new URLSearchParams(location.search);
-  const client = Math.random().toString(36).slice(2, 10);
+  const client = (params.get("client") || Math.random().toString(36).slice(2, 10)).slice(0, 64);
+  const REPORT_MS = 1000; // paints back to the viewer
+  const MAX_PAINTS = 1024; // paints waiting for the next report, at most (oldest dropped)
   let snap = null;
 
   const $ = (sel, root = document) => root.querySelector(sel);
@@ -195,9 +200,178 @@
     }
   }
 
+  // -- pushed pictures ---------------------------------------------------------------------------------
+
+  let paints = []; // [name, seq, taken_s, painted_s]: reported to the viewer once a second
+  function painted(name, seq, taken) {
+    if (paints.length >= MAX_PAINTS) paints.shift();
+    paints.push([name, seq, taken, (performance.timeOrigin + performance.now()) / 1000]);
+  }
+
+  async function reportPaints() {
+    for (;;) {
+      await sleep(REPORT_MS);
+      if (!paints.length) continue;
+      const batch = paints;
+      paints = [];
+      try {
+        await fetch("/api/paints", { method: "POST", body: JSON.stringify({ client, paints: batch }) });
+      } catch {
+        // the viewer restarting: these paints are lost, the next second's are not
+      }
+    }
+  }
+
+  const CRLF2 = [13, 10, 13, 10];
+  function headerEnd(buf) {
+    outer: for (let i = 0; i + 3 < buf.length; i++) {
+      for (let k = 0; k < 4; k++) if (buf[i + k] !== CRLF2[k]) continue outer;
+      return i;
+    }
+    return -1;
+  }
+
+  // One part of a multipart/x-mixed-replace stream off the front of buf: {headers, body, rest}, or null
+  // while the part is still incomplete. The viewer writes Content-Length on every part.
+  function takePart(buf) {
+    const end = headerEnd(buf);
+    if (end < 0) return null;
+    const headers = {};
+    for (const line of new TextDecoder("ascii").decode(buf.subarray(0, end)).split("\r\n")) {
+      const at = line.indexOf(":");
+      if (at > 0) headers[line.slice(0, at).trim().toLowerCase()] = line.slice(at + 1).trim();
+    }
+    const n = Number(headers["content-length"]);
+    if (!Number.isFinite(n) || n < 0) throw new Error("a stream part without its length");
+    if (buf.length < end + 4 + n + 2) return null;
+    return { headers, body: buf.slice(end + 4, end + 4 + n), rest: buf.subarray(end + 4 + n + 2) };
+  }
+
+  // Keeps a <canvas> showing every picture `name` of the instance that plays `role`, as the viewer pushes
+  // them. Pictures are decoded off the main thread (createImageBitmap) and painted at the next animation
+  // frame; one overtaken by a newer before its frame is skipped, so the page never falls behind.
+  class StreamPicture {
+    constructor(canvas, role, name, { onChange = () => {} } = {}) {
+      this.canvas = canvas;
+      this.ctx = canvas.getContext("2d");
+      this.role = role;
+      this.name = name;
+      this.onChange = onChange;
+      this.shown = false;
+      this.seq = -1; // newest decoded or painted
+      this.next = null; // {bitmap, seq, taken} waiting for its animation frame
+      this.skipped = 0;
+    }
+
+    want() {
+      const src = source(this.role);
+      return src && src.images && src.images[this.name] ? src.id : null;
+    }
+
+    clear() {
+      if (this.next) this.next.bitmap.close();
+      this.next = null;
+      this.seq = -1;
+      this.canvas.classList.remove("shown");
+      if (this.shown) {
+        this.shown = false;
+        this.onChange(false);
+      }
+    }
+
+    async run() {
+      for (;;) {
+        const id = this.want();
+        if (!id) {
+          this.clear();
+          await sleep(STATE_MS);
+          continue;
+        }
+        try {
+          await this.follow(id);
+        } catch {
+          // the viewer restarting, or the instance gone: ask again
+        }
+        await sleep(250);
+      }
+    }
+
+    // Read the stream of instance `id` until it ends or the tile should show someone else.
+    async follow(id) {
+      const ctl = new AbortController();
+      const watch = setInterval(() => {
+        if (this.want() !== id) ctl.abort();
+      }, STATE_MS);
+      try {
+        const url = `/stream/${encodeURIComponent(id)}/${encodeURIComponent(this.name)}`;
+        const r = await fetch(url, { cache: "no-store", signal: ctl.signal });
+        if (!r.ok || !r.body) return;
+        const reader = r.body.getReader();
+        let buf = new Uint8Array(0);
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;
+          const joined = new Uint8Array(buf.length + value.length);
+          joined.set(buf);
+          joined.set(value, buf.length);
+          buf = joined;
+          for (let part = takePart(buf); part; part = takePart(buf)) {
+            buf = part.rest;
+            this.decode(part.headers, part.body);
+          }
+        }
+      } finally {
+        clearInterval(watch);
+        ctl.abort();
+      }
+    }
+
+    async decode(headers, body) {
+      const seq = Number(headers["x-seq"]);
+      if (!(seq > this.seq)) return; // the newest again (the viewer's keep-alive), or overtaken
+      this.seq = seq;
+      let bitmap;
+      try {
+        bitmap = await createImageBitmap(new Blob([body], { type: headers["content-type"] || "image/jpeg" }));
+      } catch {
+        return; // undecodable: keep showing the previous picture
+      }
+      if (seq !== this.seq) {
+        bitmap.close(); // a newer picture came in while this one decoded
+        this.skipped += 1;
+        return;
+      }
+      if (this.next) {
+        this.next.bitmap.close();
+        this.skipped += 1;
+      } else {
+        requestAnimationFrame(() => this.paint());
+      }
+      this.next = { bitmap, seq, taken: Number(headers["x-captured"]) || 0 };
+    }
+
+    paint() {
+      const p = this.next;
+      if (!p) return;
+      this.next = null;
+      if (this.canvas.width !== p.bitmap.width || this.canvas.height !== p.bitmap.height) {
+        this.canvas.width = p.bitmap.width;
+        this.canvas.height = p.bitmap.height;
+      }
+      this.ctx.drawImage(p.bitmap, 0, 0);
+      p.bitmap.close();
+      painted(this.name, p.seq, p.taken);
+      this.canvas.classList.add("shown");
+      if (!this.shown) {
+        this.shown = true;
+        this.onChange(true);
+      }
+    }
+  }
+
   const cameraTiles = ["#tile-cinematic", "#tile-hood", "#tile-convcam"].map((sel) => {
     const tile = $(sel);
-    const pic = new Picture($("img", tile), tile.dataset.role, tile.dataset.image, {
+    const pic = new StreamPicture($("canvas", tile), tile.dataset.role, tile.dataset.image, {
       onChange: (on) => tile.classList.toggle("live", on),
     });
     return { tile, pic };
@@ -511,4 +685,5 @@
   for (const { pic } of cameraTiles) pic.run();
   histogram.run();
   lossPicture.run();
+  reportPaints();
 })();
