@@ -43,10 +43,10 @@ def make_player(preset: str, device: str, console_hz: float = 5.0, threads: int 
     from charles.player.swap import WeightsMeta
     from charles.runtime import Service
 
-    names = ["publish", "subscribe", "control"]
+    names = ["publish", "subscribe", "control", "subscribe_bulk"]
     data = {
         "model": {"preset": preset},
-        "bus": {"host": "127.0.0.1", "ports": dict(zip(names, free_ports(3), strict=True))},
+        "bus": {"host": "127.0.0.1", "ports": dict(zip(names, free_ports(len(names)), strict=True))},
         "player": {
             "realtime": False,
             "terminal": False,

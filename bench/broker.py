@@ -41,7 +41,7 @@ zmq.proxy(xsub, xpub)
 
 
 def start_middle(kind: str) -> tuple[subprocess.Popen, int, int]:
-    pub_port, sub_port, ctl_port, http_port = free_ports(4)
+    pub_port, sub_port, ctl_port, bulk_port, http_port = free_ports(5)
     if kind == "bare":
         proc = subprocess.Popen(
             [sys.executable, "-c", BARE, str(pub_port), str(sub_port)], stdout=subprocess.PIPE, text=True
@@ -51,10 +51,10 @@ def start_middle(kind: str) -> tuple[subprocess.Popen, int, int]:
         env = {
             **os.environ,
             "CHARLES__BUS__PORTS": json.dumps(
-                {"publish": pub_port, "subscribe": sub_port, "control": ctl_port}
+                {"publish": pub_port, "subscribe": sub_port, "control": ctl_port, "subscribe_bulk": bulk_port}
             ),
             "CHARLES__SERVICE__HTTP_PORT": str(http_port),
-            "CHARLES__BROKER__HWM": "0",  # as the bare proxy: the bench sends bursts larger than any HWM
+            "CHARLES__BROKER__QUEUE_BYTES": "0",  # as the bare proxy: the bench's bursts outgrow any queue
             "CHARLES__SERVICE__LOG_LEVEL": "WARNING",
         }
         proc = subprocess.Popen([sys.executable, "-m", "charles.broker"], env=env)

@@ -190,11 +190,11 @@ class RemoteStack:
         self.ahead = ahead
         self.inflight = inflight
         self.tmp = tempfile.TemporaryDirectory(prefix="charles-bench-player-")
-        names = ["publish", "subscribe", "control"]
-        ports = free_ports(6)
-        self.http = dict(zip(["broker", "player", "sim"], ports[3:], strict=True))
+        names = ["publish", "subscribe", "control", "subscribe_bulk"]
+        ports = free_ports(7)
+        self.http = dict(zip(["broker", "player", "sim"], ports[4:], strict=True))
         self.data = {
-            "bus": {"host": "127.0.0.1", "ports": dict(zip(names, ports[:3], strict=True))},
+            "bus": {"host": "127.0.0.1", "ports": dict(zip(names, ports[:4], strict=True))},
             "model": {"preset": preset},
             "player": {
                 "source": "remote",

@@ -77,12 +77,19 @@ class BrokerConfig:
         "Distinct prefixes the CURVE subscribers may hold in all; past it a subscription is refused",
         min=1,
     )
-    count_topics: bool = knob(True, "Count messages and bytes per topic family (see count_with)")
+    count_topics: bool = knob(
+        True,
+        "Count messages and bytes per topic family (see count_with); the C proxy always counts (it costs "
+        "nothing there): false only spares the capture socket where that is not built",
+    )
     count_with: Literal["auto", "capture"] = knob(
         "auto",
         "auto: a counting proxy in C (services/broker/_countproxy.c) forwards and counts, no Python per "
         "message; where it is not built, or with capture, libzmq's proxy hands a copy of every message to "
-        "a capture socket that Python reads (10-15 % slower at 400 KB on two cores)",
+        "a capture socket that Python reads (10-15 % slower at 400 KB on two cores). Only the C proxy keeps "
+        "the lanes apart, refuses a message over its family's max_bytes and counts a full queue's "
+        "overflows; libzmq's proxy serves both lanes from one queue with the main lane's hwm, which then "
+        "may hold that many weights (the start log says how much)",
     )
     count_every_s: float = knob(
         0.02,
@@ -107,9 +114,16 @@ class BrokerConfig:
         "Last-value cache: at most this many bytes kept in all (the least recently updated topic goes first)",
         min=1,
     )
-    hwm: int = knob(
-        1000,
-        "Messages queued per peer inside the broker before it drops (0: unbounded; benchmarks only)",
+    queue_bytes: int = knob(
+        256_000_000,
+        "Bytes the broker may queue for one connection in one direction (a stalled subscriber, a fast "
+        "publisher). ZeroMQ counts messages, so each socket's high-water mark is derived: queue_bytes // the "
+        "largest message it carries - 1 (one more crosses the wire), at least 2: a queue whose largest "
+        "message is over a third of queue_bytes holds 3 of them (the bulk lane: weights, 1 GB). A full queue "
+        "gets 20 ms to make room (a burst to a healthy subscriber passes); past that the broker drops, for "
+        "that peer alone, and counts each overflow (drops{cause=queue_overflow_<family>}; receivers count "
+        "the messages lost, drops{cause=seq_gap}). The bounds are logged at start and exported as "
+        "charles_broker_queue_bound_bytes{queue}. 0: unbounded (benchmarks only)",
         min=0,
     )
 

@@ -144,7 +144,11 @@ class Launcher:
             self.http_ports = {p.name: port for p, port in zip(self.procs, http, strict=True)}
         else:
             self.bus_ports = dict(reg.ports)
-            busy = [p for p in ("publish", "subscribe", "control") if _port_busy(self.bus_ports[p])]
+            busy = [
+                p
+                for p in ("publish", "subscribe", "control", "subscribe_bulk")
+                if _port_busy(self.bus_ports[p])
+            ]
             if busy:
                 raise SystemExit(
                     f"charles up: port(s) {[self.bus_ports[b] for b in busy]} are taken — is another Charles running? "

@@ -30,7 +30,7 @@ import zmq
 from charles.config import Config
 from charles.proto import Heartbeat, ProtocolError, decode, encode, registry
 from charles.proto.codec import Envelope
-from charles.proto.registry import SUBSCRIPTION_MAX_BYTES
+from charles.proto.registry import LANES, SUBSCRIPTION_MAX_BYTES, subscribe_port
 
 _FETCH_SLICE_S = 0.5
 """A configuration request waits at most this long before looking at SIGTERM again."""
@@ -339,7 +339,7 @@ class Subscriber:
     """
 
     def __init__(
-        self, svc: Service, endpoint: str, prefixes: Iterable[str], hwm: int, late_join: bool = True
+        self, svc: Service, endpoints: list[str], prefixes: Iterable[str], hwm: int, late_join: bool = True
     ):
         self.svc = svc
         self.prefixes = list(prefixes)
@@ -352,7 +352,8 @@ class Subscriber:
         self.sock = svc.socket(zmq.SUB, hwm=hwm, max_bytes=2 * limit if limit else None)
         for p in self.prefixes:
             self.sock.setsockopt(zmq.SUBSCRIBE, p.encode())
-        self.sock.connect(endpoint)
+        for endpoint in endpoints:  # the broker's lanes these prefixes travel in (Registry.lanes_of)
+            self.sock.connect(endpoint)
         self.watch = TopicWatch({p.split(".", 1)[0] for p in self.prefixes})
         self.pending: collections.deque[Envelope] = collections.deque(
             maxlen=256
@@ -489,15 +490,13 @@ class Service:
     # -- wiring -------------------------------------------------------------------------------------------
 
     def _endpoints(self, reg: Any) -> dict[str, str]:
+        """publish, control and each lane's subscribe endpoint (``subscribe``, ``subscribe_bulk``), plain or
+        CURVE as ``bus.secure`` says."""
         host = self.cfg.bus.host
         p = {**reg.ports, **self.cfg.bus.ports}
-        if self.cfg.bus.secure:
-            return {
-                "publish": f"tcp://{host}:{p['secure_publish']}",
-                "subscribe": f"tcp://{host}:{p['secure_subscribe']}",
-                "control": f"tcp://{host}:{p['secure_control']}",
-            }
-        return {k: f"tcp://{host}:{p[k]}" for k in ("publish", "subscribe", "control")}
+        secure = "secure_" if self.cfg.bus.secure else ""
+        names = ["publish", "control", *(subscribe_port(lane) for lane in LANES)]
+        return {k: f"tcp://{host}:{p[secure + k]}" for k in names}
 
     def socket(self, kind: int, hwm: int | None = None, max_bytes: int | None = None) -> zmq.Socket:
         """A socket of this service; ``max_bytes`` (``ZMQ_MAXMSGSIZE``) ends the connection of a peer that
@@ -537,7 +536,8 @@ class Service:
                 (reg.topics[p.split(".", 1)[0]].hwm for p in prefixes if p.split(".", 1)[0] in reg.topics),
                 default=1000,
             )
-        sub = Subscriber(self, self.endpoints["subscribe"], prefixes, hwm, late_join)
+        endpoints = [self.endpoints[subscribe_port(lane)] for lane in reg.lanes_of(prefixes)]
+        sub = Subscriber(self, endpoints, prefixes, hwm, late_join)
         self._subscribers.append(sub)
         return sub
 
@@ -550,9 +550,9 @@ class Service:
             self._rejects.warn(e.reason, f"rejected a message ({e})")
             return None
 
-    def reject(self, reason: str, detail: str) -> None:
-        """Count and log (rate-limited) a reject found by service logic after decoding."""
-        self.metrics.rejects.labels(reason=reason).inc()
+    def reject(self, reason: str, detail: str, n: int = 1) -> None:
+        """Count (``n`` of them) and log (rate-limited) a reject found by service logic after decoding."""
+        self.metrics.rejects.labels(reason=reason).inc(n)
         self._rejects.warn(reason, f"rejected: {reason}: {detail}")
 
     # -- control port: configuration and last values -----------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -22,6 +23,11 @@ KINDS = (
 """Message kinds on the bus, plus the request/reply kinds of the broker's control port."""
 CONTROL_KINDS = ("config_request", "config_reply", "snapshot_request", "snapshot_end")
 
+
+LANES = ("main", "bulk")
+"""The broker's subscriber lanes, main first: a family's messages leave the broker on its lane's subscribe
+ports (``subscribe``, ``subscribe_bulk`` and their ``secure_`` twins), in queues sized for that lane's
+largest message (see Registry.lane_max_bytes and the broker's ``queue_bytes``)."""
 
 SUBSCRIPTION_MAX_BYTES = 65536
 """``ZMQ_MAXMSGSIZE`` of sockets that receive only subscriptions (PUB, XPUB): far above any topic the
@@ -43,6 +49,8 @@ class Topic:
     """Key roles that may publish the family on the secure endpoints ("any": every role)."""
     subscribe: tuple[str, ...] = ()
     """Key roles that may subscribe to it there."""
+    lane: str = "main"
+    """The broker's subscriber lane the family travels in (LANES)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,19 @@ class Registry:
         t = self.topic(name)
         return t.family if t else "unknown"
 
+    def lane_max_bytes(self, lane: str) -> int:
+        """The largest message of a lane: its queues are sized by it."""
+        return max(t.max_bytes for t in self.topics.values() if t.lane == lane)
+
+    def lanes_of(self, prefixes: Iterable[str]) -> list[str]:
+        """The lanes a subscriber to these prefixes must connect to: each family's, every lane for a prefix
+        that is not within one family ("" or "w")."""
+        lanes = set()
+        for p in prefixes:
+            t = self.topic(p)
+            lanes |= {t.lane} if t is not None else set(LANES)
+        return [lane for lane in LANES if lane in lanes]
+
     def may_publish(self, role: str, topic: str | bytes) -> bool:
         """May a key of this role publish this topic on the secure side?"""
         t = self.topic(topic)
@@ -124,6 +145,13 @@ def vouches(identity: str, sender: str) -> bool:
     )
 
 
+def subscribe_port(lane: str, secure: bool = False) -> str:
+    """The name of a lane's subscribe port in ``broker.ports``: ``subscribe``, ``subscribe_bulk``, with
+    ``secure_`` before it on the CURVE side."""
+    name = "subscribe" if lane == LANES[0] else f"subscribe_{lane}"
+    return f"secure_{name}" if secure else name
+
+
 def _parse(doc: dict) -> Registry:
     topics = {}
     for fam, t in doc["topics"].items():
@@ -141,12 +169,20 @@ def _parse(doc: dict) -> Registry:
             about=t.get("about", ""),
             publish=tuple(t.get("publish", ())),
             subscribe=tuple(t.get("subscribe", ())),
+            lane=t.get("lane", "main"),
         )
+        if topics[fam].lane not in LANES:
+            raise ValueError(f"topic {fam}: lane {topics[fam].lane!r} is not one of {LANES}")
         unknown = {r for r in (*topics[fam].publish, *topics[fam].subscribe) if r != "any"} - set(
             doc.get("roles", ())
         )
         if unknown:
             raise ValueError(f"topic {fam}: unknown roles {sorted(unknown)}")
+    ports = {k: int(v) for k, v in doc["broker"]["ports"].items()}
+    for lane in {t.lane for t in topics.values()}:
+        for name in (subscribe_port(lane), subscribe_port(lane, secure=True)):
+            if name not in ports:
+                raise ValueError(f"lane {lane}: broker.ports has no {name}")
     services = {
         name: ServiceEntry(name, s["module"], int(s["http_port"]), s["image"], int(s["replicas"]))
         for name, s in doc["services"].items()
@@ -155,7 +191,7 @@ def _parse(doc: dict) -> Registry:
         schema_version=int(doc["schema_version"]),
         limits=Limits(**{k: int(v) for k, v in doc["limits"].items()}),
         broker_host=doc["broker"]["host"],
-        ports={k: int(v) for k, v in doc["broker"]["ports"].items()},
+        ports=ports,
         topics=topics,
         services=services,
         roles=tuple(doc.get("roles", ())),

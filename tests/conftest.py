@@ -53,10 +53,18 @@ def require_tool(*names: str, install: str) -> str:
     missing_tool(f"{' or '.join(names)} is not installed; install it with {install}")
 
 
+def random_bus_ports() -> dict[str, int]:
+    """A free loopback port for every broker port the registry names (a port left out would be the
+    registry's fixed one, which parallel tests and a running `make run` share)."""
+    from charles.proto import registry
+
+    names = list(registry().ports)
+    return dict(zip(names, free_ports(len(names)), strict=True))
+
+
 @pytest.fixture
 def bus_ports() -> dict[str, int]:
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
-    return dict(zip(names, free_ports(len(names)), strict=True))
+    return random_bus_ports()
 
 
 @pytest.fixture

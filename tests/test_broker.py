@@ -152,7 +152,17 @@ def test_console_flood_never_evicts_the_weights(broker, client_factory):
     )
     n = b.cfg.snapshot_hwm + 20
     for i in range(n):
-        pub.send(f"console.p{i}", Console("player", {"i": i}))
+        # a few at a time: the cache's own queue holds the main lane's hwm + 1 (a longer burst is dropped
+        # there, and counted, before the cache sees it)
+        wait_for(
+            lambda i=i: (
+                pub.send(f"console.p{i}", Console("player", {"i": i})) and f"console.p{i}" in b.lvc.items
+                if i % 8 == 7
+                else pub.send(f"console.p{i}", Console("player", {"i": i}))
+            ),
+            5,
+            f"console.p{i} not cached",
+        )
     reg = b.svc.metrics.registry
     wait_for(
         lambda: (
@@ -317,6 +327,140 @@ def test_broker_counts_messages_and_bytes_per_topic_family_exactly(broker, clien
     assert _through(b) == before + 200, "the subscription messages going upstream are no messages"
 
 
+def _raw_sub(b, port: str, *prefixes: bytes) -> zmq.Socket:
+    """A bare SUB on one of the broker's ports: what a client in any language gets there."""
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for p in prefixes:
+        sub.setsockopt(zmq.SUBSCRIBE, p)
+    sub.connect(f"tcp://127.0.0.1:{b.ports[port]}")
+    return sub
+
+
+def _topics(sub: zmq.Socket, wait_ms: int = 300) -> list[bytes]:
+    out = []
+    while sub.poll(wait_ms):
+        out.append(sub.recv_multipart()[0])
+    return out
+
+
+def test_each_family_leaves_the_broker_on_its_lane_in_queues_sized_for_it(broker, client_factory):
+    """Sets and weights (up to 1 GB) on subscribe_bulk, the rest (up to 16 MB) on subscribe: a subscriber to
+    everything on one lane's port never gets the other's, and each lane's bound comes from queue_bytes and
+    its own largest message."""
+    b, _ = broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    main, bulk = _raw_sub(b, "subscribe", b""), _raw_sub(b, "subscribe_bulk", b"")
+    pub = client_factory("sender").publisher()
+    w = Weights("m", "m_v1", 3, {"k": 1}, b"\x01" * 5000)
+    try:
+        wait_for(
+            lambda: pub.send("heartbeat.x", Heartbeat("t", "x")) and pub.send("weights.m", w) and main.poll(50)
+            and bulk.poll(50), 5, "a lane never got its family",
+        )  # fmt: skip
+        _topics(main, 100), _topics(bulk, 100)
+        msgs = {
+            "heartbeat.x": Heartbeat("t", "x"),
+            "weights.m": w,
+            "set.steering": SampleSet(["steering"], 3, [_sample(1)]),
+            "action.p": Action(1, 0.1, 0.2, 0.0),
+            "console.p": Console("player", {"fps": 30}),
+        }
+        for topic, m in msgs.items():
+            assert pub.send(topic, m)
+        assert sorted(_topics(main)) == [b"action.p", b"console.p", b"heartbeat.x"]
+        assert sorted(_topics(bulk)) == [b"set.steering", b"weights.m"]
+    finally:
+        main.close()
+        bulk.close()
+    reg = b.svc.metrics.registry
+    hwm = {q: counter_value(reg, "charles_broker_queue_hwm", {"queue": q}) for q in b.queues}
+    bound = {q: counter_value(reg, "charles_broker_queue_bound_bytes", {"queue": q}) for q in b.queues}
+    assert b.cfg.queue_bytes == 256_000_000  # the default: 16 messages of the main lane's 16 MB
+    assert hwm["subscribe"] == 15 and bound["subscribe"] == 256e6
+    assert hwm["subscribe_bulk"] == 2 and bound["subscribe_bulk"] == 3e9  # weights: 1 GB each
+    assert hwm["publish"] == 2 and bound["publish"] == 3e9  # a frame may be 1 GB (weights)
+    assert "secure_subscribe" not in hwm or hwm["secure_subscribe"] == 0  # no CURVE side: not exported
+
+
+def test_a_burst_reaches_a_reader_whole_and_a_stalled_subscriber_holds_its_queue(broker, client_factory):
+    """The bulk lane's queues hold 2 messages (and 1 on the wire), yet a burst of 100 small sets reaches a
+    subscriber that reads, whole: a full queue gets PATIENCE_MS to make room. One that stops reading holds
+    its 3 sets of 20 MB, no more (charles_broker_queue_held_bytes), and its overflow is counted."""
+    b, _ = broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    reader = client_factory("trainer").subscriber(["set.small"], late_join=False)
+    pub = client_factory("sender").publisher()
+    reg = b.svc.metrics.registry
+
+    def gauge(name: str, **labels: str) -> float:
+        return counter_value(reg, name, labels)
+
+    wait_for(lambda: pub.send_frames("set.small", [b"set.small", b"h"]) and reader.sock.poll(50), 5, "no sub")
+    while reader.sock.poll(100):
+        reader.sock.recv_multipart()
+    for i in range(100):
+        assert pub.send_frames("set.small", [b"set.small", b"%d" % i, b"\0" * 10_000])
+    got = []
+    while reader.sock.poll(500):
+        got.append(reader.sock.recv_multipart()[1])
+    assert got == [b"%d" % i for i in range(100)], f"a burst of small sets lost {100 - len(got)}"
+    assert gauge("charles_drops_total", cause="queue_overflow_set") == 0
+
+    stalled = _raw_sub(b, "subscribe_bulk")
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 65536)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"set.big")
+    big = [b"set.big", b"h", b"\0" * 20_000_000]
+    try:
+        wait_for(
+            lambda: pub.send_frames("set.big", [b"set.big", b"h"]) and stalled.poll(50), 5, "not subscribed"
+        )
+        _topics(stalled, 100)
+        for _ in range(10):  # 200 MB
+            pub.send_frames("set.big", big)
+        wait_for(lambda: gauge("charles_drops_total", cause="queue_overflow_set") >= 1, 10, "no overflow")
+        time.sleep(0.3)  # the held bytes reach Python every 0.1 s
+        held = gauge("charles_broker_queue_held_bytes", lane="bulk")
+        assert 0 < held <= 3 * 20_001_000, f"the bulk lane's queues hold {held / 1e6:.0f} MB, over 3 sets"
+        _topics(stalled)  # it reads again: the queue lets go
+        wait_for(lambda: gauge("charles_broker_queue_held_bytes", lane="bulk") == 0, 5, "still held")
+    finally:
+        stalled.close()
+
+
+def test_a_message_over_its_family_max_bytes_is_refused_at_the_broker(broker, client_factory):
+    """libzmq bounds a frame (ZMQ_MAXMSGSIZE), not a message: a heartbeat of two 40 KB frames passes it. The
+    broker refuses it whole (a heartbeat is at most 64 KiB), counts it, and no subscriber's queue holds it;
+    one of 5000 small frames under the limit crosses whole."""
+    b, _ = broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    sub = _raw_sub(b, "subscribe", b"heartbeat")
+    pub = client_factory("sender").publisher()
+    reg = b.svc.metrics.registry
+    try:
+        wait_for(lambda: pub.send("heartbeat.a", Heartbeat("t", "a")) and sub.poll(50), 5, "no heartbeat")
+        _topics(sub, 100)
+        before = counter_value(reg, "charles_rejects_total", {"reason": "oversize"})
+        frames = encode("heartbeat.big", Heartbeat("t", "big"), "sender")
+        pub.send_frames("heartbeat.big", [*frames, b"\0" * 40_000, b"\0" * 40_000])
+        pub.send("heartbeat.after", Heartbeat("t", "after"))
+        assert _topics(sub) == [b"heartbeat.after"]
+        many = [b"heartbeat.many", frames[1], *[b"x"] * 5000]  # under 64 KiB in all: it crosses, whole
+        pub.send_frames("heartbeat.many", many)
+        assert sub.poll(2000) and sub.recv_multipart() == many
+        wait_for(
+            lambda: counter_value(reg, "charles_rejects_total", {"reason": "oversize"}) == before + 1,
+            5,
+            "the oversize message was not counted",
+        )
+    finally:
+        sub.close()
+
+
 @pytest.mark.parametrize(
     "broker", [{"count_with": "auto", "count_every_s": 0.0}, {"count_with": "capture"}], indirect=True
 )
@@ -340,12 +484,25 @@ def test_the_counting_proxy_binds_only_to_a_libzmq_this_process_has_loaded():
     assert path is not None and "libzmq" in path
     with pytest.raises(OSError, match="not loaded in this process"):
         _countproxy.load("/nonexistent/libzmq.so.5")  # never a second copy of libzmq: its sockets are others
-    with pytest.raises(ValueError, match="int64"):
-        _countproxy.run(0, 0, 0, (b"sample",), np.zeros(2, np.int64), zmq.ETERM)  # sample + unknown: 4
+
+    def run(lanes=(0, 0), counts=8, held=2) -> None:
+        args = (lanes, (10, 10), np.zeros(counts, np.int64), np.zeros(held, np.int64), 20, 1000)
+        _countproxy.run(0, (0,), 0, (b"sample",), *args, zmq.ETERM)
+
+    with pytest.raises(ValueError, match="counts must be 8 int64"):  # sample + unknown
+        run(counts=4)
+    with pytest.raises(ValueError, match="held must be 2 int64"):  # one lane
+        run(held=1)
+    with pytest.raises(ValueError, match="not a back"):  # a lane with no XPUB
+        run(lanes=(1, 0))
 
 
 @pytest.mark.parametrize(
-    "broker", [{"count_with": "capture", "count_every_s": 0.5, "count_queue": 16}], indirect=True
+    # queue_bytes 0: the bus's own queues unbounded (a 300-message burst would overflow the 15 of libzmq's
+    # proxy's one queue, uncounted); the capture queue is this test's
+    "broker",
+    [{"count_with": "capture", "count_every_s": 0.5, "count_queue": 16, "queue_bytes": 0}],
+    indirect=True,
 )
 def test_a_full_counting_queue_is_reported_and_the_bus_loses_nothing(broker, client_factory):
     b, _ = broker
@@ -452,6 +609,52 @@ def test_curve_accepts_the_right_key_and_refuses_a_wrong_one(secure_broker):
     finally:
         ok.close()
         rogue.close()
+
+
+def test_a_stalled_curve_subscriber_overflows_its_queue_alone_and_it_is_counted(secure_broker):
+    """The secure lanes count their overflows as the bus does: a CURVE subscriber that stops reading costs
+    the broker its queue and no more, a plain one reading alongside loses nothing."""
+    b, data, keys, _ = secure_broker
+    if b.counting != "c":
+        missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
+    agent = _client(data, keys, "agent-ok")
+    plain = _client(data, keys, "agent-ok")
+    plain.cfg.bus.secure = False
+    plain.endpoints = plain._endpoints(__import__("charles.proto", fromlist=["registry"]).registry())
+    stalled = agent.socket(zmq.SUB)  # with the agent's CURVE keys
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 65536)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"heartbeat.big")
+    stalled.connect(agent.endpoints["subscribe"])
+    reader = plain.subscriber(["heartbeat.big"], hwm=10_000, late_join=False)
+    pub = plain.publisher()
+    big = Heartbeat("t", "big", info={"pad": "x" * 60_000})  # near a heartbeat's 64 KiB
+    reg = b.svc.metrics.registry
+    try:
+        wait_for(
+            lambda: pub.send("heartbeat.big", big) and stalled.poll(50) and reader.recv(50) is not None, 10,
+            "the subscribers never got a heartbeat",
+        )  # fmt: skip
+        reader.drain()
+        got = 0
+        for sent in range(1, 401):  # 24 MB: past the socket buffers and the 15-message queue
+            assert pub.send("heartbeat.big", big)
+            deadline = time.monotonic() + 5
+            # at the reader's pace (4 ahead at most): what it loses is the stalled one's doing, not its own
+            while (got := got + len(reader.drain())) < sent - 4 and time.monotonic() < deadline:
+                got += reader.recv(20) is not None
+        deadline = time.monotonic() + 10
+        while got < 400 and time.monotonic() < deadline:
+            got += reader.recv(100) is not None
+        assert got == 400, f"the plain reader lost {400 - got} heartbeats to the stalled CURVE subscriber"
+        wait_for(
+            lambda: counter_value(reg, "charles_drops_total", {"cause": "queue_overflow_heartbeat"}) >= 1,
+            5,
+            "the stalled subscriber's overflow was not counted",
+        )
+    finally:
+        agent.close()
+        plain.close()
 
 
 # ---------------------------------------------------------------------------------------------- process

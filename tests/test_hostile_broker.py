@@ -17,11 +17,22 @@ import pytest
 import zmq
 import zmq.auth
 
-from charles.proto import Action, Heartbeat, encode
+from charles.proto import Action, Heartbeat, Weights, encode
 from charles.tools import make_keys
 
-from conftest import free_ports
-from survive_support import healthz, overrides, rss_mb, scrape, service_env, start_service, stop, wait_for
+from conftest import free_ports, random_bus_ports
+from survive_support import (
+    healthz,
+    is_healthy,
+    overrides,
+    rss_growth_within,
+    rss_mb,
+    scrape,
+    service_env,
+    start_service,
+    stop,
+    wait_for,
+)
 
 KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
 
@@ -30,8 +41,7 @@ KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
 def broker(tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, KEYS)
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
-    ports = dict(zip(names, free_ports(6), strict=True))
+    ports = random_bus_ports()
     http = free_ports(1)[0]
     proc = start_service(
         "charles.broker",
@@ -41,18 +51,11 @@ def broker(tmp_path):
     )
     ctx = zmq.Context()
     try:
-        wait_for(lambda: _healthy(http), 30, "broker never became healthy")
+        wait_for(lambda: is_healthy(http), 30, "broker never became healthy")
         yield proc, ports, http, keys, ctx
     finally:
         ctx.destroy(linger=0)
         stop(proc)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        return healthz(port)[0] == 200
-    except (OSError, ValueError):
-        return False
 
 
 def _secure(ctx: zmq.Context, keys, name: str, kind: int, port: int) -> zmq.Socket:
@@ -82,6 +85,7 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
     sniffer.linger = 0
     sniffer.subscribe(b"")
     sniffer.connect(f"tcp://127.0.0.1:{ports['subscribe']}")
+    sniffer.connect(f"tcp://127.0.0.1:{ports['subscribe_bulk']}")  # both lanes: weights and sets too
     cap = _secure(ctx, keys, "cap-1", zmq.PUB, ports["secure_publish"])
 
     # the connection is up once an allowed message gets through
@@ -90,6 +94,15 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
         return any(f[0] == b"heartbeat.cap-1" for f in _seen(sniffer, 0.2))
 
     wait_for(beat, 20, "the capture agent's heartbeat never reached the bus")
+    trainer = ctx.socket(zmq.PUB)  # in-cluster, plain: the sniffer hears the bulk lane too
+    trainer.linger = 0
+    trainer.connect(f"tcp://127.0.0.1:{ports['publish']}")
+
+    def bulk() -> bool:
+        trainer.send_multipart(encode("weights.probe", Weights("probe", "probe_v1", 1, {}, b"w"), "trainer"))
+        return any(f[0] == b"weights.probe" for f in _seen(sniffer, 0.2))
+
+    wait_for(bulk, 20, "the sniffer never heard the bulk lane")
     rss0 = rss_mb(proc.pid)
 
     # forged weights, sets and actions from an allowed capture-agent key; one sender spoofed
@@ -114,17 +127,20 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
 
     # subscriptions: a capture agent may not read weights nor everything; the gamepad agent reads actions
     spy = _secure(ctx, keys, "cap-1", zmq.SUB, ports["secure_subscribe"])
+    spy.connect(f"tcp://127.0.0.1:{ports['secure_subscribe_bulk']}")  # weights' lane too
     spy.subscribe(b"weights")
     spy.subscribe(b"")
     pad = _secure(ctx, keys, "pad-1", zmq.SUB, ports["secure_subscribe"])
     pad.subscribe(b"action.pad-1")
-    wait_for(lambda: _refused(http, "forbidden_subscription", "capture_agent") == 2, 10, "subs not refused")
+    # each refused on each lane
+    wait_for(lambda: _refused(http, "forbidden_subscription", "capture_agent") == 4, 10, "subs not refused")
     player = ctx.socket(zmq.PUB)
     player.linger = 0
     player.connect(f"tcp://127.0.0.1:{ports['publish']}")
 
     def drive() -> bool:
         player.send_multipart(encode("action.pad-1", Action(2, 0.5, 0.5, 0.0), "player-1"))
+        trainer.send_multipart(encode("weights.probe", Weights("probe", "probe_v1", 2, {}, b"w"), "trainer"))
         return bool(_seen(pad, 0.2))
 
     wait_for(drive, 20, "the gamepad agent never got the player's action")
@@ -135,7 +151,7 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
     ctl.send_multipart([b"snapshot", b"weights"])
     assert ctl.poll(5000)
     assert ctl.recv_multipart() == [b"!end"]
-    assert _refused(http, "forbidden_subscription", "capture_agent") == 3
+    assert _refused(http, "forbidden_subscription", "capture_agent") == 5
 
     # revoke the capture agent's key: SIGHUP, and its next message is refused
     (keys / "allowed" / "cap-1.key").unlink()
@@ -153,13 +169,13 @@ def test_an_allowed_key_publishes_and_reads_only_what_its_role_may(broker):
     assert by_reason == {
         "forbidden_topic": 54.0,
         "spoofed_sender": 1.0,
-        "forbidden_subscription": 3.0,
+        "forbidden_subscription": 5.0,
         "revoked_key": 1.0,
         "unauthenticated": by_reason.get("unauthenticated", 0.0),
     }, by_reason
     assert by_reason["unauthenticated"] >= 1
     time.sleep(0.2)
-    assert rss_mb(proc.pid) - rss0 <= 50, f"broker grew {rss_mb(proc.pid) - rss0:.0f} MB"
+    rss_growth_within({"broker": rss0}, {"broker": proc.pid}, "after the hostile keys")
     assert healthz(http)[1]["status"] == "ok"
 
 
@@ -172,11 +188,10 @@ def test_a_proxy_thread_that_dies_makes_the_broker_degraded(tmp_path):
 
     keys = tmp_path / "keys"
     make_keys(keys, ["player"])
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
     data = {
         "bus": {
             "host": "127.0.0.1",
-            "ports": dict(zip(names, free_ports(6), strict=True)),
+            "ports": random_bus_ports(),
             "keys_dir": str(keys),
         },
         "broker": {"secure": True, "secure_bind": "127.0.0.1"},

@@ -18,7 +18,7 @@ import zmq.auth
 from charles.model.presets import get_config
 from charles.proto import Weights, encode
 
-from survive_support import Pipeline, wait_for
+from survive_support import Pipeline, rss_growth_within, rss_mb, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
@@ -65,6 +65,8 @@ def test_every_service_on_curve_trains_and_a_forged_weights_is_refused(tmp_path)
             "the player never drove trained weights",
             0.5,
         )
+        pids = p.pids()
+        rss0 = {n: rss_mb(pid) for n, pid in pids.items()}  # warmed up: the player drives trained weights
         broker = p.scrape("broker")
         assert {r: broker.value("charles_rejects_total", reason=r) for r in REFUSALS} == dict.fromkeys(
             REFUSALS, 0.0
@@ -95,6 +97,9 @@ def test_every_service_on_curve_trains_and_a_forged_weights_is_refused(tmp_path)
         )
         assert 2 <= model_batch(p) < 10**6
         assert p.scrape("player").value("charles_rejects_total") == 0  # it never even saw them
+        assert p.pids() == pids, "a service restarted (crashed)"
+        # the broker's queues may hold up to broker.queue_bytes by design (tests/test_broker_queues.py)
+        rss_growth_within(rss0, pids, "after the forged weights", exempt=("broker",))
     finally:
         ctx.destroy(linger=0)
         rc = p.close()

@@ -33,8 +33,19 @@ from charles.proto import Action, Frame, GameFrame, Weights
 from charles.runtime import Service
 from charles.tools import make_keys
 
-from conftest import free_ports
-from survive_support import kill9, overrides, running, scrape, service_env, start_service, stop, wait_for
+from conftest import free_ports, random_bus_ports
+from survive_support import (
+    kill9,
+    overrides,
+    rss_growth_within,
+    rss_mb,
+    running,
+    scrape,
+    service_env,
+    start_service,
+    stop,
+    wait_for,
+)
 from tests_support import weights_message
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
@@ -100,8 +111,7 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
     make_keys(keys, ["pad-1:gamepad_agent", "capture-agent"])
     make_keys(rogue, ["capture-agent"])  # a real-looking key pair the broker never allowed
     shutil.copy(keys / "broker.key", rogue / "broker.key")
-    names = ["publish", "subscribe", "control", "secure_publish", "secure_subscribe", "secure_control"]
-    ports = dict(zip(names, free_ports(6), strict=True))
+    ports = random_bus_ports()
     http = dict(zip(["broker", "player", "pad"], free_ports(3), strict=True))
 
     procs = {
@@ -187,6 +197,7 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
         game.on.set()  # weights swap in between two frames: frames first
         publish(weights(7, model_bytes()), lambda: m("player").value("charles_player_weights_batch") == 7)
         wait_for(lambda: applied() >= 10, 60, "no action of the player reached the pad")
+        rss0 = {n: rss_mb(pid) for n, pid in pids.items()}  # warmed up: the player drives the pad
         pad_now = m("pad")
         assert pad_now.value("charles_agent_pad_value", input="throttle") > 0, "the car was not asked to go"
 
@@ -266,6 +277,9 @@ def test_only_the_player_drives_the_pad_and_bad_weights_never_do(tmp_path):
         wait_for(lambda: ipub.send(f"action.{PAD_ID}", Action(seq, 0.5, 1.0, 0.0, PAD_ID))
                  and m("pad").value("charles_rejects_total", reason="sender_not_allowed") >= 3, 20, "intruder not refused")  # fmt: skip
         assert applied() == n_applied
+        # the bad weights and the intruders cost nobody memory (the broker's queues may hold up to
+        # broker.queue_bytes by design: tests/test_broker_queues.py)
+        rss_growth_within(rss0, pids, "after bad weights and intruders", exempt=("broker",))
 
         # 6. the player dies mid-drive: the pad lets go again
         game.on.set()

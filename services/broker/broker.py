@@ -6,7 +6,21 @@ on its way through. Where that extension is not built (or ``broker.count_with: c
 ``zmq.proxy_steerable`` forwards and hands a copy of each message to a capture socket that Python reads
 in batches every ``broker.count_every_s`` (a PUB capture socket: if Python falls behind, captures are
 dropped and counted as such, never the data; bench/broker.py: 10-15 % slower at 400 KB on two cores,
-because the copies keep 400 KB buffers alive until Python has read them). Python sees only:
+because the copies keep 400 KB buffers alive until Python has read them).
+
+Queues: ZeroMQ bounds a queue in messages, so bytes come from ``broker.queue_bytes`` and the largest message
+each socket carries (``queue_plan``): per connection and direction at most queue_bytes, or 3 of the largest
+message where that is more. Subscribers get their families through one of two *lanes* (registry.yaml
+``lane``): the main lane (at most 16 MB a message: hwm 15 at the default 256 MB) and the bulk lane (sets
+and weights, up to 1 GB: hwm 2), each its own XPUB and ports, so a heartbeat never waits in a queue that
+must be short because it may hold weights. (The marks stay put: libzmq's low-water protocol can leave a
+queue stuck when its mark changes.) The C proxy sends each message to its family's lane, refuses one over
+its family's ``max_bytes`` (libzmq's ``ZMQ_MAXMSGSIZE`` bounds a frame, not a message), gives a full queue
+PATIENCE_MS to make room (a burst to a healthy subscriber passes a short queue) and counts each overflow
+(``drops{cause=queue_overflow_<family>}``: once per overflow, since libzmq then passes that subscriber by
+unseen until it reads again; receivers count what they lost from sequence numbers,
+``drops{cause=seq_gap}``). What the lanes' queues hold is ``charles_broker_queue_held_bytes``. Python sees
+only:
 
 * the *last-value* families (weights, config, console) through an internal SUB, to keep the newest
   message per topic for late joiners (served on the control port as a snapshot);
@@ -29,7 +43,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +55,10 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
 from charles.proto import ConfigReply, ProtocolError, decode, encode, registry
-from charles.proto.registry import SUBSCRIPTION_MAX_BYTES, vouches
+from charles.proto.registry import LANES, SUBSCRIPTION_MAX_BYTES, subscribe_port, vouches
 from charles.runtime import Service
 
-_INPROC_OUT = "inproc://bus-out"  # XPUB side, for the last-value SUB and the secure bridge
+_INPROC_OUT = "inproc://bus-out-{}"  # a lane's XPUB, for the last-value SUB and the secure bridge
 _INPROC_SECURE_IN = "inproc://secure-in"  # XPUB of the secure-publish bridge; the main XSUB connects to it
 _INPROC_CAPTURE = "inproc://capture"
 _AUTH_EVENTS = {
@@ -67,12 +81,20 @@ def loaded_libzmq() -> str | None:
     return None
 
 
+COUNTPROXY_API = 4
+"""The ``run()`` of ``_countproxy.c`` this file calls (lanes, limits, four counters a family, what the lanes'
+queues hold, patience)."""
+
+
 def counting_proxy() -> Any | None:
-    """The C counting proxy (``_countproxy.c``) bound to pyzmq's libzmq, or None where it is not built
-    or cannot find the library (the capture socket counts then)."""
+    """The C counting proxy (``_countproxy.c``) bound to pyzmq's libzmq, or None where it is not built,
+    was built from another version of the file (``make install`` builds it again), or cannot find the
+    library (libzmq's proxy forwards then, and the capture socket counts)."""
     try:
         from charles.broker import _countproxy
     except ImportError:
+        return None
+    if getattr(_countproxy, "API", 1) != COUNTPROXY_API:
         return None
     path = loaded_libzmq()
     if path is None:
@@ -82,6 +104,107 @@ def counting_proxy() -> Any | None:
     except OSError:
         return None
     return _countproxy
+
+
+MIN_HWM = 2
+"""The smallest high-water mark a broker queue gets, whatever queue_bytes says: two messages sent back to
+back (a set per balanced output) must not cost a healthy subscriber the second while the first is still
+on its way out."""
+PATIENCE_MS = 20
+"""How long a subscriber's full queue gets to make room before the subscriber loses the message: enough for
+a healthy one behind a burst (its broker-side I/O has not run yet, or libzmq has not yet told the sender
+what it took), short enough that a stalled one costs the bus little: libzmq then leaves it out, without
+waiting, until it reads again."""
+WAIT_PER_S_MS = 50
+"""What a lane may wait for full queues in all, a second: a subscriber that is slow, not stalled, cannot make
+the bus wait PATIENCE_MS a message."""
+
+
+class Patience:
+    """What a lane may still wait for full queues: WAIT_PER_S_MS a second, PATIENCE_MS at a time (the C
+    proxy's publish() does the same for the bus's lanes)."""
+
+    def __init__(self) -> None:
+        self.credit = WAIT_PER_S_MS / 1000
+        self.refilled = time.monotonic()
+
+    def allowed(self) -> float:
+        """Seconds the next wait may take."""
+        now = time.monotonic()
+        self.credit = min(WAIT_PER_S_MS / 1000, self.credit + (now - self.refilled) * WAIT_PER_S_MS / 1000)
+        self.refilled = now
+        return min(PATIENCE_MS / 1000, self.credit)
+
+
+@dataclass(frozen=True)
+class Queue:
+    """One direction of one connection of a broker socket: ZeroMQ's high-water mark and the bytes it allows."""
+
+    hwm: int
+    """Messages (0: unbounded)"""
+    largest: int
+    """The largest message this direction carries, bytes"""
+
+    @property
+    def bound(self) -> float:
+        """Bytes it may hold: hwm messages queued and one crossing the wire (inf when unbounded)."""
+        return float("inf") if self.hwm == 0 else float((self.hwm + 1) * self.largest)
+
+
+def queue(budget: int, largest: int) -> Queue:
+    """The queue of ``budget`` bytes (0: unbounded) for messages of at most ``largest`` bytes."""
+    return Queue(0 if budget == 0 else max(MIN_HWM, budget // largest - 1), largest)
+
+
+def queue_plan(budget: int, lanes: bool) -> dict[str, Queue]:
+    """Each broker port's data queue per connection, by port name: what publishers send (``publish``,
+    ``secure_publish``: up to ``ZMQ_MAXMSGSIZE`` a frame) and what each lane's subscribers are sent.
+    ``lanes`` false: one XPUB serves every lane (libzmq's proxy cannot tell them apart) with the main lane's
+    hwm, so that bursts of small messages still pass: its bound is then that many of the largest message."""
+    reg = registry()
+    everything = max(t.max_bytes for t in reg.topics.values())
+    plan = {
+        "publish": queue(budget, everything),
+        "secure_publish": queue(budget, max(t.max_bytes for t in reg.topics.values() if t.publish)),
+    }
+    for lane in LANES:
+        q = queue(budget, reg.lane_max_bytes(lane))
+        if not lanes:
+            q = Queue(queue(budget, reg.lane_max_bytes(LANES[0])).hwm, everything)
+        plan[subscribe_port(lane)] = plan[subscribe_port(lane, secure=True)] = q
+    return plan
+
+
+def publish_counted(sock: zmq.Socket, frames: list, patience: Patience | None = None) -> bool:
+    """Send to an ``XPUB_NODROP`` socket without blocking: True when every matching subscriber took it,
+    False when a queue overflowed (the message then goes, lossy, to the others; libzmq passes the full one
+    by, unseen, until it reads again). A plain XPUB drops in silence. With ``patience``, a full queue first
+    gets what it allows to make room."""
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        return True
+    except zmq.Again:  # from the first frame, before anything was sent
+        pass
+    if patience is not None:
+        start = time.monotonic()
+        deadline = start + patience.allowed()
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(0.0002)
+                sock.getsockopt(zmq.EVENTS)  # reads the socket's commands: what its subscribers have taken
+                try:
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
+        finally:
+            patience.credit -= time.monotonic() - start
+    sock.setsockopt(zmq.XPUB_NODROP, 0)
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+    finally:
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+    return False
 
 
 class LastValues:
@@ -178,30 +301,34 @@ def load_allowed(allowed: Path, log: Any) -> dict[str, ClientKey]:
     return out
 
 
+@dataclass
+class SecureLane:
+    """One secure subscribe side: an XSUB on a lane's inproc XPUB, and the CURVE XPUB it feeds."""
+
+    bridge_out: zmq.Socket
+    sec_xpub: zmq.Socket
+    families: set[bytes]
+    """Families this lane's bridge_out subscribes on the bus, each once."""
+    patience: Patience = field(default_factory=Patience)
+
+
 class SecureBridge:
     """The CURVE endpoints' bridge into the bus, checking each message and subscription against its key.
 
     Publishing (secure XSUB -> the bus): a message is forwarded only if its key is still allowed
     (``revoked_key``), its role may publish the family (``forbidden_topic``), it decodes
     (the codec's reasons) and its header's ``sender`` is the key's identity (``spoofed_sender``).
-    Subscribing (the secure XPUB, in manual mode): a subscription takes effect only if the role may read
-    that family (``forbidden_subscription``) and the distinct prefixes stay bounded
+    Subscribing (a secure XPUB per lane, in manual mode): a subscription takes effect only if the role may
+    read that family (``forbidden_subscription``) and the distinct prefixes stay bounded
     (``too_many_subscriptions``). The bus side subscribes per family, once: peers come and go, the family
-    stays (the secure XPUB filters per peer).
+    stays (the secure XPUB filters per peer). What a full queue drops on the way is counted, as on the bus.
     """
 
-    def __init__(self, broker: Broker, sec_xsub: zmq.Socket, bridge_in: zmq.Socket, bridge_out: zmq.Socket,
-                 sec_xpub: zmq.Socket) -> None:  # fmt: skip
+    def __init__(self, broker: Broker, sec_xsub: zmq.Socket, bridge_in: zmq.Socket, lanes: list[SecureLane]):
         self.b = broker
-        self.sec_xsub, self.bridge_in, self.bridge_out, self.sec_xpub = (
-            sec_xsub,
-            bridge_in,
-            bridge_out,
-            sec_xpub,
-        )
+        self.sec_xsub, self.bridge_in, self.lanes = sec_xsub, bridge_in, lanes
         self.reg = registry()
         self.prefixes: set[bytes] = set()
-        self.families: set[bytes] = set()
         self.forwarded = 0
 
     def refuse(self, reason: str, key: ClientKey | None, detail: str) -> None:
@@ -232,10 +359,12 @@ class SecureBridge:
         if not vouches(key.name, env.sender):
             self.refuse("spoofed_sender", key, f"sent as {env.sender[:64]!r}")
             return
-        self.bridge_in.send_multipart(frames, copy=False)
-        self.forwarded += 1
+        if publish_counted(self.bridge_in, frames):
+            self.forwarded += 1
+        else:  # the bus's inbound queue is full: the rest of the bus is slower than the agents
+            self.b.count_overflow(topic)
 
-    def on_subscription(self, frame: zmq.Frame) -> None:
+    def on_subscription(self, lane: SecureLane, frame: zmq.Frame) -> None:
         data = frame.bytes
         if not data or data[0] not in (0, 1):
             return  # XPUB passes nothing else up; anything else is not a subscription
@@ -243,7 +372,7 @@ class SecureBridge:
         if data[0] == 0:
             # an unsubscription (a peer's, or libzmq's for a peer that left): that peer's filter only; the
             # bus side keeps the family (another peer may read it)
-            self.sec_xpub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            lane.sec_xpub.setsockopt(zmq.UNSUBSCRIBE, prefix)
             return
         key = self.key_of(frame)
         if key is None:
@@ -257,17 +386,20 @@ class SecureBridge:
                 self.refuse("too_many_subscriptions", key, f"{len(self.prefixes)} prefixes held")
                 return
             self.prefixes.add(prefix)
-        self.sec_xpub.setsockopt(zmq.SUBSCRIBE, prefix)
+        lane.sec_xpub.setsockopt(zmq.SUBSCRIBE, prefix)
         family = prefix.split(b".", 1)[0]
-        if family not in self.families:
-            self.families.add(family)
-            self.bridge_out.send(b"\x01" + family)
+        if family not in lane.families:
+            lane.families.add(family)
+            lane.bridge_out.send(b"\x01" + family)
 
     def run(self, stop: threading.Event) -> None:
         """Move messages both ways until ``stop`` (or the context ends)."""
         poller = zmq.Poller()
-        for sock in (self.sec_xsub, self.bridge_in, self.bridge_out, self.sec_xpub):
+        for sock in (self.sec_xsub, self.bridge_in):
             poller.register(sock, zmq.POLLIN)
+        for lane in self.lanes:
+            poller.register(lane.bridge_out, zmq.POLLIN)
+            poller.register(lane.sec_xpub, zmq.POLLIN)
         nb = zmq.NOBLOCK
         while not stop.is_set():
             events = dict(poller.poll(200))
@@ -282,18 +414,20 @@ class SecureBridge:
                     self.sec_xsub.send(self.bridge_in.recv(flags=nb))
                 except zmq.Again:
                     break
-            for _ in range(256 if self.bridge_out in events else 0):  # bus -> agents (XPUB filters per peer)
-                try:
-                    self.sec_xpub.send_multipart(
-                        self.bridge_out.recv_multipart(copy=False, flags=nb), copy=False
-                    )
-                except zmq.Again:
-                    break
-            for _ in range(256 if self.sec_xpub in events else 0):  # agents' subscriptions, checked
-                try:
-                    self.on_subscription(self.sec_xpub.recv(copy=False, flags=nb))
-                except zmq.Again:
-                    break
+            for lane in self.lanes:
+                # bus -> agents (the XPUB filters per peer)
+                for _ in range(256 if lane.bridge_out in events else 0):
+                    try:
+                        frames = lane.bridge_out.recv_multipart(copy=False, flags=nb)
+                    except zmq.Again:
+                        break
+                    if not publish_counted(lane.sec_xpub, frames, lane.patience):
+                        self.b.count_overflow(frames[0].bytes)
+                for _ in range(256 if lane.sec_xpub in events else 0):  # agents' subscriptions, checked
+                    try:
+                        self.on_subscription(lane, lane.sec_xpub.recv(copy=False, flags=nb))
+                    except zmq.Again:
+                        break
 
 
 class Broker:
@@ -339,6 +473,29 @@ class Broker:
         self.m_snapshot = prom.Counter(
             "charles_broker_snapshot_messages_total", "Last values served to late joiners", registry=r
         )
+        self.m_queue_hwm = prom.Gauge(
+            "charles_broker_queue_hwm",
+            "High-water mark (messages) of one connection's data queue, by port (0: unbounded)",
+            ["queue"],
+            registry=r,
+        )
+        self.m_queue_held = prom.Gauge(
+            "charles_broker_queue_held_bytes",
+            "Bytes the subscribers' queues of a lane hold now (a message queued for several counted once)",
+            ["lane"],
+            registry=r,
+        )
+        self.m_queue_bound = prom.Gauge(
+            "charles_broker_queue_bound_bytes",
+            "Bytes one connection's data queue may hold, by port: hwm messages and one crossing the wire, "
+            "each at most the largest message the port carries (broker.queue_bytes)",
+            ["queue"],
+            registry=r,
+        )
+        self.queues: dict[str, Queue] = {}
+        """Each port's data queue per connection (queue_plan), set at start."""
+        self.lane_xpubs: dict[tuple[str, ...], zmq.Socket] = {}
+        """Lanes -> the XPUB that serves them (one per lane with the C proxy, one for all without)."""
         self._threads: list[threading.Thread] = []
         self._proxy_controls: list[zmq.Socket] = []
         self._auth: ThreadAuthenticator | None = None
@@ -350,9 +507,13 @@ class Broker:
         self.counting = "off"
         """How the bus is counted: ``c`` (the counting proxy), ``capture`` (the capture socket) or ``off``."""
         self._families = tuple(f.encode() for f in self.reg.topics)
-        self._counts = np.zeros(2 * (len(self._families) + 1), np.int64)
-        """The C proxy's (messages, bytes) per family, the last pair "unknown"; it writes, we read."""
+        self._counts = np.zeros((len(self._families) + 1, 4), np.int64)
+        """The C proxy's counts per family, the last row "unknown": messages and bytes forwarded, overflows of
+        a subscriber's queue, messages refused over max_bytes; it writes, we read."""
         self._counted = self._counts.copy()
+        self._held = np.zeros((len(LANES), 2), np.int64)
+        """Per lane XPUB, as the C proxy last saw them: the bytes and the messages its subscribers' queues hold
+        (a message queued for several counted once); it writes, we read."""
 
     # -- endpoints -----------------------------------------------------------------------------------------
 
@@ -365,33 +526,38 @@ class Broker:
     def start(self, ports: dict[str, int] | None = None) -> None:
         """Bind every endpoint and start the proxies. ``ports`` overrides the registry (tests use 0)."""
         ports = {**self.reg.ports, **self.svc.cfg.bus.ports, **(ports or {})}
-        ctx = self.svc.ctx
         s = self.svc.socket
         bind = self.cfg.bind
+        proxy = counting_proxy() if self.cfg.count_with == "auto" else None
+        self.counting = "c" if proxy is not None else "capture" if self.cfg.count_topics else "off"
+        self.queues = queue_plan(self.cfg.queue_bytes, lanes=proxy is not None)
+        # subscriptions (at most SUBSCRIPTION_MAX_BYTES each) travel the other way of every socket
+        subs = queue(self.cfg.queue_bytes, SUBSCRIPTION_MAX_BYTES)
 
-        # main bus
+        # main bus: one XSUB for every publisher; one XPUB per lane, which the C proxy sends each family to
+        # (libzmq's proxy has one: every lane's ports are bound to it)
         xsub = s(zmq.XSUB)
-        xpub = s(zmq.XPUB)
-        for sock in (xsub, xpub):
-            # bounded per peer: a stalled subscriber costs at most hwm messages of broker memory, after which
-            # libzmq drops for that subscriber alone (receivers see the gap in sequence numbers and count it)
-            sock.setsockopt(zmq.SNDHWM, self.cfg.hwm)
-            sock.setsockopt(zmq.RCVHWM, self.cfg.hwm)
-        # bytes, not only messages: a frame larger than any family allows ends its sender's connection inside
-        # libzmq before it is buffered; a subscription longer than any topic likewise
+        xsub.setsockopt(zmq.RCVHWM, self.queues["publish"].hwm)
+        xsub.setsockopt(zmq.SNDHWM, subs.hwm)
+        # a frame larger than any family allows ends its sender's connection inside libzmq before it is
+        # buffered; a subscription longer than any topic likewise. (A frame, not a message: libzmq bounds
+        # neither a message's frames nor their sum; the C proxy refuses a message over its family's max_bytes
+        # before any subscriber's queue holds it.)
         xsub.setsockopt(zmq.MAXMSGSIZE, max(t.max_bytes for t in self.reg.topics.values()))
-        xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
         if not self.cfg.plain:
             # secure-only: the plain endpoints serve this process alone (its own heartbeat), never the network
             bind = "127.0.0.1"
         self.ports["publish"] = self._bind(xsub, bind, ports["publish"])
-        self.ports["subscribe"] = self._bind(xpub, bind, ports["subscribe"])
-        xpub.bind(_INPROC_OUT)
+        for lanes in [(lane,) for lane in LANES] if proxy is not None else [LANES]:
+            xpub = s(zmq.XPUB)
+            xpub.setsockopt(zmq.SNDHWM, self.queues[subscribe_port(lanes[0])].hwm)
+            xpub.setsockopt(zmq.RCVHWM, subs.hwm)
+            xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
+            for lane in lanes:
+                self.ports[subscribe_port(lane)] = self._bind(xpub, bind, ports[subscribe_port(lane)])
+            xpub.bind(_INPROC_OUT.format(lanes[0]))
+            self.lane_xpubs[lanes] = xpub
         capture = None
-        proxy = None
-        if self.cfg.count_topics:
-            proxy = counting_proxy() if self.cfg.count_with == "auto" else None
-            self.counting = "c" if proxy is not None else "capture"
         if self.counting == "capture":
             capture = s(zmq.PUB, hwm=self.cfg.count_queue)
             capture.bind(_INPROC_CAPTURE)
@@ -403,17 +569,19 @@ class Broker:
 
         self.secure_control = None
         if self.cfg.secure:
-            self._start_secure(ports, xsub)
+            self._start_secure(ports, xsub, subs)
 
-        self._start_proxy("bus", xsub, xpub, capture, proxy)
+        self._start_proxy("bus", xsub, list(self.lane_xpubs.values()), capture, proxy)
 
-        # last-value SUB (subscribes after the proxy runs so its subscription reaches publishers)
-        self.lv_sub = s(zmq.SUB, hwm=1000)
+        # last-value SUB (subscribes after the proxy runs so its subscription reaches publishers); its queue
+        # from each lane is the lane's hwm plus its own 1 (inproc adds both ends'): a lane's bound, as a peer's
+        self.lv_sub = s(zmq.SUB, hwm=1)
         for fam, t in self.reg.topics.items():
             # the broker alone makes the configuration: whatever a publisher sends on "config" is never cached
             if t.last_value and fam != "config":
                 self.lv_sub.setsockopt(zmq.SUBSCRIBE, fam.encode())
-        self.lv_sub.connect(_INPROC_OUT)
+        for lanes in self.lane_xpubs:
+            self.lv_sub.connect(_INPROC_OUT.format(lanes[0]))
         self.cap_sub = None
         if capture is not None:
             self.cap_sub = s(zmq.SUB, hwm=self.cfg.count_queue)
@@ -424,7 +592,6 @@ class Broker:
         # kept apart from the cache too (the config request is answered from here, whatever the cache holds)
         self.config_frames = [bytes(f) for f in cfg_frames]
         self._cache("config", self.config_frames)
-        del ctx
         self.bound.set()
         self.svc.log.info(
             "broker up: "
@@ -432,8 +599,37 @@ class Broker:
             + (" (CURVE on)" if self.cfg.secure else " (plain only)")
             + f"; counting per topic: {self.counting}"
         )
+        self._report_queues()
 
-    def _start_secure(self, ports: dict[str, int], main_xsub: zmq.Socket) -> None:
+    def _report_queues(self) -> None:
+        """Log each port's queue bound per connection and export it: what a stalled peer can cost."""
+        parts, over = [], []
+        for name, q in self.queues.items():
+            if name.startswith("secure_") and not self.cfg.secure:
+                continue
+            self.m_queue_hwm.labels(name).set(q.hwm)
+            self.m_queue_bound.labels(name).set(q.bound)
+            size = "unbounded" if q.hwm == 0 else f"{q.bound / 1e6:.0f} MB"
+            parts.append(f"{name} {size} (hwm {q.hwm}, messages up to {q.largest / 1e6:g} MB)")
+            if q.bound > self.cfg.queue_bytes > 0:
+                over.append(name)
+        if over:
+            parts.append(
+                f"{MIN_HWM + 1} of their largest message are more than queue_bytes: {', '.join(over)}"
+            )
+        if len(self.lane_xpubs) == 1:
+            self.svc.log.warning(
+                "libzmq's proxy forwards (the C counting proxy is not built, or not from this version: "
+                "make install): one queue per subscriber for both lanes, the main lane's hwm of messages up to "
+                "1 GB (bounds below); overflows are not counted, nor a message over its family's max_bytes "
+                "refused"
+            )
+        budget = self.cfg.queue_bytes / 1e6
+        self.svc.log.info(
+            f"queues per connection and direction (queue_bytes {budget:g} MB): " + "; ".join(parts)
+        )
+
+    def _start_secure(self, ports: dict[str, int], main_xsub: zmq.Socket, subs: Queue) -> None:
         keys = Path(self.svc.cfg.bus.keys_dir)
         allowed = keys / "allowed"
         if not (keys / "broker.key_secret").is_file():
@@ -460,26 +656,41 @@ class Broker:
 
         # agents -> bus: secure XSUB -> (checks) -> inproc XPUB, which the main XSUB connects to
         sec_xsub = server(zmq.XSUB)
+        sec_xsub.setsockopt(zmq.RCVHWM, self.queues["secure_publish"].hwm)
+        sec_xsub.setsockopt(zmq.SNDHWM, subs.hwm)
         sec_xsub.setsockopt(zmq.MAXMSGSIZE, max(t.max_bytes for t in self.reg.topics.values() if t.publish))
         self.ports["secure_publish"] = self._bind(sec_xsub, host, ports["secure_publish"])
         bridge_in = s(zmq.XPUB)
+        # into the main XSUB's queue (inproc adds both ends' marks: 1 + its hwm), as one more publisher
+        bridge_in.setsockopt(zmq.SNDHWM, 1)
+        bridge_in.setsockopt(zmq.XPUB_NODROP, 1)
         bridge_in.bind(_INPROC_SECURE_IN)
         main_xsub.connect(_INPROC_SECURE_IN)
-        # bus -> agents: XSUB on the main XPUB's inproc side -> secure XPUB (subscriptions checked, manual)
-        bridge_out = s(zmq.XSUB)
-        bridge_out.connect(_INPROC_OUT)
-        sec_xpub = server(zmq.XPUB)
-        sec_xpub.setsockopt(zmq.XPUB_MANUAL, 1)
-        sec_xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
-        self.ports["secure_subscribe"] = self._bind(sec_xpub, host, ports["secure_subscribe"])
+        # bus -> agents, per lane: XSUB on the lane's inproc XPUB -> secure XPUB (subscriptions checked, manual)
+        lanes = []
+        for served in self.lane_xpubs:
+            bridge_out = s(zmq.XSUB, hwm=1)  # the lane's hwm + 1, as a subscriber's (inproc adds both ends')
+            bridge_out.setsockopt(zmq.SNDHWM, subs.hwm)
+            bridge_out.connect(_INPROC_OUT.format(served[0]))
+            sec_xpub = server(zmq.XPUB)
+            sec_xpub.setsockopt(zmq.XPUB_MANUAL, 1)
+            sec_xpub.setsockopt(zmq.XPUB_NODROP, 1)
+            sec_xpub.setsockopt(zmq.SNDHWM, self.queues[subscribe_port(served[0], secure=True)].hwm)
+            sec_xpub.setsockopt(zmq.RCVHWM, subs.hwm)
+            sec_xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES)
+            for lane in served:
+                name = subscribe_port(lane, secure=True)
+                self.ports[name] = self._bind(sec_xpub, host, ports[name])
+            lanes.append(SecureLane(bridge_out, sec_xpub, set()))
         self.secure_control = server(zmq.ROUTER)
         self.secure_control.setsockopt(zmq.MAXMSGSIZE, self.reg.topics["config"].max_bytes)
         self.ports["secure_control"] = self._bind(self.secure_control, host, ports["secure_control"])
-        self._monitors = [sock.get_monitor_socket() for sock in (sec_xsub, sec_xpub, self.secure_control)]
+        watched = (sec_xsub, *(lane.sec_xpub for lane in lanes), self.secure_control)
+        self._monitors = [sock.get_monitor_socket() for sock in watched]
         for mon in self._monitors:
             mon.setsockopt(zmq.LINGER, 0)
             self.svc.adopt(mon)  # closed with the others, or the context never terminates
-        self.bridge = SecureBridge(self, sec_xsub, bridge_in, bridge_out, sec_xpub)
+        self.bridge = SecureBridge(self, sec_xsub, bridge_in, lanes)
         self._bridge_stop = threading.Event()
         t = threading.Thread(target=self._run_bridge, name="secure-bridge", daemon=True)
         t.start()
@@ -514,31 +725,42 @@ class Broker:
         self,
         name: str,
         front: zmq.Socket,
-        back: zmq.Socket,
+        backs: list[zmq.Socket],
         capture: zmq.Socket | None,
         counting: Any | None = None,
     ) -> None:
-        """libzmq's proxy in a thread, or with ``counting`` (the C counting proxy module) that one."""
+        """libzmq's proxy in a thread (one back), or with ``counting`` (the C counting proxy module) that one,
+        which sends each family to its lane's back."""
         ctl_addr = f"inproc://proxy-control-{name}"
         ctl = self.svc.socket(zmq.PAIR)
         ctl.bind(ctl_addr)
         peer = self.svc.socket(zmq.PAIR)
         peer.connect(ctl_addr)
         self._proxy_controls.append(ctl)
+        lane_of = {lane: i for i, lanes in enumerate(self.lane_xpubs) for lane in lanes}
+        families = list(self.reg.topics.values())
+        lanes = (*(lane_of[t.lane] for t in families), lane_of[LANES[0]])
+        # a topic of no family ("unknown") travels the main lane, bounded as its largest message
+        limits = (*(t.max_bytes for t in families), self.reg.lane_max_bytes(LANES[0]))
 
         def run() -> None:
             try:
                 if counting is not None:
                     counting.run(
                         front.underlying,
-                        back.underlying,
+                        tuple(b.underlying for b in backs),
                         peer.underlying,
                         self._families,
+                        lanes,
+                        limits,
                         self._counts,
+                        self._held,
+                        PATIENCE_MS,
+                        WAIT_PER_S_MS,
                         zmq.ETERM,
                     )
                 else:
-                    zmq.proxy_steerable(front, back, capture, peer)
+                    zmq.proxy_steerable(front, backs[0], capture, peer)
             except zmq.ContextTerminated:
                 pass
             except zmq.ZMQError as e:
@@ -581,21 +803,39 @@ class Broker:
 
     def flush_counts(self) -> int:
         """Move what the C counting proxy counted since the last call into the metrics; how many messages."""
-        now = self._counts.copy()  # each int64 is read whole; a pair read mid-update is right next time
+        now = self._counts.copy()  # each int64 is read whole; a row read mid-update is right next time
         delta = now - self._counted
-        msgs = delta[0::2]
         if not delta.any():
+            self._report_held()
             return 0
         self._counted = now
-        for i in np.flatnonzero(msgs | delta[1::2]):
-            # a family's own name is a topic of that family; the last pair is the registry's "unknown"
-            counters = self._family_counters(self._families[i] if i < len(self._families) else b"")
-            counters[0].inc(int(msgs[i]))
-            counters[1].inc(int(delta[2 * i + 1]))
-        n = int(msgs.sum())
+        m = self.svc.metrics
+        for i in np.flatnonzero(delta.any(axis=1)):
+            msgs, nbytes, overflows, refused = (int(x) for x in delta[i])
+            # a family's own name is a topic of that family; the last row is the registry's "unknown"
+            topic = self._families[i] if i < len(self._families) else b""
+            counters = self._family_counters(topic)
+            counters[0].inc(msgs)
+            counters[1].inc(nbytes)
+            if overflows:
+                m.drops.labels(cause=f"queue_overflow_{self.reg.family(topic)}").inc(overflows)
+            if refused:
+                fam = self.reg.family(topic)
+                limit = self.reg.topics[fam].max_bytes if fam in self.reg.topics else "its lane's largest"
+                self.svc.reject("oversize", f"{refused} {fam} message(s) over {limit} bytes refused", refused)
+        self._report_held()
+        n = int(delta[:, 0].sum())
         self.through += n
         self.svc.info["through_msgs"] = self.through
         return n
+
+    def _report_held(self) -> None:
+        for i, lanes in enumerate(self.lane_xpubs):
+            self.m_queue_held.labels(lanes[0]).set(int(self._held[i, 0]))
+
+    def count_overflow(self, topic: bytes) -> None:
+        """A queue on the secure side overflowed at this message (the C proxy counts the bus's)."""
+        self.svc.metrics.drops.labels(cause=f"queue_overflow_{self.reg.family(topic)}").inc()
 
     def _on_capture(self, frames: list) -> None:
         # every message through the bus passes here: per-topic counters are looked up once, not per call
