@@ -1,6 +1,6 @@
 """Ingest capacity: how many collectors one box serves, and which stage gives out first.
 
-    python bench/ingest.py [--quick] [--rates 500,1000,2000,3000,4000] [--step-s 8] [--collectors 100]
+    python bench/ingest.py [--quick] [--rates 1000,2000,...,12000] [--step-s 8] [--collectors 100]
                            [--frame sim|40k]
 
 Real processes on loopback, as ``charles up`` runs them, with the CPU demo's configuration
@@ -296,7 +296,9 @@ def step_figures(offered: float, a: dict, b: dict, cpu_a: dict, cpu_b: dict, dt:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two short steps (well under a minute)")
-    ap.add_argument("--rates", default="500,1000,2000,3000,4000,5000", help="offered samples/s, in order")
+    ap.add_argument(
+        "--rates", default="1000,2000,3000,4000,6000,8000,10000,12000", help="offered samples/s, in order"
+    )
     ap.add_argument("--step-s", type=float, default=8.0, help="seconds measured at each rate")
     ap.add_argument("--collectors", type=int, default=100, help="collector identities in all")
     ap.add_argument("--frame", choices=("sim", "40k"), default="sim", help="the frame every sample carries")
