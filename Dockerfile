@@ -89,19 +89,16 @@ RUN --mount=type=secret,id=ca \
  && pip install -c /src/constraints.txt -r /src/torch.txt -r /src/requirements.txt
 
 # ---------------------------------------------------------------------------------------------- code
-# Charles itself, without dependencies (they are in the layer above), from the build context mounted for
-# this one step (rw: setuptools writes build/ there, and the writes are dropped): nothing but the installed
-# package lands in the layer. .dockerignore keeps .venv, runs/, keys/ and tests out of the build context.
-# Its build backend (setuptools) comes from PyPI, hence the CA.
-FROM deps-cpu AS build-cpu
+# Charles itself, as a wheel, from the build context mounted for this one step (rw: setuptools writes
+# build/ there, and the writes are dropped). The wheel is built where the compiler is (its broker proxy is
+# C) and installed last in each image below, over the dependency layer: editing a .py file makes a new
+# layer of about half a megabyte, and the venv layer of several GB stays the one in the cache. (Installing
+# Charles into the venv before copying it made every edit copy the whole venv again, 6 GB a build, which
+# filled a CI disk after a few builds.) Its build backend (setuptools) comes from PyPI, hence the CA.
+FROM deps AS wheel
 RUN --mount=type=bind,target=/src/charles,rw --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --no-deps /src/charles
-
-FROM deps-gpu AS build-gpu
-RUN --mount=type=bind,target=/src/charles,rw --mount=type=secret,id=ca \
-    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install --no-deps /src/charles
+ && pip wheel --no-deps --wheel-dir /wheels /src/charles
 
 # ---------------------------------------------------------------------------------------------- runtime
 FROM base AS runtime
@@ -134,11 +131,19 @@ LABEL org.opencontainers.image.title="charles" \
       org.opencontainers.image.description="Teach a car to drive in a game while it plays"
 
 FROM runtime AS gpu
-COPY --from=build-gpu /opt/venv /opt/venv
+COPY --from=deps-gpu /opt/venv /opt/venv
+USER root
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-deps --no-index /wheels/charles-*.whl
+USER charles
 # What the NVIDIA Container Toolkit should hand in: every GPU it was asked for, compute only.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # Last, so a plain `docker build .` makes the slim image.
 FROM runtime AS cpu
-COPY --from=build-cpu /opt/venv /opt/venv
+COPY --from=deps-cpu /opt/venv /opt/venv
+USER root
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install --no-deps --no-index /wheels/charles-*.whl
+USER charles

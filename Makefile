@@ -124,7 +124,9 @@ images: ## build charles:cpu (and charles:gpu with a GPU; IMAGES=...) and, if it
 	  echo "== charles:$$target on $$base"; \
 	  DOCKER_BUILDKIT=1 $(DOCKER) build --target $$target -t charles:$$target --build-arg PYTHON_IMAGE=$$base \
 	    --build-arg TORCH_INDEX=$(TORCH_INDEX) $(CA_SECRET) . || exit 1; \
-	done
+	done; \
+	echo "== the charles images these replaced, pruned: $$($(DOCKER) image prune -f \
+	  --filter label=org.opencontainers.image.title=charles | tail -n 1)"
 	@echo "== Prometheus: $$(DOCKER=$(DOCKER) deploy/prometheus-image.sh)"
 
 clean: ## remove the virtual environment and caches (keeps runs/ and data/)

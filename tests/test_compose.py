@@ -222,6 +222,17 @@ class Heartbeats:
         self.svc.close()
 
 
+def _docker_root() -> str:
+    return _run([DOCKER, "info", "-f", "{{.DockerRootDir}}"]).strip() or "/var/lib/docker"
+
+
+def _docker_free_gb() -> float:
+    root = Path(_docker_root())
+    while not root.exists():
+        root = root.parent
+    return shutil.disk_usage(root).free / 1e9
+
+
 def _image_available(name: str) -> bool:
     if subprocess.run([DOCKER, "image", "inspect", name], capture_output=True).returncode == 0:
         return True
@@ -258,6 +269,14 @@ def stack(tmp_path_factory):
                 taken.append(port)
     assert not taken, f"host ports the stack publishes are taken: {taken} (another stack or `make run`?)"
 
+    # A first build holds torch's venv twice (the deps stage and the image, 6 GB each with PyPI's CUDA
+    # torch); a rebuild over a cached one adds megabytes. Say so up front rather than fail mid-build.
+    free_gb, need_gb = _docker_free_gb(), (2 if _run([DOCKER, "images", "-q", "charles:cpu"]).strip() else 14)
+    READ["free GB where Docker stores images, before the build"] = round(free_gb, 1)
+    assert free_gb > need_gb, (
+        f"only {free_gb:.1f} GB free where Docker stores images ({_docker_root()}), a build needs about"
+        f" {need_gb} GB: `docker builder prune` and `docker image prune` make room"
+    )
     t0 = time.monotonic()
     env = {**os.environ, "DOCKER": DOCKER}
     built = _run(["make", "images", "IMAGES=cpu", f"DOCKER={DOCKER}"], timeout=3600, env=env)
@@ -316,6 +335,25 @@ def test_1_the_images_build_and_the_cpu_stack_starts(stack):
     size = int(_run([DOCKER, "image", "inspect", "-f", "{{.Size}}", "charles:cpu"]).strip())
     READ["charles:cpu size MB"] = round(size / 1e6)
     assert size > 100e6, size
+    # Charles' own code is its own small layer on top of the dependencies' venv, so a code edit rebuilds
+    # megabytes, not the venv's gigabytes (which, copied once per build, filled a CI disk).
+    layers = [
+        line.split("\t", 1)
+        for line in _run(
+            [
+                DOCKER,
+                "history",
+                "--human=false",
+                "--no-trunc",
+                "--format",
+                "{{.Size}}\t{{.CreatedBy}}",
+                "charles:cpu",
+            ]
+        ).splitlines()
+    ]
+    code = [int(n) for n, made_by in layers if "/wheels/charles-" in made_by]
+    READ["charles:cpu code layer MB"] = [round(n / 1e6, 1) for n in code]
+    assert len(code) == 1 and code[0] < 30e6, layers[:6]
     t0 = time.monotonic()
     stack.up()
     PHASES["docker-compose up -d"] = time.monotonic() - t0
