@@ -212,6 +212,34 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     return proc.returncode
 
 
+def start_broker(
+    log: Path, *settings: str, timeout: float = 60.0
+) -> tuple[subprocess.Popen, dict[str, int], int]:
+    """A broker process on random free ports, healthy: (process, bus ports, http port).
+
+    A free port can be taken by someone else before the broker binds it: then it starts once more on new
+    ports. A broker that exits raises with the end of its log, so the reason is in the failure."""
+    from conftest import random_bus_ports
+
+    for attempt in range(2):
+        ports, http = random_bus_ports(), free_ports(1)[0]
+        proc = start_service("charles.broker", overrides(*settings), service_env(ports, http), log)
+
+        def up(proc: subprocess.Popen = proc, http: int = http) -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the broker exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            return is_healthy(http)
+
+        try:
+            wait_for(up, timeout, "the broker never became healthy")
+            return proc, ports, http
+        except BaseException:
+            stop(proc)
+            if attempt or "in use" not in log.read_text():
+                raise
+    raise AssertionError("unreachable")
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 

@@ -19,15 +19,12 @@ import zmq
 from charles.proto import Frame, Sample, decode, encode
 from charles.runtime import SeqGaps
 
-from conftest import free_ports, missing_tool, random_bus_ports
+from conftest import missing_tool
 from survive_support import (
     healthz,
-    is_healthy,
-    overrides,
     rss_mb,
     scrape,
-    service_env,
-    start_service,
+    start_broker,
     stop,
     wait_for,
 )
@@ -79,15 +76,13 @@ class Reader:
 
 
 def test_a_stalled_subscriber_costs_the_broker_its_queue_bytes_and_is_counted(tmp_path):
-    ports, (http,) = random_bus_ports(), free_ports(1)
     log = tmp_path / "broker.log"
-    proc = start_service(
-        "charles.broker", overrides(f"broker.queue_bytes={QUEUE_BYTES}"), service_env(ports, http), log
-    )
+    proc, ports, http = start_broker(log, f"broker.queue_bytes={QUEUE_BYTES}")
     ctx = zmq.Context()
     reader = None
     try:
-        wait_for(lambda: proc.poll() is None and is_healthy(http), 30, "the broker never became healthy")
+        # the broker is healthy once bound; its "broker up" line and queue bounds are logged just after
+        wait_for(lambda: "messages up to" in log.read_text(), 10, "the broker never logged its queues")
         if "counting per topic: c\n" not in log.read_text():
             missing_tool("the broker's C counting proxy is not built (a C compiler at `make install`)")
         m = scrape(http)

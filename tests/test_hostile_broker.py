@@ -20,16 +20,13 @@ import zmq.auth
 from charles.proto import Action, Heartbeat, Weights, encode
 from charles.tools import make_keys
 
-from conftest import free_ports, random_bus_ports
+from conftest import random_bus_ports
 from survive_support import (
     healthz,
-    is_healthy,
-    overrides,
     rss_growth_within,
     rss_mb,
     scrape,
-    service_env,
-    start_service,
+    start_broker,
     stop,
     wait_for,
 )
@@ -41,29 +38,9 @@ KEYS = ["cap-1:capture_agent", "pad-1:gamepad_agent", "player"]
 def broker(tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, KEYS)
-    log = tmp_path / "broker.log"
-    for attempt in range(2):
-        ports = random_bus_ports()
-        http = free_ports(1)[0]
-        proc = start_service(
-            "charles.broker",
-            overrides("broker.secure=true", "broker.secure_bind=127.0.0.1", f"bus.keys_dir={keys}"),
-            service_env(ports, http),
-            log,
-        )
-
-        def up(proc=proc, http=http) -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the broker exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-            return is_healthy(http)
-
-        try:
-            wait_for(up, 60, "broker never became healthy")
-            break
-        except RuntimeError:
-            # a free port can be taken by someone else before the broker binds it: once more, new ports
-            if attempt or "in use" not in log.read_text():
-                raise
+    proc, ports, http = start_broker(
+        tmp_path / "broker.log", "broker.secure=true", "broker.secure_bind=127.0.0.1", f"bus.keys_dir={keys}"
+    )
     ctx = zmq.Context()
     try:
         yield proc, ports, http, keys, ctx
