@@ -122,12 +122,14 @@ def test_images_and_make_install_use_the_pins():
     installs = re.findall(r"pip install ([^&\n]*)", dockerfile)
     assert installs
     # an install that resolves dependencies takes the pins; a --no-deps one installs only exact pins
-    # (torch.txt, from pyproject's ==) or Charles itself
+    # (torch.txt, from pyproject's ==) or Charles itself (its wheel, built from the context, no index)
     for args in installs:
         if "--no-deps" in args:
-            assert args.split()[-1] in ("/src/torch.txt", "/src/charles"), args
+            assert args.split()[-1] in ("/src/torch.txt", "/wheels/charles-*.whl"), args
+            assert "--no-index" in args or args.split()[-1] == "/src/torch.txt", args
         else:
             assert "-c /src/constraints.txt" in args, f"pip install without the pins: {args}"
+    assert re.findall(r"pip wheel ([^&\n]*)", dockerfile) == ["--no-deps --wheel-dir /wheels /src/charles"]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"pip install .*-c constraints\.txt .*-e '\.\[dev\]'", makefile)
 
