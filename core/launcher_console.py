@@ -18,9 +18,9 @@ from charles.runtime import Service
 # state keys worth showing, per service, in order (services put them in heartbeats' info)
 SHOW = {
     "broker": ["through_msgs"],
-    "collector": ["samples", "sps", "unstucks", "km", "drops"],
+    "collector": ["samples", "sps", "pace", "unstucks", "km", "drops"],
     "balancer": ["accepted", "sets", "acceptance", "held"],
-    "trainer": ["status", "batch", "loss", "fill", "sps", "published"],
+    "trainer": ["status", "batch", "loss", "fill", "sps", "demand", "published"],
     "player": ["model_batch", "pps", "fps", "swaps", "unstucks"],
     "viewer": ["clients"],
 }

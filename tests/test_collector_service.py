@@ -314,6 +314,70 @@ def test_remote_game_recovery_is_no_sample_counts_an_unstuck_and_game_time_jitte
     wait_for(lambda: svc.info.get("unstucks") == 1, 3, "the console does not show the unstuck")
 
 
+def test_a_realtime_collector_follows_the_trainers_demand_and_counts_a_bad_one(
+    served_broker, collectors, clients
+):
+    """Flow control on the real bus: a trainer's heartbeat asking for less slows the collector to its floor,
+    one asking for more brings it back to collector.pace; nobody else's heartbeat moves it."""
+    from charles.proto import Heartbeat
+
+    data = served_broker(
+        collector={"realtime": True, "pace": 1.0, "flow_min": 0.1, "console_s": 0.2}, sim=SMALL_SIM
+    )
+    trainer = clients("trainer")
+    beats = trainer.publisher("heartbeat")
+    sub = clients("trainer").subscriber(["sample.collector-f"], late_join=False)
+    svc = collectors(data, "collector-f", 1)
+    wait_for(lambda: svc.info.get("flow") == 1.0, 20, "the collector never started")
+    asked: dict[str, object] = {}
+
+    def beat() -> None:
+        for instance, (service, demand) in list(asked.items()):
+            beats.send(f"heartbeat.{instance}", Heartbeat(service, instance, "ok", 1.0, {"demand": demand}))
+
+    def rate(seconds: float) -> float:
+        while sub.drain():  # what queued while the pace was moving
+            pass
+        got = [t for t, e in receive(sub, seconds) if e.topic == "sample.collector-f"]
+        return (len(got) - 1) / (got[-1] - got[0]) if len(got) > 2 else 0.0
+
+    def settle(pred, what: str) -> None:
+        def check() -> bool:
+            beat()
+            return pred(svc.info.get("flow"))
+
+        wait_for(check, 20, what)
+
+    # a collector's heartbeat (a look-alike topic) asking for less moves nothing
+    asked["trainer-look-alike"] = ("collector", 0.125)
+    for _ in range(10):
+        beat()
+        time.sleep(0.2)
+    assert svc.info["flow"] == 1.0, "a heartbeat of another service moved the pace"
+
+    asked = {"trainer-a": ("trainer", 0.125)}
+    settle(lambda f: f == 0.1, "the collector never slowed to its floor")
+    slow = rate(3.0)
+    assert 1.5 <= slow <= 4.5, f"{slow:.1f} samples/s at 0.1 x pace 1 (3/s expected)"
+    assert svc.info["pace"] == 0.1
+
+    # two trainers: the hungriest wins
+    asked["trainer-b"] = ("trainer", 8.0)
+    settle(lambda f: f == 1.0, "the collector never came back to its pace")
+    fast = rate(2.0)
+    assert 22 <= fast <= 38, f"{fast:.1f} samples/s back at pace 1 (30/s expected)"
+
+    # a demand that is not a positive number is refused and counted; it never moves the pace
+    asked = {"trainer-c": ("trainer", float("nan")), "trainer-d": ("trainer", "lots")}
+    rejects = svc.metrics.registry
+    wait_for(
+        lambda: (beat(), counter_value(rejects, "charles_rejects_total", {"reason": "bad_demand"}) >= 4)[1],
+        10,
+        "bad demands were not counted",
+    )
+    assert svc.info["flow"] == 1.0
+
+
 class SlowPub:
     """A bus that takes 20 ms per message."""
 

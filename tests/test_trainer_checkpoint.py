@@ -323,6 +323,16 @@ def test_console_lines_and_heartbeat_info():
         "sps": 12.5,
         "published": 3,
     }
+    state["flow"] = {
+        "demand": 0.25,
+        "reuse": 0.5,
+        "target_reuse": 2.0,
+        "insert_per_s": 25.0,
+        "draw_per_s": 12.5,
+    }
+    assert heartbeat_info(state)["demand"] == 0.25, "collectors read the demand from the heartbeat"
+    lines = render_lines(state, 120)
+    assert "flow    25.0 in/s, 12.5 drawn/s: reuse 0.50 (aim 2) -> asks for less data (x0.25)" in lines
 
 
 # ---- published weights in a fresh process -------------------------------------------------------------

@@ -10,6 +10,7 @@ import prometheus_client as prom
 import pytest
 import torch
 
+from charles.flow import DEMAND_MAX, DEMAND_MIN, STALE_S, Demand, Pace
 from charles.model.net import torch_threads
 from charles.sections.trainer import TrainerConfig
 from charles.trainer.checkpoint import CheckpointError
@@ -93,6 +94,60 @@ def test_the_report_keeps_metrics_losses_and_derived_counters_current():
     assert summary["loss"] == {"steering": 0.2, "throttle_brake": 0.3} and summary["loss_total"] == 0.5
     assert summary["loss_history"] == [[7, 0.5]] and summary["reused"] == {"steering": 5}
     assert (summary["samples_per_s"], summary["batches_per_s"], summary["data_wait"]) == (4.0, 1.0, 0.5)
+    # flow control off (target_reuse 0, the default here): no demand asked, the gauge says 0
+    assert "demand" not in summary["flow"] and value("charles_trainer_flow_demand") == 0
+    assert summary["flow"] == {"insert_per_s": 12.0, "draw_per_s": 4.0}
+    assert value("charles_trainer_flow_reuse") == pytest.approx(1 / 3)
+
+
+def test_demand_asks_for_the_inserts_that_reach_the_target_reuse():
+    d = Demand(target_reuse=4.0, window=3)
+    assert d.look(0.0, 0, 0, trained=False) == DEMAND_MAX, "filling the buffers: as much as there is"
+    # 100 inserted/s, 50 drawn/s: reuse 0.5; at 4 the trainer could do with 12.5 inserted/s
+    d.look(10.0, 1000, 500, trained=True)
+    assert d.look(20.0, 2000, 1000, trained=True) == pytest.approx(0.125)
+    assert d.info() == {
+        "demand": 0.125,
+        "reuse": 0.5,
+        "target_reuse": 4.0,
+        "insert_per_s": 100.0,
+        "draw_per_s": 50.0,
+    }
+    # 10 inserted/s, 80 drawn/s (reuse 8): twice the inserts reach 4
+    d.look(30.0, 2100, 1800, trained=True)
+    d.look(40.0, 2200, 2600, trained=True)
+    assert d.look(50.0, 2300, 3400, trained=True) == pytest.approx(2.0)
+    # on target, but waiting for data 75 % of the time: four times the data would keep it busy
+    d.look(60.0, 2400, 3800, trained=True)
+    d.look(70.0, 2500, 4200, trained=True)
+    assert d.look(80.0, 2600, 4600, trained=True, data_wait=0.75) == pytest.approx(4.0)
+    # far off in either direction: within [DEMAND_MIN, DEMAND_MAX]
+    d.look(90.0, 2600 + 10**6, 4600, trained=True)
+    d.look(100.0, 2600 + 2 * 10**6, 4600, trained=True)
+    assert d.look(110.0, 2600 + 3 * 10**6, 4600, trained=True) == DEMAND_MIN
+    off = Demand(target_reuse=0.0)
+    off.look(0.0, 0, 0, trained=True)
+    off.look(1.0, 10, 10, trained=True)
+    assert "demand" not in off.info(), "flow_reuse 0 asks for nothing"
+
+
+def test_the_pace_follows_the_hungriest_trainer_within_its_floor_and_forgets_the_silent():
+    p = Pace(floor=0.1, gain=0.5)
+    assert p.step(0.0) == 1.0, "nobody asks: the configured pace"
+    assert p.hear("trainer-a", 0.25, 0.0)
+    assert p.step(0.0) == pytest.approx(0.5) and p.step(1.0) == pytest.approx(0.25)
+    assert p.step(2.0) == pytest.approx(0.125) and p.step(3.0) == 0.1, "never under the floor"
+    assert p.hear("trainer-b", 4.0, 3.0) and p.demand(3.0) == 4.0, "the hungriest wins"
+    assert p.step(3.0) == pytest.approx(0.2) and p.step(4.0) == pytest.approx(0.4)
+    assert p.step(5.0) == pytest.approx(0.8) and p.step(6.0) == 1.0, "never over the configured pace"
+    p.hear("trainer-b", 0.25, 6.0)
+    p.step(6.0)
+    assert p.demand(6.0 + STALE_S + 1) is None and p.trainers == 0, "silent trainers are forgotten"
+    before = p.scale
+    assert p.step(30.0) == pytest.approx(before**0.5), "...and the pace walks back to 1"
+    for bad in (float("nan"), float("inf"), -1.0, 0, "lots", None, True):
+        assert not p.hear("trainer-x", bad, 30.0), bad
+    assert p.trainers == 0
 
 
 # ---- TensorBoard ------------------------------------------------------------------------------------------

@@ -218,7 +218,9 @@ def test_trains_at_the_threshold_publishes_to_late_players_and_resumes_from_disk
     assert state["collectors"] == ["sim-1"] and player.instance in state["players"]
     assert set(state["loss"]) == {"steering", "throttle_brake"} and state["loss_history"][-1][0] == 6
     assert state["published"] == 4 and state["last_publish_batch"] == 6
-    assert set(service.svc.info) == {"status", "batch", "loss", "fill", "sps", "published"}
+    assert set(service.svc.info) == {"status", "batch", "loss", "fill", "sps", "published", "demand"}
+    # flow control aims at flow_reuse (4) but never past what the buffers allow (samples_per_insert 1)
+    assert state["flow"]["target_reuse"] == 1.0 and service.svc.info["demand"] == state["flow"]["demand"]
 
     # SIGTERM's path: a final checkpoint at 6, storage flushed, the period closed
     stop(service, t)

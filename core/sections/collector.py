@@ -70,6 +70,13 @@ class CollectorConfig:
         min=0.01,
         max=100.0,
     )
+    flow: bool = knob(
+        True,
+        "realtime sim/gym: follow the trainers' demand (flow control, charles.flow): slower than pace when "
+        "the trainer cannot use the data, back up to pace when it can; pace is the ceiling. A game is "
+        "paced by its own clock and does not follow",
+    )
+    flow_min: float = knob(0.05, "flow: the lowest share of pace a collector slows to", min=0.001, max=1.0)
     restart_s: float = knob(
         0.0,
         "sim: every this many game seconds, put the car at rest on a random road (0 = never). A driving "

@@ -182,6 +182,13 @@ class TrainerConfig:
         500, "Points of the console's loss plot at most (older ones are thinned)", min=10
     )
     # -- data ------------------------------------------------------------------------------------------
+    flow_reuse: float = knob(
+        4.0,
+        "Flow control: the draws per inserted sample the trainer aims at (at most buffer.samples_per_insert); "
+        "its heartbeat asks self-paced collectors for more data when it reuses more or waits, for less when "
+        "it reuses less (charles.flow). 0: asks for nothing",
+        min=0.0,
+    )
     buffer: BufferConfig = knob(BufferConfig(), "The buffers (one per balanced output)")
     storage: StorageConfig = knob(
         StorageConfig(path=""), "The on-disk mirror of the buffers; path empty: <run>/storage/buffers.sqlite3"

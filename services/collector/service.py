@@ -26,6 +26,7 @@ from charles.collector.sender import Sender
 from charles.collector.sources import Source
 from charles.drive.samples import TICK_HZ, Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
+from charles.flow import Pace
 from charles.proto import Console, Sample
 from charles.runtime import Publisher, Service
 from charles.sections.collector import CollectorConfig
@@ -158,6 +159,18 @@ class CollectorService:
             on_drop=self._drop_queue.inc,
             on_sent=self._sent,
         )
+        # flow control (charles.flow): a self-paced collector follows the trainers' demand
+        self.flow: Pace | None = None
+        self.flow_sub = None
+        if self.config.flow and self.config.realtime and not source.paced:
+            self.flow = Pace(self.config.flow_min)
+            self.flow_sub = svc.subscriber(["heartbeat.trainer"], late_join=False)
+        self.m_flow = prom.Gauge(
+            "charles_collector_flow_scale",
+            "Flow control: the share of collector.pace this collector runs at (1 without flow control)",
+            registry=r,
+        )
+        self.m_flow.set(1.0)
         self.ticks = 0
         self.unstucks = 0
         self.metres = 0.0
@@ -237,7 +250,18 @@ class CollectorService:
             self.svc.stop_event.wait(wait)
             now = time.monotonic()
         self.m_jitter.observe(max(0.0, now - self._due))
-        self._due += 1.0 / (TICK_HZ * self.config.pace)
+        scale = self.flow.scale if self.flow is not None else 1.0
+        self._due += 1.0 / (TICK_HZ * self.config.pace * scale)
+
+    def _follow_demand(self, now: float) -> None:
+        """Hear the trainers' heartbeats since the last refresh, then move the pace once (charles.flow)."""
+        for env in self.flow_sub.drain():
+            msg = env.msg
+            if getattr(msg, "service", None) != "trainer" or "demand" not in msg.info:
+                continue
+            if not self.flow.hear(msg.instance, msg.info["demand"], now):
+                self.svc.reject("bad_demand", f"{msg.instance} asked for {msg.info['demand']!r}")
+        self.m_flow.set(self.flow.step(now))
 
     def _game_jitter(self, game_time: float) -> None:
         """A game keeps its own clock: record how far its tick intervals stray from one 30 Hz step (a lost
@@ -264,6 +288,11 @@ class CollectorService:
             "resolution": f"{self.shape.width}x{self.shape.height}",
             "frames": self.shape.frames,
             "queued": self.sender.queue.qsize(),
+            **(
+                {"pace": round(self.config.pace * self.flow.scale, 3), "flow": round(self.flow.scale, 3)}
+                if self.flow is not None
+                else {}
+            ),
             **{k: v for k, v in self.source.info().items() if k != "unstucks"},
         }
 
@@ -276,6 +305,8 @@ class CollectorService:
             if now > t:
                 self.sps = (sent - n) / (now - t)
         self._last_refresh = (now, sent)
+        if self.flow is not None:
+            self._follow_demand(now)
         state = self.state()
         self.svc.info = state  # a new dict, never mutated: the heartbeat thread reads it
         self.console_pub.send(f"console.{self.svc.instance}", Console("collector", state))

@@ -53,6 +53,8 @@ def heartbeat_info(state: dict[str, Any]) -> dict[str, Any]:
         "fill": round(min(fills), 3) if fills else 0.0,
         "sps": round(float(state.get("samples_per_s", 0.0)), 1),
         "published": int(state.get("published", 0)),
+        # flow control: collectors read the demand from here (charles.flow; absent when flow_reuse is 0)
+        **({"demand": flow["demand"]} if (flow := state.get("flow")) and "demand" in flow else {}),
     }
 
 
@@ -85,8 +87,18 @@ def render_lines(state: dict[str, Any], width: int = 80, now: float | None = Non
             f"{state.get('samples_per_s', 0.0):.1f} samples/s   data wait {100 * state.get('data_wait', 0.0):.0f}%"
         )[:w],
         f"lr      {state.get('lr', 0.0):.2e}"[:w],
-        "buffers",
     ]
+    flow = state.get("flow") or {}
+    if "demand" in flow:
+        want = "more" if flow["demand"] > 1.05 else "less" if flow["demand"] < 0.95 else "as much"
+        out.append(
+            (
+                f"flow    {flow.get('insert_per_s', 0.0):.1f} in/s, {flow.get('draw_per_s', 0.0):.1f} drawn/s: "
+                f"reuse {flow.get('reuse', 0.0):.2f} (aim {flow.get('target_reuse', 0.0):g}) -> asks for "
+                f"{want} data (x{flow['demand']:.2f})"
+            )[:w]
+        )
+    out.append("buffers")
     for name, b in (state.get("buffers") or {}).items():
         cap = b.get("capacity") or 1
         frac = b.get("fill", 0) / cap

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import prometheus_client as prom
 
+from charles.flow import Demand
 from charles.trainer.console import LossHistory
 
 RATE_WINDOW = 20
@@ -81,6 +82,17 @@ class TrainerMetrics:
         self.batch = prom.Gauge(
             "charles_trainer_batch", "The run's batch counter (continues across restarts)", registry=r
         )
+        self.demand = prom.Gauge(
+            "charles_trainer_flow_demand",
+            "Flow control: the factor by which the trainer asks collectors to change the data they send "
+            "(>1 more, <1 less; 0: trainer.flow_reuse 0 asks for nothing; charles.flow)",
+            registry=r,
+        )
+        self.reuse = prom.Gauge(
+            "charles_trainer_flow_reuse",
+            "Draws per inserted sample over the rate window (flow control aims at trainer.flow_reuse)",
+            registry=r,
+        )
 
 
 class Rates:
@@ -130,7 +142,13 @@ class Report:
     """
 
     def __init__(
-        self, metrics: TrainerMetrics, drops: prom.Counter, *, loss_history: int = 500, world: int = 1
+        self,
+        metrics: TrainerMetrics,
+        drops: prom.Counter,
+        *,
+        loss_history: int = 500,
+        world: int = 1,
+        target_reuse: float = 0.0,
     ):
         self.metrics = metrics
         self._drops_family = drops
@@ -140,6 +158,7 @@ class Report:
         self.losses: dict[str, float] = {}
         self.loss_total: float | None = None
         self.rates = Rates()
+        self.demand = Demand(target_reuse, RATE_WINDOW)
         self.reused = Deltas()
         self.inserted = Deltas()
         self.drawn = Deltas()
@@ -182,6 +201,15 @@ class Report:
             if grew := self.drawn.step(name, s["drawn"]):
                 m.drawn.labels(name).inc(grew)
         m.wait.set(rates.data_wait)
+        self.demand.look(
+            now,
+            sum(s["inserted"] for s in buffers.values()),
+            sum(s["drawn"] for s in buffers.values()),
+            trained=trained,
+            data_wait=rates.data_wait,
+        )
+        m.demand.set(self.demand.value if self.demand.target_reuse > 0 else 0.0)
+        m.reuse.set(self.demand.reuse)
         m.batches_per_s.set(rates.batches_per_s)
         m.samples_per_s.set(rates.samples_per_s)
         totals = {
@@ -201,6 +229,7 @@ class Report:
             "samples_per_s": round(self.rates.samples_per_s, 2),
             "batches_per_s": round(self.rates.batches_per_s, 3),
             "data_wait": round(self.rates.data_wait, 3),
+            "flow": self.demand.info(),
             "loss": {k: round(v, 6) for k, v in self.losses.items()},
             "loss_total": None if self.loss_total is None else round(self.loss_total, 6),
             "loss_history": self.history.snapshot(),

@@ -133,6 +133,7 @@ class TrainerService:
             svc.metrics.drops,
             loss_history=self.tcfg.loss_history,
             world=self.world,
+            target_reuse=min(self.tcfg.flow_reuse, self.tcfg.buffer.samples_per_insert),
         )
         self.metrics = self.report.metrics
         self.metrics.batch.set(self.trainer.batch)
