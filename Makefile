@@ -37,6 +37,7 @@ SERVICES ?=
 COLLECTORS ?= 2
 PRESET   ?= tiny
 MINUTES  ?= 0
+RUNS     ?= 1
 N        ?= 3
 CYCLES   ?= 10
 KILLS    ?= 3
@@ -92,8 +93,8 @@ bench-gpu: $(STAMP) ## on an NVIDIA GPU: trainer bf16 vs fp32, torch.compile, pl
 bench-viewer: $(STAMP) ## the stream page in headless Chromium while charles up runs: painted fps and latency (chromium)
 	cd bench && ../$(PY) viewer.py
 
-bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, npc and random (MINUTES=20)
-	cd bench && ../$(PY) e2e.py --minutes $(if $(filter 0,$(MINUTES)),20,$(MINUTES))
+bench-e2e: $(STAMP) ## the learning proof: live training, then eval of player, npc and random (MINUTES=20 RUNS=1)
+	cd bench && ../$(PY) e2e.py --minutes $(if $(filter 0,$(MINUTES)),20,$(MINUTES)) --runs $(RUNS)
 
 validate: $(STAMP) ## docker-compose config, kubectl kustomize, kubernetes-validate, promtool, topology checks
 	$(PY) -m charles.validate

@@ -28,6 +28,13 @@ minute): the player reaches half of it only by driving about as far with at most
 ``--quick``: 1 minute of training, 0.25 minutes per eval seed (about 2 minutes in all; a smoke run, not a
 proof). The last stdout line is one JSON object.
 
+Honest figures: before anything it measures the box's own torch step (bench/trainer.py's, the tiny line at
+160x90; ``box.torch_step_img_s``) and says so when the box is under ``FLOOR_IMG_S``, the slowest box the
+figures are stated for. ``--runs N`` (``make bench-e2e RUNS=3``) runs N independent pipelines one after the
+other and reports each headline figure's median and spread (min, max), every run's own figures under
+``each``; batches and samples always stand beside the minutes. ``collector_flow_mean`` is the collectors'
+mean pace scale under flow control (``--set collector.flow=false`` to compare without it).
+
 A Gymnasium env instead of the sim: a configuration whose ``collector.source`` is ``gym:ID`` (e.g.
 ``deploy/car_racing.yaml``). The collectors' expert drives the env; no player runs while it trains (the
 player drives the sim); the newest weights then drive one episode of the env per eval seed through
@@ -63,6 +70,9 @@ EVAL_SEEDS = (9001, 9002, 9003)
 """Towns nobody drove while training: collectors use seed 1..K, the player 1000 (launcher --seed 0)."""
 PROGRESS_S = 30.0
 STOP_TIMEOUT_S = 120.0
+FLOOR_IMG_S = 70.0
+"""The slowest box the figures are stated for: the tiny line's torch step in img/s (bench/trainer.py). The
+slowest 2-core box seen so far ran 74.5; the README's figures come from one at 234."""
 KEYS = ("km", "km_between_unstucks", "on_road_fraction", "collisions_per_km", "mean_speed_kmh")
 
 
@@ -112,6 +122,8 @@ class Watcher:
         self.trainer: dict[str, Any] = {}
         self.first_weights_s: float | None = None
         self.first_batch: int | None = None
+        self.flow_sum, self.flow_n = 0.0, 0
+        """Collectors' flow scales heard (flow control): their mean over the run."""
 
     def poll(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -122,6 +134,9 @@ class Watcher:
             msg = env.msg
             if env.topic.startswith("heartbeat."):
                 self.beats[msg.instance] = msg
+                flow = msg.info.get("flow") if msg.service == "collector" else None
+                if isinstance(flow, int | float):
+                    self.flow_sum, self.flow_n = self.flow_sum + flow, self.flow_n + 1
                 if msg.service == "player" and self.first_weights_s is None:
                     batch = msg.info.get("model_batch", -1)
                     if isinstance(batch, int) and batch > 0:
@@ -149,6 +164,9 @@ class Watcher:
             "samples_trained": int(tr.get("samples", 0)),
             "player_batch": player.get("model_batch", -1),
             "player_unstucks": player.get("unstucks", 0),
+            "collector_flow_mean": round(self.flow_sum / self.flow_n, 3) if self.flow_n else None,
+            "collector_flow_now": [c["flow"] for c in collectors if "flow" in c],
+            "trainer_demand": (self.of("trainer") or [{}])[0].get("demand"),
         }
 
     def line(self) -> str:
@@ -168,6 +186,12 @@ class Watcher:
             f"  collected {c['samples_collected']}  balanced {c['samples_balanced']}"
             f"  trained {c['samples_trained']}"
             + (f"  dagger {c['samples_dagger']}" if c["samples_dagger"] else "")
+            + (
+                f"  pace x{min(c['collector_flow_now']):.2f}..{max(c['collector_flow_now']):.2f}"
+                f" (demand {c['trainer_demand']})"
+                if c["collector_flow_now"]
+                else ""
+            )
             + f"  player batch {c['player_batch']} (first trained weights: {first})"
         )
 
@@ -298,16 +322,89 @@ def main() -> int:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
     )
     ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="independent runs, one after the other; above 1 the report is each figure's median and spread",
+    )
+    ap.add_argument(
         "--keep",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="keep the temporary run directory (logs, checkpoints); default: kept for runs over 3 minutes",
     )
     args = ap.parse_args()
+    if args.runs < 1:
+        raise SystemExit("e2e: --runs must be at least 1")
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 20.0)
     eval_minutes = args.eval_minutes if args.eval_minutes is not None else (0.25 if args.quick else 5.0)
     seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
+    box = box_speed()
+    print(
+        f"e2e: this box trains the tiny line at {box['torch_step_img_s']:.1f} img/s (160x90, batch 32, one "
+        f"thread); the figures are stated for boxes of at least {FLOOR_IMG_S:g}"
+        + ("" if box["above_floor"] else " -- THIS BOX IS SLOWER: expect less learning per minute"),
+        flush=True,
+    )
+    runs = []
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"e2e: run {i + 1} of {args.runs}", flush=True)
+        runs.append(one_run(args, minutes, eval_minutes, seeds))
+    figures = dict(runs[0]) if len(runs) == 1 else summarise(runs)
+    figures["box"] = box
+    report(figures)
+    return 0
 
+
+def box_speed() -> dict:
+    """The box's own torch step speed (bench/trainer.py's step of the tiny line): a learning figure per
+    minute means little without it (the same run trained 769 batches on one 2-core box, 6,000 on another)."""
+    from trainer import step_rate
+
+    img_s = step_rate("tiny", (90, 160), 32, steps=3, repeats=2)
+    return {
+        "torch_step_img_s": round(img_s, 1),
+        "floor_img_s": FLOOR_IMG_S,
+        "above_floor": img_s >= FLOOR_IMG_S,
+    }
+
+
+SUMMARISED = {
+    "player_vs_npc": ("player_vs_npc",),
+    "player_vs_random": ("player_vs_random",),
+    "player_km_between_unstucks": ("player", "km_between_unstucks"),
+    "player_on_road_fraction": ("player", "on_road_fraction"),
+    "npc_km_between_unstucks": ("npc", "km_between_unstucks"),
+    "first_weights_s": ("first_weights_s",),
+    "batches": ("batches",),
+    "samples_collected": ("samples_collected",),
+    "samples_trained": ("samples_trained",),
+    "minutes_trained": ("minutes_trained",),
+}
+"""The figures --runs N reports as median, min and max over the runs."""
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Median and spread (min, max) of the headline figures over independent runs, and every run's own."""
+
+    def get(run: dict, path: tuple[str, ...]) -> float | None:
+        v: Any = run
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        return v if isinstance(v, int | float) else None
+
+    median, spread = {}, {}
+    for name, path in SUMMARISED.items():
+        values = [v for r in runs if (v := get(r, path)) is not None]
+        if values:
+            median[name] = round(statistics.median(values), 4)
+            spread[name] = [round(min(values), 4), round(max(values), 4)]
+    return {"runs": len(runs), "median": median, "spread": spread, "each": runs}
+
+
+def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds: list[int]) -> dict:
+    """One independent run: a fresh pipeline in a fresh directory, trained, stopped, evaluated."""
     tmp = Path(tempfile.mkdtemp(prefix="charles-e2e-"))
     cfg_path = tmp / "run.yaml"
     run_data = run_config(Path(args.config), args.set, args.dagger)
@@ -418,6 +515,7 @@ def main() -> int:
         "dagger": dagger,
         "collectors": args.collectors,
         "collector_km": counts["collector_km"],
+        "collector_flow_mean": counts["collector_flow_mean"],
         "weights": str(weights.parent.name) if weights else None,
         "eval": {
             "seeds": seeds,
@@ -441,8 +539,7 @@ def main() -> int:
         figures["run_dir"] = str(tmp)
     if "all stopped" not in launcher_out:
         print(f"e2e: the launcher did not report a clean stop:\n{launcher_out[-2000:]}", file=sys.stderr)
-    report(figures)
-    return 0
+    return figures
 
 
 if __name__ == "__main__":

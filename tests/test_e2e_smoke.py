@@ -72,6 +72,9 @@ def test_e2e_bench_runs_end_to_end_and_reports_every_figure():
             "mean_speed_kmh",
         } <= set(figures[policy]), policy
     assert any(line.startswith("[") and " batch " in line for line in stdout.splitlines()), "no progress line"
+    # the box's own speed beside the figures, and what flow control made of the collectors' pace
+    assert figures["box"]["torch_step_img_s"] > 0 and "this box trains the tiny line at" in stdout
+    assert 0 < figures["collector_flow_mean"] <= 1, figures["collector_flow_mean"]
 
 
 def test_e2e_bench_trains_on_box2d_car_racing_and_drives_it():
