@@ -35,6 +35,10 @@ other and reports each headline figure's median and spread (min, max), every run
 ``each``; batches and samples always stand beside the minutes. ``collector_flow_mean`` is the collectors'
 mean pace scale under flow control (``--set collector.flow=false`` to compare without it).
 
+Variety: ``--eval-looks config,rain@19,clear@23`` drives the i-th held-out town under the i-th look (noon as
+configured, rainy dusk, night), and each policy gets ``per_look`` figures beside the pooled ones. Training
+under varied skies is ``--set collector.look=vary`` (a new weather and hour at every restart and Unstuck).
+
 A Gymnasium env instead of the sim: a configuration whose ``collector.source`` is ``gym:ID`` (e.g.
 ``deploy/car_racing.yaml``). The collectors' expert drives the env; no player runs while it trains (the
 player drives the sim); the newest weights then drive one episode of the env per eval seed through
@@ -202,10 +206,31 @@ class Watcher:
 # ---- evaluation -------------------------------------------------------------------------------------------
 
 
-def eval_one(policy: str, seed: int, minutes: float, config: Path, env_id: str | None = None) -> dict:
+def parse_look(look: str) -> list[str]:
+    """``config`` (the run's sim.weather and sim.time_of_day) or ``WEATHER@HOUR`` -> charles eval's --set."""
+    from charles.sim.config import WEATHERS
+
+    if look == "config":
+        return []
+    weather, sep, hour = look.partition("@")
+    try:
+        h = float(hour)
+    except ValueError:
+        h = -1.0
+    if not sep or weather not in WEATHERS or not 0 <= h <= 24:
+        raise SystemExit(
+            f"e2e: a look is config or WEATHER@HOUR with a weather of {', '.join(WEATHERS)} and an hour "
+            f"in 0..24 (rain@19.5), not {look!r}"
+        )
+    return ["--set", f"sim.weather={weather}", "--set", f"sim.time_of_day={h}"]
+
+
+def eval_one(
+    policy: str, seed: int, minutes: float, config: Path, env_id: str | None = None, look: str = "config"
+) -> dict:
     cmd = [sys.executable, "-m", "charles.cli", "eval", "--policy", policy, "--seed", str(seed)]
     cmd += ["--env", f"gym:{env_id}", "--episodes", "1"] if env_id else ["--minutes", str(minutes)]
-    cmd += ["--config", str(config)]
+    cmd += ["--config", str(config), *([] if env_id else parse_look(look))]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -250,17 +275,37 @@ def pooled_returns(results: list[dict]) -> dict:
 
 
 def evaluate(
-    weights: Path | None, seeds: list[int], minutes: float, config: Path, jobs: int, env_id: str | None = None
+    weights: Path | None,
+    seeds: list[int],
+    minutes: float,
+    config: Path,
+    jobs: int,
+    env_id: str | None = None,
+    looks: list[str] | None = None,
 ) -> dict:
+    """Every policy on every seed, the i-th seed under the i-th look (the looks repeat when fewer); with
+    more than one look each policy also gets ``per_look`` figures."""
+    looks = looks or ["config"]
+    look_of = {s: looks[i % len(looks)] for i, s in enumerate(seeds)}
     policies = {"npc": "npc", "random": "random"}
     if weights is not None:
         policies["player"] = f"weights:{weights}"
     work = [(name, pol, s) for name, pol in policies.items() for s in seeds]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        done = list(pool.map(lambda w: (w[0], eval_one(w[1], w[2], minutes, config, env_id)), work))
+        done = list(
+            pool.map(
+                lambda w: (w[0], w[2], eval_one(w[1], w[2], minutes, config, env_id, look_of[w[2]])), work
+            )
+        )
     out: dict[str, Any] = {"player": None}
+    pool_of = pooled_returns if env_id else pooled
     for name in policies:
-        out[name] = (pooled_returns if env_id else pooled)([r for n, r in done if n == name])
+        out[name] = pool_of([r for n, _, r in done if n == name])
+        if len(set(look_of.values())) > 1 and not env_id:
+            out[name]["per_look"] = {
+                look: pool_of([r for n, s, r in done if n == name and look_of[s] == look])
+                for look in dict.fromkeys(look_of.values())
+            }
     return out
 
 
@@ -322,6 +367,13 @@ def main() -> int:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting"
     )
     ap.add_argument(
+        "--eval-looks",
+        default="config",
+        help="the sky of each held-out town in turn: config (the run's sim section) or WEATHER@HOUR, "
+        "comma-separated (e.g. config,rain@19,clear@23: noon, rainy dusk, night); more than one adds "
+        "per-look figures",
+    )
+    ap.add_argument(
         "--runs",
         type=int,
         default=1,
@@ -339,6 +391,8 @@ def main() -> int:
     minutes = args.minutes if args.minutes is not None else (1.0 if args.quick else 20.0)
     eval_minutes = args.eval_minutes if args.eval_minutes is not None else (0.25 if args.quick else 5.0)
     seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
+    for look in args.eval_looks.split(","):  # a typo fails now, not after the training
+        parse_look(look.strip())
     box = box_speed()
     print(
         f"e2e: this box trains the tiny line at {box['torch_step_img_s']:.1f} img/s (160x90, batch 32, one "
@@ -500,7 +554,8 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
         flush=True,
     )
     t_eval = time.monotonic()
-    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs), env_id)
+    looks = [x.strip() for x in args.eval_looks.split(",") if x.strip()]
+    ev = evaluate(weights, seeds, eval_minutes, cfg_path, max(1, args.eval_jobs), env_id, looks)
     player, npc, rnd = ev["player"], ev["npc"], ev["random"]
     key = "episode_return" if env_id else "km_between_unstucks"
     figures = {
@@ -520,6 +575,7 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
         "eval": {
             "seeds": seeds,
             "minutes_per_seed": None if env_id else eval_minutes,
+            "looks": None if env_id else {s: looks[i % len(looks)] for i, s in enumerate(seeds)},
             "wall_s": round(time.monotonic() - t_eval, 1),
         },
         "player": player,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 
@@ -10,7 +11,15 @@ import numpy as np
 import pytest
 
 from charles.collector.sender import Sender
-from charles.collector.sources import GameSource, GymSource, SimSource, replica_seed, seeded_look
+from charles.collector.sources import (
+    WEATHER_MIX,
+    GameSource,
+    GymSource,
+    SimSource,
+    draw_sky,
+    replica_seed,
+    seeded_look,
+)
 from charles.drive.frames import as_trainer_sees, fit_frame
 from charles.drive.past import FrameStack
 from charles.drive.samples import Capture, Encoder, SampleBuilder
@@ -157,6 +166,28 @@ def test_replicas_get_their_own_seed_and_look():
     assert replica_seed("collector-a") == replica_seed("collector-a")
     looks = {seeded_look(s)["weather"] for s in range(40)}
     assert len(looks) >= 3
+
+
+def test_look_vary_draws_a_new_sky_at_every_restart_nights_included():
+    from charles.sim.config import SimConfig
+
+    src = SimSource(7, 64, 36, SimConfig(blocks=3, traffic=0), look="vary", restart_s=1.0, repaint=True)
+    assert (src.info()["weather"], src.info()["hour"]) == ("clear", 13.0), "it starts as configured"
+    skies = set()
+    for _ in range(30 * 8):  # 8 game seconds: 7 restarts
+        src.next()
+        skies.add((src.info()["weather"], src.info()["hour"]))
+    assert src.restarts >= 7 and src.skies >= src.restarts
+    assert len(skies) >= 7, skies
+    frame = src.world.hood_frame()
+    assert frame.shape == (36, 64, 3)
+    src.close()
+    # over many draws, every weather and the night (before 5:30 or after 21:30) come up
+    rng = random.Random(1)
+    draws = [draw_sky(rng) for _ in range(400)]
+    assert {d["weather"] for d in draws} == set(WEATHER_MIX)
+    night = sum(d["time_of_day"] < 5.5 or d["time_of_day"] > 21.5 for d in draws) / len(draws)
+    assert 0.25 < night < 0.45, night
 
 
 class FakeSub:

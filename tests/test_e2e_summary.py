@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 E2E = Path(__file__).resolve().parents[1] / "bench" / "e2e.py"
 
 
@@ -46,3 +48,19 @@ def test_three_runs_report_each_figures_median_and_spread():
     ]
     # a figure no run has is left out, not reported as 0
     assert "samples_collected" not in out["median"]
+
+
+@pytest.mark.slow  # four `charles eval` processes
+def test_held_out_towns_are_driven_under_their_looks_with_figures_per_look():
+    e2e = e2e_bench()
+    cfg = Path(__file__).resolve().parents[1] / "deploy" / "demo.yaml"
+    out = e2e.evaluate(None, [9001, 9002], 0.03, cfg, 2, looks=["config", "rain@22.5"])
+    assert out["player"] is None and set(out) == {"player", "npc", "random"}
+    for policy in ("npc", "random"):
+        per_look = out[policy]["per_look"]
+        assert list(per_look) == ["config", "rain@22.5"], per_look
+        assert sum(f["km"] for f in per_look.values()) == pytest.approx(out[policy]["km"], abs=2e-3)
+    assert e2e.parse_look("fog@5") == ["--set", "sim.weather=fog", "--set", "sim.time_of_day=5.0"]
+    for bad in ("snow@12", "rain", "rain@25", "rain@dusk"):
+        with pytest.raises(SystemExit, match="a look is config or WEATHER@HOUR"):
+            e2e.parse_look(bad)

@@ -97,10 +97,12 @@ class CollectorConfig:
         "sim: with restart_turn_deg, how far (m) off the lane's centre a restart may put the car",
         min=0.0,
     )
-    look: Literal["seed", "config"] = knob(
+    look: Literal["seed", "config", "vary"] = knob(
         "seed",
         "sim: seed draws weather, time of day and car colour per replica from its seed (variety across "
-        "replicas); config uses sim.weather, sim.time_of_day and sim.car_color as set",
+        "replicas); config uses sim.weather, sim.time_of_day and sim.car_color as set; vary starts as "
+        "config and draws a new weather and hour (day and night) at every restart and Unstuck (variety "
+        "within each replica)",
     )
     repaint: bool = knob(
         False,

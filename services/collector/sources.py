@@ -40,6 +40,8 @@ WEATHER_MIX = {"clear": 0.45, "overcast": 0.25, "rain": 0.18, "fog": 0.12}
 """How often each weather is drawn per replica (mostly fair weather, as in a game's own cycle)."""
 HOURS = (5.5, 21.5)
 """Range of the hour drawn per replica: dawn to late evening (a few night frames, mostly daylight)."""
+VARY_HOURS = (0.0, 24.0)
+"""look: vary draws the hour from the whole day: a third of the episodes are at night (GTA V has nights)."""
 
 
 class Source(Protocol):
@@ -70,13 +72,17 @@ def seeded_look(seed: int) -> dict[str, Any]:
     from charles.sim.world import CAR_COLORS
 
     rng = random.Random(seed * 7919 + 17)
-    weathers = [w for w in WEATHERS if w in WEATHER_MIX]
-    weather = rng.choices(weathers, [WEATHER_MIX[w] for w in weathers])[0]
     return {
-        "weather": weather,
-        "time_of_day": round(rng.uniform(*HOURS), 2),
+        **draw_sky(rng, HOURS),
         "car_color": tuple(CAR_COLORS[rng.randrange(len(CAR_COLORS))]),
     }
+
+
+def draw_sky(rng: random.Random, hours: tuple[float, float] = VARY_HOURS) -> dict[str, Any]:
+    """A weather (WEATHER_MIX's odds) and an hour within ``hours``."""
+    weathers = [w for w in WEATHERS if w in WEATHER_MIX]
+    weather = rng.choices(weathers, [WEATHER_MIX[w] for w in weathers])[0]
+    return {"weather": weather, "time_of_day": round(rng.uniform(*hours), 2)}
 
 
 # ---------------------------------------------------------------------------------------------- sim
@@ -121,6 +127,12 @@ class SimSource:
         self.session.teleport_hooks.append(self.npc.reset)
         if repaint:  # restarts run the teleport hooks too
             self.session.teleport_hooks.append(self.world.repaint)
+        self.skies = 0
+        if (
+            look == "vary"
+        ):  # a new sky at every restart and Unstuck: every replica sees every weather and hour
+            self._sky_rng = random.Random(seed * 104729 + 3)
+            self.session.teleport_hooks.append(self._new_sky)
         self.render_idle = render_idle
         """Render frames Unstuck fades too (a stacked model sees them in its past frames)."""
         self.name = "sim"
@@ -166,8 +178,12 @@ class SimSource:
             unstuck=tick.teleported,
         )
 
+    def _new_sky(self) -> None:
+        self.world.set_appearance(**draw_sky(self._sky_rng))
+        self.skies += 1
+
     def info(self) -> dict:
-        c = self.sim_cfg
+        c = self.world.cfg  # the look now (look: vary changes it at restarts)
         info = {"seed": self.seed, "weather": c.weather, "hour": c.time_of_day, "unstucks": self.unstucks}
         if self.restart_s > 0:
             info["restarts"] = self.restarts
