@@ -18,6 +18,10 @@ Pictures come from dxcam (``frames: dxcam``, paced by the monotonic clock: tick 
 missed ticks are skipped and counted) or from the mod itself (``frames: deepgtav``: one tick per frame the
 mod sends, at the rate we ask it for). Everything that touches Windows is in ``charles.agents.devices``.
 
+With a mod that speaks Charles' extension (agents/README.md), play mode also carries the cinematic camera
+(``cameras: alternate``) and collect mode can inject noise bursts through the mod (``noise_rate_hz``);
+purpose targets (``purpose``) and the game's clock work with any mod.
+
 Threads: the main loop owns the bus sockets; the DeepGTAV feed thread owns the TCP connection to the mod
 and holds the newest frame+data pair.
 """

@@ -353,6 +353,13 @@ def test_dxcam_frames_get_telemetry_interpolated_to_their_capture_and_the_skew_i
     p50 = reg.get_sample_value("charles_agent_telemetry_skew_quantile_seconds", {"quantile": "0.5"})
     p99 = reg.get_sample_value("charles_agent_telemetry_skew_quantile_seconds", {"quantile": "0.99"})
     assert count >= 60 and p50 is not None and p99 is not None
+    from prometheus_client import generate_latest
+
+    from charles import topology
+
+    exposed = generate_latest(reg).decode()
+    for m in (m for m in topology.METRICS.values() if m.owner == "capture_agent"):
+        assert all(n in exposed for n in topology.exposed_names(m)), f"{m.name}: listed, not exposed"
     # 30 Hz telemetry around each capture: the nearest data message is at most half a period away
     # (p99: a loaded box may deliver one late)
     assert 0.0 <= p50 <= 1 / 60 + 0.005 and p50 <= p99 < 0.25
