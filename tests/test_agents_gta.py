@@ -12,6 +12,7 @@ import math
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 
@@ -33,7 +34,7 @@ from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
 from mod_support import ExtendedMod, labels, msvc_rand_stream
-from tests_support import counter_value, wait_for
+from tests_support import counter_value, stream_parts, wait_for
 
 
 @pytest.fixture
@@ -190,10 +191,19 @@ def test_both_cameras_reach_the_player_and_its_stream_with_one_tick_and_targets_
 ):
     from charles.model.presets import get_config
     from charles.player.service import PlayerService
+    from charles.viewer.app import serve
+    from charles.viewer.board import Board
+    from charles.viewer.web import Viewer
 
     srv = xmod()  # the car drives east 0.5 m a frame from (100, 200)
     _, data = broker
-    viewer = client_factory("viewer").subscriber(["camera."], late_join=False)
+    vsvc = client_factory("viewer")  # the real viewer: its receive loop and its page's picture streams
+    board = Board()
+    web = Viewer(vsvc, board)
+    web.start(host="127.0.0.1", port=0)
+    vt = threading.Thread(target=serve, args=(vsvc, board, web), daemon=True)
+    vt.start()
+    viewer = client_factory("listener").subscriber(["camera."], late_join=False)
     game = client_factory("listener").subscriber(["game."], late_join=False)
     psvc = client_factory(
         "player",
@@ -201,7 +211,7 @@ def test_both_cameras_reach_the_player_and_its_stream_with_one_tick_and_targets_
             "source": "remote",
             "source_id": "gta-1",
             "realtime": False,
-            "console_hz": 0,
+            "console_hz": 5,
             "camera_hz": 30,
             "terminal": False,
             "threads": 1,
@@ -223,13 +233,27 @@ def test_both_cameras_reach_the_player_and_its_stream_with_one_tick_and_targets_
             quality=95,
         ),
     )
+    pages: dict[str, list] = {}
+
+    def page(name: str) -> None:
+        pages[name] = stream_parts(web.port, f"/stream/player/{name}.mjpg", 15)[1]
+
     try:
         frames = _received(game, lambda g: len(g) >= 40)
         cams = _received(viewer, lambda c: sum(m.tick is not None for m in c) >= 10)
+        wait_for(lambda: board.resolve("player") is not None, 10, "the viewer never heard of the player")
+        readers = [threading.Thread(target=page, args=(n,)) for n in ("cinematic", "hood")]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(15)
     finally:
         agent.close()
         psvc.stop()
         pt.join(5)
+        vsvc.stop()
+        vt.join(3)
+        web.close()
     assert srv.messages("start")[0]["dataset"]["rate"] == 60  # hood and cinematic: 30 Hz each
     assert srv.messages("start")[0]["dataset"]["cameras"] == ["hood", "cinematic"]
     assert len(frames) >= 40 and all(isinstance(f, GameFrame) for f in frames)
@@ -264,6 +288,21 @@ def test_both_cameras_reach_the_player_and_its_stream_with_one_tick_and_targets_
         assert _gap(cine, c.tick - 1) <= 4 and int(cine[-1, 0, 1]) > 230
         hood = c.images["hood"].decode()
         assert abs(int(hood[-1, 0, 0]) - (c.tick * 8) % 256) <= 4 and int(hood[-1, 0, 1]) < 25
+    # and the viewer's page streams them, each part tagged with its tick: the same ticks on both tiles
+    ticks = {}
+    for name, parts in pages.items():
+        tagged_parts = [(int(h["X-Game-Tick"]), body) for h, body in parts if "X-Game-Tick" in h]
+        assert len(tagged_parts) >= 10, f"{name}: {len(tagged_parts)} tagged pictures"
+        ticks[name] = {t for t, _ in tagged_parts}
+        for t, body in tagged_parts:
+            img = cv2.cvtColor(
+                cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+            )
+            if name == "cinematic":
+                assert _gap(img, t - 1) <= 4 and int(img[-1, 0, 1]) > 230
+            else:
+                assert _gap(img, t) <= 4 and int(img[-1, 0, 1]) < 25
+    assert len(ticks["cinematic"] & ticks["hood"]) >= 5
 
 
 def test_noise_bursts_override_the_autopilot_and_are_labelled_with_what_it_wanted(
