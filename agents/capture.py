@@ -18,6 +18,10 @@ Pictures come from dxcam (``frames: dxcam``, paced by the monotonic clock: tick 
 missed ticks are skipped and counted) or from the mod itself (``frames: deepgtav``: one tick per frame the
 mod sends, at the rate we ask it for). Everything that touches Windows is in ``charles.agents.devices``.
 
+With a mod that speaks Charles' extension (agents/README.md), play mode also carries the cinematic camera
+(``cameras: alternate``) and collect mode can inject noise bursts through the mod (``noise_rate_hz``);
+purpose targets (``purpose``) and the game's clock work with any mod.
+
 Threads: the main loop owns the bus sockets; the DeepGTAV feed thread owns the TCP connection to the mod
 and holds the newest frame+data pair.
 """
@@ -47,13 +51,16 @@ from charles.agents.devices import (
     find_window_region,
     make_pad_reader,
 )
+from charles.agents.timing import GameClock, Matched, SkewStats, match
 from charles.cli import help_text
 from charles.config import knob
-from charles.drive.controls import purpose
+from charles.drive.controls import purpose, split
 from charles.drive.frames import fit_frame
+from charles.drive.noise import NoiseBursts
+from charles.drive.purpose import Targets, draw_purpose_arrow
 from charles.drive.samples import Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
-from charles.proto import GameFrame, Sample
+from charles.proto import Frame, GameFrame, Sample
 from charles.runtime import Service, agent_service, run_main
 
 log = logging.getLogger("charles.capture_agent")
@@ -136,7 +143,37 @@ class CaptureSettings:
     steering_sign: float = knob(
         1.0, "Multiply the mod's steering by this (DeepGTAV: negative = left, like Charles)"
     )
-    purpose_target: list = knob([], "[x, y] the purpose points at; empty: purpose (0, 0)")
+    purpose: Literal["off", "waypoints", "random"] = knob(
+        "random",
+        "Purpose targets: off (purpose (0, 0)), waypoints in order (purpose_waypoints), or random points of "
+        "the map box; a new one whenever the car is within purpose_reach_m",
+    )
+    purpose_waypoints: list = knob([], "[[x, y], ...] visited in order (purpose: waypoints), then again")
+    purpose_target: list = knob([], "[x, y]: a single waypoint (purpose: waypoints); kept for old files")
+    purpose_reach_m: float = knob(15.0, "A target counts as reached within this distance (m)", min=1.0)
+    purpose_min_m: float = knob(150.0, "Random targets are at least this far from the car (m)", min=0.0)
+    purpose_marker: bool = knob(True, "Draw the purpose arrow on the hood frame (the sim's marker)")
+    cameras: Literal["hood", "alternate"] = knob(
+        "hood",
+        "hood: one camera; alternate: an extended mod renders hood and cinematic on alternate frames (asked "
+        "at twice fps), the cinematic goes to the player's camera stream (needs frames: deepgtav)",
+    )
+    telemetry_wait_s: float = knob(
+        0.05, "dxcam: wait up to this long for the data message after a capture, to interpolate", min=0.0
+    )
+    speed_fix: bool = knob(
+        True,
+        "npc autopilot: restart the scenario in a second whose start draws driving_speed (the public mod "
+        "ignores the speed sent with start); false for a mod that reads it",
+    )
+    noise_rate_hz: float = knob(
+        0.0,
+        "Noise bursts per second in collect mode with driver=npc (needs the mod's override extension)",
+        min=0.0,
+    )
+    noise_duration_s: list = knob([0.3, 1.5], "[lo, hi] of a burst's length in s")
+    noise_steering: float = knob(0.35, "Largest steering offset of a burst", min=0.0, max=1.0)
+    noise_throttle: float = knob(0.2, "Largest throttle/brake offset of a burst", min=0.0, max=1.0)
     telemetry_timeout_s: float = knob(
         0.5, "Telemetry older than this: the tick is dropped (labels would be wrong)", min=0.01
     )
@@ -162,6 +199,16 @@ class CaptureSettings:
             raise ValueError("frames=deepgtav needs deepgtav=true")
         if self.driver == "npc" and not self.deepgtav:
             raise ValueError("driver=npc takes its labels from the mod's autopilot: it needs deepgtav=true")
+        if self.cameras == "alternate" and self.frames != "deepgtav":
+            raise ValueError(
+                "cameras=alternate needs frames=deepgtav (dxcam cannot tell which camera it saw)"
+            )
+        if len(self.noise_duration_s) != 2 or not 0 < self.noise_duration_s[0] <= self.noise_duration_s[1]:
+            raise ValueError("noise_duration_s must be [lo, hi] with 0 < lo <= hi")
+        if self.purpose == "waypoints" and not (self.purpose_waypoints or self.purpose_target):
+            raise ValueError("purpose=waypoints needs purpose_waypoints (or purpose_target)")
+        if any(not isinstance(p, list | tuple) or len(p) != 2 for p in self.purpose_waypoints):
+            raise ValueError("purpose_waypoints must be a list of [x, y]")
         for name in ("location", "purpose_target"):
             if len(getattr(self, name)) not in (0, 2):
                 raise ValueError(f"{name} must be [x, y] or empty")
@@ -246,6 +293,30 @@ class CaptureAgent:
         self.unstuck = Unstuck(UnstuckConfig(**s.unstuck_config)) if s.unstuck and feed is not None else None
         self.rng = random.Random(s.seed)
         self.heading = MotionHeading()
+        self.targets = (
+            Targets(
+                s.purpose_waypoints or ([s.purpose_target] if s.purpose_target else []),
+                MAP_BOX,
+                s.purpose_reach_m,
+                s.purpose_min_m,
+                s.seed,
+            )
+            if s.purpose != "off"
+            else None
+        )
+        self.noise = (
+            NoiseBursts(
+                np.random.default_rng([s.seed, 7]),
+                s.noise_rate_hz,
+                (float(s.noise_duration_s[0]), float(s.noise_duration_s[1])),
+                s.noise_steering,
+                s.noise_throttle,
+            )
+            if s.noise_rate_hz > 0 and s.driver == "npc" and s.mode == "collect" and feed is not None
+            else None
+        )
+        self.clock = GameClock()
+        self.skews = SkewStats()
         # collect mode: the collectors' sample builder and encoder, emitting from the first tick (the
         # oldest picture stands in for past frames not seen yet, as the player drives)
         self.builder = SampleBuilder(model, wait_for_stack=False)
@@ -271,6 +342,28 @@ class CaptureAgent:
         self.m_mod = prom.Counter(
             "charles_agent_deepgtav_events_total", "DeepGTAV connection events", ["event"], registry=r
         )
+        self.m_skew = prom.Histogram(
+            "charles_agent_telemetry_skew_seconds",
+            "From a frame's capture to the nearest telemetry message (0 when the mod sent both together)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.0167, 0.025, 0.033, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.m_skew_q = prom.Gauge(
+            "charles_agent_telemetry_skew_quantile_seconds",
+            "Frame-to-telemetry skew over the last 1000 frames",
+            ["quantile"],
+            registry=r,
+        )
+        self.m_targets = prom.Counter(
+            "charles_agent_purpose_targets_reached_total",
+            "Purpose targets reached (a new one picked)",
+            registry=r,
+        )
+        self.m_noise = prom.Counter(
+            "charles_agent_noise_frames_total",
+            "Frames driven by a noise burst (the mod overrode)",
+            registry=r,
+        )
         self.m_latency = prom.Histogram(
             "charles_agent_capture_latency_seconds",
             "From the frame's capture to its publication",
@@ -294,14 +387,16 @@ class CaptureAgent:
         elif event == "skipped":
             self.svc.metrics.drops.labels(cause="deepgtav_overwritten").inc()
 
-    def next_tick(self) -> tuple[float, np.ndarray, GameMessage | None] | None:
-        """(capture time, RGB picture, newest telemetry) of the next tick, or None (nothing this time)."""
+    def next_tick(self) -> tuple[float, np.ndarray, GameMessage | None, Matched | None] | None:
+        """(capture time, RGB picture, the mod's pair, telemetry at the capture time) of the next tick, or
+        None (nothing this time). The mod's own frames carry their telemetry (skew 0); a dxcam picture gets
+        the telemetry interpolated to its capture time (charles.agents.timing)."""
         if self.s.frames == "deepgtav":
             assert self.feed is not None
             msg = self.feed.next(MAX_WAIT_S)
             if msg is None or msg.frame is None:
                 return None
-            return msg.received, msg.frame, msg
+            return msg.received, msg.frame, msg, Matched(msg.telemetry, 0.0, msg.telemetry.game_ms)
         assert self.pacer is not None and self.grabber is not None
         _, due = self.pacer.wait()
         if self.pacer.missed != self._missed:
@@ -313,7 +408,10 @@ class CaptureAgent:
             if img is None:
                 return None
         self._last_img = img
-        return due, img, self.feed.latest() if self.feed is not None else None
+        if self.feed is None:
+            return due, img, None, None
+        recent = self.feed.newer(due, self.s.telemetry_wait_s)
+        return due, img, (recent[-1] if recent else None), match(due, recent)
 
     def _set_stale(self, stale: bool, why: str = "") -> None:
         if stale != self._stale:
@@ -333,46 +431,91 @@ class CaptureAgent:
         return [self.rng.uniform(x0, x1), self.rng.uniform(y0, y1)]
 
     def _purpose(self, pos: tuple[float, ...] | None, heading: float | None) -> tuple[float, float]:
-        tgt = self.s.purpose_target
-        if not tgt or pos is None:
+        if self.targets is None or pos is None:
             return 0.0, 0.0
-        angle, dist = purpose(pos, 0.0 if heading is None else heading, tgt)
+        if self.targets.update(pos):
+            self.m_targets.inc()
+            log.info(f"purpose target #{self.targets.target_id - 1} reached; next {self.targets.target}")
+        assert self.targets.target is not None
+        angle, dist = purpose(pos, 0.0 if heading is None else heading, self.targets.target)
         return (0.0 if heading is None else angle), min(1e7, dist)  # the wire's bound on the distance
 
-    def process(self, t: float, img: np.ndarray, msg: GameMessage | None) -> bool:
-        """One tick: labels, Unstuck, publish, history. True if something was published."""
-        self.frames += 1
-        self.m_frames.inc()
-        tele: Telemetry | None = None
-        if self.feed is not None:
-            if msg is None:
-                self._set_stale(True, f"DeepGTAV {self.feed.state}")
-                return False
-            if t - msg.received > self.s.telemetry_timeout_s:
-                self._set_stale(True, f"newest data is {t - msg.received:.1f}s old")
-                self.svc.metrics.drops.labels(cause="telemetry_stale").inc()
-                return False
-            tele = msg.telemetry
-        self._set_stale(False)
-        if self.t0 is None:
-            self.t0 = t
-        game_time = max(0.0, t - self.t0)
+    def _hood(self, img: np.ndarray, purpose_: tuple[float, float], known: bool) -> np.ndarray:
+        """The picture at the model's size, with the purpose marker when there is a purpose to show."""
+        small = fit_frame(img, self.model.width, self.model.height)
+        if self.s.purpose_marker and self.targets is not None and known:
+            small = small.copy() if small is img else small
+            draw_purpose_arrow(small, *purpose_)
+        return small
 
+    def _skew(self, skew_s: float) -> None:
+        self.m_skew.observe(skew_s)
+        self.skews.add(skew_s)
+        if self.frames % 30 == 0:
+            p50, p99 = self.skews.quantiles()
+            self.m_skew_q.labels("0.5").set(p50)
+            self.m_skew_q.labels("0.99").set(p99)
+
+    def _drive(self, tele: Telemetry | None) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """(label, executed) of this tick: the autopilot's, and what the car got (a noise burst's offset
+        sent to the mod as an override; the label is then what the autopilot wanted, which only a mod with
+        the ``autopilot`` extension can say: without it a burst's frames have no label)."""
         if self.s.driver == "human":
             assert self.pad is not None
             ps = self.pad.read()
             controls = (max(-1.0, min(1.0, ps.steering)), ps.throttle_brake)
             if self.feed is not None and self.s.forward_pad:
                 self.feed.commands(ps.throttle, ps.brake, ps.steering)
-        else:
-            controls = tele.controls if tele is not None else None
-            if controls is None and self.s.mode == "collect":
-                self.svc.reject("missing_telemetry", "the mod's data lacks throttle, brake or steering")
+            return controls, controls
+        if tele is None:
+            return None, None
+        wanted = tele.autopilot_controls or tele.controls
+        if self.noise is None or wanted is None:
+            return tele.controls, tele.controls
+        executed = self.noise.step(wanted, 1.0 / self.s.fps)
+        if not self.noise.noisy:
+            return wanted, tele.controls or wanted
+        throttle, brake = split(executed[1])
+        self.feed.commands(throttle, brake, executed[0], override=True)  # type: ignore[union-attr]
+        self.m_noise.inc()
+        # the frame shows the car as the last override left it; its label is the autopilot's wish
+        return tele.autopilot_controls, executed
+
+    def process(
+        self, t: float, img: np.ndarray, msg: GameMessage | None, matched: Matched | None = None
+    ) -> bool:
+        """One tick: labels, Unstuck, purpose, publish, history. True if something was published."""
+        self.frames += 1
+        self.m_frames.inc()
+        tele: Telemetry | None = None
+        if self.feed is not None:
+            if msg is None or matched is None:
+                self._set_stale(True, f"DeepGTAV {self.feed.state}")
                 return False
+            if matched.skew_s > self.s.telemetry_timeout_s:
+                self._set_stale(True, f"newest data is {matched.skew_s:.1f}s from the frame")
+                self.svc.metrics.drops.labels(cause="telemetry_stale").inc()
+                return False
+            tele = matched.telemetry
+            self._skew(matched.skew_s)
+        self._set_stale(False)
+        game_time = self.clock.at(t, matched.game_ms if matched is not None else None)
+        if not self.clock.advance(game_time) and self.frames > 1:
+            self.svc.metrics.drops.labels(cause="game_paused").inc()  # the game's clock stood still
+            return False
+
+        label, controls = self._drive(tele)
+        if self.s.mode == "collect" and (label is None or controls is None):
+            if self.noise is not None and self.noise.noisy:
+                self.svc.metrics.drops.labels(cause="noise_unlabelled").inc()
+            else:
+                self.svc.reject("missing_telemetry", "the mod's data lacks throttle, brake or steering")
+            return False
         speed = 0.0 if tele is None or tele.speed is None else min(200.0, max(0.0, tele.speed))
         pos = tele.location if tele is not None else None
         heading = self.heading.update(pos)
-        purpose = self._purpose(pos, heading)
+        purpose_ = self._purpose(pos, heading)
+        known = pos is not None and heading is not None
 
         driving = True
         if self.unstuck is not None:
@@ -386,30 +529,32 @@ class CaptureAgent:
                 self.m_unstucks.inc()
                 self.feed.teleport(where)  # type: ignore[union-attr]
                 self.heading = MotionHeading()
+                if self.noise is not None:
+                    self.noise.reset()
 
+        tick = tele.tick if tele is not None else None
         if self.s.mode == "play":
+            cine = msg.cinematic if msg is not None else None
             msg_out: GameFrame | Sample | None = GameFrame(
                 source=self.s.id,
                 seq=self.seq,
                 game_time=game_time,
-                frame=self.encoder.frame(img),
+                frame=self.encoder.frame(self._hood(img, purpose_, known)),
                 speed=speed,
                 position=pos,
                 heading=heading,
-                purpose=purpose,
+                purpose=purpose_,
                 controls=controls,
                 recovering=not driving,
+                tick=tick,
+                cinematic=None if cine is None else Frame.encode(cine, "jpeg", self.s.quality),
             )
         else:
-            assert controls is not None
+            assert label is not None and controls is not None
             # fitted now: the stack keeps model-sized pictures, not screen grabs
-            small = (
-                fit_frame(img, self.model.width, self.model.height)
-                if driving or self.model.frames > 1
-                else None
-            )
+            small = self._hood(img, purpose_, known) if driving or self.model.frames > 1 else None
             pending = self.builder.push(
-                Capture(game_time, small, controls, controls, speed, purpose, driving, self.s.driver)
+                Capture(game_time, small, label, controls, speed, purpose_, driving, self.s.driver)
             )
             msg_out = self.encoder.sample(pending) if pending is not None else None
         if msg_out is None:
@@ -466,11 +611,14 @@ def make_feed(s: CaptureSettings, model: InputShape) -> DeepGtavFeed:
         driving_mode=s.driving_mode if autopilot else -1,
         driving_speed=s.driving_speed,
     )
+    alternate = s.cameras == "alternate"
     return DeepGtavFeed(
         s.deepgtav_host,
         s.deepgtav_port,
         scenario,
-        dataset(s.fps, frame),
+        # alternate cameras: twice the frames, half of them hood pictures at fps
+        dataset(s.fps * (2 if alternate else 1), frame, ("hood", "cinematic") if alternate else ("hood",)),
+        speed_fix=s.speed_fix,
         steering_sign=s.steering_sign,
         silence_s=s.deepgtav_silence_s,
         backoff_max_s=s.backoff_max_s,

@@ -44,6 +44,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,15 @@ _LEN = struct.Struct("<I")
 
 DATASET_FIELDS = ("throttle", "brake", "steering", "speed", "yawRate", "location", "time")
 """Telemetry fields Charles switches on; everything else in a dataset is switched off (null)."""
+EXTENSION_FIELDS = ("gameTime", "tick", "autopilot")
+"""Fields of Charles' protocol extension, asked for in every dataset (a mod without them ignores the keys:
+the public mod reads only the keys it knows): the game's clock in ms, its frame counter, and the
+autopilot's wanted [throttle, brake, steering] (also while a client's ``commands`` override it)."""
+CAMERAS = ("hood", "cinematic")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class DeepGtavError(ConnectionError):
@@ -146,8 +156,12 @@ class Scenario:
         }
 
 
-def dataset(rate: float, frame: tuple[int, int]) -> dict:
-    """The dataset part of ``start``/``config``: rate, frame size and the telemetry Charles reads."""
+def dataset(rate: float, frame: tuple[int, int], cameras: tuple[str, ...] = ("hood",)) -> dict:
+    """The dataset part of ``start``/``config``: rate, frame size and the telemetry Charles reads.
+
+    ``cameras``: ``("hood", "cinematic")`` asks an extended mod to render the two cameras on alternate
+    frames (each data message then says which one in ``camera``); ``rate`` counts frames of both.
+    """
     d: dict[str, Any] = {
         "rate": max(1, int(round(rate))),
         "frame": [int(frame[0]), int(frame[1])],
@@ -159,6 +173,8 @@ def dataset(rate: float, frame: tuple[int, int]) -> dict:
         "drivingMode": None,
     }
     d.update({k: True for k in DATASET_FIELDS})
+    d.update({k: True for k in EXTENSION_FIELDS})
+    d["cameras"] = list(cameras)
     return d
 
 
@@ -170,15 +186,71 @@ def config_message(scenario: Scenario, ds: dict) -> dict:
     return {"config": {"scenario": scenario.to_json(), "dataset": ds}}
 
 
-def commands_message(throttle: float, brake: float, steering: float) -> dict:
-    """Driving commands (manual mode only); clamped: throttle, brake [0, 1], steering [-1, 1]."""
-    return {
-        "commands": {
-            "throttle": clamp(throttle, 0.0, 1.0),
-            "brake": clamp(brake, 0.0, 1.0),
-            "steering": clamp(steering, -1.0, 1.0),
-        }
+def commands_message(throttle: float, brake: float, steering: float, override: bool = False) -> dict:
+    """Driving commands; clamped: throttle, brake [0, 1], steering [-1, 1].
+
+    The public mod applies them in manual mode only. ``override`` (extension) asks an extended mod to apply
+    them over its running autopilot for ``OVERRIDE_HOLD_MS`` (the agent repeats them every frame of a
+    noise burst), while it keeps reporting what the autopilot wants in ``autopilot``.
+    """
+    body: dict[str, Any] = {
+        "throttle": clamp(throttle, 0.0, 1.0),
+        "brake": clamp(brake, 0.0, 1.0),
+        "steering": clamp(steering, -1.0, 1.0),
     }
+    if override:
+        body["override"] = True
+    return {"commands": body}
+
+
+OVERRIDE_HOLD_MS = 100
+"""An extended mod drops an override this long after the last ``commands`` with ``override`` (three frames
+at 30 Hz): a burst ends by itself, and a client that dies mid-burst gives the car back to the autopilot."""
+
+
+# ---------------------------------------------------------------------------------------------- speed bug
+
+
+def msvc_rand(seed: int, n: int) -> int:
+    """The ``n``-th (from 1) value of MSVC's ``rand()`` after ``srand(seed)`` (its documented LCG)."""
+    state = seed & 0xFFFFFFFF
+    for _ in range(n):
+        state = (state * 214013 + 2531011) & 0xFFFFFFFF
+    return (state >> 16) & 0x7FFF
+
+
+def rand_calls_before_speed(scenario: dict) -> int:
+    """How many ``rand()`` calls the public mod's ``start`` makes before it draws the autopilot speed.
+
+    Its parser draws one value per field left null, in order: location x and y, hour and minute, weather,
+    vehicle, the driving style; then the speed (drawn whenever the speed is *given*: the inverted check).
+    """
+    n = 0
+    loc, tm = scenario.get("location"), scenario.get("time")
+    n += 2 if not isinstance(loc, list) else sum(v is None for v in loc[:2])
+    n += 2 if not isinstance(tm, list) else sum(v is None for v in tm[:2])
+    n += scenario.get("weather") is None
+    n += scenario.get("vehicle") is None
+    mode = scenario.get("drivingMode")
+    if isinstance(mode, list) and mode[0] is None:
+        n += 1
+    return n
+
+
+def start_speed(unix_s: int, scenario: dict) -> float:
+    """The autopilot speed (m/s) the public mod sets on a ``start`` it processes in second ``unix_s``:
+    it calls ``srand(time(NULL))`` and then, for a given speed, draws ``rand() % 20`` instead of reading it."""
+    return float(msvc_rand(unix_s, rand_calls_before_speed(scenario) + 1) % 20)
+
+
+def plan_speed_start(
+    now_s: float, want: float, scenario: dict, horizon_s: int = 60, lead_s: float = 1.0
+) -> int:
+    """The first second (Unix) from ``now_s + lead_s`` on, within ``horizon_s``, whose ``start`` gives the
+    speed closest to ``want``: the moment to restart the scenario so the public mod drives at ``want``."""
+    first = int(now_s + lead_s) + 1
+    best = min(range(first, first + horizon_s), key=lambda t: (abs(start_speed(t, scenario) - want), t))
+    return best
 
 
 def stop_message() -> dict:
@@ -197,6 +269,16 @@ class Telemetry:
     """deg/s, as the mod sends it."""
     location: tuple[float, float, float] | None = None
     hour: int | None = None
+    # Charles' extension of the protocol (EXTENSION_FIELDS); the public mod sends none of these
+    game_ms: float | None = None
+    """``gameTime``: the game's clock (ms) when the frame was taken."""
+    tick: int | None = None
+    """``tick``: the game's frame counter of the frame."""
+    camera: str | None = None
+    """``camera``: which camera the frame shows (``hood`` or ``cinematic``) when the mod alternates them."""
+    autopilot: tuple[float, float, float] | None = None
+    """``autopilot``: [throttle, brake, steering] the autopilot wants on this frame, also while the client
+    overrides it (noise bursts): the label of a frame whose controls were not the autopilot's."""
 
     @classmethod
     def from_json(cls, d: dict, steering_sign: float = 1.0) -> Telemetry:
@@ -218,6 +300,12 @@ class Telemetry:
                 location = (xyz[0], xyz[1], xyz[2])
         steering = num("steering")
         hour = d.get("time")
+        tick = d.get("tick")
+        cam = d.get("camera")
+        ap = d.get("autopilot")
+        autopilot = None
+        if isinstance(ap, list) and len(ap) == 3 and all(_finite(v) for v in ap):
+            autopilot = (float(ap[0]), float(ap[1]), float(ap[2]) * steering_sign)
         return cls(
             throttle=num("throttle"),
             brake=num("brake"),
@@ -226,6 +314,10 @@ class Telemetry:
             yaw_rate=num("yawRate"),
             location=location,
             hour=hour if isinstance(hour, int) and not isinstance(hour, bool) else None,
+            game_ms=num("gameTime"),
+            tick=tick if isinstance(tick, int) and not isinstance(tick, bool) and 0 <= tick < 2**53 else None,
+            camera=cam if cam in CAMERAS else None,
+            autopilot=autopilot,
         )
 
     @property
@@ -234,6 +326,14 @@ class Telemetry:
         if self.steering is None or self.throttle is None or self.brake is None:
             return None
         return clean_control(self.steering), combine(self.throttle, self.brake)
+
+    @property
+    def autopilot_controls(self) -> tuple[float, float] | None:
+        """(steering, throttle_brake) the autopilot wants (extension), or None when the mod does not say."""
+        if self.autopilot is None:
+            return None
+        throttle, brake, steering = self.autopilot
+        return clean_control(steering), combine(throttle, brake)
 
 
 @dataclass(slots=True)
@@ -248,6 +348,8 @@ class GameMessage:
     """RGB H x W x 3 uint8, or None if the frame did not match the requested size."""
     telemetry: Telemetry
     raw: dict
+    cinematic: np.ndarray | None = None
+    """The third-person picture paired with this (hood) frame when the mod alternates cameras."""
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -376,6 +478,37 @@ class Backoff:
         self.next_s = self.min_s
 
 
+class CameraPairer:
+    """Pairs the hood and cinematic frames of a mod that renders them on alternate frames.
+
+    A pair is a hood frame and the cinematic frame of the game tick just before it (``max_gap`` ticks at
+    most), tagged with the hood's tick (the model's frame). A hood frame never waits: with no such
+    cinematic (the first frame, a lost one) it goes out alone, counted ``camera_unpaired``. Frames the mod
+    did not tag go out as they are (a mod that does not alternate).
+    """
+
+    def __init__(self, on_event: Callable[[str], None] | None = None, max_gap: int = 1):
+        self.on_event = on_event or (lambda _e: None)
+        self.max_gap = max_gap
+        self._cine: GameMessage | None = None
+
+    def push(self, msg: GameMessage) -> list[GameMessage]:
+        """What is ready to go out after ``msg`` arrived (hood frames, with ``cinematic`` when paired)."""
+        cam = msg.telemetry.camera
+        if cam is None:
+            return [msg]
+        if cam == "cinematic":
+            self._cine = msg
+            return []
+        c, self._cine = self._cine, None
+        t, tc = msg.telemetry.tick, c.telemetry.tick if c is not None else None
+        if c is not None and t is not None and tc is not None and 0 < t - tc <= self.max_gap:
+            msg.cinematic = c.frame
+        else:
+            self.on_event("camera_unpaired")
+        return [msg]
+
+
 class DeepGtavFeed:
     """Keeps a connection to the mod alive on a thread and holds the newest frame+data pair.
 
@@ -398,8 +531,22 @@ class DeepGtavFeed:
         backoff_min_s: float = 0.25,
         backoff_max_s: float = 10.0,
         on_event: Callable[[str], None] | None = None,
+        speed_fix: bool = False,
+        recent: int = 64,
     ):
         self.client = DeepGtavClient(host, port, timeout_s=min(1.0, silence_s), stall_s=silence_s)
+        self.speed_fix = speed_fix and scenario.driving_mode >= 0
+        """Work around the public mod's speed bug: restart the scenario in a second whose ``start`` draws
+        the speed we want (see :func:`plan_speed_start`); once per connection."""
+        self.expected_speed: float | None = None
+        """The autopilot speed the last ``start`` gave the car, as far as we can tell (None: not known)."""
+        self._restart_at: float | None = None
+        self._restart_speed = 0.0
+        self.recent: deque[GameMessage] = deque(maxlen=recent)
+        """The last pairs received (telemetry for frames taken by someone else: dxcam), oldest first."""
+        self.pairer = (
+            CameraPairer(lambda e: self.on_event(e)) if "cinematic" in ds.get("cameras", ()) else None
+        )
         self.scenario = scenario
         self.dataset = ds
         self.steering_sign = steering_sign
@@ -439,6 +586,18 @@ class DeepGtavFeed:
             self._taken = msg.index
             return msg
 
+    def newer(self, t: float, timeout_s: float) -> list[GameMessage]:
+        """The recent pairs (oldest first) once one received after monotonic time ``t`` is among them, or
+        whatever there is after ``timeout_s``: a frame taken at ``t`` is matched to telemetry on both sides."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not (self.recent and self.recent[-1].received >= t):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    break
+                self._cond.wait(remaining)
+            return list(self.recent)
+
     def send(self, msg: dict) -> bool:
         """Send a message now; False (and the feed reconnects) if there is no connection."""
         try:
@@ -448,8 +607,8 @@ class DeepGtavFeed:
             log.debug(f"DeepGTAV send dropped: {e}")
             return False
 
-    def commands(self, throttle: float, brake: float, steering: float) -> bool:
-        return self.send(commands_message(throttle, brake, steering))
+    def commands(self, throttle: float, brake: float, steering: float, override: bool = False) -> bool:
+        return self.send(commands_message(throttle, brake, steering, override))
 
     def teleport(self, location: list[float]) -> bool:
         """Rebuild the scenario at a new [x, y] (the mod snaps it to a road). Also used after reconnects."""
@@ -498,6 +657,8 @@ class DeepGtavFeed:
             self.connections += 1
             try:
                 self.client.send(start_message(self.scenario, self.dataset))
+                self._restart_at = None
+                self.expected_speed = None if self.speed_fix else self.scenario.driving_speed
                 self._set_state(
                     "connected",
                     f"started, {self.frame_size[0]}x{self.frame_size[1]} at {self.dataset['rate']} Hz",
@@ -519,9 +680,31 @@ class DeepGtavFeed:
                     self.on_event("disconnected")
             self._stop.wait(self.backoff.delay())
 
+    def _fix_speed(self) -> None:
+        """Once per connection: plan the restart after the first data, then stop and start on time."""
+        now = time.time()
+        if self._restart_at is None:
+            sc = self.scenario.to_json()
+            t = plan_speed_start(now, self.scenario.driving_speed, sc)
+            self._restart_at = t + 0.5  # mid-second: the mod reads its clock a frame or two after we send
+            self._restart_speed = start_speed(t, sc)
+            log.info(
+                f"DeepGTAV: the public mod ignores the autopilot speed sent with start; restarting the scenario "
+                f"in {t + 0.5 - now:.1f}s, a second whose start draws {self._restart_speed:.0f} m/s "
+                f"(asked {self.scenario.driving_speed:g})"
+            )
+        elif self.expected_speed is None and now >= self._restart_at:
+            self.client.send(stop_message())
+            self.client.send(start_message(self.scenario, self.dataset))
+            self.expected_speed = self._restart_speed
+            self.on_event("speed_restart")
+
     def _receive(self) -> None:
         last = time.monotonic()
+        got_data = False
         while not self._stop.is_set():
+            if self.speed_fix and got_data:
+                self._fix_speed()
             try:
                 msg = self.client.recv(self.frame_size, self.steering_sign)
             except TimeoutError:
@@ -529,13 +712,17 @@ class DeepGtavFeed:
                     raise DeepGtavError(f"no data for {self.silence_s:.0f}s") from None
                 continue
             last = msg.received
+            got_data = True
             self.backoff.reset()
             if msg.frame is None:
                 self.on_event("bad_frame")
+            ready = self.pairer.push(msg) if self.pairer is not None else [msg]
             with self._cond:
-                self._count += 1
-                msg.index = self._count
-                if self._latest is not None and self._latest.index > self._taken:
-                    self.on_event("skipped")
-                self._latest = msg
+                self.recent.append(msg)
+                for m in ready:
+                    self._count += 1
+                    m.index = self._count
+                    if self._latest is not None and self._latest.index > self._taken:
+                        self.on_event("skipped")
+                    self._latest = m
                 self._cond.notify_all()

@@ -255,6 +255,8 @@ def _game_frame_out(g: GameFrame, blobs: _Blobs) -> wire.GameFrameBody:
         purpose=_opt(g.purpose),
         controls=_opt(g.controls),
         recovering=_opt(g.recovering),
+        tick=_opt(g.tick),
+        cinematic=UNSET if g.cinematic is None else _frame_out(g.cinematic, blobs),
     )
 
 
@@ -274,6 +276,8 @@ def _game_frame_in(b: wire.GameFrameBody, blobs: Sequence) -> GameFrame:
         _none(b.purpose),
         _none(b.controls),
         _none(b.recovering),
+        _none(b.tick),
+        None if b.cinematic is UNSET else _frame_in(b.cinematic, blobs),
     )
 
 
@@ -304,11 +308,11 @@ def _console_in(b: wire.ConsoleBody, blobs: Sequence) -> Console:
 
 def _camera_out(c: Camera, blobs: _Blobs) -> wire.CameraBody:
     images = {k: _frame_out(f, blobs) for k, f in c.images.items()}
-    return wire.CameraBody(seq=c.seq, captured=c.captured, images=images)
+    return wire.CameraBody(seq=c.seq, captured=c.captured, images=images, tick=_opt(c.tick))
 
 
 def _camera_in(b: wire.CameraBody, blobs: Sequence) -> Camera:
-    return Camera(b.seq, b.captured, {k: _frame_in(v, blobs) for k, v in b.images.items()})
+    return Camera(b.seq, b.captured, {k: _frame_in(v, blobs) for k, v in b.images.items()}, _none(b.tick))
 
 
 def _heartbeat_out(h: Heartbeat, blobs: _Blobs) -> wire.HeartbeatBody:

@@ -106,6 +106,12 @@ class GameFrame(Struct):
     recovering: bool | None = None
     """True while the sender's own Unstuck recovers the car (fading, teleporting, settling): not driving, so
     no training sample. None: the sender does not say (the receiver may watch the telemetry itself)."""
+    tick: int | None = None
+    """The game's frame counter of ``frame`` when the game says it (a mod's tick): ``cinematic`` and every
+    picture made of this frame downstream carry the same number."""
+    cinematic: Frame | None = None
+    """The third-person camera of the same moment, for people watching (the player's camera stream); never
+    a model input."""
 
 
 class Action(Struct):
@@ -149,6 +155,8 @@ class Camera(Struct):
     """Unix time the pictures were taken (the stream page measures its latency from it)."""
     images: dict[str, Frame] = field(default_factory=dict)
     """Named pictures of that moment (cinematic, hood), JPEG as a rule."""
+    tick: int | None = None
+    """The game tick both pictures belong to, when the game source tags its frames (GameFrame.tick)."""
 
 
 class Heartbeat(Struct):

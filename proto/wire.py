@@ -164,6 +164,8 @@ class GameFrameBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     purpose: Purpose | UnsetType = UNSET
     controls: Controls | UnsetType = UNSET
     recovering: bool | UnsetType = UNSET
+    tick: Count | UnsetType = UNSET
+    cinematic: FrameRef | UnsetType = UNSET
 
 
 class ActionBody(Struct, gc=False, kw_only=True, omit_defaults=True):
@@ -185,6 +187,7 @@ class CameraBody(Struct, gc=False, kw_only=True):
     seq: Count
     captured: _num(0.0, about="Unix time the picture was taken, s")
     images: Annotated[dict[Name, FrameRef], Meta(max_length=LIMITS.max_images)]
+    tick: Count | UnsetType = UNSET
 
 
 class HeartbeatBody(Struct, gc=False, kw_only=True, omit_defaults=True):

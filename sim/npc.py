@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from charles.drive.controls import wrap_angle
+from charles.drive.noise import NoiseBursts
 from charles.sim import car as carmod
 from charles.sim.config import NpcConfig
 from charles.sim.town import LANE_STEP, ROAD, WATER, sample_curve
@@ -72,8 +73,13 @@ class Npc:
         cruise, self.a_lat, self.a_dec, self.max_throttle, self.k_speed = STYLE[self.cfg.style]
         self.cruise = (self.cfg.cruise_kmh or cruise) / 3.6
         self._lane_speed: dict[int, float] = {}
-        self._noise_left = 0.0
-        self._noise = (0.0, 0.0)
+        self.noise = NoiseBursts(
+            self.rng,
+            self.cfg.noise_rate_hz,
+            self.cfg.noise_duration_s,
+            self.cfg.noise_steering,
+            self.cfg.noise_throttle,
+        )
         self.sensors: dict[str, np.ndarray] = {}
         self.overridden = False
         self.noisy = False
@@ -90,7 +96,7 @@ class Npc:
         self._goal: tuple[int, int] | None = None
         self._goal_id = -1
         self._episode = self.world.episode
-        self._noise_left = 0.0
+        self.noise.reset()
 
     # --- planning -------------------------------------------------------------------------------------
     def _target(self) -> tuple[int, int]:
@@ -378,26 +384,7 @@ class Npc:
         return steering, target_v
 
     def _inject(self, label: tuple[float, float]) -> tuple[float, float]:
-        """The executed action: the label plus a temporary offset, started at random (Poisson events)."""
-        cfg = self.cfg
-        if (
-            self._noise_left <= 0.0
-            and cfg.noise_rate_hz > 0
-            and self.rng.random() < cfg.noise_rate_hz * carmod.DT
-        ):
-            lo, hi = cfg.noise_duration_s
-            self._noise_left = float(self.rng.uniform(lo, hi))
-            sign = self.rng.choice((-1.0, 1.0))
-            # At least half the maximum: tiny offsets teach nothing about recovering.
-            self._noise = (
-                float(sign * self.rng.uniform(0.5, 1.0) * cfg.noise_steering),
-                float(self.rng.uniform(-1.0, 1.0) * cfg.noise_throttle),
-            )
-        self.noisy = self._noise_left > 0.0
-        if not self.noisy:
-            return label
-        self._noise_left -= carmod.DT
-        return (
-            min(1.0, max(-1.0, label[0] + self._noise[0])),
-            min(1.0, max(-1.0, label[1] + self._noise[1])),
-        )
+        """The executed action: the label plus a temporary offset (charles.drive.noise, shared with GTA)."""
+        executed = self.noise.step(label, carmod.DT)
+        self.noisy = self.noise.noisy
+        return executed

@@ -447,20 +447,6 @@ def draw_hood(img: np.ndarray, rgb) -> None:
     cv2.polylines(img, [np.round(edge).astype(np.int32)], False, hi, max(1, h // 135), cv2.LINE_8, 4)
 
 
-def draw_purpose_arrow(img: np.ndarray, angle: float, distance_m: float) -> None:
-    """A compass arrow at the top centre pointing at the purpose target (angle: radians, positive left)."""
-    h, w = img.shape[:2]
-    cx, cy, r = w / 2, 0.09 * h, 0.06 * h
-    # Image up is straight ahead; positive (left) angles rotate the arrow counter-clockwise on screen.
-    ca, sa = math.cos(angle), math.sin(angle)
-    shape = [(0.0, 1.0), (0.55, -0.6), (0.0, -0.25), (-0.55, -0.6)]
-    pts = [(cx + r * (-sa * fy + ca * fx), cy - r * (ca * fy + sa * fx)) for fx, fy in shape]
-    near = float(np.clip(1.0 - distance_m / 400.0, 0.55, 1.0))  # closer target, brighter arrow
-    color = (255 * near, 60 * near, 220 * near)
-    arr = np.round(np.array(pts) * 16).astype(np.int32)
-    cv2.fillPoly(img, [arr], color, cv2.LINE_8, 4)
-
-
 def fade(img: np.ndarray, factor: float) -> np.ndarray:
     """Scale brightness in place (Unstuck's fade to black and back); 1 leaves the image untouched."""
     if factor < 1.0:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from charles.drive.controls import purpose, wrap_angle
+from charles.drive.purpose import draw_purpose_arrow
 from charles.drive.unstuck import Unstuck, UnstuckConfig
 from charles.sim import render
 from charles.sim.car import DT, Car
@@ -368,7 +369,7 @@ class SimWorld:
         img = self.hood_cam.render(self.town, self.light, p.x, p.y, p.heading, boxes, colors, self.steps, out)
         render.draw_hood(img, self.light.light(self.car_color))
         if marker:
-            render.draw_purpose_arrow(img, *self.purpose())
+            draw_purpose_arrow(img, *self.purpose())
         return render.fade(img, fade)
 
     def cinematic_frame(self, fade: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:

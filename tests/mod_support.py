@@ -109,6 +109,7 @@ class DeepGtavServer:
                 (n,) = struct.unpack("<I", self._recv(conn, 4))
                 msg = json.loads(self._recv(conn, n).decode("utf-8"))
                 self.received.append(msg)
+                self._on_message(msg)
                 if "start" in msg and not self._scenario_running:
                     self._configure(msg["start"])
                     self._scenario_running = True
@@ -119,6 +120,9 @@ class DeepGtavServer:
                     self._scenario_running = False
         except (ConnectionError, OSError, ValueError):
             self._scenario_running = False
+
+    def _on_message(self, msg: dict) -> None:
+        """A subclass's look at every message (the base mod only keeps them)."""
 
     def _configure(self, body: dict) -> None:
         # like the mod: config["scenario"] and config["dataset"] are read unconditionally
@@ -138,11 +142,9 @@ class DeepGtavServer:
                 next_t = time.monotonic()
                 continue
             i = self.sent + 1
-            w, h = self.size
             if self.moving:
                 self.location[0] += 0.5
-            data = {**labels(i), "speed": 15.0, "yawRate": 1.5, "location": list(self.location), "time": 12}
-            frame = rgb_to_bitmap(frame_rgb(i, w, h), PAD_BYTE)
+            frame, data = self._pair(i)
             payload = self.poison.pop(0) if self.poison else json.dumps(data).encode()
             try:
                 conn.sendall(
@@ -154,6 +156,12 @@ class DeepGtavServer:
             next_t += 1.0 / self.rate
             time.sleep(max(0.0, next_t - time.monotonic()))
 
+    def _pair(self, i: int) -> tuple[bytes, dict]:
+        """Frame ``i``: the bitmap and the data message."""
+        w, h = self.size
+        data = {**labels(i), "speed": 15.0, "yawRate": 1.5, "location": list(self.location), "time": 12}
+        return rgb_to_bitmap(frame_rgb(i, w, h), PAD_BYTE), data
+
     def close(self) -> None:
         self._closed = True
         if self._conn is not None:
@@ -161,3 +169,104 @@ class DeepGtavServer:
                 self._conn.shutdown(socket.SHUT_RDWR)
         self.lsock.close()
         self._thread.join(timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------- extended
+
+
+def msvc_rand_stream(seed: int):
+    """``srand(seed)`` then ``rand()``, ``rand()``, ... as the Microsoft C runtime the mod is built with."""
+    state = seed & 0xFFFFFFFF
+    while True:
+        state = (state * 214013 + 2531011) & 0xFFFFFFFF
+        yield (state >> 16) & 0x7FFF
+
+
+def cam_rgb(tick: int, cinematic: bool, w: int, h: int) -> np.ndarray:
+    """A flat picture that says its tick (R = 8 * tick mod 256, JPEG-proof) and its camera (G)."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, :, 0] = (tick * 8) % 256
+    img[:, :, 1] = 255 if cinematic else 0
+    return img
+
+
+class ExtendedMod(DeepGtavServer):
+    """The public mod's behaviour where Charles depends on it, plus Charles' protocol extension.
+
+    - **The speed bug** (public ``Scenario::parseScenarioConfig``): ``start`` calls ``srand(time(NULL))``,
+      draws one ``rand()`` per null field (location x, y, hour, minute, weather, vehicle, style), and for a
+      *given* speed draws ``rand() % 20`` instead of reading it; ``config`` keeps the speed. The car's
+      ``speed`` telemetry is that autopilot speed.
+    - ``honours_speed``: a mod that reads the speed (a fixed build): no bug.
+    - **Extension** (when ``extended``): ``gameTime`` (ms, 1000/rate per frame), ``tick``; with ``cameras``
+      [hood, cinematic] in the dataset, even ticks show the cinematic camera and odd ticks the hood;
+      ``commands`` with ``override`` drive over the autopilot for 100 ms, and ``autopilot`` always says
+      what the autopilot wants ([throttle, brake, steering]).
+    """
+
+    def __init__(self, *a, extended: bool = True, honours_speed: bool = False, clock=time.time, **kw):
+        self.extended = extended
+        self.honours_speed = honours_speed
+        self.clock = clock
+        self.autopilot_speed = 0.0
+        self.speeds: list[float] = []
+        """The autopilot speed each start/config left the car with."""
+        self.alternate = False
+        self.override: tuple[float, float, float] | None = None
+        self.override_until = 0.0
+        self.overridden_ticks: list[int] = []
+        super().__init__(*a, **kw)
+
+    def _on_message(self, msg: dict) -> None:
+        if "commands" in msg and msg["commands"].get("override") and self.extended:
+            c = msg["commands"]
+            self.override = (float(c["throttle"]), float(c["brake"]), float(c["steering"]))
+            self.override_until = time.monotonic() + 0.1
+        elif "stop" in msg:
+            self.override = None
+
+    def _configure(self, body: dict) -> None:
+        starting = not self._scenario_running
+        super()._configure(body)
+        sc, ds = body["scenario"], body["dataset"]
+        self.alternate = self.extended and "cinematic" in (ds.get("cameras") or [])
+        mode = sc.get("drivingMode")
+        if not isinstance(mode, list):
+            return
+        if self.honours_speed:
+            self.autopilot_speed = float(mode[1])
+        elif starting:
+            draws = msvc_rand_stream(int(self.clock()))
+            loc, tm = sc.get("location"), sc.get("time")
+            nulls = [
+                *(loc[:2] if isinstance(loc, list) else [None, None]),
+                *(tm[:2] if isinstance(tm, list) else [None, None]),
+                sc.get("weather"),
+                sc.get("vehicle"),
+                mode[0],
+            ]
+            for v in nulls:
+                if v is None:
+                    next(draws)
+            if mode[1] is not None:  # the inverted check: a given speed is replaced by a random one
+                self.autopilot_speed = float(next(draws) % 20)
+        self.speeds.append(self.autopilot_speed)
+
+    def _pair(self, i: int) -> tuple[bytes, dict]:
+        frame, data = super()._pair(i)
+        data["speed"] = self.autopilot_speed
+        if not self.extended:
+            return frame, data
+        want = labels(i)
+        data["autopilot"] = [want["throttle"], want["brake"], want["steering"]]
+        if self.override is not None and time.monotonic() < self.override_until:
+            data["throttle"], data["brake"], data["steering"] = self.override
+            self.overridden_ticks.append(i)
+        data["tick"] = i
+        data["gameTime"] = 1_000_000 + i * 1000.0 / self.rate
+        if self.alternate:
+            w, h = self.size
+            cinematic = i % 2 == 0
+            data["camera"] = "cinematic" if cinematic else "hood"
+            frame = rgb_to_bitmap(cam_rgb(i, cinematic, w, h), PAD_BYTE)
+        return frame, data

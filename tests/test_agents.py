@@ -246,6 +246,8 @@ def _settings(srv: DeepGtavServer, **kw) -> capture.CaptureSettings:
         "unstuck": False,
         "require_secure": False,
         "telemetry_timeout_s": 1.0,
+        "purpose": "off",  # purpose targets, the marker and the speed fix: tests/test_agents_gta.py
+        "speed_fix": False,
     }
     return config.from_dict(capture.CaptureSettings, {**base, **kw}, "capture")
 

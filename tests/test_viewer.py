@@ -4,7 +4,6 @@ installed, and never in CI), painting pushed pictures at frame rate."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from charles.viewer.stream import Fanout
 from charles.viewer.web import Viewer
 
 from conftest import require_tool
-from tests_support import counter_value, stop_by_sigterm, wait_for
+from tests_support import counter_value, stop_by_sigterm, stream_parts, wait_for
 
 CINEMATIC_RGB = (200, 40, 160)
 HOOD_RGB = (20, 180, 60)
@@ -459,29 +458,6 @@ def test_a_page_too_slow_for_its_stream_loses_the_oldest_pictures_and_they_are_c
     assert len(fan) == 1 and fan.open("player-1", "hood") is not None
 
 
-def _stream_parts(
-    port: int, path: str, n: int, timeout: float = 10.0
-) -> tuple[dict, list[tuple[dict, bytes]]]:
-    """The response headers and the first ``n`` parts of a multipart stream (each part's headers, body)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        r = conn.getresponse()
-        headers = dict(r.headers)
-        parts = []
-        while r.status == 200 and len(parts) < n:
-            assert r.readline() == b"--frame\r\n"
-            ph = {}
-            while (line := r.readline()) != b"\r\n":
-                k, _, v = line.decode().partition(":")
-                ph[k.strip()] = v.strip()
-            parts.append((ph, r.read(int(ph["Content-Length"]))))
-            assert r.read(2) == b"\r\n"
-        return {"status": r.status, **headers}, parts
-    finally:
-        conn.close()
-
-
 def test_camera_pictures_are_pushed_to_every_streaming_page(client_factory, viewer):
     port = viewer.port
     assert _get(port, "/stream/player/cinematic.mjpg")[0] == 404  # nobody plays yet
@@ -510,9 +486,7 @@ def test_camera_pictures_are_pushed_to_every_streaming_page(client_factory, view
 
     pages = []
     threads = [
-        threading.Thread(
-            target=lambda: pages.append(_stream_parts(port, "/stream/player/cinematic.mjpg", 12))
-        )
+        threading.Thread(target=lambda: pages.append(stream_parts(port, "/stream/player/cinematic.mjpg", 12)))
         for _ in range(3)
     ]
     for t in threads:

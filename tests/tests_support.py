@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
 import subprocess
 import time
@@ -55,3 +56,26 @@ def weights_message(payload: bytes, batch: int, cfg, model: str = "tiny"):
         payload=payload,
         created=time.time(),
     )
+
+
+def stream_parts(
+    port: int, path: str, n: int, timeout: float = 10.0
+) -> tuple[dict, list[tuple[dict, bytes]]]:
+    """The response headers and the first ``n`` parts of a multipart stream (each part's headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        headers = dict(r.headers)
+        parts = []
+        while r.status == 200 and len(parts) < n:
+            assert r.readline() == b"--frame\r\n"
+            ph = {}
+            while (line := r.readline()) != b"\r\n":
+                k, _, v = line.decode().partition(":")
+                ph[k.strip()] = v.strip()
+            parts.append((ph, r.read(int(ph["Content-Length"]))))
+            assert r.read(2) == b"\r\n"
+        return {"status": r.status, **headers}, parts
+    finally:
+        conn.close()

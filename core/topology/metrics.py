@@ -67,6 +67,10 @@ METRICS: dict[str, Metric] = {
         Metric("charles_player_swaps_total", "counter", (), "player"),
         Metric("charles_player_unstucks_total", "counter", (), "player"),
         Metric("charles_player_latency_seconds", "histogram", (), "player"),
+        Metric("charles_agent_telemetry_skew_seconds", "histogram", (), "capture_agent"),
+        Metric("charles_agent_telemetry_skew_quantile_seconds", "gauge", ("quantile",), "capture_agent"),
+        Metric("charles_agent_purpose_targets_reached_total", "counter", (), "capture_agent"),
+        Metric("charles_agent_noise_frames_total", "counter", (), "capture_agent"),
     )
 }
 PROMETHEUS_OWN = {"up": ()}

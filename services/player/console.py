@@ -148,20 +148,21 @@ class CameraStream(NewestOnly):
             svc, "camera", "send the camera pictures", svc.metrics.drops.labels(cause="camera_busy")
         )
 
-    def submit(self, images: dict[str, np.ndarray | None], captured: float) -> None:
-        """``captured``: Unix time the pictures were taken (the stream page's latency starts there)."""
-        self._hand(({k: v for k, v in images.items() if v is not None}, captured))
+    def submit(self, images: dict[str, np.ndarray | None], captured: float, tick: int | None = None) -> None:
+        """``captured``: Unix time the pictures were taken (the stream page's latency starts there);
+        ``tick``: the game tick they belong to, when the source tags its frames."""
+        self._hand(({k: v for k, v in images.items() if v is not None}, captured, tick))
 
-    def work(self, images: dict[str, np.ndarray], captured: float) -> Camera | None:
-        return self.send(images, captured)
+    def work(self, images: dict[str, np.ndarray], captured: float, tick: int | None = None) -> Camera | None:
+        return self.send(images, captured, tick)
 
-    def send(self, images: dict[str, np.ndarray], captured: float) -> Camera | None:
+    def send(self, images: dict[str, np.ndarray], captured: float, tick: int | None = None) -> Camera | None:
         if not images:
             return None
         frames = {
             k: Frame.encode(fit_width(v, self.max_width), "jpeg", self.quality) for k, v in images.items()
         }
-        camera = Camera(self.published, captured, frames)
+        camera = Camera(self.published, captured, frames, tick)
         if self.pub.send(f"camera.{self.svc.instance}", camera):
             self.published += 1
         return camera

@@ -288,7 +288,7 @@ class PlayerService:
         if camera:
             assert self.cameras is not None
             # the picture's moment: when the frame came in, on the wall clock the page reads too
-            self.cameras.submit(cameras, time.time() - (time.perf_counter() - view.arrived))
+            self.cameras.submit(cameras, time.time() - (time.perf_counter() - view.arrived), view.tick)
         if console:
             assert self.painter is not None
             self._next_console = now + 1.0 / self.config.console_hz

@@ -33,7 +33,7 @@ from charles.drive.past import History
 from charles.drive.unstuck import Unstuck, UnstuckConfig, UnstuckStep
 from charles.model.config import ModelConfig
 from charles.player.gamepad import BRAKE_PAD, Gamepad
-from charles.proto import Action, GameFrame
+from charles.proto import Action, Frame, GameFrame
 from charles.proto.frames import FrameError
 from charles.runtime import Publisher, RateLimitedLog, SeqGaps, Service, Subscriber
 from charles.sections.player import PlayerConfig
@@ -68,6 +68,8 @@ class View:
     game_time: float
     arrived: float
     """time.perf_counter() when the frame was ready (latency starts here)."""
+    tick: int | None = None
+    """The game's tick of the frame when the source tags it (a remote game's GameFrame.tick)."""
 
     @property
     def driving(self) -> bool:
@@ -223,6 +225,8 @@ class RemoteSource:
         self.previous: tuple[float, float] = (0.0, 0.0)
         self.late = 0
         self._last: View | None = None
+        self._cinematic: Frame | None = None
+        """The cinematic picture that came with the newest frame (same tick), decoded only when shown."""
         self._last_game_seq: int | None = None
         """The capture agent's seq of the frame in ``_last``: the action says which frame it answers."""
         self.gaps = SeqGaps(drops=svc.metrics.drops)
@@ -290,7 +294,9 @@ class RemoteSource:
             u,
             float(gf.game_time),
             arrived,
+            gf.tick,
         )
+        self._cinematic = gf.cinematic
         self._last = view
         self._last_game_seq = gf.seq
         return view
@@ -316,8 +322,19 @@ class RemoteSource:
         self.history.push(self.previous, view.speed, view.purpose)
         return self.previous
 
-    def cinematic(self) -> None:
-        return None  # the stream captures the game window itself
+    def cinematic(self) -> np.ndarray | None:
+        """The third-person picture of the frame just driven, when the capture agent sends one (its mod
+        alternates cameras); None otherwise (the stream's cinematic tile then stays empty)."""
+        f = self._cinematic
+        if f is None:
+            return None
+        try:
+            img = f.decode()
+        except FrameError as e:
+            self.svc.reject(e.reason, f"cinematic picture of game frame #{self._last_game_seq}: {e}")
+            self._cinematic = None
+            return None
+        return img if img.ndim == 3 and img.shape[2] == 3 else None
 
     def close(self) -> None:
         pass

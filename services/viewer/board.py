@@ -60,6 +60,9 @@ class Picture:
     seq: int
     captured: float = 0.0
     """Unix time the picture was taken (a console's: when it was sent)."""
+    tick: int | None = None
+    """The game tick of a camera picture, when the game source tags its frames (hood and cinematic of one
+    moment share it)."""
     _served: tuple[bytes, str] | None = None
 
     def bytes_and_type(self) -> tuple[bytes, str]:
@@ -165,7 +168,7 @@ class Board:
                     continue
                 self._seq += 1
                 kept[str(name)] = Picture(
-                    Frame(f.codec, tuple(f.shape), bytes(f.data)), self._seq, camera.captured
+                    Frame(f.codec, tuple(f.shape), bytes(f.data)), self._seq, camera.captured, camera.tick
                 )
             e.cameras.update(kept)
             return kept

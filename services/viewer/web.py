@@ -347,6 +347,8 @@ class Viewer:
         if pic is None:
             return 404, b"no such image yet\n", "text/plain", {}
         headers = {"X-Seq": str(pic.seq)}
+        if pic.tick is not None:
+            headers["X-Game-Tick"] = str(pic.tick)
         if query.get("have") == str(pic.seq):
             self.metrics.unchanged.inc()
             return 204, b"", "text/plain", headers
@@ -412,7 +414,9 @@ class Viewer:
         body, ctype = pic.bytes_and_type()
         head = (
             f"--frame\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-            f"X-Seq: {pic.seq}\r\nX-Captured: {pic.captured:.6f}\r\n\r\n"
+            f"X-Seq: {pic.seq}\r\nX-Captured: {pic.captured:.6f}\r\n"
+            + ("" if pic.tick is None else f"X-Game-Tick: {pic.tick}\r\n")
+            + "\r\n"
         ).encode()
         handler.wfile.write(head + body + b"\r\n")
         handler.wfile.flush()
