@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("charles.tools", "make CURVE key pairs for the broker and agents"),
     "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),
     "balance-plot": ("charles.balancer.plot", "histograms of the raw and balanced streams as PNG"),
+    "stream": ("charles.trainer.stream", "put a saved checkpoint (version@batch) on the bus for players"),
     "models": ("charles.trainer.models_list", "list model lines, versions, batches and periods"),
     "model": ("charles.model.__main__", "the presets: show one, list every model field, measure them here"),
     "validate": ("charles.validate", "check compose, k8s and Prometheus files against the topic registry"),

@@ -176,6 +176,9 @@ def _coerce(value: Any, tp: Any, path: str, meta: Mapping | None = None) -> Any:
             raise ConfigError(f"{path}: expected a section (a map), got {value!r}")
         return from_dict(tp, value, path)
     if origin is Literal:
+        # YAML 1.1 (PyYAML, --set, CHARLES__*) reads a bare off/on as false/true: give a choice named so back
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            value = "on" if value else "off"
         if value not in typing.get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value

@@ -657,13 +657,18 @@ class Service:
             raise SystemExit(2) from None
         return cfg
 
-    def snapshot(self, prefixes: Iterable[str], timeout_s: float = 2.0) -> list[Envelope]:
-        """The broker's newest message of each last-value topic matching the prefixes."""
+    def snapshot(
+        self, prefixes: Iterable[str], timeout_s: float = 2.0, *, missing_ok: bool = True
+    ) -> list[Envelope]:
+        """The broker's newest message of each last-value topic matching the prefixes. A broker that does not
+        answer is logged and skipped, or raises TimeoutError when not ``missing_ok``."""
         out = []
         for p in prefixes:
             try:
                 replies = self._control([b"snapshot", p.encode()], timeout_s)
             except TimeoutError as e:
+                if not missing_ok:
+                    raise
                 self.log.warning(f"no last-value snapshot for {p!r}: {e}")
                 continue
             for r in replies:

@@ -229,6 +229,7 @@ def _weights_out(w: Weights, blobs: _Blobs) -> wire.WeightsBody:
         created=w.created,
         sha256=w.sha256 or hashlib.sha256(w.payload).hexdigest(),
         payload=blobs.add(w.payload),
+        since=w.since,
     )
 
 
@@ -236,7 +237,7 @@ def _weights_in(b: wire.WeightsBody, blobs: Sequence) -> Weights:
     payload = _blob(blobs, b.payload)
     if hashlib.sha256(payload).hexdigest() != b.sha256:
         raise ProtocolError("bad_checksum", "weights payload does not match its sha256")
-    return Weights(b.model, b.run, b.batch, b.config, payload, b.created, b.sha256)
+    return Weights(b.model, b.run, b.batch, b.config, payload, b.created, b.sha256, b.since)
 
 
 def _opt(v: Any) -> Any:

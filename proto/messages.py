@@ -74,6 +74,10 @@ class Weights(Struct):
     """Unix time the weights were taken."""
     sha256: str = ""
     """Hex digest of payload; checked on receipt."""
+    since: float = 0.0
+    """Unix time this stream of the version started: the start of the training period that publishes it, or
+    when ``charles stream`` put a saved checkpoint on the bus (0: not said, an older sender). Players that
+    follow ``newest`` drive the version whose stream started last (charles.proto.versions)."""
 
 
 class ConfigRequest(Struct):

@@ -142,6 +142,7 @@ class WeightsBody(Struct, gc=False, kw_only=True):
     created: _num(0.0, about="Unix time")
     sha256: Annotated[str, Meta(max_length=64, description="hex digest of the payload blob")]
     payload: Annotated[int, Meta(ge=0, le=2**31, extra=_reasons("bad_blob"))]
+    since: _num(0.0, about="Unix time this stream of the version started (0: not said)") = 0.0
 
 
 class ConfigReplyBody(Struct, gc=False, kw_only=True):

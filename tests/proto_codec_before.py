@@ -256,6 +256,7 @@ def _weights_in(b: dict, blobs: Sequence) -> Weights:
         payload=payload,
         created=_num(b, "created", 0.0),
         sha256=digest,
+        since=_num(b, "since", 0.0) if "since" in b else 0.0,  # added with the versions on the wire (#16)
     )
 
 

@@ -27,7 +27,7 @@ from charles.model.presets import get_config
 from charles.model.weights import save_weights
 from charles.player.console import ConsolePainter, terminal_view
 from charles.player.service import PlayerMetrics, PlayerService
-from charles.proto import Frame, GameFrame, Weights
+from charles.proto import Frame, GameFrame, Weights, decode
 
 from tests_support import counter_value, stop_by_sigterm, wait_for, weights_message
 
@@ -176,6 +176,44 @@ def test_late_joiner_gets_the_newest_weights_and_drives(player, trainer, client_
     assert {"fps", "pps", "swaps", "unstucks", "policy_lag", "model_created"} <= set(state)
     wait_for(lambda: service.svc.info.get("model_batch") == 100, 3, "heartbeat info")
     assert {"model_batch", "pps", "fps", "swaps", "unstucks"} <= set(service.svc.info)
+
+
+def test_two_versions_on_the_bus_a_pinned_player_and_a_newest_one(player, broker, client_factory):
+    """v1 and v2 of one line stream on their own topics (v2 started later): the player pinned to v1 never
+    loads v2's weights, the newest one drives v2 and stays there while v1 goes on publishing. (The same with
+    trainer and player processes: test_versions_timeline.py, a system test.)"""
+    from charles.proto.versions import weights_topic
+
+    b, _ = broker
+    pub = client_factory("trainer").publisher("weights")
+
+    def publish(version: int, since: float, batch: int, w=W1) -> None:
+        msg = weights(blob(*w), batch=batch)
+        msg.run, msg.since = f"tiny_v{version}", since
+        topic = weights_topic("tiny", version)
+
+        def held() -> bool:
+            pub.send(topic, msg)
+            frames = b.lvc.items.get(topic)
+            return frames is not None and decode([bytes(f) for f in frames]).msg.batch == batch
+
+        wait_for(held, 10, f"v{version} batch {batch} never reached the broker", interval=0.2)
+
+    publish(1, 100.0, 10)
+    pinned = player(player={"follow": "v1", "swap": "immediate"})
+    newest = player(player={"swap": "immediate"})
+    wait_for(lambda: pinned.swapper.meta and newest.swapper.meta, 20, "the players never drove")
+    assert pinned.swapper.meta.run == newest.swapper.meta.run == "tiny_v1"
+    publish(2, 200.0, 3, W2)  # v2's trainer starts: a later stream
+    wait_for(lambda: newest.swapper.meta.run == "tiny_v2", 10, "the newest player never moved to v2")
+    publish(1, 100.0, 12)  # v1 goes on training
+    wait_for(lambda: pinned.swapper.meta.batch == 12, 10, "the pinned player missed v1's batch 12")
+    wait_for(lambda: newest.feed.not_followed >= 1, 10, "the newest player never passed v1 by")
+    assert newest.swapper.meta.run == "tiny_v2" and pinned.swapper.meta.run == "tiny_v1"
+    assert pinned.feed.not_followed >= 1 and pinned.feed.loaded == 2  # v1's two batches, never v2's
+    assert newest.state()["model_version"] == 2 and pinned.state()["follow"] == "tiny_v1"
+    reg = pinned.svc.metrics.registry
+    assert counter_value(reg, "charles_drops_total", {"cause": "not_followed"}) == pinned.feed.not_followed
 
 
 def test_without_the_camera_stream_the_console_carries_the_cameras(player, client_factory):

@@ -52,6 +52,9 @@ def player_console(batch: int = 1200) -> Console:
         "player",
         {
             "model": "model_0004_inceptionresnetv2_v3",
+            "model_line": "model_0004_inceptionresnetv2",
+            "model_version": 3,
+            "follow": "newest of model_0004_inceptionresnetv2",
             "model_created": time.time() - 600,
             "model_batch": batch,
             "raw": {"steering": -0.25, "throttle_brake": 0.6},
@@ -390,12 +393,14 @@ def test_page_in_a_browser_shows_placeholders_then_every_tile_live(
     cinematic = dom.split('id="tile-cinematic"', 1)[1].split("</section>", 1)[0]
     badge = re.search(
         r'class="caption bottom-right" id="model-badge">'
-        r'<div class="model-name">([^<]*)</div><div class="model-meta">([^<]*)<',
+        r'<div class="model-name">(.*?)</div><div class="model-meta">([^<]*)<',
         cinematic,
     )
     assert badge, f"no model badge in the cinematic tile: {cinematic}"
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(ALL["player-1"].state["model_created"]))
-    assert badge.group(1) == "model_0004_inceptionresnetv2_v3"
+    # line and version apart, then batch and age
+    assert badge.group(1) == 'model_0004_inceptionresnetv2 <span class="model-version">v3</span>'
+    assert badge.group(2).startswith("batch 1,200 · "), badge.group(2)
     # published 600 s before: "10m 3s ago", or hours in a long test session
     assert re.search(rf"created {created} \(\d+[mh] \d+[sm] ago\)", badge.group(2)), badge.group(2)
 

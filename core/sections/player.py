@@ -34,6 +34,12 @@ class PlayerConfig:
         True, "sim: pace the drive at 30 Hz of wall clock (off: as fast as it can, benchmarks)"
     )
 
+    follow: str = knob(
+        "newest",
+        "Which weights to drive: newest (the line's version whose stream started last), a version (v3, 3 or "
+        "<line>_v3), <version>@<batch> (that checkpoint only, e.g. streamed by `charles stream v3@1200`), or "
+        "a local checkpoint folder or safetensors weights file (loaded at start; nothing from the bus)",
+    )
     swap: Literal["unstuck", "immediate", "every_s"] = knob(
         "unstuck", "When new weights take over: at the next Unstuck (the seed's way), immediately, or every_s"
     )
@@ -112,6 +118,9 @@ class PlayerConfig:
     )
 
     def __post_init__(self) -> None:
+        from charles.proto.versions import Follow
+
+        Follow.parse(self.follow, None)  # its form; that a version is the model line's, the player checks
         if self.source == "remote":
             if self.dagger:
                 raise ValueError(

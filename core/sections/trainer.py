@@ -171,6 +171,11 @@ class TrainerConfig:
         250, "Checkpoint every N batches (and at shutdown); the seed's counters step by 250", min=1
     )
     keep_checkpoints: int = knob(5, "Checkpoints kept per run (the newest K)", min=1)
+    publish: Literal["live", "off"] = knob(
+        "live",
+        "live: stream the weights to players on weights.<line>.v<N> while training (a new stream starts with "
+        "each training period); off: train off-stream (checkpoints only; `charles stream` publishes one later)",
+    )
     publish_every: int = knob(
         50, "Publish the weights to players every M batches (and at start and shutdown)", min=1
     )
@@ -197,6 +202,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.publish not in ("live", "off"):
+            raise ValueError(f"publish must be live or off, got {self.publish!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in (

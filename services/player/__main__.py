@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         except BuildCancelled:
             svc.log.info("stopped while building the town")
             return
+        except ValueError as e:  # player.follow: another line's version, a missing or refused weights file
+            svc.log.error(f"player.follow {run.player.follow!r}: {e}")
+            raise SystemExit(2) from None
         svc.start_heartbeat()
         service.run()
 

@@ -40,7 +40,8 @@ from charles.player.console import CameraStream, ConsolePainter
 from charles.player.decide import Decider
 from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.player.sources import RemoteSource, SimSource, View
-from charles.player.swap import Swapper, WeightsFeed
+from charles.player.swap import Swapper, WeightsFeed, local_weights
+from charles.proto.versions import Follow
 from charles.runtime import Publisher, Service
 from charles.sections.player import PlayerConfig
 
@@ -135,6 +136,13 @@ class PlayerService:
             p.warmup(1)  # first-call costs (allocations, cuDNN plans) before the car depends on it
             return p
 
+        # which weights: checked before anything is built, so a bad one ends the start with what was asked
+        self.follow = Follow.parse(config.follow, self.cfg.name)
+        local = local_weights(self.follow.path, self.cfg) if self.follow.mode == "file" else None
+        pinned = self.follow.mode in ("version", "batch")
+        self._waiting = "waiting for weights" + (
+            f" of {self.follow.describe(self.cfg.name)}" if pinned else ""
+        )
         self.swapper = Swapper(make, config.swap, config.swap_every_s, config.swap_max_wait_s)
         self.feed = WeightsFeed(
             svc,
@@ -142,7 +150,11 @@ class PlayerService:
             self.cfg,
             trusted=config.weights_from if svc.cfg.bus.secure else None,
             accept_older=config.accept_older,
+            follow=self.follow,
         )
+        if local is not None:
+            self.swapper.load(*local)  # all or nothing (shapes, finite values); the bus is not read
+            svc.log.info(f"driving {local[1].run} batch {local[1].batch} from {self.follow.path}")
         # The collectors' codec: the model trained on pictures that went through it, so it drives on them too.
         collector = run.sections.get("collector")
         self.codec = getattr(collector, "codec", "jpeg")
@@ -209,7 +221,8 @@ class PlayerService:
 
     def run(self) -> None:
         """Until SIGTERM (``svc.stop``)."""
-        self.feed.start()
+        if self.follow.mode != "file":
+            self.feed.start()
         self.svc.ready()
         self.svc.status = "waiting"  # healthy, but no weights yet
         try:
@@ -381,7 +394,9 @@ class PlayerService:
         state: dict[str, Any] = {
             "status": self._status,
             "source": self.source.name,
-            "model": meta.run if meta is not None else "waiting for weights",
+            "model": meta.run if meta is not None else self._waiting,
+            "model_line": self.cfg.name,
+            "follow": self.follow.describe(self.cfg.name),
             "raw": {
                 k: (float(v[0]) if v.size == 1 else [float(x) for x in v]) for k, v in self.last_raw.items()
             },
@@ -400,6 +415,7 @@ class PlayerService:
         if meta is not None:
             state["model_created"] = meta.created
             state["model_batch"] = meta.batch
+            state["model_version"] = meta.version
         pending = self.swapper.pending
         if pending is not None:
             state["pending_batch"] = pending.batch

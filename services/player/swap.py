@@ -16,24 +16,32 @@ this model (``pickle``, ``not_safetensors``, ``corrupt``, ``non_finite``, ``tens
 ``WeightsError`` reasons of charles.model.weights). Two more refusals guard what the car drives: on CURVE,
 weights from a sender no trainer key vouches for (``weights_sender_not_allowed``: the broker lets only
 ``trainer`` keys publish weights, and only under their own names), and weights of an older batch of the
-run it already has (``older_batch``: a replay or a rollback), unless ``player.accept_older``.
+run it already has (``older_batch``: a replay or a rollback), unless ``player.accept_older``, and a
+message whose topic names another version than its run (``wrong_version``).
+
+Which versions it loads at all is ``player.follow`` (charles.proto.versions.Follower): weights of versions
+it does not follow are passed by unloaded and counted (``charles_drops_total{cause="not_followed"}``), so a
+pinned player never loads another version's weights, and a ``newest`` one never flips between two trainers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from charles.model.config import ModelConfig
 from charles.model.predictor import Predictor
-from charles.model.weights import WeightsError
+from charles.model.weights import WeightsError, read_weights
 from charles.proto import Envelope, Weights
 from charles.proto.registry import vouches
+from charles.proto.versions import Follow, Follower, Offer, parse_run_name, version_of_topic
 from charles.runtime import Service, Subscriber
 
 RECV_MS = 100
@@ -51,6 +59,8 @@ class WeightsMeta:
     sha256: str
     received: float = 0.0
     """time.monotonic() when they arrived."""
+    version: int = 0
+    """The run's version (0: a run name without one)."""
 
 
 def check_weights(w: Weights, cfg: ModelConfig) -> None:
@@ -73,6 +83,46 @@ def check_weights(w: Weights, cfg: ModelConfig) -> None:
             "config_mismatch",
             f"weights of run {w.run!r} batch {w.batch} are for a different network ({shown})",
         )
+
+
+CHECKPOINT_WEIGHTS = "weights.safetensors"
+"""The weights file in a trainer's checkpoint folder (runs/<line>/<run>/checkpoints/batch_<N>/)."""
+
+
+def local_weights(path: str, cfg: ModelConfig) -> tuple[bytes, WeightsMeta]:
+    """``player.follow: <folder or file>``: the bytes and meta of a checkpoint folder's weights or a
+    safetensors file, checked as weights from the bus are (safetensors only, the model line, the network);
+    raises WeightsError saying what was asked and what is there, before any predictor holds any of it."""
+    p = Path(path)
+    f = p / CHECKPOINT_WEIGHTS if p.is_dir() else p
+    if p.is_dir() and not f.is_file():
+        raise WeightsError(
+            "missing",
+            f"{p} is a folder without {CHECKPOINT_WEIGHTS}; a checkpoint folder is "
+            "runs/<line>/<line>_v<N>/checkpoints/batch_<N>/",
+        )
+    if not f.is_file():
+        raise WeightsError("missing", f"no checkpoint folder or weights file at {p}")
+    data = f.read_bytes()
+    w = read_weights(data)  # safetensors framing first: a pickle or anything else is refused unparsed
+    if w.config is None:
+        raise WeightsError("no_config", f"{f} does not say which model it belongs to")
+    if w.config.name != cfg.name:
+        raise WeightsError(
+            "wrong_model",
+            f"{f} holds weights of model line {w.config.name!r}; this player drives {cfg.name!r}",
+        )
+    run = w.metadata.get("charles.run") or next(
+        (q.name for q in f.parents if parse_run_name(q.name) is not None), f.name
+    )
+    named = parse_run_name(run)
+    try:
+        batch = int(w.metadata.get("charles.batch", "0"))
+    except ValueError:
+        batch = 0
+    digest = hashlib.sha256(data).hexdigest()
+    version = named[1] if named is not None else 0
+    return data, WeightsMeta(cfg.name, run, batch, f.stat().st_mtime, digest, time.monotonic(), version)
 
 
 class Swapper:
@@ -124,8 +174,8 @@ class Swapper:
     @property
     def lag(self) -> int:
         """Batches the driven weights trail the newest loaded ones (0 before the first)."""
-        if self.meta is None or self.newest is None:
-            return 0
+        if self.meta is None or self.newest is None or self.newest.run != self.meta.run:
+            return 0  # batches of two versions do not compare
         return max(0, self.newest.batch - self.meta.batch)
 
     # -- the feed thread ------------------------------------------------------------------------------
@@ -190,7 +240,8 @@ class Swapper:
 
 
 class WeightsFeed:
-    """``# irregular <- weights.<line>`` (the broker's newest at start): check, load, hand to the Swapper."""
+    """``# irregular <- weights.<line>.*`` (the broker's newest of each version at start): choose by
+    ``follow``, check, load, hand to the Swapper."""
 
     def __init__(
         self,
@@ -201,14 +252,17 @@ class WeightsFeed:
         *,
         trusted: list[str] | None = None,
         accept_older: bool = False,
+        follow: Follow | None = None,
     ):
         self.svc = svc
         self.trusted = trusted
         """Key names that vouch for a weights sender (None: any sender, the plain in-cluster bus)."""
-        self.accept_older = accept_older
         self.swapper = swapper
         self.cfg = cfg
-        self.topic = f"weights.{cfg.name}"
+        self.follow = follow or Follow("newest")
+        self.follower = Follower(self.follow, accept_older)
+        self.prefix = f"weights.{cfg.name}"  # every version of the line (charles.proto.versions.line_prefix)
+        self.not_followed = 0
         self.sub = sub
         self.received = 0
         self.loaded = 0
@@ -218,6 +272,15 @@ class WeightsFeed:
         self._seen: tuple[str, int, str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def accept_older(self) -> bool:
+        """Load older batches of the stream it drives (``player.accept_older``)."""
+        return self.follower.accept_older
+
+    @accept_older.setter
+    def accept_older(self, value: bool) -> None:
+        self.follower.accept_older = value
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="weights", daemon=True)
@@ -231,28 +294,63 @@ class WeightsFeed:
     def _run(self) -> None:
         if self.sub is None:
             # subscribes, then fetches the broker's last value of the topic (the late-join rule)
-            self.sub = self.svc.subscriber([self.topic])
+            self.sub = self.svc.subscriber([self.prefix])
         self.subscribed.set()
         while not self._stop.is_set() and self.svc.running:
             env = self.sub.recv(RECV_MS)
             if env is None:
                 continue
-            # only the newest matters: older ones still queued are superseded (duplicates are not counted)
-            mine = [e for e in (env, *self.sub.drain(16)) if e.topic == self.topic]
+            # weights.tiny also matches weights.tiny_memory.v1: another line's, not ours
+            mine = [
+                e for e in (env, *self.sub.drain(16)) if version_of_topic(e.topic, self.cfg.name) is not False
+            ]
             if not mine:
                 continue
-            older = {(e.msg.run, e.msg.batch, e.msg.sha256) for e in mine[:-1]}
-            older.discard((mine[-1].msg.run, mine[-1].msg.batch, mine[-1].msg.sha256))
-            if older:
-                self.svc.metrics.drops.labels(cause="weights_superseded").inc(len(older))
             try:
-                self.handle(mine[-1])
+                self.handle_many(mine)
             except Exception:  # a bad file is a reject; anything else must not end the feed either
                 self.svc.log.exception("weights feed: unexpected error")
 
+    def handle_many(self, envs: list[Envelope]) -> None:
+        """Messages that arrived together: only the one the follower would end up with is loaded; the others
+        it would have taken on the way are superseded (counted, duplicates not), the rest judged as usual."""
+        offers = [self.offer(e) for e in envs]
+        saved, chosen = self.follower.current, None
+        try:  # walk them in order as the follower would, without loading anything
+            for i, o in enumerate(offers):
+                if o is not None and self.follower.verdict(o) == "take":
+                    self.follower.current, chosen = o, i
+        finally:
+            self.follower.current = saved
+        superseded = set()
+        for i, e in enumerate(envs):
+            if i == chosen:
+                continue
+            o = offers[i]
+            if o is not None and self.follower.verdict(o) == "take":
+                superseded.add((e.msg.run, e.msg.batch, e.msg.sha256))
+            else:
+                self.handle(e)
+        if chosen is not None:
+            superseded.discard((envs[chosen].msg.run, envs[chosen].msg.batch, envs[chosen].msg.sha256))
+        if superseded:
+            self.svc.metrics.drops.labels(cause="weights_superseded").inc(len(superseded))
+        if chosen is not None:
+            self.handle(envs[chosen])
+
+    def offer(self, env: Envelope) -> Offer | None:
+        """Version, stream and batch of a message of our line; None when its topic and run disagree."""
+        w: Weights = env.msg
+        named = parse_run_name(w.run)
+        version = named[1] if named is not None and named[0] == w.model else 0
+        on_topic = version_of_topic(env.topic, self.cfg.name)
+        if on_topic is not None and on_topic != version:
+            return None
+        return Offer(version, float(w.since), int(w.batch))
+
     def handle(self, env: Envelope) -> bool:
         """One weights message; True when it was loaded (ready for the swap)."""
-        if env.topic != self.topic:
+        if version_of_topic(env.topic, self.cfg.name) is False:
             return False  # weights.tiny also matches weights.tiny_memory: another line's, not ours
         w: Weights = env.msg
         key = (w.run, w.batch, w.sha256)
@@ -260,21 +358,29 @@ class WeightsFeed:
             return False  # the broker's snapshot and the live message can both arrive: judge each once
         self._seen = key
         self.received += 1
-        meta = WeightsMeta(w.model, w.run, int(w.batch), float(w.created), w.sha256, time.monotonic())
-        newest = self.swapper.newest
+        offer = self.offer(env)
+        version = offer.version if offer is not None else 0
+        meta = WeightsMeta(
+            w.model, w.run, int(w.batch), float(w.created), w.sha256, time.monotonic(), version
+        )
         try:
             if self.trusted is not None and not any(vouches(t, env.sender) for t in self.trusted):
                 raise WeightsError(
                     "weights_sender_not_allowed",
                     f"from {env.sender[:64]!r}, which no key in player.weights_from vouches for",
                 )
-            if (
-                not self.accept_older
-                and newest is not None
-                and w.run == newest.run
-                and w.batch < newest.batch
-            ):
-                raise WeightsError("older_batch", f"we already have batch {newest.batch} of {w.run}")
+            if offer is None:
+                raise WeightsError("wrong_version", f"run {w.run!r} sent on {env.topic!r}")
+            verdict = self.follower.verdict(offer)
+            if verdict == "not_followed":
+                self.not_followed += 1
+                self.svc.metrics.drops.labels(cause="not_followed").inc()
+                return False
+            if verdict == "older_batch":
+                current = self.follower.current
+                raise WeightsError(
+                    "older_batch", f"we already have batch {current.batch if current else '?'} of {w.run}"
+                )
             check_weights(w, self.cfg)
             self.swapper.load(w.payload, meta)
         except WeightsError as e:
@@ -284,6 +390,7 @@ class WeightsFeed:
                 e.reason, f"weights {w.run} batch {w.batch} refused, still driving on what we have: {e}"
             )
             return False
+        self.follower.took(offer)
         self.loaded += 1
         self.svc.log.info(f"weights {w.run} batch {w.batch} loaded; swap policy: {self.swapper.policy}")
         return True

@@ -3,6 +3,10 @@
     charles trainer --preset tiny                 resume the newest run of the line (v1 if none)
     charles trainer --preset tiny --new-version   start the line's next version from scratch
     charles trainer --preset tiny --version 3     train (or resume) tiny_v3
+    charles trainer --preset tiny --resume v3@1200   continue tiny_v3 from its checkpoint of batch 1200 as a
+                                                  new period (newer checkpoints move aside, kept)
+    charles trainer --preset tiny --set trainer.publish=off   train off-stream: checkpoints, no weights on
+                                                  the bus (`charles stream tiny_v3@1200` streams one later)
     CHARLES__TRAINER__PROCS=4 charles trainer     four processes, one per GPU: it starts torchrun itself
     torchrun --nproc_per_node 4 -m charles.trainer --preset model_0004_inceptionresnetv2   (the same, by hand)
 
@@ -33,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--version", type=int, help="train this version of the line (created if missing)")
     which.add_argument(
         "--new-version", action="store_true", help="start the line's next version from scratch"
+    )
+    which.add_argument(
+        "--resume",
+        metavar="VERSION[@BATCH]",
+        help="continue an existing version (v3, 3 or <line>_v3) from its newest checkpoint, or from the "
+        "one of BATCH, as a new training period",
     )
     ap.add_argument("--run-dir", help="where runs live (default: $CHARLES_RUN_DIR or runs/)")
     ap.add_argument(
@@ -79,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.trainer.torch_threads)
     dist = Distributed.from_env(cfg.trainer.device)
     rank = dist.rank if dist else 0
+    version, resume_batch = args.version, None
     try:
+        if args.resume is not None:
+            version, resume_batch = resumable(args.resume, mcfg, args.run_dir)
         run = open_for_training(
             mcfg.name,
             args.run_dir,
-            version=args.version,
+            version=version,
             new=args.new_version,
             model=mcfg.to_dict(),
             identity=mcfg.identity(),
@@ -91,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
             rank=rank,
             broadcast=dist.broadcast_int if dist is not None else None,
         )
-    except RunError as e:
+        if resume_batch is not None and rank == 0:
+            moved = run.rewind(resume_batch)
+            if moved:
+                print(
+                    f"charles trainer: {len(moved)} newer checkpoint(s) of {run.name} moved aside to "
+                    f"{moved[0].parent}",
+                    file=sys.stderr,
+                )
+    except (RunError, ValueError) as e:  # CheckpointError is a ValueError too
         print(f"charles trainer: {e}", file=sys.stderr)
         return 2
 
@@ -124,6 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         if dist is not None:
             dist.close()
     return 0
+
+
+def resumable(ref: str, mcfg, root: str | None) -> tuple[int, int | None]:
+    """``--resume v3[@1200]`` -> (3, 1200 or None), after checking that the version exists and has that
+    checkpoint, and that the checkpoint loads into this model (so nothing moves for a refused one);
+    ValueError (RunError, CheckpointError) saying what was asked and what there is."""
+    from charles.proto.versions import parse_ref
+    from charles.trainer.checkpoint import list_checkpoints, read_checkpoint
+    from charles.trainer.runs import locate
+
+    version, batch = parse_ref(ref, mcfg.name)
+    run = locate(mcfg.name, version, root)
+    have = list_checkpoints(run.checkpoints)
+    if not have:
+        raise ValueError(f"{run.name} has no checkpoint to continue from (train it with --version {version})")
+    path = have[-1][1] if batch is None else run.checkpoint_path(batch)
+    read_checkpoint(path, mcfg)
+    return version, batch
 
 
 if __name__ == "__main__":

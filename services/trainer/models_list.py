@@ -4,6 +4,11 @@ charles models                 every line with runs, newest information from eac
 charles models --line tiny     one line
 charles models --presets       also the lines (presets) that have no runs yet
 charles models --json          the same as JSON (scripts, the e2e bench)
+charles models --offline       do not ask the broker what the players drive now
+
+Each version shows its training periods, streamed (``trainer.publish: live``) or off-stream (``off``), and
+the times ``charles stream`` put one of its checkpoints on the bus. Under each line: what every player on the
+broker drives now (its console's last value, asked with a short timeout; "no broker" when none answers).
 """
 
 from __future__ import annotations
@@ -14,8 +19,13 @@ import sys
 import time
 from typing import Any
 
+from charles import config as config_mod
 from charles.cli import help_text
 from charles.trainer.runs import RunDir, checkpoint_batches, list_lines, list_runs, runs_root
+
+PLAYERS_TIMEOUT_S = 0.5
+"""How long `charles models` waits for the broker to say what the players drive (it is a listing: a missing
+broker must not hold it up)."""
 
 
 def _when(t: float) -> str:
@@ -54,9 +64,11 @@ def describe(run: RunDir) -> dict[str, Any]:
                 "open": p.open,
                 "host": p.host,
                 "code_version": p.code_version,
+                "publish": p.publish,
             }
             for p in m.periods
         ],
+        streams=run.streams(),
     )
     return out
 
@@ -71,12 +83,62 @@ def period_line(run: str, p: dict[str, Any], last: bool) -> str:
     else:
         stop = f"stopped at batch {p['stop_batch']:,}"
     span = f"{_when(p['started'])}, {_duration(p['stopped'] - p['started'])}"
-    return f"started {start}, {stop}  ({span})"
+    how = "off-stream" if p.get("publish") == "off" else "streamed"
+    return f"started {start}, {stop}, {how}  ({span})"
 
 
-def render(runs: list[dict[str, Any]], about: dict[str, str] | None = None, all_lines: bool = False) -> str:
-    """A readable table: one block per line, one row per run, its periods underneath. ``about`` gives a
-    line's one-sentence description; ``all_lines`` also lists the lines in ``about`` that have no runs."""
+def stream_line(s: dict[str, Any]) -> str:
+    """A ``charles stream`` of the run: "streamed batch 24,500 (charles stream)"."""
+    return (
+        f"streamed batch {s['batch']:,} by charles stream  ({_when(s.get('since', 0))}, {s.get('host', '')})"
+    )
+
+
+def players_now(cfg: Any, timeout_s: float = PLAYERS_TIMEOUT_S) -> list[dict[str, Any]] | None:
+    """What each player on the broker drives now, from its console's last value (``console.player*``: the
+    players' default ids); None when no broker answers within ``timeout_s``."""
+    from charles.runtime import Service
+
+    svc = Service("models", cfg, http=False, signals=False)
+    try:
+        try:
+            envs = svc.snapshot(["console.player"], timeout_s=timeout_s, missing_ok=False)
+        except TimeoutError:
+            return None
+        out = []
+        for env in envs:
+            if getattr(env.msg, "service", "") != "player" or not isinstance(env.msg.state, dict):
+                continue
+            st = env.msg.state
+            out.append(
+                {
+                    "instance": env.topic.split(".", 1)[1],
+                    "model": st.get("model"),
+                    "line": st.get("model_line"),
+                    "batch": st.get("model_batch"),
+                    "follow": st.get("follow"),
+                }
+            )
+        return out
+    finally:
+        svc.close()
+
+
+def player_line(p: dict[str, Any]) -> str:
+    batch = f" batch {p['batch']:,}" if isinstance(p.get("batch"), int) else ""
+    follow = f" (follows {p['follow']})" if p.get("follow") else ""
+    return f"  players now: {p['instance']} drives {p.get('model') or '?'}{batch}{follow}"
+
+
+def render(
+    runs: list[dict[str, Any]],
+    about: dict[str, str] | None = None,
+    all_lines: bool = False,
+    players: list[dict[str, Any]] | None = None,
+) -> str:
+    """A readable table: one block per line, one row per run, its periods and streams underneath (oldest
+    first). ``about`` gives a line's one-sentence description; ``all_lines`` also lists the lines in ``about``
+    that have no runs; ``players`` (``players_now``) says under each line what its players drive now."""
     lines: list[str] = []
     by_line: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -101,8 +163,16 @@ def render(runs: list[dict[str, Any]], about: dict[str, str] | None = None, all_
             lines.append(
                 f"  {r['run']:<{width}}  {r['batch']:>10,}  {r['samples']:>12,}  {len(ck):>11}  {_when(r['created'])}"
             )
-            for i, p in enumerate(r["periods"]):
-                lines.append(f"      {period_line(r['run'], p, i == len(r['periods']) - 1)}")
+            events = [
+                (p["started"], period_line(r["run"], p, i == len(r["periods"]) - 1))
+                for i, p in enumerate(r["periods"])
+            ]
+            events += [(st.get("since", 0), stream_line(st)) for st in r.get("streams", [])]
+            for _, text in sorted(events, key=lambda e: e[0]):
+                lines.append(f"      {text}")
+        for p in players or []:
+            if p.get("line") == line or (p.get("model") or "").startswith(f"{line}_v"):
+                lines.append(player_line(p))
         lines.append("")
     return "\n".join(lines)
 
@@ -117,19 +187,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--line", help="only this model line")
     ap.add_argument("--presets", action="store_true", help="also list the lines (presets) without runs")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ap.add_argument("--offline", action="store_true", help="do not ask the broker what the players drive")
+    config_mod.add_arguments(
+        ap, config_help="run configuration (where the broker is; default $CHARLES_CONFIG)"
+    )
     args = ap.parse_args(argv)
     runs = [describe(r) for r in list_runs(args.run_dir, args.line)]
+    players = None
+    if not args.offline:
+        try:
+            cfg = config_mod.load(args.config, overrides=args.set)
+        except ValueError as e:
+            print(f"charles models: configuration error: {e}", file=sys.stderr)
+            return 2
+        players = players_now(cfg)
     if args.json:
         print(
             json.dumps(
-                {"root": str(runs_root(args.run_dir)), "lines": list_lines(args.run_dir), "runs": runs}
+                {
+                    "root": str(runs_root(args.run_dir)),
+                    "lines": list_lines(args.run_dir),
+                    "runs": runs,
+                    "players": players,
+                }
             )
         )
         return 0
     from charles.model.presets import describe_preset, list_presets  # plain data, no torch
 
     about = {p: describe_preset(p) for p in list_presets() if not args.line or p == args.line}
-    sys.stdout.write(render(runs, about, all_lines=args.presets))
+    sys.stdout.write(render(runs, about, all_lines=args.presets, players=players))
+    if players is None and not args.offline:
+        sys.stdout.write("(what players drive now: no broker answered; --offline skips asking)\n")
     return 0
 
 

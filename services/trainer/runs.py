@@ -22,6 +22,7 @@ Public API for the player, benches and tools: ``find_run`` (a line or run name -
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -33,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charles.trainer.checkpoint import atomic_write, list_checkpoints
+from charles.proto.versions import parse_run_name, run_name
+from charles.trainer.checkpoint import atomic_write, fsync_dir, list_checkpoints
 from charles.trainer.checkpoint import newest_weights as _newest_in
 
 RUN_DIR_ENV = "CHARLES_RUN_DIR"
@@ -41,8 +43,10 @@ CHECKPOINT_DIR_ENV = "CHARLES_CHECKPOINT_DIR"
 STORAGE_DIR_ENV = "CHARLES_STORAGE_DIR"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+STREAMS = "streams.jsonl"
+STREAMS_SHOWN = 100
+"""Streams of a run that `charles models` reads back (the newest)."""
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_RUN = re.compile(r"^(?P<line>.+)_v(?P<version>\d+)$")
 
 
 class RunError(ValueError):
@@ -52,16 +56,6 @@ class RunError(ValueError):
 def runs_root(root: str | os.PathLike | None = None) -> Path:
     """Where runs live: ``root`` if given, else ``$CHARLES_RUN_DIR``, else ``runs/``."""
     return Path(root if root is not None else os.environ.get(RUN_DIR_ENV) or "runs")
-
-
-def run_name(line: str, version: int) -> str:
-    return f"{line}_v{version}"
-
-
-def parse_run_name(name: str) -> tuple[str, int] | None:
-    """``model_0004_inceptionresnetv2_v3`` -> (line, 3); None when the name has no ``_vN``."""
-    m = _RUN.match(name)
-    return (m.group("line"), int(m.group("version"))) if m else None
 
 
 def _check_name(name: str, what: str) -> str:
@@ -83,6 +77,8 @@ class Period:
     """True while the trainer runs — or when it died; its stop is then the last checkpoint."""
     host: str = ""
     code_version: str = ""
+    publish: str = "live"
+    """``live``: the period streamed its weights to players; ``off``: trained off-stream (trainer.publish)."""
 
     @property
     def seconds(self) -> float:
@@ -217,7 +213,7 @@ class RunDir:
 
     # -- periods ----------------------------------------------------------------------------------------
 
-    def start_period(self, batch: int, code_version: str = "") -> Period:
+    def start_period(self, batch: int, code_version: str = "", publish: str = "live") -> Period:
         """Record that training (re)starts at ``batch``; a period left open by a crash is closed first."""
         m = self.manifest
         assert m is not None, "create() first"
@@ -225,7 +221,7 @@ class RunDir:
         for p in m.periods:
             p.open = False
         m.batch = batch
-        self._period = Period(batch, batch, now, now, True, socket.gethostname(), code_version)
+        self._period = Period(batch, batch, now, now, True, socket.gethostname(), code_version, publish)
         m.periods.append(self._period)
         self.save()
         return self._period
@@ -258,6 +254,58 @@ class RunDir:
 
     def newest_weights(self) -> Path | None:
         return _newest_in(self.checkpoints)
+
+    def checkpoint_path(self, batch: int) -> Path:
+        """The checkpoint of ``batch``; RunError naming the batches there are when it is not one of them."""
+        have = dict(list_checkpoints(self.checkpoints))
+        if batch not in have:
+            shown = ", ".join(str(b) for b in sorted(have)[-12:]) or "none"
+            raise RunError(f"{self.name} has no checkpoint at batch {batch} (its checkpoints: {shown})")
+        return have[batch]
+
+    def rewind(self, batch: int) -> list[Path]:
+        """Make the checkpoint of ``batch`` the newest, so training continues from it (the seed's "continuing
+        training from batch 162650" after it had reached 165250). Newer checkpoints move aside, whole, into
+        ``checkpoints/superseded-<time>-from-<batch>/``: they are another branch of the version's history,
+        kept for whoever wants them, and out of the way of resume (which takes the newest) and of pruning
+        (which would delete the new branch's first checkpoints for being older). Returns what moved."""
+        target = self.checkpoint_path(batch)
+        newer = [p for b, p in list_checkpoints(self.checkpoints) if b > batch]
+        if newer:
+            aside = self.checkpoints / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-from-{batch}"
+            aside.mkdir()
+            for p in newer:
+                os.rename(p, aside / p.name)
+            fsync_dir(self.checkpoints)
+        if self.manifest is not None:
+            inside = target.is_relative_to(self.path)
+            self.manifest.checkpoint = str(target.relative_to(self.path) if inside else target)
+            self.manifest.batch = batch
+            self.save()
+        return newer
+
+    # -- streams: saved checkpoints put on the bus by `charles stream` -------------------------------------
+
+    def record_stream(self, batch: int, since: float, checkpoint: Path) -> None:
+        """Append one ``charles stream`` of this run to ``streams.jsonl``: a file of its own, since the
+        manifest belongs to the trainer (which may be training this run off-stream meanwhile)."""
+        entry = {"batch": batch, "since": since, "host": socket.gethostname(), "checkpoint": str(checkpoint)}
+        with open(self.path / STREAMS, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def streams(self, last: int = STREAMS_SHOWN) -> list[dict[str, Any]]:
+        """The newest ``last`` streams recorded, oldest first (a line per command; unreadable lines skipped)."""
+        path = self.path / STREAMS
+        if not path.is_file():
+            return []
+        out: collections.deque[dict[str, Any]] = collections.deque(maxlen=last)
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and isinstance(entry.get("batch"), int):
+                        out.append(entry)
+        return list(out)
 
 
 # ---- finding runs -----------------------------------------------------------------------------------------
@@ -345,6 +393,19 @@ def open_for_training(
             run = open_run(line, root, version=chosen, identity=identity)
     if run is None:
         raise RunError(f"rank {rank} cannot choose a run: only rank 0 does, and no broadcast was given")
+    return run
+
+
+def locate(line: str, version: int, root: str | os.PathLike | None = None) -> RunDir:
+    """An existing version of a line (``charles stream``, ``charles trainer --resume``); RunError naming
+    the versions there are when it has none of that number, or when its manifest cannot be read."""
+    have = versions(line, root)
+    if version not in have:
+        shown = ", ".join(f"v{v}" for v in have) or "none"
+        raise RunError(f"{line} has no version v{version} under {runs_root(root)} (its versions: {shown})")
+    run = RunDir(runs_root(root) / line / run_name(line, version))
+    if run.error:
+        raise RunError(f"{run.error}; repair or move aside {run.path / MANIFEST}")
     return run
 
 

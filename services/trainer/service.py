@@ -1,4 +1,4 @@
-"""The trainer process around ``Trainer``: balanced ``set.*`` in, ``weights.<line>`` and checkpoints out.
+"""The trainer process around ``Trainer``: balanced ``set.*`` in, ``weights.<line>.v<N>`` and checkpoints out.
 
 Threads, and what each one owns::
 
@@ -10,7 +10,10 @@ Threads, and what each one owns::
     heartbeat charles.runtime's, 1 Hz -> heartbeat.<instance>
 
 Start order: resume the newest good checkpoint, refill the buffers from disk (before any socket is read),
-then subscribe. Status is "waiting for buffers" until every buffer is full enough, "training" after.
+then subscribe. With ``trainer.publish: live`` each training period is a new *stream* of the version: its
+weights carry the period's start as ``since`` (players following ``newest`` take the stream started last,
+charles.proto.versions); with ``off`` nothing is published (off-stream training; ``charles stream`` puts
+a checkpoint on the bus later). Status is "waiting for buffers" until every buffer is full enough, "training" after.
 SIGTERM stops at a batch boundary; ``shutdown`` then writes a final checkpoint, publishes the final
 weights (closing that publisher with a linger so they leave), flushes the storage and closes the period.
 
@@ -34,6 +37,7 @@ from typing import Any
 from charles.config import Config
 from charles.outputs import outputs_signature
 from charles.proto import Console, Weights
+from charles.proto.versions import weights_topic
 from charles.runtime import Publisher, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import buffer_names
@@ -123,7 +127,11 @@ class TrainerService:
         self.receiver = Receiver(
             svc, self.buffers, self.sub, self.rank, self.world, outputs=outputs_signature(balanced)
         )
-        self.pub = (pub or svc.publisher("weights")) if self.main else None
+        self.live = self.tcfg.publish == "live"
+        self.pub = (pub or svc.publisher("weights")) if self.main and self.live else None
+        self.topic = weights_topic(self.mcfg.name, run.version)
+        self.since = 0.0
+        """When this period's stream started (Unix time; set as the period starts)."""
         self.console_pub = svc.publisher("console") if self.main else None
         self.terminal = terminal if self.main else None
 
@@ -189,8 +197,10 @@ class TrainerService:
         self.assembler = BatchAssembler(self.buffers, self.batch_config, self.device)
         self.prefetcher = Prefetcher(self.assembler, poll=WAIT_S)
         self.receiver.start()
+        self.since = time.time()
         if self.main:
-            self.run_dir.start_period(self.trainer.batch, code_version())
+            period = self.run_dir.start_period(self.trainer.batch, code_version(), self.tcfg.publish)
+            self.since = period.started
         self.status = "waiting for buffers"
         self.svc.status = "waiting"
         self._console_thread.start()
@@ -254,7 +264,7 @@ class TrainerService:
     # -- weights and checkpoints --------------------------------------------------------------------------------
 
     def publish(self) -> bool:
-        """Send the current weights on ``weights.<line>`` (rank 0; once per batch number)."""
+        """Send the current weights on ``weights.<line>.v<N>`` (rank 0, publish live; once per batch number)."""
         if self.pub is None or self.last_publish_batch == self.trainer.batch:
             return False
         t0 = time.perf_counter()
@@ -269,8 +279,9 @@ class TrainerService:
             config=self.mcfg.to_dict(),
             payload=payload,
             created=time.time(),
+            since=self.since,
         )
-        sent = self.pub.send(f"weights.{self.mcfg.name}", w)
+        sent = self.pub.send(self.topic, w)
         self.metrics.publish_s.observe(time.perf_counter() - t0)
         if sent:
             self.published += 1
@@ -331,6 +342,8 @@ class TrainerService:
             "status": self.status,
             "run": self.run_dir.name,
             "model": self.mcfg.name,
+            "version": self.run_dir.version,
+            "publish": self.tcfg.publish,
             "device": str(self.device) + (f" x{self.world}" if self.world > 1 else ""),
             "batch": self.trainer.batch,
             "samples": self.trainer.samples,

@@ -392,9 +392,14 @@
       const age = isNum(s.model_created) ? snap.now - s.model_created : null;
       const created = isNum(s.model_created) ? `created ${dateText(s.model_created)} (${duration(age)} ago)` : "";
       const batch = isNum(s.model_batch) ? `batch ${num(s.model_batch)}` : "";
+      // line and version apart (two versions of one line can stream at once), then batch and age
+      const name = typeof s.model_line === "string" && isNum(s.model_version) && s.model_version > 0
+        ? `${esc(s.model_line)} <span class="model-version">v${s.model_version}</span>`
+        : esc(s.model);
+      const follow = typeof s.follow === "string" && !s.follow.startsWith("newest") ? `pinned: ${s.follow}` : "";
       const html =
-        `<div class="model-name">${esc(s.model)}</div>` +
-        `<div class="model-meta">${[batch, created].filter(Boolean).map(esc).join(" · ")}</div>`;
+        `<div class="model-name">${name}</div>` +
+        `<div class="model-meta">${[batch, created, follow].filter(Boolean).map(esc).join(" · ")}</div>`;
       if (badge.innerHTML !== html) badge.innerHTML = html;
     } else {
       const html = p ? `<div class="model-meta">no model yet</div>` : "";
