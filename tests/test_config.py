@@ -30,6 +30,21 @@ def test_env_values_are_typed():
     assert cfg.broker.secure is True and cfg.service.http_port == 9200
 
 
+def test_a_bare_off_or_on_is_the_choice_of_that_name_not_a_boolean(tmp_path):
+    """YAML 1.1 reads off and on as false and true: in a file, in --set and in CHARLES__* alike, a setting
+    whose choices are named so gets the name back (trainer.publish: off, trainer.channels_last: on)."""
+    f = tmp_path / "run.yaml"
+    f.write_text("trainer:\n  publish: off\n")
+    cfg = config.load(f, environ={"CHARLES__TRAINER__CHANNELS_LAST": "on"}, overrides=["player.follow=v3"])
+    assert (cfg.trainer.publish, cfg.trainer.channels_last) == ("off", "on")
+    assert (
+        config.load(data={}, environ={}, overrides=["trainer.channels_last=off"]).trainer.channels_last
+        == "off"
+    )
+    with pytest.raises(config.ConfigError, match="not one of"):  # no choice named on: still refused
+        config.load(data={"trainer": {"publish": True}}, environ={})
+
+
 @pytest.mark.parametrize(
     "data,needle",
     [
@@ -38,6 +53,7 @@ def test_env_values_are_typed():
         ({"service": {"heartbeat_s": "soon"}}, "expected float"),
         ({"service": {"log_format": "xml"}}, "not one of"),
         ({"broker": {"secure": "maybe"}}, "true or false"),
+        ({"player": {"follow": "v3@latest"}}, "not a version of a line"),
         ({"service": {"shutdown_s": float("nan")}}, "finite"),
         ({"nosection": {}}, "unknown section"),
     ],

@@ -508,7 +508,7 @@ def kill_and_recover(p: Pipeline, victim: str) -> float:
     for c in p.collectors:
         wait_for(lambda c=c: p.probe.since(f"sample.{c}", mark), 60, f"no samples from {c} after the restart")
     wait_for(lambda: p.probe.topics_since("set.", mark), 60, "no sets after the restart")
-    wait_for(lambda: p.probe.since("weights.tiny", mark), 90, "no weights after the restart")
+    wait_for(lambda: p.probe.topics_since("weights.tiny", mark), 90, "no weights after the restart")
     assert all(p.healthy(n) for n in p.names)
     assert p.pid(victim) == new_pid
     return time.monotonic() - t0

@@ -312,3 +312,45 @@ def _environ(env: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_models_says_what_each_player_drives_now_or_that_no_broker_answered(
+    broker, procs, client_factory, capsys
+):
+    """`charles models` asks the broker for the players' consoles: which run and batch each drives."""
+    from charles.proto import Console
+
+    b, data = broker
+    run = RunDir(procs.runs / "tiny" / "tiny_v2")
+    run.create({})
+    pub = client_factory("player").publisher("console")
+    state = {
+        "model": "tiny_v2",
+        "model_line": "tiny",
+        "model_version": 2,
+        "model_batch": 1200,
+        "follow": "tiny_v2",
+    }
+    wait_for(
+        lambda: pub.send("console.player-1", Console("player", state)) and "console.player-1" in b.lvc.items,
+        10,
+        "the broker never held the player's console",
+        interval=0.2,
+    )
+    env = {"CHARLES__BUS__PORTS": procs.env["CHARLES__BUS__PORTS"]}
+    with _environ(env):
+        assert models_main(["--run-dir", str(procs.runs), "--line", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "players now: player-1 drives tiny_v2 batch 1,200 (follows tiny_v2)" in out, out
+    with _environ(env):
+        assert models_main(["--run-dir", str(procs.runs), "--json"]) == 0
+    players = json.loads(capsys.readouterr().out)["players"]
+    assert players == [
+        {"instance": "player-1", "model": "tiny_v2", "line": "tiny", "batch": 1200, "follow": "tiny_v2"}
+    ]
+    # nobody on those ports: said so, after half a second
+    (port,) = free_ports(1)
+    nobody = json.dumps({**data["bus"]["ports"], "control": port})
+    with _environ({"CHARLES__BUS__PORTS": nobody}):
+        assert models_main(["--run-dir", str(procs.runs), "--line", "tiny"]) == 0
+    assert "no broker answered" in capsys.readouterr().out

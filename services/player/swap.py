@@ -41,7 +41,7 @@ from charles.model.predictor import Predictor
 from charles.model.weights import WeightsError, read_weights
 from charles.proto import Envelope, Weights
 from charles.proto.registry import vouches
-from charles.proto.versions import Follow, Follower, Offer, parse_run_name, version_of_topic
+from charles.proto.versions import Follow, Follower, Offer, line_prefix, parse_run_name, version_of_topic
 from charles.runtime import Service, Subscriber
 
 RECV_MS = 100
@@ -261,7 +261,7 @@ class WeightsFeed:
         self.cfg = cfg
         self.follow = follow or Follow("newest")
         self.follower = Follower(self.follow, accept_older)
-        self.prefix = f"weights.{cfg.name}"  # every version of the line (charles.proto.versions.line_prefix)
+        self.prefix = line_prefix(cfg.name)  # every version of the line
         self.not_followed = 0
         self.sub = sub
         self.received = 0
@@ -356,9 +356,11 @@ class WeightsFeed:
         key = (w.run, w.batch, w.sha256)
         if key == self._seen:
             return False  # the broker's snapshot and the live message can both arrive: judge each once
+        offer = self.offer(env)
+        if offer is not None and offer == self.follower.current:
+            return False  # what it loaded last, again (a snapshot's copy after another message came between)
         self._seen = key
         self.received += 1
-        offer = self.offer(env)
         version = offer.version if offer is not None else 0
         meta = WeightsMeta(
             w.model, w.run, int(w.batch), float(w.created), w.sha256, time.monotonic(), version
