@@ -78,7 +78,8 @@ def player(broker, client_factory):
         t = threading.Thread(target=service.run, daemon=True)
         t.start()
         running.append((svc, t))
-        wait_for(service.feed.subscribed.is_set, 5, "the weights feed never subscribed")
+        if service.follow.mode != "file":  # a player on a local file reads no weights from the bus
+            wait_for(service.feed.subscribed.is_set, 5, "the weights feed never subscribed")
         return service
 
     yield start
@@ -214,6 +215,30 @@ def test_two_versions_on_the_bus_a_pinned_player_and_a_newest_one(player, broker
     assert newest.state()["model_version"] == 2 and pinned.state()["follow"] == "tiny_v1"
     reg = pinned.svc.metrics.registry
     assert counter_value(reg, "charles_drops_total", {"cause": "not_followed"}) == pinned.feed.not_followed
+    assert {"weights.tiny.v1", "weights.tiny.v2"} <= set(
+        b.lvc.items
+    )  # the broker keeps each version's newest
+
+    # pinned to a batch: v1's batch 12 (the broker's last value of v1) and nothing else
+    at = player(player={"follow": "tiny_v1@12", "swap": "immediate"})
+    wait_for(lambda: at.swapper.meta is not None, 20, "the batch-pinned player never drove")
+    publish(1, 100.0, 14)
+    wait_for(lambda: at.feed.not_followed >= 2, 10, "v1's batch 14 was not passed by")  # and v2's
+    assert (at.swapper.meta.run, at.swapper.meta.batch, at.feed.loaded) == ("tiny_v1", 12, 1)
+
+
+def test_a_player_following_a_local_checkpoint_drives_it_and_reads_no_weights(player, trainer, tmp_path):
+    """player.follow: a checkpoint folder: loaded at start, and weights on the bus are never read."""
+    folder = tmp_path / "runs" / "tiny" / "tiny_v4" / "checkpoints" / "batch_000000250"
+    folder.mkdir(parents=True)
+    (folder / "weights.safetensors").write_bytes(blob(*W2))
+    trainer(weights(blob(*W1), batch=999))
+    service = player(player={"follow": str(folder)})
+    wait_for(lambda: service.predictions >= 30, 20, "the player never drove its checkpoint")
+    meta = service.swapper.meta
+    assert (meta.run, meta.version, meta.batch) == ("tiny_v4", 4, 0) and service.feed.received == 0
+    assert all(r.action[1] == pytest.approx(0.3, abs=1e-3) for r in service.recent if r.predicted)  # W2's
+    assert service.state()["follow"] == str(folder)
 
 
 def test_without_the_camera_stream_the_console_carries_the_cameras(player, client_factory):

@@ -88,11 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from charles.proto.versions import parse_run_name
 
-    overrides = list(args.set)
-    if args.preset:
-        overrides.append(f"model.preset={args.preset}")
     try:
-        cfg = config_mod.load(args.config, overrides=overrides)
+        cfg = config_mod.load(args.config, overrides=args.set)  # the bus, publish_half, the default line
         named = parse_run_name(args.ref.split("@", 1)[0])
         line = args.preset or (named[0] if named else cfg.model.resolve().name)
     except ValueError as e:
