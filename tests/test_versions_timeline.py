@@ -253,7 +253,7 @@ def test_bad_references_exit_2_say_what_exists_and_publish_nothing(broker, procs
     env = {k: procs.env[k] for k in ("CHARLES_RUN_DIR", "CHARLES__MODEL__OVERRIDES", "CHARLES__BUS__PORTS")}
     with _environ(env):
         for ref, says in [
-            ("v9", "tiny has no version v9 under " + str(runs) + " (its versions: v1)"),
+            ("v9", "tiny has no version v9 under " + str(runs) + " (its versions: v1"),
             ("v1@3", "tiny_v1 has no checkpoint at batch 3 (its checkpoints: 2)"),
             ("other_v1@2", "'other_v1@2' is a version of line 'other', not of 'tiny'"),
         ]:
@@ -261,6 +261,11 @@ def test_bad_references_exit_2_say_what_exists_and_publish_nothing(broker, procs
             assert says in capsys.readouterr().err, ref
             assert trainer_main(["--preset", "tiny", "--resume", ref]) == 2, ref
             assert says in capsys.readouterr().err, ref
+        RunDir(runs / "tiny" / "tiny_v2").create(cfg.to_dict())  # a version never checkpointed
+        assert stream.main(["v2", "--preset", "tiny"]) == 2
+        assert "tiny_v2 has no checkpoint to stream" in capsys.readouterr().err
+        assert trainer_main(["--preset", "tiny", "--resume", "v2"]) == 2
+        assert "tiny_v2 has no checkpoint to continue from" in capsys.readouterr().err
     b, _ = broker
     assert not [t for t in b.lvc.items if t.startswith("weights")], "something was published"
     assert (run.checkpoints / "batch_000000002").is_dir() and run.manifest.periods == []
