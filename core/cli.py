@@ -27,7 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),
     "balance-plot": ("charles.balancer.plot", "histograms of the raw and balanced streams as PNG"),
     "stream": ("charles.trainer.stream", "put a saved checkpoint (version@batch) on the bus for players"),
-    "models": ("charles.trainer.models_list", "list model lines, versions, batches and periods"),
+    "models": (
+        "charles.trainer.models_list",
+        "model lines, versions, periods (streamed or off-stream), what players drive now",
+    ),
     "model": ("charles.model.__main__", "the presets: show one, list every model field, measure them here"),
     "validate": ("charles.validate", "check compose, k8s and Prometheus files against the topic registry"),
     "sim-agent": ("charles.sim.agent", "the sim as a remote game: frames out, gamepad actions in"),
