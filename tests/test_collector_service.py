@@ -322,7 +322,8 @@ def test_a_realtime_collector_follows_the_trainers_demand_and_counts_a_bad_one(
     from charles.proto import Heartbeat
 
     data = served_broker(
-        collector={"realtime": True, "pace": 1.0, "flow_min": 0.1, "console_s": 0.2}, sim=SMALL_SIM
+        collector={"realtime": True, "pace": 1.0, "flow_min": 0.1, "flow_settle_s": 0.4, "console_s": 0.2},
+        sim=SMALL_SIM,
     )
     trainer = clients("trainer")
     beats = trainer.publisher("heartbeat")

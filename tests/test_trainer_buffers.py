@@ -194,6 +194,8 @@ def test_wait_draw_wakes_on_insert_times_out_and_closes():
     b = Buffers(["steering"], BufferConfig(capacity=10))
     t0 = time.monotonic()
     assert b.wait_draw(2, timeout=0.05) is None and time.monotonic() - t0 >= 0.04
+    starved = b.stats()["starved_s"]
+    assert 0.04 <= starved <= time.monotonic() - t0, "waiting for data is counted (flow control reads it)"
     got = []
     t = threading.Thread(target=lambda: got.append(b.wait_draw(2, timeout=5)))
     t.start()
@@ -201,6 +203,10 @@ def test_wait_draw_wakes_on_insert_times_out_and_closes():
     b.add("steering", samples(9), frozenset({"steering"}))
     t.join(2)
     assert got and len(got[0]["steering"]) == 2
+    assert b.stats()["starved_s"] > starved, "the wait until the insert is counted too"
+    b.add("steering", samples(3), frozenset({"steering"}))  # 10 again: ready
+    before = b.stats()["starved_s"]
+    assert b.wait_draw(2, timeout=5) is not None and b.stats()["starved_s"] - before < 0.01, "ready: no wait"
     t = threading.Thread(target=lambda: got.append(b.wait_draw(50, timeout=5)))
     t.start()
     b.close()

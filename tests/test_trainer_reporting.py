@@ -96,7 +96,7 @@ def test_the_report_keeps_metrics_losses_and_derived_counters_current():
     assert (summary["samples_per_s"], summary["batches_per_s"], summary["data_wait"]) == (4.0, 1.0, 0.5)
     # flow control off (target_reuse 0, the default here): no demand asked, the gauge says 0
     assert "demand" not in summary["flow"] and value("charles_trainer_flow_demand") == 0
-    assert summary["flow"] == {"insert_per_s": 12.0, "draw_per_s": 4.0}
+    assert summary["flow"] == {"insert_per_s": 12.0, "draw_per_s": 4.0}  # flow off: only the rates
     assert value("charles_trainer_flow_reuse") == pytest.approx(1 / 3)
 
 
@@ -112,19 +112,27 @@ def test_demand_asks_for_the_inserts_that_reach_the_target_reuse():
         "target_reuse": 4.0,
         "insert_per_s": 100.0,
         "draw_per_s": 50.0,
+        "starved": 0.0,
     }
-    # 10 inserted/s, 80 drawn/s (reuse 8): twice the inserts reach 4
+    # 10 inserted/s, 120 drawn/s (reuse 12): three times the inserts reach 4
     d.look(30.0, 2100, 1800, trained=True)
-    d.look(40.0, 2200, 2600, trained=True)
-    assert d.look(50.0, 2300, 3400, trained=True) == pytest.approx(2.0)
-    # on target, but waiting for data 75 % of the time: four times the data would keep it busy
-    d.look(60.0, 2400, 3800, trained=True)
-    d.look(70.0, 2500, 4200, trained=True)
-    assert d.look(80.0, 2600, 4600, trained=True, data_wait=0.75) == pytest.approx(4.0)
+    d.look(40.0, 2200, 3000, trained=True)
+    assert d.look(50.0, 2300, 4200, trained=True) == pytest.approx(3.0)
+    # within a factor 2 of the target (reuse 2.5 or 7): no change asked, lumpy inserts are not news
+    d.look(51.0, 2300, 4200, trained=True)
+    d.look(52.0, 2310, 4225, trained=True)
+    assert d.look(53.0, 2320, 4250, trained=True) == 1.0
+    d.look(54.0, 2330, 4320, trained=True)
+    assert d.look(55.0, 2340, 4390, trained=True) == 1.0
+    # on target, but its buffers could not give a batch 75 % of the time: four times the data keeps it busy
+    d.look(60.0, 2400, 4600, trained=True, starved_s=100.0)
+    d.look(70.0, 2500, 5000, trained=True, starved_s=107.5)
+    assert d.look(80.0, 2600, 5400, trained=True, starved_s=115.0) == pytest.approx(4.0)
+    assert d.info()["starved"] == 0.75
     # far off in either direction: within [DEMAND_MIN, DEMAND_MAX]
-    d.look(90.0, 2600 + 10**6, 4600, trained=True)
-    d.look(100.0, 2600 + 2 * 10**6, 4600, trained=True)
-    assert d.look(110.0, 2600 + 3 * 10**6, 4600, trained=True) == DEMAND_MIN
+    d.look(90.0, 2600 + 10**6, 5400, trained=True)
+    d.look(100.0, 2600 + 2 * 10**6, 5400, trained=True)
+    assert d.look(110.0, 2600 + 3 * 10**6, 5400, trained=True) == DEMAND_MIN
     off = Demand(target_reuse=0.0)
     off.look(0.0, 0, 0, trained=True)
     off.look(1.0, 10, 10, trained=True)
@@ -132,22 +140,35 @@ def test_demand_asks_for_the_inserts_that_reach_the_target_reuse():
 
 
 def test_the_pace_follows_the_hungriest_trainer_within_its_floor_and_forgets_the_silent():
-    p = Pace(floor=0.1, gain=0.5)
+    p = Pace(floor=0.1, gain=0.5, settle_s=10.0)
+
+    def at(now: float, **asks: float) -> float:
+        for trainer, demand in asks.items():  # heartbeats every second in life; one per move here
+            assert p.hear(trainer, demand, now)
+        return p.step(now)
+
     assert p.step(0.0) == 1.0, "nobody asks: the configured pace"
-    assert p.hear("trainer-a", 0.25, 0.0)
-    assert p.step(0.0) == pytest.approx(0.5) and p.step(1.0) == pytest.approx(0.25)
-    assert p.step(2.0) == pytest.approx(0.125) and p.step(3.0) == 0.1, "never under the floor"
-    assert p.hear("trainer-b", 4.0, 3.0) and p.demand(3.0) == 4.0, "the hungriest wins"
-    assert p.step(3.0) == pytest.approx(0.2) and p.step(4.0) == pytest.approx(0.4)
-    assert p.step(5.0) == pytest.approx(0.8) and p.step(6.0) == 1.0, "never over the configured pace"
-    p.hear("trainer-b", 0.25, 6.0)
-    p.step(6.0)
-    assert p.demand(6.0 + STALE_S + 1) is None and p.trainers == 0, "silent trainers are forgotten"
-    before = p.scale
-    assert p.step(30.0) == pytest.approx(before**0.5), "...and the pace walks back to 1"
+    assert at(0.0, a=0.25) == pytest.approx(0.5), "half the error corrected at once"
+    assert at(5.0, a=0.25) == pytest.approx(0.5), "then nothing until the trainer's window saw the move"
+    assert at(10.0, a=0.25) == pytest.approx(0.25) and at(20.0, a=0.25) == pytest.approx(0.125)
+    assert at(30.0, a=0.25) == 0.1, "never under the floor"
+    assert at(40.0, a=0.25, b=4.0) == pytest.approx(0.2) and p.demand(40.0) == 4.0, "the hungriest wins"
+    assert at(50.0, a=0.25, b=4.0) == pytest.approx(0.4) and at(60.0, b=4.0) == pytest.approx(0.8)
+    assert at(70.0, b=4.0) == 1.0, "never over the configured pace"
+    assert at(80.0, b=0.25) == pytest.approx(0.5)
+    assert p.demand(80.0 + STALE_S + 1) is None and p.trainers == 0, "silent trainers are forgotten"
+    assert p.step(100.0) == pytest.approx(0.5**0.5), "...and the pace walks back to 1"
     for bad in (float("nan"), float("inf"), -1.0, 0, "lots", None, True):
-        assert not p.hear("trainer-x", bad, 30.0), bad
+        assert not p.hear("trainer-x", bad, 100.0), bad
     assert p.trainers == 0
+    # a busy collector ran at 0.2 of its pace though asked for 0.7: a cut starts from what it ran at
+    p = Pace(floor=0.01, gain=0.5, settle_s=10.0)
+    p.hear("a", 0.49, 0.0)
+    assert p.step(0.0) == pytest.approx(0.7)
+    p.hear("a", 0.25, 10.0)
+    assert p.step(10.0, achieved=0.2) == pytest.approx(0.1), "0.2 x 0.25 ** 0.5, not 0.7 x 0.5"
+    p.hear("a", 4.0, 20.0)
+    assert p.step(20.0, achieved=0.05) == pytest.approx(0.2), "a rise starts from the scale asked for"
 
 
 # ---- TensorBoard ------------------------------------------------------------------------------------------

@@ -77,6 +77,12 @@ class CollectorConfig:
         "paced by its own clock and does not follow",
     )
     flow_min: float = knob(0.05, "flow: the lowest share of pace a collector slows to", min=0.001, max=1.0)
+    flow_settle_s: float = knob(
+        10.0,
+        "flow: seconds between moves of the pace, so the trainer's demand (an average over its 10 s rate "
+        "window) has seen the last move whole",
+        min=0.1,
+    )
     restart_s: float = knob(
         0.0,
         "sim: every this many game seconds, put the car at rest on a random road (0 = never). A driving "

@@ -163,8 +163,10 @@ class CollectorService:
         self.flow: Pace | None = None
         self.flow_sub = None
         if self.config.flow and self.config.realtime and not source.paced:
-            self.flow = Pace(self.config.flow_min)
+            self.flow = Pace(self.config.flow_min, settle_s=self.config.flow_settle_s)
             self.flow_sub = svc.subscriber(["heartbeat.trainer"], late_join=False)
+        self._flow_mark = (time.monotonic(), 0)
+        """(time, samples sent) at the pace's last move: what the collector achieved since"""
         self.m_flow = prom.Gauge(
             "charles_collector_flow_scale",
             "Flow control: the share of collector.pace this collector runs at (1 without flow control)",
@@ -261,7 +263,13 @@ class CollectorService:
                 continue
             if not self.flow.hear(msg.instance, msg.info["demand"], now):
                 self.svc.reject("bad_demand", f"{msg.instance} asked for {msg.info['demand']!r}")
-        self.m_flow.set(self.flow.step(now))
+        sent = self.sender.sent
+        t0, n0 = self._flow_mark
+        achieved = (sent - n0) / (now - t0) / (TICK_HZ * self.config.pace) if now > t0 else None
+        before = self.flow.scale
+        self.m_flow.set(self.flow.step(now, achieved))
+        if self.flow.scale != before or now - t0 > 4 * self.config.flow_settle_s:
+            self._flow_mark = (now, sent)  # what it achieves from here on
 
     def _game_jitter(self, game_time: float) -> None:
         """A game keeps its own clock: record how far its tick intervals stray from one 30 Hz step (a lost

@@ -244,6 +244,9 @@ class Buffers:
         self.rejected: dict[str, int] = {}
         """Sets refused, per reason (metric)."""
         self.copied_frames = 0
+        self.starved_s = 0.0
+        """Seconds ``wait_draw`` waited because the buffers could not give a batch (too few samples, or
+        the sample-to-insert ratio spent): the trainer waiting for *data*, not for decoding (flow control)."""
         """Frames copied on insert because their view pinned a much larger buffer."""
 
     @property
@@ -354,11 +357,15 @@ class Buffers:
         """Like ``draw``, but waits up to timeout seconds for the buffers to become ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while not self._closed and not self._ready_locked(per_buffer):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return None
-                self._ready.wait(left)
+            t0 = time.monotonic()
+            try:
+                while not self._closed and not self._ready_locked(per_buffer):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return None
+                    self._ready.wait(left)
+            finally:
+                self.starved_s += time.monotonic() - t0
             return None if self._closed else self._draw_locked(per_buffer)
 
     def _draw_locked(self, per_buffer: int) -> dict[str, list[Entry]] | None:
@@ -387,4 +394,5 @@ class Buffers:
                 "rejected": dict(self.rejected),
                 "copied_frames": self.copied_frames,
                 "bytes": sum(b.nbytes for b in self.buffers.values()),
+                "starved_s": self.starved_s,
             }

@@ -186,9 +186,10 @@ class Report:
         trained: bool,
         buffers: Mapping[str, Mapping[str, Any]],
         storage_dropped: int | None = None,
+        starved_s: float = 0.0,
     ) -> None:
         """Rates and gauges from the counters and ``Buffers.stats()["buffers"]``; ``storage_dropped``: the
-        storage's overflow total (None: storage off)."""
+        storage's overflow total (None: storage off); ``starved_s``: ``Buffers.stats()["starved_s"]``."""
         rates = self.rates
         rates.look(now, batch, samples, wait_s, trained=trained)
         m = self.metrics
@@ -206,7 +207,7 @@ class Report:
             sum(s["inserted"] for s in buffers.values()),
             sum(s["drawn"] for s in buffers.values()),
             trained=trained,
-            data_wait=rates.data_wait,
+            starved_s=starved_s,
         )
         m.demand.set(self.demand.value if self.demand.target_reuse > 0 else 0.0)
         m.reuse.set(self.demand.reuse)

@@ -326,6 +326,7 @@ class TrainerService:
             wait_s,
             trained=bool(self.last_step_t),
             buffers=stats["buffers"],
+            starved_s=stats["starved_s"],
             storage_dropped=self.storage.dropped if self.storage is not None else None,
         )
         rates = self.report.rates
