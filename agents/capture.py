@@ -19,11 +19,15 @@ missed ticks are skipped and counted) or from the mod itself (``frames: deepgtav
 mod sends, at the rate we ask it for). Everything that touches Windows is in ``charles.agents.devices``.
 
 With a mod that speaks Charles' extension (agents/README.md), play mode also carries the cinematic camera
-(``cameras: alternate``) and collect mode can inject noise bursts through the mod (``noise_rate_hz``);
-purpose targets (``purpose``) and the game's clock work with any mod.
+(``cameras: alternate``), collect mode can inject noise bursts through the mod (``noise_rate_hz``), and
+play mode can make DAgger data (``dagger``: the autopilot keeps running, the player's actions drive over it
+as override commands, and each GameFrame carries what the autopilot wanted, ``expert``, for the player to
+label the frames its model drove); purpose targets (``purpose``) and the game's clock work with any mod.
 
-Threads: the main loop owns the bus sockets; the DeepGTAV feed thread owns the TCP connection to the mod
-and holds the newest frame+data pair.
+Threads: the main loop owns its bus sockets; the DeepGTAV feed thread owns the TCP connection to the mod
+and holds the newest frame+data pair; with ``dagger`` an actions thread owns its subscriber to
+``action.<id>`` and sends each allowed action to the mod at once (``charles.pad``: the gamepad agent's
+rules).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import logging
 import math
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -60,6 +65,7 @@ from charles.drive.noise import NoiseBursts
 from charles.drive.purpose import Targets, draw_purpose_arrow
 from charles.drive.samples import Capture, Encoder, SampleBuilder
 from charles.drive.shape import InputShape
+from charles.pad import GamepadAgent, GamepadSettings
 from charles.proto import Frame, GameFrame, Sample
 from charles.runtime import Service, agent_service, run_main
 
@@ -174,6 +180,19 @@ class CaptureSettings:
     noise_duration_s: list = knob([0.3, 1.5], "[lo, hi] of a burst's length in s")
     noise_steering: float = knob(0.35, "Largest steering offset of a burst", min=0.0, max=1.0)
     noise_throttle: float = knob(0.2, "Largest throttle/brake offset of a burst", min=0.0, max=1.0)
+    dagger: bool = knob(
+        False,
+        "play mode with an extended mod: the autopilot keeps running and labels (GameFrame.expert), the "
+        "player's actions (action.<id>) drive over it as override commands: DAgger data for player.dagger",
+    )
+    allowed_senders: list = knob(
+        [], "dagger: who may drive (player key names, as gamepad.allowed_senders); ['*'] = any player"
+    )
+    deadman_s: float = knob(
+        0.5,
+        "dagger: no action for this long counts as released (the mod's override lapses in 0.1 s)",
+        min=0.05,
+    )
     telemetry_timeout_s: float = knob(
         0.5, "Telemetry older than this: the tick is dropped (labels would be wrong)", min=0.01
     )
@@ -197,6 +216,12 @@ class CaptureSettings:
             raise ValueError("give both width and height, or neither")
         if self.frames == "deepgtav" and not self.deepgtav:
             raise ValueError("frames=deepgtav needs deepgtav=true")
+        if self.dagger and (self.mode != "play" or not self.deepgtav):
+            raise ValueError("dagger needs mode=play and deepgtav=true (the mod's autopilot is the expert)")
+        if self.dagger and not self.allowed_senders:
+            raise ValueError("dagger: name the players allowed to drive in allowed_senders (e.g. [player])")
+        if not all(isinstance(v, str) and v for v in self.allowed_senders):
+            raise ValueError("allowed_senders must be a list of player key names")
         if self.driver == "npc" and not self.deepgtav:
             raise ValueError("driver=npc takes its labels from the mod's autopilot: it needs deepgtav=true")
         if self.cameras == "alternate" and self.frames != "deepgtav":
@@ -315,6 +340,25 @@ class CaptureAgent:
             if s.noise_rate_hz > 0 and s.driver == "npc" and s.mode == "collect" and feed is not None
             else None
         )
+        self.relay = (
+            GamepadAgent(
+                svc,
+                GamepadSettings(
+                    id=s.id,
+                    allowed_senders=list(s.allowed_senders),
+                    deadman_s=s.deadman_s,
+                    pad="none",
+                    require_secure=s.require_secure,
+                ),
+                OverridePad(feed),
+                owns_status=False,
+            )
+            if s.dagger and feed is not None
+            else None
+        )
+        """dagger: the player's actions to the mod as overrides (the gamepad agent's checks and counters)."""
+        self._relay_thread: threading.Thread | None = None
+        self._said_no_autopilot = False
         self.clock = GameClock()
         self.skews = SkewStats()
         # collect mode: the collectors' sample builder and encoder, emitting from the first tick (the
@@ -377,6 +421,8 @@ class CaptureAgent:
 
     def _on_mod_event(self, event: str) -> None:
         self.m_mod.labels(event).inc()
+        if event == "connected":
+            self._said_no_autopilot = False  # a new connection may be a different mod
         if event == "bad_frame":
             w, h = self.feed.frame_size if self.feed else (0, 0)
             self.svc.reject(
@@ -481,6 +527,24 @@ class CaptureAgent:
         # the frame shows the car as the last override left it; its label is the autopilot's wish
         return tele.autopilot_controls, executed
 
+    def _expert(self, tele: Telemetry | None) -> tuple[float, float] | None:
+        """dagger: what the autopilot wants on this frame (the extension's ``autopilot``), whoever drives.
+
+        Never the car's controls instead: on a frame the model drove those are the model's, and a label
+        that repeats the model teaches it nothing. A mod that does not say gets the frames out unlabelled
+        (the player counts what it cannot teach) and one warning per connection."""
+        if self.relay is None or tele is None:
+            return None
+        if tele.autopilot is None and not self._said_no_autopilot:
+            self._said_no_autopilot = True
+            self.m_mod.labels("no_autopilot").inc()
+            log.warning(
+                "dagger: the mod sends no 'autopilot' (Charles' protocol extension): frames go out without "
+                "an expert label, so the player makes no DAgger samples of them; a mod without the extension "
+                "also ignores override commands, so its autopilot keeps the car (agents/README.md)"
+            )
+        return tele.autopilot_controls
+
     def process(
         self, t: float, img: np.ndarray, msg: GameMessage | None, matched: Matched | None = None
     ) -> bool:
@@ -533,6 +597,7 @@ class CaptureAgent:
                     self.noise.reset()
 
         tick = tele.tick if tele is not None else None
+        expert = self._expert(tele)
         if self.s.mode == "play":
             cine = msg.cinematic if msg is not None else None
             msg_out: GameFrame | Sample | None = GameFrame(
@@ -548,6 +613,7 @@ class CaptureAgent:
                 recovering=not driving,
                 tick=tick,
                 cinematic=None if cine is None else Frame.encode(cine, "jpeg", self.s.quality),
+                expert=expert,
             )
         else:
             assert label is not None and controls is not None
@@ -572,6 +638,11 @@ class CaptureAgent:
             f"{self.model.width}x{self.model.height} -> {self.topic}"
         )
         self.svc.ready()
+        if self.relay is not None:
+            # <- action.<id> (player), as they come -> the mod's override commands
+            self._relay_thread = threading.Thread(target=self.relay.run, name="actions", daemon=True)
+            self._relay_thread.start()
+            self.svc.vital(self._relay_thread)
         while self.svc.running:
             tick = self.next_tick()
             if tick is not None:
@@ -583,9 +654,12 @@ class CaptureAgent:
                 sent=self.seq,
                 deepgtav=self.feed.state if self.feed else "off",
                 unstucks=self.unstuck.unstucks if self.unstuck else 0,
+                **({"overrides": self.relay.applied} if self.relay is not None else {}),
             )
 
     def close(self) -> None:
+        if self._relay_thread is not None:
+            self._relay_thread.join(timeout=2)  # it ends with the service (svc.running)
         if self.feed is not None:
             self.feed.close()
         if self.grabber is not None:
@@ -601,7 +675,8 @@ def make_feed(s: CaptureSettings, model: InputShape) -> DeepGtavFeed:
         frame = (model.width, model.height)
     else:
         frame = (16, 9)  # dxcam takes the pictures: ask the mod for the smallest useful one
-    autopilot = s.driver == "npc" and s.mode == "collect"
+    # dagger: the autopilot runs in play mode too (the label); the player's overrides drive over it
+    autopilot = (s.driver == "npc" and s.mode == "collect") or s.dagger
     location = s.location or (s.spawn_points[0] if s.spawn_points else None)
     scenario = Scenario(
         location=[float(v) for v in location] if location else None,
@@ -623,6 +698,25 @@ def make_feed(s: CaptureSettings, model: InputShape) -> DeepGtavFeed:
         silence_s=s.deepgtav_silence_s,
         backoff_max_s=s.backoff_max_s,
     )
+
+
+class OverridePad:
+    """The player's actions as the mod's ``override`` commands (``dagger``): a Pad for charles.pad.
+
+    ``release`` sends nothing: the extended mod drops an override ``OVERRIDE_HOLD_MS`` after the last one,
+    so when the actions stop the autopilot has the car back within 0.1 s, dead-man or not."""
+
+    def __init__(self, feed: DeepGtavFeed):
+        self.feed = feed
+
+    def apply(self, steering: float, throttle: float, brake: float) -> None:
+        self.feed.commands(throttle, brake, steering, override=True)
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def wait_for_window(svc: Service, title: str, every_s: float = 2.0) -> tuple[int, int, int, int] | None:

@@ -608,7 +608,8 @@ class DeepGtavFeed:
             return False
 
     def commands(self, throttle: float, brake: float, steering: float, override: bool = False) -> bool:
-        return self.send(commands_message(throttle, brake, steering, override))
+        """Drive (Charles' steering sign): the mod gets steering in its own sign, as its telemetry says it."""
+        return self.send(commands_message(throttle, brake, steering * self.steering_sign, override))
 
     def teleport(self, location: list[float]) -> bool:
         """Rebuild the scenario at a new [x, y] (the mod snaps it to a road). Also used after reconnects."""

@@ -6,8 +6,9 @@ not above the last applied one is stale unless the sender was silent for ``resyn
 is clamped (NaN -> 0) and applied. A dead-man switch releases all inputs when no action was applied for
 ``deadman_s``.
 
-It lives in core because two processes apply actions: the gamepad agent on the game PC
-(charles.agents.gamepad, a virtual Xbox pad) and the sim agent (charles.sim.agent, the sim's own pad), and
+It lives in core because three processes apply actions: the gamepad agent on the game PC
+(charles.agents.gamepad, a virtual Xbox pad), the capture agent with ``capture.dagger`` (the mod's override
+commands, over its running autopilot) and the sim agent (charles.sim.agent, the sim's own pad), and
 charles.sim and charles.agents do not import each other (tests/test_architecture.py).
 
 Imports: charles.config, charles.drive (the clamp), charles.proto, charles.runtime.
@@ -80,8 +81,13 @@ class GamepadSettings:
 class GamepadAgent:
     """Decides which actions reach the pad; socket-free (``run`` takes the subscriber it is given)."""
 
-    def __init__(self, svc: Service, s: GamepadSettings, pad: Pad, clock=time.monotonic):
+    def __init__(
+        self, svc: Service, s: GamepadSettings, pad: Pad, clock=time.monotonic, *, owns_status: bool = True
+    ):
         self.svc = svc
+        self.owns_status = owns_status
+        """Whether who drives is the service's status (the gamepad agent); a capture agent relaying actions
+        beside its own work keeps its status to itself."""
         self.s = s
         self.pad = pad
         self.clock = clock
@@ -156,7 +162,8 @@ class GamepadAgent:
             log.info(f"driving: applying actions from {sender or 'local'}")
             self.released = False
             self.driver = sender
-            self.svc.status = "ok"
+            if self.owns_status:
+                self.svc.status = "ok"
 
     def release(self, reason: str) -> None:
         self.pad.release()
@@ -173,7 +180,8 @@ class GamepadAgent:
         now = self.clock() if now is None else now
         if not self.released and self.last_applied is not None and now - self.last_applied > self.s.deadman_s:
             self.release("deadman")
-            self.svc.status = "waiting"
+            if self.owns_status:
+                self.svc.status = "waiting"
             return True
         return False
 
@@ -183,8 +191,9 @@ class GamepadAgent:
         poll_ms = max(5, int(min(0.1, self.s.deadman_s / 5) * 1000))
         senders = "any authenticated sender" if self.allow_any else ", ".join(sorted(self.allowed))
         log.info(f"applying {' + '.join(self.prefixes)} from {senders}; dead-man after {self.s.deadman_s}s")
-        self.svc.ready()
-        self.svc.status = "waiting"
+        if self.owns_status:
+            self.svc.ready()
+            self.svc.status = "waiting"
         try:
             while self.svc.running:
                 env = sub.recv(poll_ms)
@@ -193,7 +202,8 @@ class GamepadAgent:
                     for more in sub.drain(64):  # a backlog: apply in order, the pad ends on the newest
                         self.handle(more)
                 self.check_deadman()
-                self.svc.info.update(applied=self.applied, released=self.released)
+                if self.owns_status:
+                    self.svc.info.update(applied=self.applied, released=self.released)
         finally:
             self.release("shutdown")
 

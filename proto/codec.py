@@ -258,6 +258,7 @@ def _game_frame_out(g: GameFrame, blobs: _Blobs) -> wire.GameFrameBody:
         recovering=_opt(g.recovering),
         tick=_opt(g.tick),
         cinematic=UNSET if g.cinematic is None else _frame_out(g.cinematic, blobs),
+        expert=_opt(g.expert),
     )
 
 
@@ -279,6 +280,7 @@ def _game_frame_in(b: wire.GameFrameBody, blobs: Sequence) -> GameFrame:
         _none(b.recovering),
         _none(b.tick),
         None if b.cinematic is UNSET else _frame_in(b.cinematic, blobs),
+        _none(b.expert),
     )
 
 

@@ -116,6 +116,10 @@ class GameFrame(Struct):
     cinematic: Frame | None = None
     """The third-person camera of the same moment, for people watching (the player's camera stream); never
     a model input."""
+    expert: tuple[float, float] | None = None
+    """(steering, throttle_brake) the game's own autopilot wants on this frame while someone else drives it
+    (a mod with Charles' extension says so): the label of a DAgger sample made of this frame. None: the game
+    cannot say (then nobody may label the frame with what was driven instead)."""
 
 
 class Action(Struct):

@@ -167,6 +167,7 @@ class GameFrameBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     recovering: bool | UnsetType = UNSET
     tick: Count | UnsetType = UNSET
     cinematic: FrameRef | UnsetType = UNSET
+    expert: Controls | UnsetType = UNSET
 
 
 class ActionBody(Struct, gc=False, kw_only=True, omit_defaults=True):

@@ -2,8 +2,9 @@
 
 Two cameras from a mod that alternates them, reaching the player and its camera stream with one tick;
 purpose targets that change when reached; noise bursts driven through the mod's override and labelled
-with the autopilot's wish; telemetry matched to dxcam captures and the skew metric; the public mod's
-speed bug worked around. The pure pieces (pairing, interpolation, targets, the clock) are tested first.
+with the autopilot's wish; DAgger, the player's model driving over the autopilot and its frames labelled
+with what the autopilot wanted (and nothing labelled without the extension); telemetry matched to dxcam
+captures and the skew metric; the public mod's speed bug worked around. The pure pieces (pairing, interpolation, targets, the clock) are tested first.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
 from mod_support import ExtendedMod, labels, msvc_rand_stream
-from tests_support import counter_value, stream_parts, wait_for
+from tests_support import counter_value, stream_parts, wait_for, weights_message
 
 
 @pytest.fixture
@@ -363,6 +364,148 @@ def test_without_the_autopilot_extension_burst_frames_are_dropped_not_mislabelle
     finally:
         agent.close()
     assert srv.overridden_ticks == []
+
+
+def _dagger_run(broker, client_factory, srv: ExtendedMod, enough) -> dict:
+    """A capture agent with ``dagger`` and the real player (tiny model, ``dagger``) on the stand-in, until
+    ``enough(run)``; what crossed the bus and both services' counters."""
+    import torch
+
+    from charles.model.net import build_model
+    from charles.model.presets import get_config
+    from charles.model.weights import save_weights
+    from charles.player.service import PlayerService
+
+    tiny = get_config("tiny")
+    _, data = broker
+    samples = client_factory("balancer").subscriber(["sample."], late_join=False)
+    actions = client_factory("listener").subscriber(["action."], late_join=False)
+    psvc = client_factory(
+        "player",
+        player={
+            "source": "remote",
+            "source_id": "gta-1",
+            "dagger": True,
+            "realtime": False,
+            "console_hz": 0,
+            "camera_hz": 0,
+            "terminal": False,
+            "threads": 1,
+        },
+        collector={"codec": "raw"},  # the agent's raw frames pass through: the sample's picture is exact
+    )
+    player = PlayerService(psvc, tiny)
+    pt = threading.Thread(target=player.run, daemon=True)
+    pt.start()
+    torch.manual_seed(0)
+    w = weights_message(save_weights(build_model(tiny), tiny, half=True), 1, tiny)
+    wpub = client_factory("trainer").publisher("weights")
+    agent = Agent(
+        data,
+        _settings(
+            srv,
+            mode="play",
+            dagger=True,
+            allowed_senders=["player"],
+            width=tiny.width,
+            height=tiny.height,
+            deepgtav_frame=[tiny.width, tiny.height],
+            purpose="off",
+        ),
+    )
+    run: dict = {"samples": [], "actions": [], "player": player, "agent": agent}
+    try:
+        # the weights until the player drives (a publisher's first message may meet no subscriber yet)
+        wait_for(lambda: wpub.send("weights.tiny", w) and player.predictions > 0, 20, "the model never drove")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not enough(run):
+            for sub, got in ((samples, run["samples"]), (actions, run["actions"])):
+                env = sub.recv(20)
+                if env is not None:
+                    got.append(env)
+    finally:
+        agent.close()
+        psvc.stop()
+        pt.join(5)
+    while (env := actions.recv(300)) is not None:  # those sent after the last look
+        run["actions"].append(env)
+    return run
+
+
+def test_dagger_the_model_drives_over_the_autopilot_and_its_frames_get_the_autopilots_labels(
+    broker, client_factory, xmod
+):
+    srv = xmod(size=(160, 90))
+    run = _dagger_run(
+        broker,
+        client_factory,
+        srv,
+        lambda r: len(r["samples"]) >= 40 and len(srv.overridden_ticks) >= 20,
+    )
+    player, agent, samples = run["player"], run["agent"], run["samples"]
+    assert len(samples) >= 40, f"{len(samples)} DAgger samples"
+    # the model drove: the player's actions reached the mod as overrides, and the car got them
+    sent = {
+        (round(a.msg.steering, 6), round(a.msg.throttle, 6), round(a.msg.brake, 6)) for a in run["actions"]
+    }
+    overrides = srv.messages("commands")
+    assert len(overrides) >= 20 and all(c["override"] is True for c in overrides)
+    assert {
+        (round(c["steering"], 6), round(c["throttle"], 6), round(c["brake"], 6)) for c in overrides
+    } <= sent
+    assert agent.metric("charles_agent_actions_applied_total") >= 20 and len(srv.overridden_ticks) >= 20
+    driven = {(round(c["steering"], 4), round(c["throttle"] - c["brake"], 4)) for c in overrides}
+    overridden = set(srv.overridden_ticks)
+    on_overridden = 0
+    for env in samples:
+        s = env.msg
+        assert env.topic == f"sample.{player.svc.instance}" and s.source == "dagger"
+        i = int(s.frame.decode()[0, 0, 0])  # frame i is painted R = i % 256 (raw all the way: exact)
+        ticks = [j for j in range(i, srv.sent + 1, 256) if j > 0]
+        wishes = [labels(j) for j in ticks]
+        # exactly what the stand-in's autopilot wanted on that frame, never what the model drove
+        assert any(
+            s.steering == pytest.approx(x["steering"])
+            and s.throttle_brake == pytest.approx(x["throttle"] - x["brake"])
+            for x in wishes
+        ), (i, s.steering, s.throttle_brake)
+        assert (round(s.steering, 4), round(s.throttle_brake, 4)) not in driven
+        on_overridden += any(j in overridden for j in ticks)
+    assert on_overridden >= 10, "no sample of a frame the model's override drove"
+    assert player.dagger_samples >= len(samples) and player.decider.unlabelled == 0
+    reg = player.svc.metrics.registry
+    assert counter_value(reg, "charles_drops_total", {"cause": "dagger_unlabelled"}) == 0
+
+
+def test_dagger_without_the_extension_the_models_frames_are_counted_never_labelled(
+    broker, client_factory, xmod
+):
+    srv = xmod(size=(160, 90), extended=False)  # the public mod: no ``autopilot``, overrides ignored
+
+    def dropped(r) -> float:
+        reg = r["player"].svc.metrics.registry
+        return counter_value(reg, "charles_drops_total", {"cause": "dagger_unlabelled"})
+
+    run = _dagger_run(broker, client_factory, srv, lambda r: dropped(r) >= 30)
+    player, agent = run["player"], run["agent"]
+    assert dropped(run) >= 30 and dropped(run) == player.decider.unlabelled
+    assert run["samples"] == [] and player.dagger_samples == 0  # nothing labelled with what was driven
+    assert player.predictions >= 30 and srv.messages("commands"), "the model never drove"
+    assert srv.overridden_ticks == []  # the public mod's autopilot kept the car
+    assert agent.metric("charles_agent_deepgtav_events_total", {"event": "no_autopilot"}) == 1
+    assert player.state()["dagger_unlabelled"] == player.decider.unlabelled
+
+
+def test_dagger_settings_are_checked():
+    ok = {"mode": "play", "dagger": True, "allowed_senders": ["player"], "require_secure": False}
+    assert config.from_dict(capture.CaptureSettings, ok, "capture").dagger
+    for bad, why in (
+        ({"mode": "collect"}, "mode=play"),
+        ({"deepgtav": False, "frames": "dxcam", "driver": "human"}, "deepgtav=true"),
+        ({"allowed_senders": []}, "allowed_senders"),
+    ):
+        with pytest.raises((ValueError, config.ConfigError), match=why):
+            config.from_dict(capture.CaptureSettings, {**ok, **bad}, "capture")
 
 
 def test_dxcam_frames_get_telemetry_interpolated_to_their_capture_and_the_skew_is_measured(

@@ -230,6 +230,15 @@ def test_game_source_labels_with_controls_rejects_unlabelled_and_keeps_30_hz():
     assert caps[4] is None
 
 
+def test_game_source_labels_a_frame_someone_else_drove_with_what_the_autopilot_wanted():
+    """A capture agent with capture.dagger: the player's model drove (controls), the autopilot said what it
+    wanted (expert): the label is the autopilot's, the history keeps what the car got."""
+    frames = [game_frame(0, 5.0, (0.9, 1.0), expert=(-0.2, 0.4)), game_frame(1, 5.0 + 1 / 30, (0.9, 1.0))]
+    caps = drain(GameSource("agent-1", FakeSub(frames)), 2)
+    assert caps[0].label == (-0.2, 0.4) and caps[0].executed == (0.9, 1.0)
+    assert caps[1].label == caps[1].executed == (0.9, 1.0)  # no expert: the driver's controls, as before
+
+
 def test_game_source_counts_frames_lost_on_the_way_but_not_an_agent_restart():
     dropped = []
     seqs = [0, 1, 2, 5, 6, 10, 0, 1, 3]  # 3, 4 and 7-9 lost; then the agent restarts (0) and 2 is lost

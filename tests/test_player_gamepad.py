@@ -82,5 +82,7 @@ def test_dead_zones_are_configured_per_axis_and_checked():
     assert cfg.player.deadzones == {"steering": 0.2, "throttle": 0.0, "brake": 0.1}
     with pytest.raises(ConfigError, match="deadzone_throttle"):
         load_config(data={"player": {"deadzone_throttle": 1.5}}, environ={})
-    with pytest.raises(ConfigError, match="dagger"):
-        load_config(data={"player": {"source": "remote", "dagger": True}}, environ={})
+    # a remote game labels DAgger frames with its autopilot's wish (GameFrame.expert): allowed
+    assert load_config(data={"player": {"source": "remote", "dagger": True}}, environ={}).player.dagger
+    with pytest.raises(ConfigError, match="before_weights"):
+        load_config(data={"player": {"source": "remote", "before_weights": "npc"}}, environ={})

@@ -139,6 +139,9 @@ def test_every_other_kind_round_trips():
         (-0.5, 1.0),
     )
 
+    g.expert = (0.25, -1.0)
+    assert roundtrip("game.pc1", g).msg.expert == (0.25, -1.0)
+
     got = roundtrip("action.pad1", Action(9, -1.0, 0.25, 0.0, "pad1")).msg
     assert (got.seq, got.steering, got.throttle, got.brake, got.target) == (9, -1.0, 0.25, 0.0, "pad1")
 

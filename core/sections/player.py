@@ -104,7 +104,9 @@ class PlayerConfig:
 
     dagger: bool = knob(
         False,
-        "sim: label the frames the player drives with the NPC expert and publish them as samples (source dagger)",
+        "Label the frames the model drives with the expert's action and publish them as samples (source "
+        "dagger): the sim's NPC, or (remote) the game's autopilot, from a capture agent with capture.dagger "
+        "and a mod with Charles' extension (frames without it are counted dagger_unlabelled, never sent)",
     )
     repaint: bool = knob(
         False,
@@ -121,13 +123,8 @@ class PlayerConfig:
         from charles.proto.versions import Follow
 
         Follow.parse(self.follow, None)  # its form; that a version is the model line's, the player checks
-        if self.source == "remote":
-            if self.dagger:
-                raise ValueError(
-                    "player.dagger needs the sim (its NPC is the expert); set player.source: sim"
-                )
-            if self.before_weights == "npc":
-                raise ValueError("player.before_weights npc needs the sim; a remote game can only brake")
+        if self.source == "remote" and self.before_weights == "npc":
+            raise ValueError("player.before_weights npc needs the sim; a remote game can only brake")
         if self.swap == "every_s" and self.swap_every_s <= 0:
             raise ValueError("player.swap_every_s must be positive with swap: every_s")
 

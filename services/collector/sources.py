@@ -6,7 +6,8 @@ the collector's :class:`~charles.drive.samples.SampleBuilder` turns into samples
 - :class:`SimSource` drives a SimWorld with the NPC through a DriveSession (Unstuck built in). The label
   is the NPC's corrective action, the car executes the noisy one (noise injection: recovery data).
 - :class:`GameSource` turns ``game.<source>`` GameFrames from a capture agent into captures; the label is
-  the controls the game's driver applied (its NPC or a human's pad). The game keeps its own clock; ticks
+  what the game's autopilot wanted when the frame says (``expert``: someone else, a player's model, drove
+  it), else the controls the game's driver applied (its NPC or a human's pad). The game keeps its own clock; ticks
   closer than one 30 Hz step of game time are skipped (a 60 FPS agent gives 30 samples/s, not 60).
   Unstuck: the agent's own (it moves the car) marks its recovery frames ``recovering``; a sender that
   does not say gets the same Unstuck run here on its telemetry (position, else speed). Either way a
@@ -265,10 +266,13 @@ class GameSource:
         speed = abs(float(g.speed))
         # while recovering the frame still enters the history and the stack (as the player sees it), braking
         controls = BRAKE if recovering else (float(g.controls[0]), float(g.controls[1]))
+        # a frame someone else drove over the autopilot (capture.dagger) is labelled with the autopilot's
+        # wish; its controls, the driver's, stay what the car got (the history)
+        label = controls if recovering or g.expert is None else (float(g.expert[0]), float(g.expert[1]))
         return Capture(
             game_time=t,
             image=g.frame,
-            label=controls,
+            label=label,
             executed=controls,
             speed=speed,
             purpose=tuple(g.purpose) if g.purpose is not None else (0.0, 0.0),

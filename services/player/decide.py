@@ -11,9 +11,11 @@ no weights yet         ``brake``    the brake, and Unstuck held (standing on pur
 weights loaded         ``model``    the policy's prediction on what the trainer saw         driving
 =====================  ===========  =====================================================  ===============
 
-A frame the model drove becomes a DAgger sample labelled with the NPC's action (``player.dagger``), except
-when the car stands and the expert would keep standing on the brake (``dagger_skip_standstill``): those
-frames teach nothing but "stay stopped". :class:`Decider` holds no socket and no Service; the service
+A frame the model drove becomes a DAgger sample labelled with the expert's action (``player.dagger``: the
+sim's NPC, or a remote game's autopilot when the game says what it wants), except when the car stands and
+the expert would keep standing on the brake (``dagger_skip_standstill``): those frames teach nothing but
+"stay stopped". A frame whose game cannot say what its expert wants (a mod without Charles' extension) is
+counted ``unlabelled`` and never labelled with what was driven instead. :class:`Decider` holds no socket and no Service; the service
 around it counts, publishes and paints.
 """
 
@@ -78,6 +80,8 @@ class Decider:
         self.skip_standstill = skip_standstill
         self.skipped = 0
         """Model frames not taught: the car stood and the expert would have stood on the brake."""
+        self.unlabelled = 0
+        """Model frames not taught: the game did not say what its expert wanted (no label to give)."""
 
     def decide(self, view: Any, predictor: Any) -> Decision:
         """This frame's decision; ``predictor`` is the active one (None before the first weights)."""
@@ -107,6 +111,7 @@ class Decider:
             return None
         expert = self.game.expert()
         if expert is None:
+            self.unlabelled += 1
             return None
         label = expert[0]
         if self.skip_standstill and view.speed < STANDSTILL_MPS and label[1] <= FULL_BRAKE:

@@ -11,7 +11,8 @@ The loop (:meth:`PlayerService.step`, one frame each) is::
                                       # (before_weights), or charles.drive's ModelPolicy (fit + codec round
                                       # trip + stack, Predictor.predict, decoding by output type), with
                                       # gamepad values past the dead zones
-    source.act(...)                   # and, with dagger, the frame as a sample labelled by the NPC
+    source.act(...)                   # and, with dagger, the frame as a sample labelled by the expert (the
+                                      # sim's NPC, a remote game's autopilot: GameFrame.expert)
 
 Threads: the loop owns the source, the predictors it drives and the sample publisher; the weights feed
 (swap.py) owns the weights socket and loads into the spare predictor; the console painter and the camera
@@ -42,7 +43,7 @@ from charles.player.gamepad import BRAKE_PAD, Gamepad
 from charles.player.sources import RemoteSource, SimSource, View
 from charles.player.swap import Swapper, WeightsFeed, local_weights
 from charles.proto.versions import Follow
-from charles.runtime import Publisher, Service
+from charles.runtime import Publisher, RateLimitedLog, Service
 from charles.sections.player import PlayerConfig
 
 REFRESH_S = 1.0
@@ -211,6 +212,8 @@ class PlayerService:
         self._unstucks_seen = 0
         self._swaps_seen = 0
         self._late_seen = 0
+        self._unlabelled_seen = 0
+        self._warn = RateLimitedLog(svc.log, 60.0)
         self._marks = (time.monotonic(), 0, 0)
         self._next_refresh = 0.0
         self._next_console = 0.0
@@ -257,6 +260,8 @@ class PlayerService:
             self.predictions += 1
             self.metrics.predictions.inc()
         label = self.decider.demonstration(view, decision)
+        if self.decider.unlabelled != self._unlabelled_seen:
+            self._unlabelled()
         executed = self.source.act(*decision.action, decision.pad)
         self.frames += 1
         if label is not None:
@@ -331,6 +336,18 @@ class PlayerService:
             self.metrics.batch.set(meta.batch)
         self.metrics.lag.set(self.swapper.lag)
 
+    def _unlabelled(self) -> None:
+        """Frames the model drove that the game gave no expert label for: counted, said once a minute."""
+        n = self.decider.unlabelled - self._unlabelled_seen
+        self._unlabelled_seen = self.decider.unlabelled
+        self.svc.metrics.drops.labels(cause="dagger_unlabelled").inc(n)
+        self._warn.warn(
+            "dagger_unlabelled",
+            f"dagger: {self.source.name} does not say what its autopilot wants (GameFrame.expert: a capture "
+            "agent with capture.dagger and a mod with Charles' extension): the model's frames make no "
+            "samples; a label of what was driven would only teach the model itself",
+        )
+
     def _publish_dagger(self, view: View, label: tuple[float, float], stack: list[tuple[int, Any]]) -> None:
         """The frame the model just drove, labelled with what the NPC expert would have done (DAgger).
 
@@ -341,7 +358,7 @@ class PlayerService:
             seq=self.dagger_samples,
             tick=self.policy.tick,  # the tick this frame has in the policy's stack: encoded once
             game_time=view.game_time,
-            image=view.frame,
+            image=view.wire if view.wire is not None else view.frame,
             label=(float(label[0]), float(label[1])),
             speed=float(view.speed),
             purpose=(float(view.purpose[0]), float(view.purpose[1])),
@@ -385,6 +402,7 @@ class PlayerService:
         if self.config.dagger:
             info["dagger_samples"] = self.dagger_samples
             info["dagger_skipped"] = self.decider.skipped
+            info["dagger_unlabelled"] = self.decider.unlabelled
         self.svc.info = info  # a new dict, never mutated: the heartbeat thread reads it
 
     def state(self) -> dict[str, Any]:
@@ -429,6 +447,7 @@ class PlayerService:
         if self.config.dagger:
             state["dagger_samples"] = self.dagger_samples
             state["dagger_skipped"] = self.decider.skipped
+            state["dagger_unlabelled"] = self.decider.unlabelled
         return state
 
     def shutdown(self) -> None:

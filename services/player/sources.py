@@ -70,6 +70,9 @@ class View:
     """time.perf_counter() when the frame was ready (latency starts here)."""
     tick: int | None = None
     """The game's tick of the frame when the source tags it (a remote game's GameFrame.tick)."""
+    wire: Frame | None = None
+    """The frame as it came on the wire (a remote game): a DAgger sample carries these bytes when they are
+    in the collectors' codec, not a second JPEG generation of them."""
 
     @property
     def driving(self) -> bool:
@@ -225,6 +228,8 @@ class RemoteSource:
         self.previous: tuple[float, float] = (0.0, 0.0)
         self.late = 0
         self._last: View | None = None
+        self._expert: tuple[float, float] | None = None
+        """What the game's autopilot wanted on the newest frame (GameFrame.expert), when the game says."""
         self._cinematic: Frame | None = None
         """The cinematic picture that came with the newest frame (same tick), decoded only when shown."""
         self._last_game_seq: int | None = None
@@ -295,14 +300,19 @@ class RemoteSource:
             float(gf.game_time),
             arrived,
             gf.tick,
+            gf.frame,
         )
+        self._expert = None if gf.expert is None else (float(gf.expert[0]), float(gf.expert[1]))
         self._cinematic = gf.cinematic
         self._last = view
         self._last_game_seq = gf.seq
         return view
 
-    def expert(self) -> None:
-        return None
+    def expert(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """(label, executed) of the game's autopilot for the newest frame: what it wanted (a capture agent
+        with ``capture.dagger`` sends it while the player's actions drive over it), twice; None when the
+        game does not say (a mod without Charles' extension)."""
+        return None if self._expert is None else (self._expert, self._expert)
 
     def hold_unstuck(self) -> None:
         self.unstuck.reset()
