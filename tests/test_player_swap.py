@@ -133,3 +133,34 @@ def test_weights_feed_refuses_untrusted_senders_and_older_batches_and_counts_the
         assert feed.handle(env(4, "trainer"))
     finally:
         svc.close()
+
+
+def test_weights_of_another_line_on_our_topic_are_refused_as_such_whatever_version_is_followed():
+    """A forged weights message naming another model line is bad input (``wrong_model``), counted as a
+    reject even when it claims a version this player does not follow (then it is no mere ``not_followed``)."""
+    from charles import config
+    from charles.model.presets import get_config
+    from charles.player.swap import WeightsFeed
+    from charles.proto.codec import Envelope
+    from charles.runtime import Service
+
+    from tests_support import weights_message
+
+    cfg = get_config("tiny", width=64, height=36)
+    svc = Service("player", config.load(data={}, environ={}), "player-t", http=False, signals=False)
+    try:
+        s, _ = swapper("immediate")
+        feed = WeightsFeed(svc, s, cfg)
+        good = weights_message(b"w5", 5, cfg)
+        good.since = 100.0
+        assert feed.handle(Envelope("weights.tiny.v1", "weights", "trainer", 0.0, 0.0, good, 0))
+        forged = weights_message(b"w9", 9, cfg, model="tiny_memory")
+        forged.run, forged.since = "tiny_memory_v2", 50.0  # a version whose stream started earlier: a
+        # genuine message like it would be passed by as not followed
+        assert not feed.handle(Envelope("weights.tiny", "weights", "trainer", 0.0, 0.0, forged, 0))
+        count = svc.metrics.registry.get_sample_value
+        assert count("charles_rejects_total", {"reason": "wrong_model"}) == 1
+        assert not count("charles_drops_total", {"cause": "not_followed"})
+        assert s.newest.batch == 5
+    finally:
+        svc.close()

@@ -373,6 +373,9 @@ class WeightsFeed:
                 )
             if offer is None:
                 raise WeightsError("wrong_version", f"run {w.run!r} sent on {env.topic!r}")
+            # the message's own claims first (cheap, no payload parsed): weights of another line or network
+            # on our topic are bad input, refused and counted as such, whichever version we follow
+            check_weights(w, self.cfg)
             verdict = self.follower.verdict(offer)
             if verdict == "not_followed":
                 self.not_followed += 1
@@ -383,7 +386,6 @@ class WeightsFeed:
                 raise WeightsError(
                     "older_batch", f"we already have batch {current.batch if current else '?'} of {w.run}"
                 )
-            check_weights(w, self.cfg)
             self.swapper.load(w.payload, meta)
         except WeightsError as e:
             self.refused += 1
