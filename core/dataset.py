@@ -275,6 +275,7 @@ def _records_of(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[
         return
     key: str | None = None
     parts: dict[str, bytes] = {}
+    members = 0
 
     def finish(last: bool = False) -> tuple[bytes, list[bytes]] | None:
         try:
@@ -292,6 +293,7 @@ def _records_of(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[
     with tar:
         try:
             for member in tar:
+                members += 1
                 k, _, field = member.name.partition(".")
                 if k != key:
                     if key is not None and (rec := finish()) is not None:
@@ -308,7 +310,9 @@ def _records_of(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[
             parts = {}
         if key is not None and (rec := finish(last=True)) is not None:
             yield rec
-        if not complete:
+        if not complete and members == 0:
+            skip("unreadable_shard", f"{path.name}: no tar member in it")
+        elif not complete:
             skip("truncated_shard", f"{path.name}: ends without tar's end-of-archive blocks (cut short)")
 
 
