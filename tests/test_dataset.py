@@ -274,3 +274,56 @@ def test_dataset_info_and_plot_commands(tmp_path):
 
 def _env_plain() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.system
+def test_record_then_train_offline_on_the_replay_with_the_same_pipeline(tmp_path):
+    """charles up (sim) + charles record -> a dataset; then charles up with collector.source dataset:PATH
+    (no sim anywhere): the same balancer and trainer train on the replay and publish weights."""
+    from test_survive_pipeline import CONFIG
+
+    from survive_support import Pipeline, Probe
+
+    base = {k: v for k, v in CONFIG.items() if k != "player"}
+    root = tmp_path / "drive"
+    for name in ("live", "offline"):
+        (tmp_path / name).mkdir()
+    # the live drive at full pace whatever the trainer asks (flow control would slow it to the trainer's need)
+    drive = {**base, "collector": {**base["collector"], "flow": False}}
+    live = Pipeline(tmp_path / "live", drive, collectors=1, extra=["--no-player", "--no-viewer"])
+    try:
+        bus = live.bus()
+        wait_for(lambda: live.healthy("collector-1"), 120, "the sim collector never came up")
+        env = {**_env({"bus": {"ports": bus}}), "CHARLES_HTTP_EPHEMERAL": "1"}
+        rec = subprocess.Popen(
+            [sys.executable, "-m", "charles.record", "--out", str(root), "--seconds", "20"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out = rec.communicate(timeout=120)[0].decode()
+        assert rec.returncode == 0, out
+    finally:
+        assert live.close() == 0
+    recorded = load_manifest(root)
+    assert recorded["samples"] >= 200, recorded  # 20 s of a realtime collector: ~600
+
+    offline = {**base, "collector": {**base["collector"], "source": f"dataset:{root}"}}
+    replay = Pipeline(tmp_path / "offline", offline, collectors=1, extra=["--no-player", "--no-viewer"])
+    probe = None
+    try:
+        probe = Probe(replay.bus(), ["weights.", "sample."])
+        wait_for(
+            lambda: (s := replay.try_scrape("trainer")) and s.value("charles_trainer_batches_total") >= 3,
+            300,
+            "the trainer never trained on the replay",
+        )
+        wait_for(lambda: probe.count["weights.tiny"] > 0, 120, "no weights from training on the replay")
+        assert "collecting from dataset:drive" in replay.log("collector-1")
+        assert "rejected" not in replay.log("collector-1")
+    finally:
+        if probe is not None:
+            probe.close()
+        rc = replay.close()
+    assert rc == 0
