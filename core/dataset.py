@@ -108,12 +108,42 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _shard_entry(name: str) -> dict[str, Any]:
+    """A shard's line in the manifest: its own counts (the totals are their sums, so a shard a crash cut
+    short is recounted alone)."""
+    return {
+        "name": name,
+        "records": 0,
+        "bytes": 0,
+        "complete": False,
+        "samples": 0,
+        "topics": Counter(),
+        "sources": Counter(),
+        "collectors": Counter(),
+        "first_wall": None,
+        "last_wall": None,
+    }
+
+
+def _count(entry: dict[str, Any], env: Envelope) -> None:
+    entry["records"] += 1
+    entry["topics"][env.topic] += 1
+    entry["first_wall"] = env.wall if entry["first_wall"] is None else min(entry["first_wall"], env.wall)
+    entry["last_wall"] = env.wall if entry["last_wall"] is None else max(entry["last_wall"], env.wall)
+    for s in env.msg.samples if isinstance(env.msg, SampleSet) else [env.msg]:
+        if isinstance(s, Sample):
+            entry["samples"] += 1
+            entry["sources"][s.source] += 1
+            entry["collectors"][s.collector] += 1
+
+
 class DatasetWriter:
     """Appends records to a dataset folder: shards rotate by size, the whole is bounded, the manifest follows.
 
     Opening an existing dataset appends: new shards continue its numbering (a recording never rewrites a
-    shard), so recording twice into one folder makes one dataset. ``max_bytes`` and ``max_records`` bound
-    the whole dataset; :meth:`write` returns False once either is reached (the recorder then stops).
+    shard), so recording twice into one folder makes one dataset; a shard that a crash left short (or one
+    the manifest does not know) is recounted from its records first. ``max_bytes`` and ``max_records``
+    bound the whole dataset; :meth:`write` returns False once either is reached (the recorder then stops).
     """
 
     def __init__(
@@ -136,23 +166,26 @@ class DatasetWriter:
                 f"{self.root}: recorded with wire schema {m.get('wire_schema')}, this is {SCHEMA_VERSION}; "
                 "record into a new folder"
             )
-        now = time.time()
+        known = {e["name"]: e for e in m.get("shards", []) if e.get("complete")}
+        entries = []
+        for path in shards(self.root):
+            e = known.get(path.name)
+            if e is None:  # cut short by a crash, or copied in: what it holds now
+                e = _shard_entry(path.name)
+                for env in envelopes_of(path):
+                    _count(e, env)
+                e["bytes"] = path.stat().st_size
+            for k in ("topics", "sources", "collectors"):
+                e[k] = Counter(e.get(k, {}))
+            entries.append(e)
         self.manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "wire_schema": SCHEMA_VERSION,
-            "created": m.get("created", now),
-            "updated": now,
-            "records": m.get("records", 0),
-            "bytes": m.get("bytes", 0),
-            "samples": m.get("samples", 0),
-            "topics": Counter(m.get("topics", {})),
-            "sources": Counter(m.get("sources", {})),
-            "collectors": Counter(m.get("collectors", {})),
-            "first_wall": m.get("first_wall"),
-            "last_wall": m.get("last_wall"),
-            "shards": list(m.get("shards", [])),
+            "created": m.get("created", time.time()),
+            "shards": entries,
         }
+        self._total()
         existing = shards(self.root)
         self._next_shard = int(SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 0
         self._tar: tarfile.TarFile | None = None
@@ -161,13 +194,25 @@ class DatasetWriter:
         self._saved = 0.0
         self.full = False
 
-    # the manifest's shard entry of the shard being written is this dict, updated in place
+    def _total(self) -> None:
+        """The manifest's totals from its shards' counts."""
+        m, entries = self.manifest, self.manifest["shards"]
+        for k in ("records", "bytes", "samples"):
+            m[k] = sum(e[k] for e in entries)
+        for k in ("topics", "sources", "collectors"):
+            m[k] = sum((e[k] for e in entries), Counter())
+        firsts = [e["first_wall"] for e in entries if e["first_wall"] is not None]
+        lasts = [e["last_wall"] for e in entries if e["last_wall"] is not None]
+        m["first_wall"] = min(firsts, default=None)
+        m["last_wall"] = max(lasts, default=None)
+
+    # the manifest's entry of the shard being written is this dict, updated in place
     def _open_shard(self) -> None:
         name = shard_name(self._next_shard)
         self._next_shard += 1
         self._file = open(self.root / name, "xb")  # noqa: SIM115 - open across writes; never overwrite
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self._shard = {"name": name, "records": 0, "bytes": 0, "complete": False}
+        self._shard = _shard_entry(name)
         self.manifest["shards"].append(self._shard)
         self.save()
 
@@ -215,29 +260,17 @@ class DatasetWriter:
         for i, b in enumerate(blobs):
             written += self._add(f"{key}.{i}.{blob_extension(b)}", b, env.wall)
         self._file.flush()  # a crash loses at most the record being written
-        self._shard["records"] += 1
         self._shard["bytes"] += written
-        m["records"] += 1
+        _count(self._shard, env)
+        m["records"] += 1  # the totals the bounds read; save() recomputes them all
         m["bytes"] += written
-        self._count(env)
         if time.monotonic() - self._saved > MANIFEST_EVERY_S:
             self.save()
         return True
 
-    def _count(self, env: Envelope) -> None:
-        m = self.manifest
-        m["topics"][env.topic] += 1
-        m["first_wall"] = env.wall if m["first_wall"] is None else min(m["first_wall"], env.wall)
-        m["last_wall"] = env.wall if m["last_wall"] is None else max(m["last_wall"], env.wall)
-        samples = env.msg.samples if isinstance(env.msg, SampleSet) else [env.msg]
-        for s in samples:
-            if isinstance(s, Sample):
-                m["samples"] += 1
-                m["sources"][s.source] += 1
-                m["collectors"][s.collector] += 1
-
     def save(self) -> None:
         """Rewrite the manifest atomically (readers never see half of one)."""
+        self._total()
         self.manifest["updated"] = time.time()
         _write_json_atomically(self.root / MANIFEST, self.manifest)
         self._saved = time.monotonic()
@@ -333,14 +366,20 @@ def records(
         yield from _records_of(path, skip)
 
 
-def envelopes(root: str | Path, skip: Callable[[str, str], None] | None = None) -> Iterator[Envelope]:
-    """Every record decoded by the wire codec, exactly as a receiver on the bus would have had it."""
+def envelopes_of(path: Path, skip: Callable[[str, str], None] | None = None) -> Iterator[Envelope]:
+    """One shard's records decoded (what :func:`envelopes` does for every shard)."""
     skip = skip or (lambda reason, detail: None)
-    for topic, frames in records(root, skip):
+    for topic, frames in _records_of(path, skip):
         try:
             yield decode([topic, *frames])
         except ProtocolError as e:
-            skip("corrupt_record", f"{topic[:64]!r}: {e}")
+            skip("corrupt_record", f"{path.name}: {topic[:64]!r}: {e}")
+
+
+def envelopes(root: str | Path, skip: Callable[[str, str], None] | None = None) -> Iterator[Envelope]:
+    """Every record decoded by the wire codec, exactly as a receiver on the bus would have had it."""
+    for path in shards(root):
+        yield from envelopes_of(path, skip)
 
 
 def samples(root: str | Path, skip: Callable[[str, str], None] | None = None) -> Iterator[Sample]:

@@ -128,6 +128,50 @@ def test_frames_are_browsable_files_in_the_tar(tmp_path):
     assert cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape == (18, 32, 3)
 
 
+def test_balanced_sets_are_recorded_and_replay_as_their_samples(tmp_path):
+    from charles.proto import SampleSet
+
+    items = real_samples(12)
+    with DatasetWriter(tmp_path) as w:
+        for k in range(3):
+            frames = encode("set.steering", SampleSet(["steering"], 3, items[4 * k : 4 * k + 4], seq=k), "b")
+            assert w.write(frames, decode(frames))
+    assert load_manifest(tmp_path)["samples"] == 12 and load_manifest(tmp_path)["records"] == 3
+    got = list(samples(tmp_path))
+    assert len(got) == 12 and all(same(a, b) for a, b in zip(items, got, strict=True))
+
+
+def test_a_crash_while_recording_leaves_one_short_shard_and_every_record_before_it(tmp_path):
+    items = real_samples(25)
+    w = DatasetWriter(tmp_path, shard_records=10)
+    for s in items:
+        frames = encode("sample.c0", s, "c0")
+        w.write(frames, decode(frames))
+    w._file.close()  # the process dies here: no end-of-archive blocks, no final manifest
+    m = load_manifest(tmp_path)
+    assert [s["complete"] for s in m["shards"]] == [True, True, False]
+    skipped = SkipCounter()
+    got = list(samples(tmp_path, skipped))
+    assert skipped.counts == {"truncated_shard": 1}
+    assert len(got) == 25 and all(same(a, b) for a, b in zip(items, got, strict=True))
+    write(tmp_path, real_samples(5, "c1"))  # the next recording recounts the short shard, appends after it
+    assert [p.name for p in shards(tmp_path)][-1] == "shard-000003.tar"
+    assert len(list(samples(tmp_path))) == 30
+    m = load_manifest(tmp_path)
+    assert m["records"] == m["samples"] == 30 and m["collectors"] == {"c0": 25, "c1": 5}
+    assert [(s["records"], s["complete"]) for s in m["shards"]] == [
+        (10, True),
+        (10, True),
+        (5, False),
+        (5, True),
+    ]
+    keys = set()
+    for p in shards(tmp_path):
+        with tarfile.open(p, ignore_zeros=True) as t:
+            keys |= {name.split(".")[0] for name in t.getnames()}
+    assert len(keys) == 30
+
+
 # ---------------------------------------------------------------------------------------------- bad data
 
 
