@@ -21,9 +21,9 @@ import zmq
 from charles import config as config_mod
 from charles.cli import help_text
 from charles.dataset import DatasetWriter
-from charles.proto import registry
+from charles.proto import Sample, SampleSet, registry
 from charles.proto.registry import subscribe_port
-from charles.runtime import Service, run_main, run_service
+from charles.runtime import SeqGaps, Service, run_main, run_service
 
 POLL_MS = 100
 """SIGTERM only sets a flag: the loop looks at it this often when nothing arrives."""
@@ -46,6 +46,9 @@ def record(svc: Service, writer: DatasetWriter, prefixes: list[str], seconds: fl
     end = time.monotonic() + seconds if seconds > 0 else float("inf")
     written = 0
     last_log = time.monotonic()
+    # what never reached us (a full queue on the way): samples and sets are numbered per sender
+    gaps = SeqGaps(drops=svc.metrics.drops)
+    lost = svc.metrics.drops.labels(cause="record_lost")
     while svc.running and time.monotonic() < end:
         if not sock.poll(POLL_MS):
             continue
@@ -59,6 +62,11 @@ def record(svc: Service, writer: DatasetWriter, prefixes: list[str], seconds: fl
             break
         written += 1
         svc.metrics.messages.labels("in", reg.family(env.topic)).inc()
+        msg = env.msg
+        if isinstance(msg, Sample) or (isinstance(msg, SampleSet) and msg.seq is not None):
+            sender = msg.collector if isinstance(msg, Sample) else env.topic
+            if missing := gaps.see(sender, msg.seq):
+                lost.inc(missing)
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()
             m = writer.manifest
