@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import cv2
@@ -24,7 +25,7 @@ import pytest
 from charles.dataset import DatasetWriter, SkipCounter, envelopes, load_manifest, records, samples, shards
 from charles.proto import Frame, Sample, decode, encode
 
-from tests_support import stop_by_sigterm, wait_for
+from tests_support import counter_value, stop_by_sigterm, wait_for
 
 
 def real_samples(n: int, collector: str = "c0", seed: int = 0) -> list[Sample]:
@@ -268,8 +269,25 @@ def test_record_from_the_bus_then_replay_through_a_collector_process(broker, cli
     recorded = list(samples(root))
     assert all(same(a, b) for a, b in zip(items, recorded, strict=True))
 
-    # replay: the collector stops by itself at the end (dataset_loop false); paced at 4x real time
-    sub = client_factory("balancer").subscriber(["sample.replay-0"], late_join=False)
+    # replay into a real balancer: the collector stops by itself at the end (dataset_loop false), paced
+    # at 4x real time
+    from test_balancer_service import connect
+
+    from charles.balancer.service import BalancerService
+
+    third = [[-1.0, -0.3], [-0.3, 0.3], [0.3, 1.0]]
+    bsvc = client_factory(
+        "balancer",
+        balancer={"version": 3, "bins": {"steering": third, "throttle_brake": third}, "picture_s": 0},
+    )
+    balancer = BalancerService(bsvc, bsvc.cfg.balancer)
+    bt = threading.Thread(target=balancer.run, daemon=True)
+    bt.start()
+    sets = client_factory("trainer").subscriber(["set."], late_join=False)
+    reg = bsvc.metrics.registry
+    heard = lambda: counter_value(reg, "charles_rejects_total", {"reason": "truncated"}) > 0  # noqa: E731
+    connect(heard, client_factory("probe").publisher("sample"), sets)
+    sub = client_factory("viewer").subscriber(["sample.replay-0"], late_join=False)
     time.sleep(0.3)
     cmd = [
         *[sys.executable, "-m", "charles.collector", "--id", "replay-0", "--realtime"],
@@ -299,6 +317,12 @@ def test_record_from_the_bus_then_replay_through_a_collector_process(broker, cli
     assert len(got) >= 110, out
     assert [s.seq for s in got] == list(range(got[0].seq, got[0].seq + len(got)))
     assert all(s.collector == "replay-0" and same(items[s.seq], s) for s in got)
+    # and in the balancer's sets, each sample as recorded (stop flushes what it holds)
+    bsvc.stop()
+    bt.join(5)
+    balanced = [x for env in sets.drain() if env.topic != "set.probe" for x in env.msg.samples]
+    assert len(balanced) >= 30, len(balanced)
+    assert all(x.collector == "replay-0" and same(items[x.seq], x) for x in balanced)
 
 
 @pytest.mark.slow
