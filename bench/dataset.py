@@ -2,11 +2,12 @@
 
 The samples are what a collector sends at the default model resolution: a 160x90 JPEG q90 hood frame of
 the sim (~6 KB), a 60-row history, labels. Both sides on the same bytes:
-- record, ours: ``DatasetWriter.write`` of each message as received (crc32, WebDataset members, flush per
-  record, manifest); bare: stdlib ``tarfile.addfile`` of the same members, no crc, no flush, no manifest.
-- replay, ours: ``charles.dataset.samples`` (tar iteration, the crc check, the wire codec's typed,
-  validated decode: Samples with their frames and history); bare: stdlib tar iteration reading every
-  member and ``msgpack.unpackb`` of each header (no validation, no checks).
+- record, ours: ``DatasetWriter.write`` of each message as received (crc32, the ustar members written
+  directly, a flush per record, the manifest); bare: stdlib ``tarfile.addfile`` of the same members, no
+  crc, no flush, no manifest.
+- replay, ours: ``charles.dataset.samples`` (its own ustar reader, the crc check, the wire codec's typed,
+  validated decode: Samples with their frames and history); bare: stdlib ``tarfile`` iteration reading
+  every member and ``msgpack.unpackb`` of each header (no validation, no checks).
 ``record_ratio`` / ``replay_ratio`` = ours / bare samples/s; the goal is >= 0.8 for both (``meets_goal``).
 Each side is timed in alternating rounds (best of), on this thread's CPU time, files in a temporary folder.
 """

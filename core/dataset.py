@@ -5,7 +5,10 @@ browser, Python's stdlib, WebDataset and torchdata read it as it is), it is appe
 record is a group of consecutive members; a crash cuts at most the shard being written) and it stores
 each frame as its own ``.jpg``/``.png`` file, so people browse a drive with the tools they have. Parquet
 would pack labels into columns nicely but hides the frames in binary cells and rewrites its footer on
-every close; a crash mid-file loses the whole file. No new dependency either: stdlib ``tarfile`` writes.
+every close; a crash mid-file loses the whole file. No new dependency either: the members are plain
+POSIX ustar (headers byte for byte what stdlib ``tarfile`` writes; the tests read shards with tarfile and
+``tar``), written and read here directly because tarfile's per-member objects cost more than everything
+else a record costs (bench/dataset.py measures both against bare tarfile).
 
 Layout of a dataset folder::
 
@@ -31,11 +34,9 @@ Imports: charles.proto only.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import tarfile
 import time
 import zlib
 from collections import Counter
@@ -66,6 +67,9 @@ def shards(root: str | Path) -> list[Path]:
     """The dataset's shard files in recording order (a crashed recording's last one included)."""
     root = Path(root)
     return sorted(p for p in root.iterdir() if SHARD_RE.match(p.name)) if root.is_dir() else []
+
+
+BLOB_EXTENSIONS = ("jpg", "png", "raw")
 
 
 def blob_extension(blob: bytes | memoryview) -> str:
@@ -106,6 +110,34 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+
+
+BLOCK = 512
+RECORD = 20 * BLOCK
+"""tar's record: an archive's length is a multiple of it."""
+
+
+def _ustar_header(name: str, size: int, mtime: int) -> bytes:
+    """A POSIX ustar header block for a regular file (mode 0644, owner 0): what ``tarfile`` writes for the
+    same member, built directly because tarfile's TarInfo costs more than the rest of a record's write."""
+    b = name.encode("ascii")
+    if len(b) > 100:
+        raise ValueError(f"member name over 100 bytes: {name!r}")
+    head = (
+        b.ljust(100, b"\0")
+        + b"0000644\0"
+        + b"0000000\0"
+        + b"0000000\0"
+        + b"%011o\0" % size
+        + b"%011o\0" % mtime
+        + b" " * 8  # the checksum, counted as spaces
+        + b"0"
+        + bytes(100)
+        + b"ustar\x0000"
+        + bytes(32 + 32 + 8 + 8 + 155 + 12)
+    )
+    chk = b"%06o\0 " % sum(head)
+    return head[:148] + chk + head[156:]
 
 
 def _shard_entry(name: str) -> dict[str, Any]:
@@ -188,7 +220,6 @@ class DatasetWriter:
         self._total()
         existing = shards(self.root)
         self._next_shard = int(SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 0
-        self._tar: tarfile.TarFile | None = None
         self._file: Any = None
         self._shard: dict | None = None
         self._saved = 0.0
@@ -211,30 +242,29 @@ class DatasetWriter:
         name = shard_name(self._next_shard)
         self._next_shard += 1
         self._file = open(self.root / name, "xb")  # noqa: SIM115 - open across writes; never overwrite
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._shard = _shard_entry(name)
         self.manifest["shards"].append(self._shard)
         self.save()
 
     def _close_shard(self) -> None:
-        if self._tar is None:
+        if self._file is None:
             return
-        self._tar.close()  # the two zero blocks that end a tar
+        # the two zero blocks that end a tar, padded to its 10 KiB record as tar itself does
+        written = self._shard["bytes"] + 2 * BLOCK
+        self._file.write(bytes(2 * BLOCK + -written % RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         self._shard["bytes"] = (self.root / self._shard["name"]).stat().st_size
         self._shard["complete"] = True
-        self._tar = self._file = self._shard = None
+        self._file = self._shard = None
         self.save()
 
-    def _add(self, name: str, data: Any, mtime: float) -> int:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = int(mtime)
-        info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        return 512 + -(-info.size // 512) * 512  # its header block and its data, padded to blocks
+    def _add(self, name: str, data: bytes, mtime: float) -> int:
+        """One member: its ustar header block, its data padded to blocks (one write)."""
+        n = len(data)
+        self._file.write(_ustar_header(name, n, int(mtime)) + data + bytes(-n % BLOCK))
+        return BLOCK + n + -n % BLOCK
 
     def write(self, frames: Sequence[Any], env: Envelope) -> bool:
         """Store one message as received (``frames``: topic, header, blobs; ``env``: its decoded form, for
@@ -248,7 +278,7 @@ class DatasetWriter:
             self._shard["records"] >= self.shard_records or self._shard["bytes"] + size > self.shard_bytes
         ):
             self._close_shard()
-        if self._tar is None:
+        if self._file is None:
             self._open_shard()
         topic_b, header, blobs = bytes(frames[0]), bytes(frames[1]), [bytes(b) for b in frames[2:]]
         key = f"{m['records']:010d}"
@@ -289,32 +319,71 @@ class DatasetWriter:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+MAX_MEMBER_BYTES = 1 << 30
+"""A member header that claims more is damage (the largest message the registry allows is 256 MB)."""
+
+
+def _members(f: Any, size: int) -> Iterator[tuple[str, bytes]]:
+    """The regular files of a ustar stream as (name, data): POSIX ustar as our writer makes it (short names,
+    no extensions), read directly rather than through tarfile, whose per-member header parsing and file
+    objects cost more than the rest of a replay together (bench/dataset.py). A header block whose
+    checksum fails is stepped over block by block, as ``tar --ignore-zeros`` does (the record it belonged
+    to then lacks a member and fails its check); a member cut short by the end of the file ends the
+    stream."""
+    pos = 0
+    while pos + BLOCK <= size:
+        block = f.read(BLOCK)
+        pos += BLOCK
+        if len(block) < BLOCK:
+            return
+        stored = block[148:156].rstrip(b" \0")
+        try:
+            ok = int(stored or b"-1", 8) == sum(block) - sum(block[148:156]) + 8 * 32
+        except ValueError:
+            ok = False
+        if not ok:  # a zero block (the end marker) or a damaged header: try the next block
+            continue
+        try:
+            n = int(block[124:136].rstrip(b" \0") or b"0", 8)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_MEMBER_BYTES:
+            continue
+        data = f.read(n)
+        padded = -(-n // BLOCK) * BLOCK
+        if padded > n:
+            f.seek(padded - n, 1)
+        pos += padded
+        if len(data) < n:
+            return  # cut short: the caller sees the missing end marker
+        if block[156:157] in (b"0", b"\0"):  # a regular file; anything else (a folder, a link) is skipped
+            yield block[:100].split(b"\0", 1)[0].decode("utf-8", "replace"), data
+
+
 def _records_of(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[bytes, list[bytes]]]:
     """One shard's records as (topic, [header, *blobs]), each checked against its crc.
 
-    ``ignore_zeros`` makes tarfile step over a damaged member header block by block instead of ending the
-    shard there, so one flipped byte costs one record, not the rest of the shard. A shard that does not
-    end with tar's two zero blocks was cut short: counted once as truncated, and its last, partial record
-    goes with it (not counted again as corrupt).
+    A damaged member header is stepped over (:func:`_members`), so one flipped byte costs one record, not
+    the rest of the shard; the record it belonged to fails its check and is counted corrupt. A shard that
+    does not end with tar's two zero blocks was cut short: counted once as truncated, and its last,
+    partial record goes with it (not counted again as corrupt).
     """
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 1024))
-            complete = size >= 1024 and f.read(1024) == bytes(1024)
-        tar = tarfile.open(path, mode="r:", ignore_zeros=True)  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError) as e:
+        f = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the with below
+    except OSError as e:
         skip("unreadable_shard", f"{path.name}: {e}")
         return
     key: str | None = None
-    parts: dict[str, bytes] = {}
+    parts: dict[str | int, bytes] = {}
+    """The record being read: ``meta.msgpack``, ``header.msgpack`` and blob index -> bytes."""
     members = 0
 
     def finish(last: bool = False) -> tuple[bytes, list[bytes]] | None:
         try:
             meta = msgpack.unpackb(parts["meta.msgpack"])
             frames = [parts["header.msgpack"]]
-            frames += [parts[f"{i}.{_ext(parts, i)}"] for i in range(int(meta["blobs"]))]
+            frames += [parts[i] for i in range(int(meta["blobs"]))]  # a missing blob: KeyError
             if _crc(frames) != meta["crc32"]:
                 raise ValueError("crc32 mismatch")
             return meta["topic"].encode("ascii"), frames
@@ -323,37 +392,31 @@ def _records_of(path: Path, skip: Callable[[str, str], None]) -> Iterator[tuple[
                 skip("corrupt_record", f"{path.name} record {key}: {type(e).__name__}: {e}")
             return None
 
-    with tar:
+    with f:
+        f.seek(max(0, size - 2 * BLOCK))
+        complete = size >= 2 * BLOCK and f.read(2 * BLOCK) == bytes(2 * BLOCK)
+        f.seek(0)
         try:
-            for member in tar:
+            for name, data in _members(f, size):
                 members += 1
-                k, _, field = member.name.partition(".")
+                k, _, field = name.partition(".")
                 if k != key:
                     if key is not None and (rec := finish()) is not None:
                         yield rec
                     key, parts = k, {}
-                f = tar.extractfile(member) if member.isfile() else None
-                if f is None or len(parts) > 64:  # a directory or link, or a key with absurdly many members
+                if len(parts) > 64:  # a key with absurdly many members
                     continue
-                parts[field] = f.read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            if complete:  # damage inside a shard that ends well: the rest of it is lost with the record
-                skip("truncated_shard", f"{path.name}: {type(e).__name__}: {e}")
-            complete = False
-            parts = {}
+                blob, dot, ext = field.partition(".")
+                parts[int(blob) if blob.isdigit() and dot and ext in BLOB_EXTENSIONS else field] = data
+        except OSError as e:
+            skip("truncated_shard", f"{path.name}: {type(e).__name__}: {e}")
+            return
         if key is not None and (rec := finish(last=True)) is not None:
             yield rec
         if not complete and members == 0:
             skip("unreadable_shard", f"{path.name}: no tar member in it")
         elif not complete:
             skip("truncated_shard", f"{path.name}: ends without tar's end-of-archive blocks (cut short)")
-
-
-def _ext(parts: dict[str, bytes], i: int) -> str:
-    for ext in ("jpg", "png", "raw"):
-        if f"{i}.{ext}" in parts:
-            return ext
-    raise KeyError(f"blob {i} missing")
 
 
 def records(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -127,6 +128,10 @@ def test_frames_are_browsable_files_in_the_tar(tmp_path):
         jpg = t.extractfile(names[2]).read()
     assert names[:3] == ["0000000000.meta.msgpack", "0000000000.header.msgpack", "0000000000.0.jpg"]
     assert cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR).shape == (18, 32, 3)
+    if shutil.which("tar"):  # and the system's tar agrees, warnings included
+        out = subprocess.run(["tar", "tvf", str(shards(tmp_path)[0])], capture_output=True, text=True)
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        assert len(out.stdout.splitlines()) == 3 * 4  # meta, header, frame, history per record
 
 
 def test_balanced_sets_are_recorded_and_replay_as_their_samples(tmp_path):
