@@ -2,7 +2,8 @@
 the process runtime (``runtime``: Service, sockets, heartbeats, metrics), output kinds and bins
 (``outputs``), the topology facts and checkers (``topology``), the local launcher (``launcher``), the
 pad gate shared by the gamepad and sim agents (``pad``), ``charles eval`` (``evaluate``), flow control
-between the trainer and the collectors (``flow``), the CLI.
+between the trainer and the collectors (``flow``), datasets on disk (``dataset``: tar shards and their
+manifest) and ``charles record`` (``record``), the CLI.
 
 Imports: charles.proto, charles.drive, charles.sim, charles.model (lazily); never a service package
 (broker, collector, balancer, trainer, player, viewer): services import core, not the other way round.

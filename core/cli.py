@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("charles.tools", "show the resolved configuration (charles config show)"),
     "keys": ("charles.tools", "make CURVE key pairs for the broker and agents"),
     "eval": ("charles.evaluate", "drive the sim with a policy and print its driving figures"),
+    "record": ("charles.record", "write what crosses the bus (sample.* or set.*) to a dataset of tar shards"),
+    "dataset": (
+        "charles.balancer.dataset",
+        "a recorded dataset: info (counts, sources, labels), plot (histograms)",
+    ),
     "balance-plot": ("charles.balancer.plot", "histograms of the raw and balanced streams as PNG"),
     "stream": ("charles.trainer.stream", "put a saved checkpoint (version@batch) on the bus for players"),
     "models": (

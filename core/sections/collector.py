@@ -24,7 +24,12 @@ class CollectorConfig:
     source: str = knob(
         "sim",
         "sim (the built-in sim), game:<source id> (GameFrames with controls from a capture agent on "
-        "game.<source id>) or gym:<env id> (a Gymnasium env driven by collector.expert)",
+        "game.<source id>), gym:<env id> (a Gymnasium env driven by collector.expert) or dataset:<path> (a "
+        "recorded dataset replayed, charles record; its pace: realtime and pace)",
+    )
+    dataset_loop: bool = knob(
+        True,
+        "dataset source: start again from the first record at the end (false: the collector stops there)",
     )
     expert: str = knob(
         "charles.sim.gym_env:npc_expert",
@@ -134,6 +139,8 @@ class CollectorConfig:
         kind, _, arg = self.source.partition(":")
         if kind == "sim" and not arg:
             return
-        if kind in ("game", "gym") and arg:
+        if kind in ("game", "gym", "dataset") and arg:
             return
-        raise ConfigError(f"collector.source: {self.source!r} is not sim, game:<source id> or gym:<env id>")
+        raise ConfigError(
+            f"collector.source: {self.source!r} is not sim, game:<source id>, gym:<env id> or dataset:<path>"
+        )

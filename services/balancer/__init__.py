@@ -3,7 +3,8 @@
 The logic is socket-free (:class:`Balancer`); the service main wires it to ``sample.*`` in and ``set.*``
 out. Pictures (matplotlib) live in :mod:`charles.balancer.plot` and are imported only when drawn.
 
-Imports: core (its section is charles.sections.balancer) and charles.proto; no other service.
+Imports: core (its section is charles.sections.balancer; datasets are charles.dataset) and charles.proto;
+no other service. ``dataset`` is ``charles dataset info|plot``.
 """
 
 from charles.balancer.balancer import Balancer, BalancerStats, GroupStats

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, help="sim seed of this replica; default: derived from the id and sim.seed"
     )
     ap.add_argument(
-        "--source", help="sim | game:<source id> | gym:<env id> (shorthand for --set collector.source=...)"
+        "--source",
+        help="sim | game:<source id> | gym:<env id> | dataset:<path> (shorthand for --set collector.source=...)",
     )
     ap.add_argument("--realtime", action="store_true", help="pace the sim to 30 samples/s of wall time")
     args = ap.parse_args(argv)

@@ -40,7 +40,7 @@ class Sender:
     ):
         self.encoder = encoder
         self.publish = publish
-        self.queue: queue.Queue[Pending] = queue.Queue(maxsize=maxsize)
+        self.queue: queue.Queue[Pending | Sample] = queue.Queue(maxsize=maxsize)
         self.on_drop = on_drop
         self.on_sent = on_sent
         self.sent = 0
@@ -58,8 +58,9 @@ class Sender:
         """The thread still runs (it alone may touch the socket until it ends)."""
         return self._thread.is_alive()
 
-    def offer(self, p: Pending) -> bool:
-        """Queue a sample for sending; False (and counted) when the queue is full. Never blocks."""
+    def offer(self, p: Pending | Sample) -> bool:
+        """Queue a sample for sending (a Sample is sent as it is: a replayed dataset's); False (and counted)
+        when the queue is full. Never blocks."""
         try:
             self.queue.put_nowait(p)
             return True
@@ -76,10 +77,10 @@ class Sender:
                 continue
             self._send(p)
 
-    def _send(self, p: Pending) -> None:
+    def _send(self, p: Pending | Sample) -> None:
         t0 = time.perf_counter()
         try:
-            sample = self.encoder.sample(p)
+            sample = p if isinstance(p, Sample) else self.encoder.sample(p)
         except Exception as e:  # noqa: BLE001 - one bad frame must not stop the stream
             self.failed += 1
             log.warning(f"could not encode sample {p.seq}: {e}")

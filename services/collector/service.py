@@ -4,7 +4,7 @@ At start the collector acquires the run configuration from the broker (:func:`ac
 ``model`` section says what a sample must look like (resolution, stacked frames, history), the
 ``collector``, ``sim``, ``npc`` and ``unstuck`` sections how to drive. Then one loop:
 
-    # 30 Hz of game time <- source (sim/gym: as fast as the CPU allows, or the wall clock with
+    # 30 Hz of game time <- source (sim/gym/dataset: as fast as the CPU allows, or the wall clock with
     #                                collector.realtime; game: as GameFrames arrive on game.<source>)
     #                    -> sample.<id> (sender thread)
 
@@ -15,10 +15,12 @@ sender sends what is queued, and the socket lingers ``collector.linger_s`` for i
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 import prometheus_client as prom
 
 from charles import config as config_mod
@@ -58,6 +60,8 @@ def make_source(cfg: config_mod.Config, svc: Service, seed: int) -> Source:
         return sources.GameSource(
             arg, sub, svc.reject, cfg.unstuck, drop=lambda cause, n: drops.labels(cause=cause).inc(n)
         )
+    if kind == "dataset":
+        return sources.DatasetSource(arg, c.dataset_loop, svc.reject)
     if kind == "gym":
         return sources.GymSource(arg, c.expert, seed, c.gym_kwargs, c.gym_action, c.gym_action_table)
     return sources.SimSource(
@@ -174,6 +178,7 @@ class CollectorService:
         )
         self.m_flow.set(1.0)
         self.ticks = 0
+        self.replayed = 0
         self.unstucks = 0
         self.metres = 0.0
         self._due: float | None = None
@@ -225,6 +230,12 @@ class CollectorService:
                 return None
         t0 = time.perf_counter()
         cap = self.source.next(MAX_IDLE_WAIT_S)
+        if isinstance(cap, Sample):  # a recorded sample: built and encoded already, only renumbered
+            self._replay(cap)
+            return None
+        if cap is None and getattr(self.source, "finished", False):
+            self.svc.log.info(f"{self.source.name}: the end of the dataset (collector.dataset_loop is off)")
+            self.svc.stop()
         if cap is not None:
             self.ticks += 1
             if self.source.paced:
@@ -241,6 +252,23 @@ class CollectorService:
         if now >= self._next_refresh:
             self.refresh(now)
         return cap
+
+    def _replay(self, sample: Sample) -> None:
+        """A dataset's sample leaves as this collector's (its id, its seq: the balancer sees one stream
+        without gaps, a loop included); frames, labels, history and timing are the recorded ones."""
+        self.ticks += 1
+        out = msgspec.structs.replace(sample, collector=self.svc.instance, seq=self.replayed)
+        # a file has no deadline: wait for room in the send queue rather than drop (bounded all the same)
+        while self.svc.running:
+            try:
+                self.sender.queue.put(out, timeout=MAX_IDLE_WAIT_S)
+                break
+            except queue.Full:
+                continue
+        self.replayed += 1
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self.refresh(now)
 
     def _pace(self) -> None:
         """Sleep until this tick's slot on a 30 Hz x ``collector.pace`` wall-clock grid; record how late it starts."""

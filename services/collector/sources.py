@@ -16,6 +16,9 @@ the collector's :class:`~charles.drive.samples.SampleBuilder` turns into samples
   (``module:callable`` factory, called with the env, returning ``act(obs, info)``); the env's action
   layout (charles.drive.gym.action_adapter: [steering, throttle_brake], [steer, gas, brake], a discrete
   table, or a factory) turns the expert's actions into labels.
+- :class:`DatasetSource` replays a recorded dataset (charles.dataset, ``charles record``): its samples
+  are already built and encoded, so ``next`` returns Samples and the collector only renumbers them. A
+  truncated shard or a corrupt record is skipped and counted (``charles_rejects_total{reason}``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from charles.dataset import SkipCounter, samples
 from charles.drive.gym import action_adapter, load_callable, observation_parts
 from charles.drive.samples import TICK_HZ, Capture
 from charles.drive.unstuck import Phase, Unstuck, UnstuckConfig
-from charles.proto import GameFrame
+from charles.proto import GameFrame, Sample
 from charles.runtime import SeqGaps
 from charles.sim.config import WEATHERS, NpcConfig, SimConfig
 from charles.sim.session import BRAKE
@@ -366,3 +370,66 @@ class GymSource:
 
     def close(self) -> None:
         self.env.close()
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class DatasetSource:
+    """A recorded dataset as a source: its samples in recorded order, once or in a loop.
+
+    ``reject(reason, detail)`` counts each record skipped (``truncated_shard``, ``corrupt_record``,
+    ``unreadable_shard``); a dataset with no readable sample at all ends the replay rather than spin.
+    """
+
+    paced = False
+
+    def __init__(self, path: str, loop: bool = True, reject: Any = None):
+        from pathlib import Path
+
+        from charles.dataset import shards
+
+        if not shards(path):
+            raise ValueError(
+                f"collector.source dataset:{path}: no shard-*.tar there (charles record makes them)"
+            )
+        self.name = f"dataset:{Path(path).name}"
+        self.path = path
+        self.loop = loop
+        self.skipped = SkipCounter(reject)
+        self.passes = 0
+        self.replayed = 0
+        self.finished = False
+        """The end was reached and loop is off (or a pass held no sample): the collector stops."""
+        self._it = self._start()
+        self._this_pass = 0
+
+    def _start(self):
+        self.passes += 1
+        self._this_pass = 0
+        return samples(self.path, self.skipped)
+
+    def next(self, timeout_s: float = 0.0) -> Sample | None:
+        if self.finished:
+            return None
+        for _ in range(2):
+            s = next(self._it, None)
+            if s is not None:
+                self._this_pass += 1
+                self.replayed += 1
+                return s
+            if not self.loop or self._this_pass == 0:
+                break
+            self._it = self._start()
+        self.finished = True
+        return None
+
+    def info(self) -> dict:
+        return {
+            "replayed": self.replayed,
+            "passes": self.passes,
+            "skipped": sum(self.skipped.counts.values()),
+        }
+
+    def close(self) -> None:
+        pass
