@@ -140,6 +140,33 @@ def test_corrupt_frame_masks_its_sample_and_is_counted():
     assert int(batch["label_mask"].sum()) == 6
 
 
+def test_a_sample_whose_frame_does_not_decode_leaves_the_buffer_and_the_storage_even_when_reusable():
+    """With reuse (samples_per_insert > 1) a drawn sample stays for later batches; one whose frame does
+    not decode would fail every time, so it leaves the buffer and, through the observer, the storage."""
+    b = Buffers(list(OUTPUTS), BufferConfig(capacity=4, start_fraction=0.5, seed=0, samples_per_insert=4.0))
+    frame = Frame.encode(road_image(0), "jpeg", 90)
+    for name in OUTPUTS:
+        b.add_set(make_set([name], [make_sample(i, frame) for i in range(4)]))
+    removed: list[tuple[str, list[int]]] = []
+
+    class Observer:
+        def on_insert(self, buffer, entries):
+            pass
+
+        def on_remove(self, buffer, keys):
+            removed.append((buffer, list(keys)))
+
+    b.observer = Observer()
+    broken = next(iter(b.buffers["steering"]._entries.values()))
+    broken.sample.frame = Frame("jpeg", frame.shape, b"\xff\xd8\xff\xe0 a JPEG header over garbage")
+    asm = BatchAssembler(b, BatchConfig(batch_size=8, outputs=OUTPUTS))
+    asm.next_batch(timeout=1)  # every sample is drawn: the broken one among them
+    asm.close()
+    assert asm.stats()["bad_frames"] == 1
+    assert broken.key not in b.buffers["steering"]._entries and len(b.buffers["steering"]) == 3
+    assert b.stats()["buffers"]["steering"]["discarded"] == 1 and ("steering", [broken.key]) in removed
+
+
 def test_batch_must_split_equally_over_buffers():
     with pytest.raises(ValueError, match="split equally"):
         BatchAssembler(filled(), BatchConfig(batch_size=7))

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -279,6 +280,37 @@ def test_samples_drawn_again_are_counted_per_output(trainers, client_factory):
     wait_for(settled, 30, "training from the 12 samples never settled (metric, console and buffers)")
     assert sum(exported().values()) > 0
     stop(service, t)
+
+
+def test_a_frame_that_does_not_decode_is_counted_at_the_trainer_and_leaves_its_storage(
+    trainers, client_factory
+):
+    """A JPEG header over garbage validates on the wire (the header is all a receiver checks before decoding):
+    the trainer is the first to decode it. It is counted there as undecodable_frame, and the sample leaves
+    the buffers and the storage, so no later batch draws it again."""
+    from charles.proto import Frame
+
+    service, t = trainers(buffer={"capacity": 32, "start_fraction": 0.25, "samples_per_insert": 4.0})
+    pub = connected_publisher(client_factory, service)
+    good = sets(0, 8)
+    forged = make_sample(
+        100, Frame("jpeg", FRAMES[0].shape, b"\xff\xd8\xff\xe0" + bytes(64)), collector="sim-1"
+    )
+    for s in good:
+        s.samples.append(forged)
+        assert pub.send(f"set.{s.outputs[0]}", s)
+    reg = service.svc.metrics.registry
+    wait_for(
+        lambda: counter_value(reg, "charles_rejects_total", {"reason": "undecodable_frame"}) == 2,
+        30,
+        "the undecodable frames were not counted (one per buffer)",
+    )
+    discarded = {n: b["discarded"] for n, b in service.buffers.stats()["buffers"].items()}
+    assert discarded == {"steering": 1, "throttle_brake": 1}
+    stop(service, t)
+    with sqlite3.connect(service.run_dir.path / "storage" / "buffers.sqlite3") as db:
+        seqs = [row[0] for row in db.execute("SELECT record FROM samples")]
+    assert seqs and not any(b"\xff\xd8\xff\xe0" + bytes(64) in bytes(r) for r in seqs)
 
 
 def stored(path, start: int = 0, n: int = 40) -> None:

@@ -260,6 +260,10 @@ class BatchAssembler:
             pixels, failed = self._decode_cpu(frames, size)
         b = len(entries)
         bad = {i if i < b else (i - b) // cfg.stack_len for i in failed}
+        # a sample whose frame (or stack) does not decode is masked here and leaves the buffers and the
+        # storage: it would fail every time it is drawn. The service counts it (undecodable_frame).
+        for i in bad:
+            self.buffers.discard(names[buffer_idx[i]], [entries[i].key])
         batch = self._collate(entries, bad)
         batch["buffer"] = torch.tensor(buffer_idx, dtype=torch.int64)
         batch["frame"] = pixels[:b]

@@ -135,6 +135,8 @@ class SampleBuffer:
         self.evicted_bytes = 0
         """Evicted to stay within max_bytes (``evicted`` counts those over capacity)."""
         self.consumed = 0
+        self.discarded = 0
+        """Taken out because their frame did not decode (``Buffers.discard``)."""
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -216,6 +218,7 @@ class SampleBuffer:
             "evicted": self.evicted,
             "evicted_bytes": self.evicted_bytes,
             "consumed": self.consumed,
+            "discarded": self.discarded,
         }
 
 
@@ -378,6 +381,20 @@ class Buffers:
             if removed and self.observer is not None:
                 self.observer.on_remove(name, removed)
         return out
+
+    def discard(self, name: str, keys: Iterable[int]) -> int:
+        """Take these entries out of buffer ``name`` (and the storage, through the observer): a sample whose
+        frame turned out not to decode must not be drawn again. Keys no longer there (used up, evicted) are
+        skipped; returns how many were removed."""
+        with self._lock:
+            buf = self.buffers[name]
+            removed = [k for k in keys if k in buf._entries]
+            for k in removed:
+                buf._remove(k)
+            buf.discarded += len(removed)
+            if removed and self.observer is not None:
+                self.observer.on_remove(name, removed)
+            return len(removed)
 
     def close(self) -> None:
         """Wake every waiting drawer (shutdown); later waits return None at once."""

@@ -44,7 +44,7 @@ from charles.trainer.buffers import buffer_names
 from charles.trainer.checkpoint import clean_temp, prune
 from charles.trainer.console import TerminalConsole, heartbeat_info
 from charles.trainer.receiver import Receiver
-from charles.trainer.reporting import Report, TensorBoardLog, TrainerMetrics
+from charles.trainer.reporting import Deltas, Report, TensorBoardLog, TrainerMetrics
 from charles.trainer.resume import resume
 from charles.trainer.runs import RunDir
 from charles.trainer.storage import open_buffers
@@ -154,6 +154,7 @@ class TrainerService:
         self.last_step_t = 0.0
         self.tb = TensorBoardLog.open(run.tb, self.trainer.batch, self.log) if self.main else None
         self.assembler: BatchAssembler | None = None
+        self._bad_frames = Deltas()
         self.prefetcher: Prefetcher | None = None
         self._console_stop = threading.Event()
         self._console_thread = threading.Thread(target=self._console_loop, name="console", daemon=True)
@@ -329,6 +330,14 @@ class TrainerService:
             starved_s=stats["starved_s"],
             storage_dropped=self.storage.dropped if self.storage is not None else None,
         )
+        # frames that did not decode at batch time: bad input, counted
+        bad = self.assembler.stats()["bad_frames"] if self.assembler is not None else 0
+        if grew := self._bad_frames.step("bad", bad):
+            self.svc.reject(
+                "undecodable_frame",
+                f"{grew} sample(s) whose frame does not decode, masked and taken out of the buffers",
+                n=grew,
+            )
         rates = self.report.rates
         cap = self.tcfg.buffer.capacity
         buffers = {n: {"fill": s["size"], "capacity": cap} for n, s in stats["buffers"].items()}
