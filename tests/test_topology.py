@@ -434,3 +434,41 @@ def test_run_configuration_loads():
 
     cfg = config.load(ROOT / "deploy" / "charles.yaml", environ={})
     assert cfg.run == "charles"
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_every_overlay_lets_only_this_namespace_reach_the_plain_bus(rendered, overlay):
+    """The plain bus has no authentication: in every overlay a NetworkPolicy on the broker lets only pods of
+    its own namespace reach the plain ports, while the CURVE ports and /metrics stay open; the secure overlay
+    moreover turns the plain endpoints off (CHARLES__BROKER__PLAIN=false)."""
+    ports = registry().ports
+    plain = {p for n, p in ports.items() if not n.startswith("secure_")}
+    secure = {p for n, p in ports.items() if n.startswith("secure_")}
+    docs = rendered[overlay]
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "broker"
+    ]
+    assert len(policies) == 1, f"{overlay}: {len(policies)} NetworkPolicies on the broker"
+    spec = policies[0]["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    open_to_all: set[int] = set()
+    namespace_only: set[int] = set()
+    for rule in spec["ingress"]:
+        rule_ports = {p["port"] for p in rule.get("ports", [])}
+        assert rule_ports, f"{overlay}: an ingress rule without ports opens every port"
+        sources = rule.get("from")
+        if not sources:
+            open_to_all |= rule_ports
+        else:
+            # a bare podSelector (no namespaceSelector, no ipBlock) is "pods of this namespace"
+            assert all(set(s) == {"podSelector"} for s in sources), (overlay, sources)
+            namespace_only |= rule_ports
+    assert plain <= namespace_only and not plain & open_to_all, (overlay, sorted(open_to_all))
+    assert secure <= open_to_all, f"{overlay}: the CURVE ports are not reachable from outside"
+    if overlay == "secure":
+        broker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "broker")
+        env = {e["name"]: e.get("value") for e in broker["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("CHARLES__BROKER__PLAIN") == "false" and env.get("CHARLES__BROKER__SECURE") == "true"
