@@ -41,6 +41,25 @@ class LossHistory:
         return pts
 
 
+def score_state(score: Any) -> dict[str, Any]:
+    """The judge's newest score of this run as console state (``score``), or nothing before the first."""
+    if score is None:
+        return {}
+    f, ref = score.figures, score.reference
+    return {
+        "score": {
+            "batch": score.batch,
+            "km_between_unstucks": round(f.km_between_unstucks, 4),
+            "on_road_fraction": round(f.on_road_fraction, 4),
+            "collisions_per_km": round(f.collisions_per_km, 3),
+            "mean_speed_kmh": round(f.mean_speed_kmh, 2),
+            "npc_km_between_unstucks": round(ref.km_between_unstucks, 4) if ref is not None else None,
+            "towns": len(score.seeds),
+            "minutes": score.minutes,
+        }
+    }
+
+
 def heartbeat_info(state: dict[str, Any]) -> dict[str, Any]:
     """The scalars the launcher console shows: status, batch, loss, fill, sps, published."""
     buffers = state.get("buffers") or {}
@@ -126,6 +145,16 @@ def render_lines(state: dict[str, Any], width: int = 80, now: float | None = Non
     )
     ck = state.get("checkpoint_batch")
     out.append(f"checkpoint  {'none yet' if ck is None else f'batch {ck:,}'}"[:w])
+    sc = state.get("score")
+    if isinstance(sc, dict):
+        npc = sc.get("npc_km_between_unstucks")
+        out.append(
+            (
+                f"driving  {sc.get('km_between_unstucks', 0.0):.3f} km between Unstucks, "
+                f"{100 * sc.get('on_road_fraction', 0.0):.0f}% on the road at batch {sc.get('batch', 0):,}"
+                + (f" (NPC {npc:.3f})" if isinstance(npc, float) else "")
+            )[:w]
+        )
     return out
 
 
