@@ -47,8 +47,12 @@ JUDGE_START_S = 300.0
 # ---- the training process ---------------------------------------------------------------------------------
 
 
-def worker(bus_ports: dict[str, int], seconds: float, threads: int) -> None:
-    """Train the demo's model on one assembled batch for ``seconds``; print each step's end (Unix time)."""
+def worker(bus_ports: dict[str, int], seconds: float, threads: int, version: int) -> None:
+    """Train the demo's model on one assembled batch for ``seconds``; print each step's end (Unix time).
+
+    Each phase's training publishes as a version of its own (``<line>_v<version>``): its batches count
+    from 1 again, and the broker still holds the previous phase's newest weights, which a judge would keep
+    as newer (older_batch) and never judge again."""
     import torch
 
     torch.set_num_threads(threads)
@@ -93,7 +97,7 @@ def worker(bus_ports: dict[str, int], seconds: float, threads: int) -> None:
         times.append(time.time())
         if n % PUBLISH_EVERY == 1:
             payload = save_weights(trainer.model, mcfg)
-            w = Weights(mcfg.name, f"{mcfg.name}_v1", n, mcfg.to_dict(), payload, created=time.time())
+            w = Weights(mcfg.name, f"{mcfg.name}_v{version}", n, mcfg.to_dict(), payload, created=time.time())
             pub.send(f"weights.{mcfg.name}", w)
     svc.close()
     print(json.dumps({"times": times}), flush=True)
@@ -127,7 +131,9 @@ def _rate(times: list[float], since: float) -> tuple[float, int]:
     return (len(inside) - 1) / (inside[-1] - inside[0]), len(inside)
 
 
-def phase(name: str, env: dict, seconds: float, threads: int, nice: int | None, tmp: Path) -> dict:
+def phase(
+    name: str, env: dict, seconds: float, threads: int, nice: int | None, tmp: Path, version: int
+) -> dict:
     """One phase: the training process alone for ``seconds`` (after 5 s of warm-up), or with the judge
     (``nice``) for ``seconds`` from the judge's first finished judging on (its start is not measured)."""
     judge = None
@@ -149,7 +155,7 @@ def phase(name: str, env: dict, seconds: float, threads: int, nice: int | None, 
     started = time.time()
     train = subprocess.Popen(
         [sys.executable, __file__, "--worker", "--bus", env["CHARLES__BUS__PORTS"], "--seconds", "3600",
-         "--trainer-threads", str(threads)],
+         "--trainer-threads", str(threads), "--version", str(version)],
         env=env, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     since = started + 5.0  # past the first steps' warm-up
@@ -203,9 +209,10 @@ def main() -> int:
     ap.add_argument("--unniced", action="store_true", help="also a phase with the judge at nice 0")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bus", help=argparse.SUPPRESS)
+    ap.add_argument("--version", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(json.loads(args.bus), args.seconds, args.trainer_threads)
+        worker(json.loads(args.bus), args.seconds, args.trainer_threads, args.version)
         return 0
     seconds = args.seconds if args.seconds is not None else (10.0 if args.quick else 90.0)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
@@ -243,9 +250,11 @@ def main() -> int:
             f"logs in {tmp}",
             flush=True,
         )
+        version = 0
         for _ in range(rounds):
             for name, nice in plan:
-                per_round[name].append(phase(name, env, seconds, args.trainer_threads, nice, tmp))
+                version += 1
+                per_round[name].append(phase(name, env, seconds, args.trainer_threads, nice, tmp, version))
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.wait(30)

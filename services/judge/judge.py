@@ -24,6 +24,7 @@ from charles.model.weights import WeightsError, check_state_dict, read_weights
 from charles.proto import Score, ScoreFigures, Weights
 from charles.proto.wire import MAX_SCORE_POINTS
 from charles.sections.judge import JudgeConfig
+from charles.thinned import Thinned
 
 FIGURES = ("km", "km_between_unstucks", "on_road_fraction", "collisions_per_km", "mean_speed_kmh", "unstucks")
 """What a score says of each driver (charles.evaluate.pool's names)."""
@@ -45,32 +46,15 @@ class Candidate:
     """time.monotonic() when they arrived."""
 
 
-class Curve:
-    """A version's score points, bounded: past ``max_points`` every other point is dropped and later points
-    are kept half as often, so a long run stays in view at a fixed size (as the trainer's loss history)."""
+class Curve(Thinned[tuple[int, float, float, float]]):
+    """A version's score points ``(batch, judged, km_between_unstucks, on_road_fraction)``, bounded
+    (charles.thinned: a long run stays in view at a fixed size, as the trainer's loss history)."""
 
     def __init__(self, max_points: int = 200):
-        self.max_points = max(4, min(max_points, MAX_SCORE_POINTS - 1))
-        self.points: list[tuple[int, float, float, float]] = []
-        self.stride = 1
-        self._n = 0
-        self._last: tuple[int, float, float, float] | None = None
+        super().__init__(min(max_points, MAX_SCORE_POINTS - 1))
 
-    def add(self, batch: int, judged: float, km_between_unstucks: float, on_road_fraction: float) -> None:
-        self._last = (int(batch), float(judged), float(km_between_unstucks), float(on_road_fraction))
-        if self._n % self.stride == 0:
-            self.points.append(self._last)
-            if len(self.points) > self.max_points:
-                self.points = self.points[::2]
-                self.stride *= 2
-        self._n += 1
-
-    def snapshot(self) -> list[tuple[int, float, float, float]]:
-        """The kept points plus the newest one (the curve always ends at the newest judging)."""
-        pts = list(self.points)
-        if self._last is not None and (not pts or pts[-1] is not self._last):
-            pts.append(self._last)
-        return pts
+    def add(self, batch: int, judged: float, km_between_unstucks: float, on_road_fraction: float) -> None:  # type: ignore[override]
+        super().add((int(batch), float(judged), float(km_between_unstucks), float(on_road_fraction)))
 
 
 @dataclass

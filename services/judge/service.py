@@ -161,9 +161,8 @@ class TensorBoard:
 class JudgeService:
     """The loop: ``# 2 Hz: judge when due -> score.<run>, console.<instance>`` (see the module docstring).
 
-    ``drive(policy, stop) -> dict`` drives a policy (``"npc"`` or a Candidate) on the judge's towns and
-    returns charles.evaluate.pool's figures; the default is charles.evaluate.drive_towns with the run's
-    sim, NPC, Unstuck and codec. Tests inject ``sub``.
+    ``cfg`` is the run configuration (its ``judge`` section, and the ``sim``, ``npc``, ``unstuck`` and
+    collector codec every judging drives with); tests may inject the weights ``sub`` and the ``judge``.
     """
 
     def __init__(
@@ -192,7 +191,8 @@ class JudgeService:
         self._judging: Candidate | None = None
         self._next_console = 0.0
         self._ref_started = False
-        self._feed = threading.Thread(target=self._feed_run, name="weights", daemon=True)
+        # vital: without it no weights arrive, and /healthz and the heartbeat say degraded
+        self._feed = svc.vital(threading.Thread(target=self._feed_run, name="weights", daemon=True))
         self.subscribed = threading.Event()
 
     # -- the feed thread ---------------------------------------------------------------------------------

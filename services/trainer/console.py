@@ -12,33 +12,15 @@ import sys
 import time
 from typing import Any, TextIO
 
+from charles.thinned import Thinned
 
-class LossHistory:
-    """[[batch, loss], ...] for the loss plot, bounded: past ``max_points`` every other point is dropped and
-    later points are sampled half as often, so the whole run stays in view at a fixed size."""
 
-    def __init__(self, max_points: int = 500):
-        self.max_points = max(4, max_points)
-        self.points: list[list[float]] = []
-        self.stride = 1
-        self._n = 0
-        self._last: list[float] | None = None
+class LossHistory(Thinned[list[float]]):
+    """[[batch, loss], ...] for the loss plot, bounded (charles.thinned: the whole run stays in view at a
+    fixed size)."""
 
-    def add(self, batch: int, loss: float) -> None:
-        self._last = [batch, round(float(loss), 6)]
-        if self._n % self.stride == 0:
-            self.points.append(self._last)
-            if len(self.points) > self.max_points:
-                self.points = self.points[::2]
-                self.stride *= 2
-        self._n += 1
-
-    def snapshot(self) -> list[list[float]]:
-        """The kept points plus the newest one (the plot always ends at the current batch)."""
-        pts = list(self.points)
-        if self._last is not None and (not pts or pts[-1] is not self._last):
-            pts.append(self._last)
-        return pts
+    def add(self, batch: int, loss: float) -> None:  # type: ignore[override]
+        super().add([batch, round(float(loss), 6)])
 
 
 def score_state(score: Any) -> dict[str, Any]:
