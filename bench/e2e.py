@@ -6,13 +6,18 @@
 1. ``charles up`` (the launcher) with ``--random-ports``, a fresh temporary run directory and the CPU demo
    configuration (``deploy/demo.yaml``; ``--set section.field=value`` and ``--[no-]dagger`` go on top, into a
    copy in the temporary directory): a broker, K sim collectors (seeds 1..K), the balancer, the trainer,
-   the player (seed 1000). No viewer: nobody watches, and its core share goes to training.
+   the player (seed 1000) and the judge (the live driving score, niced). No viewer: nobody watches, and its
+   core share goes to training.
 2. While it trains, the bench listens on the bus like any other subscriber (heartbeats, the trainer's
-   console) and prints a progress line every ~30 s: batches, loss, buffer fill, samples in and out.
-   ``first_weights_s`` is the time from the launcher's start to the first heartbeat in which the player
-   drives *trained* weights (``model_batch`` > 0).
-3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches`` or
-   the player drives no trained weights yet: smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
+   console, the judge's scores) and prints a progress line every ~30 s: batches, loss, buffer fill, samples
+   in and out, the newest driving score. ``first_weights_s`` is the time from the launcher's start to the
+   first heartbeat in which the player drives *trained* weights (``model_batch`` > 0). ``score_curve`` is
+   every score the judge published for the trainer's run while it trained: ``batch``, ``minutes`` (since
+   the launcher started), ``km_between_unstucks`` and ``on_road_fraction`` on the judge's towns
+   (``judge.seeds``, ``judge.minutes`` each; ``judge_reference`` the NPC's there); ``--no-judge`` runs
+   without it.
+3. After ``--minutes`` (longer, up to 4x, while the trainer has trained fewer than ``--until-batches``, the
+   player drives no trained weights yet or the judge has published no score: smoke runs on a busy box) the launcher is stopped (SIGINT: the trainer writes its final checkpoint) and the
    newest checkpoint's weights (``charles.trainer.runs.newest_weights``) are evaluated with ``charles eval``
    on held-out towns (``--eval-seeds``, 9001-9003 by default: towns no collector and no player drove),
    ``--eval-minutes`` of game time per seed, against the NPC (noise off) and the random policy on the
@@ -67,6 +72,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from charles.evaluate import pool  # noqa: E402
+
 from _common import report  # noqa: E402
 
 DEMO = ROOT / "deploy" / "demo.yaml"
@@ -119,9 +126,15 @@ class Watcher:
 
         cfg = config.load(data={"bus": {"host": "127.0.0.1", "ports": bus_ports}}, environ={})
         self.svc = Service("e2e", cfg, instance="e2e-bench", http=False, signals=False)
-        # the trainer's console carries samples trained and per-output losses (its heartbeat only scalars)
-        self.sub = self.svc.subscriber(["heartbeat.", "console.trainer"], late_join=False)
+        # the trainer's console carries samples trained and per-output losses (its heartbeat only scalars);
+        # the judge's scores (score.<run>) are the driving-score curve
+        self.sub = self.svc.subscriber(["heartbeat.", "console.trainer", "score."], late_join=False)
         self.t0 = t0
+        self.wall0 = time.time() - (time.monotonic() - t0)
+        """The launcher's start as Unix time: a score point's ``minutes`` count from it."""
+        self.scores: dict[str, dict[int, dict[str, Any]]] = {}
+        """run -> batch -> score point, every one heard (a score carries its version's curve so far)."""
+        self.reference: dict[str, Any] | None = None
         self.beats: dict[str, Any] = {}
         self.trainer: dict[str, Any] = {}
         self.first_weights_s: float | None = None
@@ -146,8 +159,36 @@ class Watcher:
                     if isinstance(batch, int) and batch > 0:
                         self.first_weights_s = time.monotonic() - self.t0
                         self.first_batch = batch
+            elif env.topic.startswith("score."):
+                self.on_score(msg)
             elif getattr(msg, "service", "") == "trainer":
                 self.trainer = dict(msg.state)
+
+    def on_score(self, s: Any) -> None:
+        points = self.scores.setdefault(s.run, {})
+        for batch, judged, kmbu, on_road in s.curve:  # the curve so far: a score missed on the way is in it
+            points[int(batch)] = {
+                "batch": int(batch),
+                "minutes": round((judged - self.wall0) / 60, 2),
+                "km_between_unstucks": round(kmbu, 4),
+                "on_road_fraction": round(on_road, 4),
+            }
+        if s.reference is not None:
+            ref = s.reference
+            self.reference = {
+                "km_between_unstucks": round(ref.km_between_unstucks, 4),
+                "on_road_fraction": round(ref.on_road_fraction, 4),
+                "collisions_per_km": round(ref.collisions_per_km, 3),
+                "mean_speed_kmh": round(ref.mean_speed_kmh, 2),
+                "seeds": list(s.seeds),
+                "minutes_per_seed": s.minutes,
+            }
+
+    def score_curve(self, run: str | None = None) -> list[dict[str, Any]]:
+        """The trainer's run's points, oldest first (the run with most points when it is not known)."""
+        if run is None or run not in self.scores:
+            run = max(self.scores, key=lambda r: len(self.scores[r]), default=None)
+        return [p for _, p in sorted(self.scores.get(run, {}).items())] if run else []
 
     def of(self, service: str) -> list[dict]:
         return [hb.info for hb in self.beats.values() if hb.service == service]
@@ -183,6 +224,13 @@ class Watcher:
         loss = tr.get("loss") or {}
         losses = " ".join(f"{k[:5]} {v:.4f}" for k, v in loss.items())
         first = f"{self.first_weights_s:.0f}s" if self.first_weights_s is not None else "not yet"
+        curve = self.score_curve(tr.get("run"))
+        score = (
+            f"  score {curve[-1]['km_between_unstucks']:.3f} km/unstuck, {curve[-1]['on_road_fraction']:.0%} on road"
+            f" (batch {curve[-1]['batch']})"
+            if curve
+            else ""
+        )
         return (
             f"[{time.monotonic() - self.t0:5.0f}s] {tr.get('status', 'starting')}: batch {c['batches']}"
             f" ({tr.get('batches_per_s', 0):.2f}/s, data wait {tr.get('data_wait', 0):.0%})  loss {losses or '-'}"
@@ -197,6 +245,7 @@ class Watcher:
                 else ""
             )
             + f"  player batch {c['player_batch']} (first trained weights: {first})"
+            + score
         )
 
     def close(self) -> None:
@@ -244,25 +293,6 @@ def eval_one(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def pooled(results: list[dict]) -> dict:
-    """One policy's figures over all seeds (see the module docstring)."""
-    km = sum(r["km"] for r in results)
-    unstucks = sum(r["unstucks"] for r in results)
-    collisions = sum(r["collisions"] for r in results)
-    hours = sum(r["km"] / r["mean_speed_kmh"] for r in results if r["mean_speed_kmh"] > 0)
-    return {
-        "km": round(km, 3),
-        "km_between_unstucks": round(km / max(1, unstucks), 4),
-        "on_road_fraction": round(sum(r["on_road_fraction"] for r in results) / len(results), 4),
-        "collisions_per_km": round(collisions / max(km, 0.1), 3),
-        "mean_speed_kmh": round(km / hours, 2) if hours > 0 else 0.0,
-        "unstucks": unstucks,
-        "collisions": collisions,
-        "targets_reached": sum(r.get("targets_reached", 0) for r in results),
-        "per_seed_km_between_unstucks": [round(r["km_between_unstucks"], 3) for r in results],
-    }
-
-
 def pooled_returns(results: list[dict]) -> dict:
     """One policy's episode returns over the seeds (one episode each) of a Gymnasium env."""
     returns = [r["episode_return"] for r in results]
@@ -291,14 +321,14 @@ def evaluate(
     if weights is not None:
         policies["player"] = f"weights:{weights}"
     work = [(name, pol, s) for name, pol in policies.items() for s in seeds]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as executor:
         done = list(
-            pool.map(
+            executor.map(
                 lambda w: (w[0], w[2], eval_one(w[1], w[2], minutes, config, env_id, look_of[w[2]])), work
             )
         )
     out: dict[str, Any] = {"player": None}
-    pool_of = pooled_returns if env_id else pooled
+    pool_of = pooled_returns if env_id else pool
     for name in policies:
         out[name] = pool_of([r for n, _, r in done if n == name])
         if len(set(look_of.values())) > 1 and not env_id:
@@ -361,6 +391,12 @@ def main() -> int:
         help="train past --minutes until the trainer has trained this many batches and the player drives "
         "trained weights, at most 4x --minutes (smoke runs on a slow or busy box: the trainer's and the "
         "player's start alone may take most of a short run)",
+    )
+    ap.add_argument(
+        "--judge",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the judge (the live driving score: score_curve); default: on for the sim, off for a gym env",
     )
     ap.add_argument("--config", default=str(DEMO), help="base run configuration (default deploy/demo.yaml)")
     ap.add_argument(
@@ -465,6 +501,7 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
     source = str(run_data.get("collector", {}).get("source", "sim"))
     env_id = source.partition(":")[2] if source.startswith("gym:") else None
     dagger = bool(run_data.get("player", {}).get("dagger", False)) and env_id is None
+    judge = (env_id is None) if args.judge is None else args.judge  # the judge drives the sim's towns
     cfg_path.write_text(yaml.safe_dump(run_data, sort_keys=False))
     runs, logs = tmp / "runs", tmp / "logs"
     print(
@@ -493,6 +530,7 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
             "--plain",
             "--no-viewer",
             *(["--no-player"] if env_id else []),  # the player drives the sim, not the env
+            *([] if judge else ["--no-judge"]),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -517,8 +555,10 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
             weights driven by it (a player's start takes a minute on a busy box)."""
             if not args.until_batches:
                 return False
-            return watcher.counts()["batches"] < args.until_batches or (
-                env_id is None and watcher.first_weights_s is None
+            return (
+                watcher.counts()["batches"] < args.until_batches
+                or (env_id is None and watcher.first_weights_s is None)
+                or (judge and not watcher.score_curve())
             )
 
         while (now := time.monotonic()) < deadline or (now < cap and short()):
@@ -583,6 +623,8 @@ def one_run(args: argparse.Namespace, minutes: float, eval_minutes: float, seeds
         "random": rnd,
         "player_vs_npc": ratio(player, npc, key, 3),
         "player_vs_random": ratio(player, rnd, key, 1),
+        "score_curve": watcher.score_curve(run.name if run is not None else None) if judge else None,
+        "judge_reference": watcher.reference if judge else None,
         "env": env_id,
         "quick": args.quick,
         "config": str(args.config),

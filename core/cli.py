@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trainer": ("charles.trainer.__main__", "buffers, training, checkpoints, weights for players"),
     "player": ("charles.player.__main__", "drive with the newest weights; Convcam and console"),
     "viewer": ("charles.viewer.__main__", "the stream layout as a web page"),
+    "judge": ("charles.judge.__main__", "drive the newest weights on held-out towns: the live driving score"),
     "clip": (
         "charles.viewer.clip",
         "the player's cinematic camera to MP4, or highlights: before each Unstuck, swap",

@@ -1,7 +1,7 @@
 """``charles up`` / ``make run``: every service as a process on loopback, one live console, clean Ctrl-C.
 
 The same topology as docker-compose.yml and k8s/ (all read proto/registry.yaml): a broker, N sim
-collectors, the balancer, the trainer, the player and the viewer. The process table below is a flat,
+collectors, the balancer, the trainer, the player, the viewer and the judge. The process table below is a flat,
 declarative list; a service whose package is not built yet is skipped with a note. A child that dies is
 restarted with a back-off (like compose's ``restart: unless-stopped``), and counted.
 """
@@ -82,6 +82,9 @@ def plan(args: argparse.Namespace, built: Callable[[str], bool] | None = None) -
         procs.append(Proc("player", "player", ["--preset", args.preset, "--seed", str(args.seed + 1000)]))
     if not args.no_viewer:
         procs.append(Proc("viewer", "viewer"))
+    if not getattr(args, "no_judge", False):
+        # the live driving score (niced by its own judge.nice): the trainer's line on held-out towns
+        procs.append(Proc("judge", "judge", ["--preset", args.preset]))
     return [p for p in procs if built(p.service)]
 
 
@@ -287,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", default="runs/logs", help="one log file per process (default: runs/logs/)")
     ap.add_argument("--no-player", action="store_true", help="do not start the player")
     ap.add_argument("--no-viewer", action="store_true", help="do not start the viewer")
+    ap.add_argument("--no-judge", action="store_true", help="do not start the judge (the live driving score)")
     ap.add_argument(
         "--random-ports", action="store_true", help="pick free ports instead of the registry's (tests)"
     )

@@ -23,6 +23,7 @@ SHOW = {
     "trainer": ["status", "batch", "loss", "fill", "sps", "demand", "published"],
     "player": ["model_batch", "pps", "fps", "swaps", "unstucks"],
     "viewer": ["clients"],
+    "judge": ["status", "batch", "km_between_unstucks", "on_road_fraction", "judgings"],
 }
 _COLOURS = {
     "ok": "\033[32m",

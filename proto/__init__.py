@@ -16,6 +16,8 @@ from charles.proto.messages import (
     Heartbeat,
     Sample,
     SampleSet,
+    Score,
+    ScoreFigures,
     Weights,
 )
 from charles.proto.registry import registry
@@ -37,6 +39,8 @@ __all__ = [
     "ProtocolError",
     "Sample",
     "SampleSet",
+    "Score",
+    "ScoreFigures",
     "Weights",
     "decode",
     "encode",

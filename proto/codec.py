@@ -34,6 +34,7 @@ from charles.proto.messages import (
     Heartbeat,
     Sample,
     SampleSet,
+    Score,
     Weights,
 )
 from charles.proto.registry import registry
@@ -318,6 +319,11 @@ def _camera_in(b: wire.CameraBody, blobs: Sequence) -> Camera:
     return Camera(b.seq, b.captured, {k: _frame_in(v, blobs) for k, v in b.images.items()}, _none(b.tick))
 
 
+def _as_is(msg: Any, blobs: Any) -> Any:
+    """A message that is its wire body (a Score): nothing to convert either way."""
+    return msg
+
+
 def _heartbeat_out(h: Heartbeat, blobs: _Blobs) -> wire.HeartbeatBody:
     return wire.HeartbeatBody(
         service=h.service, instance=h.instance, state=h.state, uptime=h.uptime, info=h.info
@@ -353,12 +359,13 @@ _CODECS: dict[str, tuple[type, Callable, Callable | None]] = {
     "action": (Action, _action_out, _action_in),
     "console": (Console, _console_out, _console_in),
     "camera": (Camera, _camera_out, _camera_in),
+    "score": (Score, _as_is, _as_is),
     "heartbeat": (Heartbeat, _heartbeat_out, _heartbeat_in),
     "config_request": (ConfigRequest, _config_request_out, _config_request_in),
     "config_reply": (ConfigReply, _config_reply_out, _config_reply_in),
 }
 _KIND_OF = {cls: kind for kind, (cls, _, _) in _CODECS.items() if kind != "config"}
-_DECODE_AS = {"sample": Sample, "sample_set": _SampleSetIn}
+_DECODE_AS = {"sample": Sample, "sample_set": _SampleSetIn, "score": Score}
 """Kinds whose bodies decode into other structs with the same wire fields than the ones they are sent as."""
 
 

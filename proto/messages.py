@@ -167,6 +167,26 @@ class Camera(Struct):
     """The game tick both pictures belong to, when the game source tags its frames (GameFrame.tick)."""
 
 
+class Score(wire.ScoreBody, gc=False, kw_only=True):
+    """A version's driving score on held-out sim towns (judge -> viewer, trainer console, benches).
+
+    - ``model`` the line, ``run`` the version (``line_vN``), ``version`` the weights topic's version
+      suffix where the trainer publishes one (``weights.<line>.<version>``), else empty; ``batch`` and
+      ``created``: which weights were judged.
+    - ``seeds``: the towns, ``minutes``: game minutes driven in each with Unstuck active; ``figures``
+      pooled over them (charles.evaluate.pool), ``reference`` the NPC's on the same towns (None when the
+      judge does not drive it), ``wall_s`` what the judging took.
+    - ``curve``: the version's points so far, oldest first, ``(batch, judged unix time,
+      km_between_unstucks, on_road_fraction)``: the broker keeps the newest score per run, so a late
+      joiner has the whole curve at once.
+
+    It is the wire's ``ScoreBody`` itself (no blobs): the decoder makes it in one call.
+    """
+
+
+ScoreFigures = wire.ScoreFigures
+
+
 class Heartbeat(Struct):
     service: str
     """Service name (broker, collector, ...)."""

@@ -18,6 +18,7 @@ KINDS = (
     "action",
     "console",
     "camera",
+    "score",
     "heartbeat",
 )
 """Message kinds on the bus, plus the request/reply kinds of the broker's control port."""

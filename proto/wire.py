@@ -192,6 +192,45 @@ class CameraBody(Struct, gc=False, kw_only=True):
     tick: Count | UnsetType = UNSET
 
 
+Km = _num(0.0, 1e7, "km")
+MAX_SCORE_POINTS = 1024
+"""Points of a score's curve in one message (the judge keeps ``judge.history`` of them, thinned)."""
+
+
+class ScoreFigures(Struct, gc=False, kw_only=True):
+    """How one driver drove on the judge's towns, pooled over them (charles.evaluate.pool)."""
+
+    km: Km
+    km_between_unstucks: Km
+    on_road_fraction: _num(0.0, 1.0)
+    collisions_per_km: _num(0.0, 1e9)
+    mean_speed_kmh: _num(0.0, 1e4)
+    unstucks: Count
+
+
+ScorePoint = tuple[
+    Count,
+    _num(0.0, about="Unix time judged"),
+    Km,
+    _num(0.0, 1.0),
+]
+"""One point of a version's curve: batch, when it was judged, km between Unstucks, on-road fraction."""
+
+
+class ScoreBody(Struct, gc=False, kw_only=True, omit_defaults=True):
+    model: Name
+    run: Name
+    version: Name = ""
+    batch: Count
+    created: _num(0.0, about="Unix time the weights were taken")
+    seeds: Annotated[list[Annotated[int, Meta(ge=0, le=2**31)]], Meta(max_length=64)]
+    minutes: _num(0.0, 1e4, "game minutes driven per seed")
+    figures: ScoreFigures
+    reference: ScoreFigures | None = None
+    wall_s: _num(0.0, about="s the judging took")
+    curve: Annotated[list[ScorePoint], Meta(max_length=MAX_SCORE_POINTS)] = []
+
+
 class HeartbeatBody(Struct, gc=False, kw_only=True, omit_defaults=True):
     service: Name
     instance: Name
@@ -209,6 +248,7 @@ BODIES: dict[str, type[Struct]] = {
     "action": ActionBody,
     "console": ConsoleBody,
     "camera": CameraBody,
+    "score": ScoreBody,
     "heartbeat": HeartbeatBody,
     "config_request": ConfigRequestBody,
     "config_reply": ConfigReplyBody,

@@ -133,10 +133,14 @@ def evaluate(
     npc: NpcConfig | None = None,
     unstuck: UnstuckConfig | None = None,
     history_len: int = 60,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Drive ``minutes`` of game time with ``policy`` and Unstuck; the metrics of the module docstring."""
+    """Drive ``minutes`` of game time with ``policy`` and Unstuck; the metrics of the module docstring.
+
+    ``should_stop`` is asked once a game second (and while the town is built): True ends the drive there,
+    and the result says ``stopped`` (its figures cover the ticks driven)."""
     sim = sim or SimConfig()
-    world = SimWorld(replace(sim, seed=seed))
+    world = SimWorld(replace(sim, seed=seed), should_stop=should_stop)
     pol = make_policy(policy, seed, npc)
     if hasattr(pol, "bind"):
         pol.bind(world)
@@ -148,7 +152,11 @@ def evaluate(
     driving = on_road = collisions = 0
     metres = 0.0
     t0 = time.perf_counter()
-    for _ in range(ticks):
+    stopped = False
+    for tick_no in range(ticks):
+        if should_stop is not None and tick_no % 30 == 0 and should_stop():
+            stopped = True
+            break
         obs = session.observe(frame=needs_frame)
         action = pol(obs.frame, obs.speed, obs.purpose, obs.history) if obs.driving else (0.0, -1.0)
         tick = session.step(action)
@@ -175,6 +183,7 @@ def evaluate(
         "water_entries": world.water_entries,
         "targets_reached": world.targets_reached,
         "wall_s": time.perf_counter() - t0,
+        **({"stopped": True} if stopped else {}),
     }
 
 

@@ -1,7 +1,7 @@
 """The import rule, read from the real imports (every ``import`` and ``from`` statement, in functions too,
 and ``importlib.import_module`` of a literal name):
 
-- no service package (broker, collector, balancer, trainer, player, viewer) imports another one;
+- no service package (broker, collector, balancer, trainer, player, viewer, judge) imports another one;
 - core (the ``charles`` package's own modules) imports no service;
 - ``charles.sim`` and ``charles.agents`` do not import each other (what both need lives lower down);
 - ``charles.drive`` imports only ``charles.proto``, and ``charles.model`` lazily (inside a function).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = frozenset(
-    f"charles.{s}" for s in ("broker", "collector", "balancer", "trainer", "player", "viewer")
+    f"charles.{s}" for s in ("broker", "collector", "balancer", "trainer", "player", "viewer", "judge")
 )
 CORE = "charles"
 

@@ -41,7 +41,17 @@ pytestmark = [pytest.mark.compose, pytest.mark.slow, pytest.mark.timeout(5400)]
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = os.environ.get("DOCKER", "docker")
-SERVICES = ["broker", "collector", "balancer", "trainer", "player", "viewer", "tensorboard", "prometheus"]
+SERVICES = [
+    "broker",
+    "collector",
+    "balancer",
+    "trainer",
+    "player",
+    "viewer",
+    "judge",
+    "tensorboard",
+    "prometheus",
+]
 DASHBOARDS = {"viewer": 9105, "tensorboard": 6006, "prometheus": 9090, "grafana": 3000}
 GRAFANA_IMAGE = os.environ.get("GRAFANA_IMAGE", "grafana/grafana:11.6.0")
 HEALTHY_S = 900

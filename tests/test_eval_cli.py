@@ -108,3 +108,42 @@ def test_bad_policies_and_weights_are_clear_errors(capsys, tmp_path):
     assert "pickle" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["eval", "--policy", "fast", "--minutes", "0.01"])
+
+
+def test_compare_drives_checkpoints_on_the_same_towns_and_writes_a_table_and_a_png(capsys, tmp_path):
+    """Real files: a weights file, a checkpoint folder of a run, and the NPC, on two towns."""
+    from charles.model.net import build_model
+    from charles.model.presets import get_config
+    from charles.model.weights import save_weights
+
+    cfg = get_config("tiny")
+    plain = tmp_path / "plain.safetensors"
+    save_weights(build_model(cfg), cfg, plain)
+    ckpt = tmp_path / "runs" / "tiny" / "tiny_v3" / "checkpoints" / "batch_000000250"
+    ckpt.mkdir(parents=True)
+    save_weights(build_model(cfg), cfg, ckpt / "weights.safetensors")
+    png = tmp_path / "out" / "compare.png"
+    args = ["eval", "--compare", str(plain), str(ckpt), "npc", "--seeds", "9001,9002", "--minutes", "0.05"]
+    assert cli([*args, "--png", str(png), *SMALL]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert report["seeds"] == [9001, 9002] and report["png"] == str(png)
+    rows = {r["label"]: r for r in report["rows"]}
+    assert set(rows) == {"plain", "tiny_v3@250", "npc"}
+    for r in rows.values():
+        assert set(r) >= KEYS and [t["seed"] for t in r["per_seed"]] == [9001, 9002]
+    assert rows["npc"]["km"] > 0.01 and rows["npc"]["km_between_unstucks"] > 0
+    table = "\n".join(out[:-2])
+    assert "km/unstuck" in table and "tiny_v3@250" in table and "9001, 9002" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_a_missing_or_foreign_file_before_driving_anything(capsys, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"\x80\x04not safetensors at all")
+    assert cli(["eval", "--compare", "npc", str(bad), "--minutes", "0.05", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "pickle" in err and "safetensors" in err
+    assert cli(["eval", "--compare", str(tmp_path / "nowhere"), "--minutes", "0.05"]) == 2
+    assert "no such file or checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "compare.png").exists()

@@ -111,7 +111,7 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
     prom = None
     try:
         wait_for(
-            lambda: (logs / "pids.json").is_file() and len(json.loads((logs / "pids.json").read_text())) >= 7,
+            lambda: (logs / "pids.json").is_file() and len(json.loads((logs / "pids.json").read_text())) >= 8,
             30,
             "launcher never started its processes",
         )
@@ -124,6 +124,7 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
             "trainer",
             "player",
             "viewer",
+            "judge",
         }
 
         # every service answers /healthz on the registry's port
@@ -154,7 +155,7 @@ def test_launcher_runs_everything_prometheus_sees_it_and_it_stops_clean(tmp_path
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            want = {"broker", "balancer", "trainer", "player", "viewer"}
+            want = {"broker", "balancer", "trainer", "player", "viewer", "judge"}
 
             def scraped():
                 try:

@@ -7,7 +7,6 @@ entry point.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -21,15 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from charles.model.net import build_model
 from charles.model.predictor import Predictor
 from charles.model.presets import get_config
-from charles.model.weights import save_weights
 from charles.player.console import ConsolePainter, terminal_view
 from charles.player.service import PlayerMetrics, PlayerService
 from charles.proto import Frame, GameFrame, Weights, decode
 
-from tests_support import counter_value, stop_by_sigterm, wait_for, weights_message
+from tests_support import counter_value, driving_weights, stop_by_sigterm, wait_for, weights_message
 
 torch.set_num_threads(1)
 
@@ -39,22 +36,9 @@ QUICK_UNSTUCK = {"window_s": 100.0, "fade_out_s": 0.1, "settle_s": 0.1, "fade_in
 PLAYER = {"realtime": False, "console_hz": 0, "camera_hz": 0, "terminal": False, "threads": 1}
 
 
-@functools.lru_cache(maxsize=8)
 def blob(seed: int, throttle: float, cfg_json: str = TINY.to_json()) -> bytes:
     """Weights of a tiny model that always asks for ``throttle`` (so the car moves) and steers a little, by its seed."""
-    from charles.model.config import ModelConfig
-
-    cfg = ModelConfig.from_json(cfg_json)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        out = model.heads["throttle_brake"].out
-        out.weight.zero_()
-        out.bias.fill_(throttle)
-        steer = model.heads["steering"].out  # gentle: a car that rolls about, not one that heads for the lake
-        steer.weight.mul_(0.1)
-        steer.bias.zero_()
-    return save_weights(model, cfg, half=True)
+    return driving_weights(seed, throttle, cfg_json)
 
 
 def weights(payload: bytes, batch: int, cfg=TINY, model: str = "tiny") -> Weights:

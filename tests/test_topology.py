@@ -325,7 +325,7 @@ def test_the_launchers_plan_is_pure(tmp_path):
         collectors=2, preset="tiny", seed=5, config="", run_dir=str(run_dir), no_player=True, no_viewer=False
     )
     procs = launcher.plan(args, built=lambda service: service != "viewer")
-    assert [p.name for p in procs] == ["broker", "collector-1", "collector-2", "balancer", "trainer"]
+    assert [p.name for p in procs] == ["broker", "collector-1", "collector-2", "balancer", "trainer", "judge"]
     assert procs[2].args == ["--id", "collector-2", "--seed", "7"]
     http = launcher.registry_http_ports(procs)
     base = registry().services["collector"].http_port

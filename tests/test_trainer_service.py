@@ -525,3 +525,37 @@ def test_a_trained_run_without_a_loadable_checkpoint_refuses_to_start_from_scrat
     assert (run.checkpoints / "batch_000000250.refused-corrupt").is_dir()
     with pytest.raises(CheckpointError, match="trained to batch 250"):  # and on every restart after
         TrainerService(svc, svc.cfg, RunDir(run.path))
+
+
+def test_the_judges_score_of_this_run_reaches_the_trainers_console(trainers, client_factory):
+    from charles.proto import Score, ScoreFigures
+    from charles.trainer.console import render_lines
+
+    service, t = trainers()
+    pub = connected_publisher(client_factory, service, client_factory("judge"))
+    run = service.run_dir.name
+
+    def score(run: str, batch: int, kmbu: float) -> Score:
+        f = ScoreFigures(km=2 * kmbu, km_between_unstucks=kmbu, on_road_fraction=0.85, collisions_per_km=0.5,
+                         mean_speed_kmh=30.0, unstucks=1)  # fmt: skip
+        npc = ScoreFigures(km=1.3, km_between_unstucks=1.3, on_road_fraction=1.0, collisions_per_km=0.0,
+                           mean_speed_kmh=40.0, unstucks=0)  # fmt: skip
+        return Score(model="tiny", run=run, batch=batch, created=0.0, seeds=[9001, 9002], minutes=1.0,
+                     figures=f, reference=npc, wall_s=5.0)  # fmt: skip
+
+    pub.send("score.other_v9", score("other_v9", 500, 9.0))  # another version's: not this console's
+    pub.send(f"score.{run}", score(run, 40, 0.25))
+    wait_for(
+        lambda: service.state.get("score", {}).get("batch") == 40, 10, "the score never reached the console"
+    )
+    pub.send(f"score.{run}", score(run, 20, 0.1))  # an older one (a replayed last value) does not go back
+    time.sleep(0.5)
+    s = service.state["score"]
+    assert (s["km_between_unstucks"], s["on_road_fraction"], s["npc_km_between_unstucks"]) == (
+        0.25,
+        0.85,
+        1.3,
+    )
+    text = "\n".join(render_lines(service.state, 100))
+    assert "driving  0.250 km between Unstucks, 85% on the road at batch 40 (NPC 1.300)" in text
+    stop(service, t)

@@ -139,7 +139,26 @@ def _publish_until_shown(client_factory, viewer: Viewer, consoles: dict[str, Con
     wait_for(shown, 10, "the viewer never showed every published console")
 
 
-ALL = {"player-1": player_console(), "trainer-1": trainer_console(), "balancer": balancer_console()}
+def judge_console() -> Console:
+    """The judge's curve of the trainer's run (the only one here) and the NPC's reference."""
+    return Console(
+        "judge",
+        {
+            "status": "idle",
+            "curves": {
+                "model_0004_inceptionresnetv2_v3": [[b, 0.02 + b / 2000, 0.9] for b in range(0, 1201, 200)]
+            },
+            "reference": {"km_between_unstucks": 0.7, "on_road_fraction": 1.0},
+        },
+    )
+
+
+ALL = {
+    "player-1": player_console(),
+    "trainer-1": trainer_console(),
+    "balancer": balancer_console(),
+    "judge-1": judge_console(),
+}
 
 # ---------------------------------------------------------------------------------------------- board
 
@@ -221,7 +240,12 @@ def test_routes_serve_state_and_images_from_consoles_on_the_bus(client_factory, 
     _publish_until_shown(client_factory, viewer, ALL)
 
     state = _state(port)
-    assert state["roles"] == {"player": "player-1", "trainer": "trainer-1", "balancer": "balancer"}
+    assert state["roles"] == {
+        "player": "player-1",
+        "trainer": "trainer-1",
+        "balancer": "balancer",
+        "judge": "judge-1",
+    }
     player = state["instances"]["player-1"]
     assert player["service"] == "player" and player["state"]["model"] == "model_0004_inceptionresnetv2_v3"
     assert set(player["images"]) == {"cinematic", "hood", "convcam"}
@@ -258,7 +282,7 @@ def test_routes_serve_state_and_images_from_consoles_on_the_bus(client_factory, 
 
     # the service's own routes on the same port, with the viewer's counters
     viewer.refresh()
-    assert viewer.svc.info["clients"] == 1 and viewer.svc.info["instances"] == 3
+    assert viewer.svc.info["clients"] == 1 and viewer.svc.info["instances"] == 4
     code, body, _ = _get(port, "/healthz")
     assert code == 200 and json.loads(body)["topics"]["console"]["alive"] is True
     reg = viewer.svc.metrics.registry
@@ -266,7 +290,7 @@ def test_routes_serve_state_and_images_from_consoles_on_the_bus(client_factory, 
     assert counter_value(reg, "charles_viewer_images_unchanged_total") == 1
     assert counter_value(reg, "charles_viewer_clients_seen_total") == 1
     code, body, _ = _get(port, "/metrics")
-    assert code == 200 and b"charles_viewer_clients 1.0" in body and b"charles_viewer_instances 3.0" in body
+    assert code == 200 and b"charles_viewer_clients 1.0" in body and b"charles_viewer_instances 4.0" in body
 
 
 def test_a_late_viewer_gets_every_console_from_the_broker_at_once(client_factory, broker):
@@ -419,6 +443,14 @@ def test_page_in_a_browser_shows_placeholders_then_every_tile_live(
     loss = _region(img, "loss")
     orange = (loss[..., 0] > 200) & (loss[..., 1] > 120) & (loss[..., 1] < 190) & (loss[..., 2] < 90)
     assert orange.sum() > 300, orange.sum()
+    # ...and beside it the judge's driving score, its own colour and axis, with the NPC's line
+    teal = (
+        (np.abs(loss[..., 0] - 46) < 30)
+        & (np.abs(loss[..., 1] - 196) < 30)
+        & (np.abs(loss[..., 2] - 182) < 30)
+    )
+    assert teal.sum() > 200, teal.sum()
+    assert "loss and driving score" in dom
     assert "data-errors" not in dom
 
 
@@ -429,6 +461,7 @@ def test_page_tolerates_missing_and_odd_state(chromium, client_factory, viewer, 
             "trainer",
             {"buffers": [1, 2], "loss": None, "loss_history": [[1], "x", [2, None]], "collectors": "c"},
         ),
+        "judge-1": Console("judge", {"curves": {"a": "x", "b": [[1], None, ["x", 2]]}, "reference": 5}),
     }
     _publish_until_shown(client_factory, viewer, odd)
     _, dom = _browse(chromium, f"http://127.0.0.1:{viewer.port}/", tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import signal
 import subprocess
@@ -79,3 +80,27 @@ def stream_parts(
         return {"status": r.status, **headers}, parts
     finally:
         conn.close()
+
+
+@functools.lru_cache(maxsize=8)
+def driving_weights(seed: int, throttle: float, cfg_json: str | None = None) -> bytes:
+    """Weights (real safetensors) of a model line (default tiny) that always asks for ``throttle``, so the
+    car moves, and steers a little, by its seed: what the player's and the judge's tests drive."""
+    import torch
+
+    from charles.model.config import ModelConfig
+    from charles.model.net import build_model
+    from charles.model.presets import get_config
+    from charles.model.weights import save_weights
+
+    cfg = ModelConfig.from_json(cfg_json) if cfg_json else get_config("tiny")
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        out = model.heads["throttle_brake"].out
+        out.weight.zero_()
+        out.bias.fill_(throttle)
+        steer = model.heads["steering"].out  # gentle: a car that rolls about, not one that heads for the lake
+        steer.weight.mul_(0.1)
+        steer.bias.zero_()
+    return save_weights(model, cfg, half=True)

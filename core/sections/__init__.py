@@ -1,7 +1,7 @@
 """The typed sections of the run configuration, and the one place that registers them with charles.config.
 
 What lives here: every service's section as a plain dataclass (``collector``, ``balancer``, ``trainer``
-with its buffers and storage, ``player``) and the ``model`` section every service reads (collectors need
+with its buffers and storage, ``player``, ``judge``) and the ``model`` section every service reads (collectors need
 the model line's inputs, the trainer builds it, the player runs it); the sim's own sections (``sim``,
 ``npc``, ``unstuck``) stay in charles.sim.config beside the sim.
 
@@ -22,6 +22,7 @@ from charles.config import ConfigError, knob, register_section
 from charles.drive.unstuck import UnstuckConfig
 from charles.sections.balancer import BalancerConfig
 from charles.sections.collector import CollectorConfig
+from charles.sections.judge import JudgeConfig
 from charles.sections.player import PlayerConfig
 from charles.sections.trainer import TrainerConfig
 from charles.sim.config import NpcConfig, SimConfig
@@ -73,6 +74,7 @@ _SECTIONS: dict[str, type] = {
     "npc": NpcConfig,
     "unstuck": UnstuckConfig,
     "player": PlayerConfig,
+    "judge": JudgeConfig,
 }
 """Section name -> its dataclass, in the order `charles config show` lists them."""
 

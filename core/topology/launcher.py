@@ -25,6 +25,7 @@ def launcher_table(collectors: int = 2) -> list[tuple[str, str, int, dict[str, s
         run_dir="runs",
         no_player=False,
         no_viewer=False,
+        no_judge=False,
     )
     procs = launcher.plan(args, built=lambda service: True)
     http = launcher.registry_http_ports(procs)

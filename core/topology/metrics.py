@@ -71,6 +71,14 @@ METRICS: dict[str, Metric] = {
         Metric("charles_agent_telemetry_skew_quantile_seconds", "gauge", ("quantile",), "capture_agent"),
         Metric("charles_agent_purpose_targets_reached_total", "counter", (), "capture_agent"),
         Metric("charles_agent_noise_frames_total", "counter", (), "capture_agent"),
+        Metric("charles_judge_km_between_unstucks", "gauge", ("run", "driver"), "judge"),
+        Metric("charles_judge_on_road_fraction", "gauge", ("run", "driver"), "judge"),
+        Metric("charles_judge_collisions_per_km", "gauge", ("run", "driver"), "judge"),
+        Metric("charles_judge_mean_speed_kmh", "gauge", ("run", "driver"), "judge"),
+        Metric("charles_judge_batch", "gauge", ("run",), "judge"),
+        Metric("charles_judge_judgings_total", "counter", (), "judge"),
+        Metric("charles_judge_weights_accepted_total", "counter", (), "judge"),
+        Metric("charles_judge_seconds", "histogram", (), "judge"),
     )
 }
 PROMETHEUS_OWN = {"up": ()}

@@ -12,33 +12,34 @@ import sys
 import time
 from typing import Any, TextIO
 
+from charles.thinned import Thinned
 
-class LossHistory:
-    """[[batch, loss], ...] for the loss plot, bounded: past ``max_points`` every other point is dropped and
-    later points are sampled half as often, so the whole run stays in view at a fixed size."""
 
-    def __init__(self, max_points: int = 500):
-        self.max_points = max(4, max_points)
-        self.points: list[list[float]] = []
-        self.stride = 1
-        self._n = 0
-        self._last: list[float] | None = None
+class LossHistory(Thinned[list[float]]):
+    """[[batch, loss], ...] for the loss plot, bounded (charles.thinned: the whole run stays in view at a
+    fixed size)."""
 
-    def add(self, batch: int, loss: float) -> None:
-        self._last = [batch, round(float(loss), 6)]
-        if self._n % self.stride == 0:
-            self.points.append(self._last)
-            if len(self.points) > self.max_points:
-                self.points = self.points[::2]
-                self.stride *= 2
-        self._n += 1
+    def add(self, batch: int, loss: float) -> None:  # type: ignore[override]
+        super().add([batch, round(float(loss), 6)])
 
-    def snapshot(self) -> list[list[float]]:
-        """The kept points plus the newest one (the plot always ends at the current batch)."""
-        pts = list(self.points)
-        if self._last is not None and (not pts or pts[-1] is not self._last):
-            pts.append(self._last)
-        return pts
+
+def score_state(score: Any) -> dict[str, Any]:
+    """The judge's newest score of this run as console state (``score``), or nothing before the first."""
+    if score is None:
+        return {}
+    f, ref = score.figures, score.reference
+    return {
+        "score": {
+            "batch": score.batch,
+            "km_between_unstucks": round(f.km_between_unstucks, 4),
+            "on_road_fraction": round(f.on_road_fraction, 4),
+            "collisions_per_km": round(f.collisions_per_km, 3),
+            "mean_speed_kmh": round(f.mean_speed_kmh, 2),
+            "npc_km_between_unstucks": round(ref.km_between_unstucks, 4) if ref is not None else None,
+            "towns": len(score.seeds),
+            "minutes": score.minutes,
+        }
+    }
 
 
 def heartbeat_info(state: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +127,16 @@ def render_lines(state: dict[str, Any], width: int = 80, now: float | None = Non
     )
     ck = state.get("checkpoint_batch")
     out.append(f"checkpoint  {'none yet' if ck is None else f'batch {ck:,}'}"[:w])
+    sc = state.get("score")
+    if isinstance(sc, dict):
+        npc = sc.get("npc_km_between_unstucks")
+        out.append(
+            (
+                f"driving  {sc.get('km_between_unstucks', 0.0):.3f} km between Unstucks, "
+                f"{100 * sc.get('on_road_fraction', 0.0):.0f}% on the road at batch {sc.get('batch', 0):,}"
+                + (f" (NPC {npc:.3f})" if isinstance(npc, float) else "")
+            )[:w]
+        )
     return out
 
 

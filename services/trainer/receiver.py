@@ -1,5 +1,6 @@
 """The trainer's receive loop: balanced ``set.*`` into the buffers on a thread of its own, so training
-never blocks receiving, and ``heartbeat.*`` for who is connected and what each balancer balances.
+never blocks receiving, ``heartbeat.*`` for who is connected and what each balancer balances, and the
+judge's ``score.*`` for the console (how the run drives on held-out towns).
 
 Multi-GPU: every rank receives every set and keeps the ones it owns (``Receiver.mine``; see
 charles.trainer.service).
@@ -11,20 +12,23 @@ import threading
 import time
 import zlib
 
-from charles.proto import Heartbeat, SampleSet
+from charles.proto import Heartbeat, SampleSet, Score
 from charles.runtime import SeqGaps, Service, Subscriber
 from charles.trainer.buffers import Buffers
 
 SEEN_TTL_S = 30.0
 """A collector or player not heard from for this long leaves the console's lists."""
 MAX_SEEN = 4096
+MAX_SCORES = 64
+"""Runs whose newest score is kept (the console shows this run's; several versions may be judged)."""
 
 
 class Receiver:
     """Feeds the buffers from the bus on its own thread, so training never blocks receiving.
 
-    ``# irregular <- set.*`` (each set goes to the buffer of the output it balances) and
-    ``# 1 Hz x services <- heartbeat.*`` (which collectors and players are connected).
+    ``# irregular <- set.*`` (each set goes to the buffer of the output it balances),
+    ``# 1 Hz x services <- heartbeat.*`` (which collectors and players are connected) and
+    ``# minutes apart <- score.*`` (the judge's newest score per run, for the console).
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class Receiver:
         self.other_rank = 0
         self.gaps = SeqGaps(drops=svc.metrics.drops if svc is not None else None)
         """Sets that never arrived (gaps in their senders' numbering: a full broker queue while we stalled)."""
+        self.scores: dict[str, Score] = {}
+        """Run -> the judge's newest score of it (bounded: MAX_SCORES, the oldest run forgotten first)."""
         self._seen: dict[str, tuple[str, float]] = {}  # id -> (service, monotonic time)
         self._seen_lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,6 +79,8 @@ class Receiver:
                         self._refuse(env.sender)
                     else:
                         self.on_set(env.msg)
+                elif isinstance(env.msg, Score):
+                    self.on_score(env.msg)
                 elif isinstance(env.msg, Heartbeat):
                     self._saw(env.msg.instance, env.msg.service)
                     if env.msg.service == "balancer":
@@ -140,6 +148,14 @@ class Receiver:
         for c in {x.collector for x in s.samples}:
             self._saw(c, "collector")
         return added
+
+    def on_score(self, s: Score) -> None:
+        old = self.scores.pop(s.run, None)
+        if old is not None and old.batch > s.batch:
+            s = old  # a replayed older score (the broker's snapshot after a live one) does not go back
+        elif old is None and len(self.scores) >= MAX_SCORES:
+            del self.scores[next(iter(self.scores))]
+        self.scores[s.run] = s
 
     def _saw(self, ident: str, service: str) -> None:
         with self._seen_lock:

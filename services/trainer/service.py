@@ -42,7 +42,7 @@ from charles.runtime import Publisher, Service, Subscriber
 from charles.trainer.batches import BatchAssembler, BatchConfig, Prefetcher
 from charles.trainer.buffers import buffer_names
 from charles.trainer.checkpoint import clean_temp, prune
-from charles.trainer.console import TerminalConsole, heartbeat_info
+from charles.trainer.console import TerminalConsole, heartbeat_info, score_state
 from charles.trainer.receiver import Receiver
 from charles.trainer.reporting import Deltas, Report, TensorBoardLog, TrainerMetrics
 from charles.trainer.resume import resume
@@ -123,7 +123,7 @@ class TrainerService:
         )
 
         # 3. the bus
-        self.sub = sub or svc.subscriber(["set.", "heartbeat."], late_join=False)
+        self.sub = sub or svc.subscriber(["set.", "heartbeat.", "score."], late_join=False)
         self.receiver = Receiver(
             svc, self.buffers, self.sub, self.rank, self.world, outputs=outputs_signature(balanced)
         )
@@ -369,6 +369,7 @@ class TrainerService:
             "checkpoint_batch": self.checkpoint_batch,
             "sets_received": self.receiver.sets,
             "refused_balancers": sorted(self.receiver.refused_balancers),
+            **score_state(self.receiver.scores.get(self.run_dir.name)),
         }
         self.state = state
         self.svc.info = heartbeat_info(state)  # a new dict each time: the heartbeat thread reads it

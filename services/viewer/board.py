@@ -20,8 +20,9 @@ import numpy as np
 from charles.proto import Camera, Console, Frame
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
-ROLES = ("player", "trainer", "balancer")
-"""Services the page shows one instance of; collectors are listed, not shown."""
+ROLES = ("player", "trainer", "balancer", "judge")
+"""Services the page shows one instance of (the judge: the second curve on the loss tile); collectors are
+listed, not shown."""
 LIVE_S = 10.0
 """An instance heard from within this many seconds can be picked for a role (a restart takes over after)."""
 _MAX_DEPTH = 8

@@ -11,7 +11,7 @@
   const STATE_MS = 500; // consoles: 2 Hz
   const IMAGE_MS = 100; // pictures: 10 Hz at most
   const STALE_S = 5; // say so when a tile's source has been silent this long
-  const ROLES = ["player", "trainer", "balancer"];
+  const ROLES = ["player", "trainer", "balancer", "judge"];
   const params = new URLSearchParams(location.search);
   const client = (params.get("client") || Math.random().toString(36).slice(2, 10)).slice(0, 64);
   const REPORT_MS = 1000; // paints back to the viewer
@@ -546,11 +546,26 @@
   // a trainer may send a server-rendered plot (image "loss") instead of loss_history
   const lossPicture = new Picture(lossImg, "trainer", "loss", { everyMs: 1000, when: () => !hasLossHistory() });
 
-  function drawLoss(points) {
+  // The judge's curve for the trainer's run (its console's curves: run -> [[batch, km/unstuck, on-road]]),
+  // and the NPC's km between Unstucks on the same towns; null when there is no judge or no point yet.
+  function judgeScore(trainer) {
+    const j = source("judge");
+    const curves = j && isMap(j.state.curves) ? j.state.curves : {};
+    const run = trainer && typeof trainer.state.run === "string" ? trainer.state.run : null;
+    const runs = Object.keys(curves);
+    const key = run && curves[run] ? run : runs.length === 1 ? runs[0] : null;
+    const pts = key && Array.isArray(curves[key]) ? curves[key].filter((p) => Array.isArray(p) && isNum(p[0]) && isNum(p[1])) : [];
+    if (!pts.length) return null;
+    const ref = isMap(j.state.reference) && isNum(j.state.reference.km_between_unstucks) ? j.state.reference.km_between_unstucks : null;
+    return { run: key, pts, ref };
+  }
+
+  function drawLoss(points, score) {
     const ctx = lossCanvas.getContext("2d");
     const W = lossCanvas.width;
     const H = lossCanvas.height;
-    const m = { l: 64, r: 26, t: 30, b: 30 };
+    // with a driving score: room for its axis at the right and its line of text at the top
+    const m = { l: 64, r: score ? 44 : 26, t: score ? 46 : 30, b: 30 };
     ctx.fillStyle = "#0f1317";
     ctx.fillRect(0, 0, W, H);
     const xs = points.map((p) => p[0]);
@@ -562,8 +577,9 @@
       ema = ema === null ? y : ema * 0.6 + y * 0.4;
       smooth.push(ema);
     }
-    let x0 = Math.min(...xs);
-    let x1 = Math.max(...xs);
+    const sx = score ? score.pts.map((p) => p[0]) : [];
+    let x0 = Math.min(...xs, ...sx);
+    let x1 = Math.max(...xs, ...sx);
     if (x1 === x0) x1 = x0 + 1;
     let y0 = Math.min(...ys);
     let y1 = Math.max(...ys);
@@ -609,6 +625,37 @@
     line(ys, "rgba(255,159,28,0.30)", 1);
     line(smooth, "#ff9f1c", 2);
 
+    // the second curve: the judge's km between Unstucks on held-out towns, on its own axis at the right
+    if (score) {
+      const ks = score.pts.map((p) => p[1]);
+      const k1 = Math.max(...ks, 1e-3) * 1.15;
+      const ky = (k) => H - m.b - (Math.min(k, k1) / k1) * (H - m.t - m.b);
+      ctx.strokeStyle = "#2ec4b6";
+      ctx.fillStyle = "#2ec4b6";
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      score.pts.forEach((p, i) => (i ? ctx.lineTo(px(p[0]), ky(p[1])) : ctx.moveTo(px(p[0]), ky(p[1]))));
+      ctx.stroke();
+      for (const p of score.pts) {
+        ctx.beginPath();
+        ctx.arc(px(p[0]), ky(p[1]), 3, 0, 2 * Math.PI);
+        ctx.fill();
+      }
+      if (score.ref !== null && score.ref <= k1) {
+        ctx.setLineDash([6, 4]);
+        ctx.lineWidth = 1;
+        ctx.beginPath();
+        ctx.moveTo(m.l, Math.round(ky(score.ref)) + 0.5);
+        ctx.lineTo(W - m.r, Math.round(ky(score.ref)) + 0.5);
+        ctx.stroke();
+        ctx.setLineDash([]);
+      }
+      ctx.font = "11px 'DejaVu Sans Mono', monospace";
+      ctx.textAlign = "left";
+      ctx.textBaseline = "middle";
+      for (let i = 0; i <= 4; i++) ctx.fillText(((k1 * i) / 4).toPrecision(2), W - m.r + 2, ky((k1 * i) / 4));
+    }
+
     ctx.textAlign = "left";
     ctx.textBaseline = "top";
     ctx.fillStyle = "#d7dde5";
@@ -617,6 +664,15 @@
     ctx.textAlign = "right";
     ctx.fillStyle = "#8a94a3";
     ctx.fillText(`batch ${num(xs[xs.length - 1])}`, W - m.r, 8);
+    if (score) {
+      const last = score.pts[score.pts.length - 1];
+      ctx.fillStyle = "#2ec4b6";
+      ctx.textAlign = "left";
+      ctx.font = "13px 'DejaVu Sans Mono', monospace";
+      const ref = score.ref !== null ? `  (NPC ${num(score.ref, 2)})` : "";
+      const onRoad = Math.round(100 * (last[2] || 0));
+      ctx.fillText(`km between Unstucks ${num(last[1], 3)} at ${short(last[0])}, on road ${onRoad}%${ref}`, m.l + 4, 27);
+    }
   }
 
   let lastLossKey = "";
@@ -631,11 +687,13 @@
       lossCanvas.classList.add("shown");
       lossImg.classList.remove("shown");
       tile.classList.add("live");
-      sub.textContent = "loss";
-      const key = `${points.length}:${points[0]}:${points[points.length - 1]}`;
+      const score = judgeScore(t);
+      sub.textContent = score ? "loss and driving score" : "loss";
+      const sp = score ? score.pts : [];
+      const key = `${points.length}:${points[0]}:${points[points.length - 1]}:${sp.length}:${sp[sp.length - 1]}:${score ? score.ref : ""}`;
       if (key !== lastLossKey) {
         lastLossKey = key;
-        drawLoss(points);
+        drawLoss(points, score);
       }
       return;
     }
