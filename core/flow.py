@@ -37,6 +37,9 @@ BAND = 2.0
 """A reuse within this factor of the target asks for no change (demand 1). The balancer sends sets as they
 complete, so a 10 s window of inserts is lumpy: without the band every window moved the pace, and the
 collectors swung between a fifth and one and a half of their pace on a loaded box."""
+FILL_FIRST = 0.5
+"""Until the emptiest buffer is this full, the trainer asks for no less data than it gets: nothing is
+evicted yet, and a fuller buffer makes more varied batches."""
 STALE_S = 15.0
 """A trainer not heard from for this long is not asking for anything any more."""
 SETTLE_S = 10.0
@@ -61,12 +64,23 @@ class Demand:
         """Draws per inserted sample over the window (0 with no inserts)."""
         return self.draw_per_s / self.insert_per_s if self.insert_per_s > 0 else 0.0
 
-    def look(self, now: float, inserted: int, drawn: int, *, trained: bool, starved_s: float = 0.0) -> float:
+    def look(
+        self,
+        now: float,
+        inserted: int,
+        drawn: int,
+        *,
+        trained: bool,
+        starved_s: float = 0.0,
+        fill: float = 1.0,
+    ) -> float:
         """One look at the cumulative totals (summed over buffers) and the seconds the trainer has waited
         because its buffers could not give a batch (``Buffers.starved_s``); returns the demand.
 
         Starved half the window, it could use twice the data: the demand is at least 1 / (1 - starved).
-        Waiting for the batch assembly (decoding on a busy CPU) is not starving: more data would not help."""
+        Waiting for the batch assembly (decoding on a busy CPU) is not starving: more data would not help.
+        ``fill``: the emptiest buffer's fill; under FILL_FIRST nothing inserted is evicted undrawn, so the
+        demand is at least 1 (a first e2e run cut the collectors to a third a minute in, its buffer 20 % full)."""
         self._looks.append((now, inserted, drawn, starved_s))
         t0, i0, d0, s0 = self._looks[0]
         dt = now - t0
@@ -85,7 +99,8 @@ class Demand:
             if 1 / BAND <= want <= BAND:  # near enough: balanced inserts come in lumps, leave the pace be
                 want = 1.0
             hungry = 1.0 / max(1e-3, 1.0 - starved) if starved > 0.02 else 0.0
-            self.value = min(DEMAND_MAX, max(DEMAND_MIN, want, hungry))
+            filling = 1.0 if fill < FILL_FIRST else 0.0
+            self.value = min(DEMAND_MAX, max(DEMAND_MIN, want, hungry, filling))
         return self.value
 
     def info(self) -> dict[str, float]:

@@ -133,6 +133,11 @@ def test_demand_asks_for_the_inserts_that_reach_the_target_reuse():
     d.look(90.0, 2600 + 10**6, 5400, trained=True)
     d.look(100.0, 2600 + 2 * 10**6, 5400, trained=True)
     assert d.look(110.0, 2600 + 3 * 10**6, 5400, trained=True) == DEMAND_MIN
+    # while the emptiest buffer is under half full nothing is evicted: no less data than it gets
+    d.look(120.0, 0, 0, trained=True, fill=0.2)
+    d.look(130.0, 1000, 50, trained=True, fill=0.3)
+    assert d.look(140.0, 2000, 100, trained=True, fill=0.4) == 1.0
+    assert d.look(150.0, 3000, 150, trained=True, fill=0.6) == DEMAND_MIN
     off = Demand(target_reuse=0.0)
     off.look(0.0, 0, 0, trained=True)
     off.look(1.0, 10, 10, trained=True)

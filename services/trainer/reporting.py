@@ -208,6 +208,7 @@ class Report:
             sum(s["drawn"] for s in buffers.values()),
             trained=trained,
             starved_s=starved_s,
+            fill=min((s["fill"] for s in buffers.values()), default=1.0),
         )
         m.demand.set(self.demand.value if self.demand.target_reuse > 0 else 0.0)
         m.reuse.set(self.demand.reuse)
