@@ -290,7 +290,10 @@ def test_a_frame_that_does_not_decode_is_counted_at_the_trainer_and_leaves_its_s
     the buffers and the storage, so no later batch draws it again."""
     from charles.proto import Frame
 
-    service, t = trainers(buffer={"capacity": 32, "start_fraction": 0.25, "samples_per_insert": 4.0})
+    # 9 samples a buffer and 9 drawn from each per batch: the first batch draws both forged ones
+    service, t = trainers(
+        batch_size=18, buffer={"capacity": 32, "start_fraction": 0.25, "samples_per_insert": 4.0}
+    )
     pub = connected_publisher(client_factory, service)
     good = sets(0, 8)
     forged = make_sample(
@@ -300,11 +303,14 @@ def test_a_frame_that_does_not_decode_is_counted_at_the_trainer_and_leaves_its_s
         s.samples.append(forged)
         assert pub.send(f"set.{s.outputs[0]}", s)
     reg = service.svc.metrics.registry
-    wait_for(
-        lambda: counter_value(reg, "charles_rejects_total", {"reason": "undecodable_frame"}) == 2,
-        30,
-        "the undecodable frames were not counted (one per buffer)",
-    )
+
+    def counted() -> float:
+        return counter_value(reg, "charles_rejects_total", {"reason": "undecodable_frame"})
+
+    wait_for(lambda: service.trainer.batch > 0, 120, "no batch was trained")
+    # counted at the next console refresh (console_hz)
+    wait_for(lambda: counted() >= 2, 5, f"undecodable frames counted: {counted()} (one per buffer expected)")
+    assert counted() == 2
     discarded = {n: b["discarded"] for n, b in service.buffers.stats()["buffers"].items()}
     assert discarded == {"steering": 1, "throttle_brake": 1}
     stop(service, t)
