@@ -400,10 +400,14 @@ class Viewer:
             while self.svc.running and not feed.closed:
                 pic = feed.get(KEEPALIVE_S)
                 if pic is None:
-                    pic = self.board.image(instance, name)
+                    pic = self.board.image(instance, name)  # a keep-alive: the newest again
                     if pic is None:
                         break  # the instance was forgotten: the page asks again for whoever plays now
+                elif last is not None and (pic.seq, pic.captured) == (last.seq, last.captured):
+                    # published between opening the feed and reading the board: already sent above
+                    continue
                 self._part(handler, feed, pic)
+                last = pic
         except (OSError, ValueError):
             pass  # the page went away (broken pipe, reset, a write timed out) or a raw frame was odd
         finally:
