@@ -15,6 +15,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -270,3 +272,19 @@ class ExtendedMod(DeepGtavServer):
             data["camera"] = "cinematic" if cinematic else "hood"
             frame = rgb_to_bitmap(cam_rgb(i, cinematic, w, h), PAD_BYTE)
         return frame, data
+
+
+@contextlib.contextmanager
+def mod_servers(cls: type) -> Iterator[Callable[..., Any]]:
+    """make(**kw) -> a new ``cls`` stand-in mod; every one made is closed at the end (the tests' fixtures)."""
+    servers: list[Any] = []
+
+    def make(**kw: Any) -> Any:
+        servers.append(cls(**kw))
+        return servers[-1]
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.close()

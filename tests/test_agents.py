@@ -40,22 +40,14 @@ from charles.drive.shape import InputShape
 from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
-from mod_support import PAD_BYTE, DeepGtavServer, frame_rgb, labels
+from mod_support import PAD_BYTE, DeepGtavServer, frame_rgb, labels, mod_servers
 from tests_support import counter_value, stop_by_sigterm, wait_for
 
 
 @pytest.fixture
 def mod():
-    servers: list[DeepGtavServer] = []
-
-    def make(**kw) -> DeepGtavServer:
-        s = DeepGtavServer(**kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
+    with mod_servers(DeepGtavServer) as make:
+        yield make
 
 
 # ---------------------------------------------------------------------------------------------- protocol

@@ -34,22 +34,14 @@ from charles.drive.purpose import Targets
 from charles.proto import GameFrame, Sample
 from charles.runtime import Service
 
-from mod_support import ExtendedMod, labels, msvc_rand_stream
+from mod_support import ExtendedMod, labels, mod_servers, msvc_rand_stream
 from tests_support import counter_value, stream_parts, wait_for, weights_message
 
 
 @pytest.fixture
 def xmod():
-    servers: list[ExtendedMod] = []
-
-    def make(**kw) -> ExtendedMod:
-        s = ExtendedMod(**kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
+    with mod_servers(ExtendedMod) as make:
+        yield make
 
 
 def _msg(received: float, tick: int | None = None, camera: str | None = None, **tele) -> GameMessage:
